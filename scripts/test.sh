@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test: the Rust suite (unit, C ABI, Leyline, pipeline, CLI,
+# header drift) and the C/C++ consumers (installed into a temporary prefix,
+# built by CMake with -Wall -Wextra -Werror and with ASan+UBSan, then run).
+# Installs what is missing first (libtorch into ~/.cache, cmake).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-build-deps.sh
+source scripts/env.sh
+cargo test --no-fail-fast "$@"

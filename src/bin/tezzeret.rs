@@ -1,0 +1,253 @@
+//! `tezzeret`: the operator CLI (SPEC §13), built on the library's public API.
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tezzeret::catalog::Catalog;
+use tezzeret::compile::Strategy;
+use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host, JobReport, JobStatus, Progress};
+use tezzeret::store::ArtifactStore;
+use tezzeret::{report, Error, Result};
+
+const USAGE: &str = "\
+usage:
+  tezzeret forge --state DIR [--catalog FILE.json|default] [--strategy emergency|fast|standard|aggressive]
+                 [--jobs N] [--device auto|cpu|cuda] [--batch N] [--allow-quarantine] [--json]
+  tezzeret inspect --state DIR [--json]
+  tezzeret version
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("forge") => forge(&args[1..]),
+        Some("inspect") => inspect(&args[1..]),
+        Some("version") | Some("--version") => {
+            println!(
+                "tezzeret {} (ABI {}.{}, torch {})",
+                tezzeret::version::LIBRARY_VERSION,
+                tezzeret::version::ABI_MAJOR,
+                tezzeret::version::ABI_MINOR,
+                tezzeret::version::TORCH_VERSION
+            );
+            Ok(true)
+        }
+        Some("help") | Some("--help") | Some("-h") => {
+            print!("{USAGE}");
+            Ok(true)
+        }
+        Some(other) => Err(Error::invalid(format!("unknown command {other:?}\n{USAGE}"))),
+        None => Err(Error::invalid(format!("missing command\n{USAGE}"))),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tezzeret: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Minimal `--flag value` / `--switch` parsing with clear errors.
+struct Args<'a> {
+    rest: &'a [String],
+}
+
+impl<'a> Args<'a> {
+    fn parse(args: &'a [String], switches: &[&str], options: &[&str]) -> Result<Vec<(&'a str, Option<&'a str>)>> {
+        let mut parsed = Vec::new();
+        let mut it = Args { rest: args };
+        while let Some((head, tail)) = it.rest.split_first() {
+            it.rest = tail;
+            let name = head.as_str();
+            if switches.contains(&name) {
+                parsed.push((name, None));
+            } else if options.contains(&name) {
+                let (value, tail) =
+                    it.rest.split_first().ok_or_else(|| Error::invalid(format!("{name} needs a value\n{USAGE}")))?;
+                it.rest = tail;
+                parsed.push((name, Some(value.as_str())));
+            } else {
+                return Err(Error::invalid(format!("unknown argument {name:?}\n{USAGE}")));
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T> {
+    value.parse().map_err(|_| Error::invalid(format!("{flag} expects a number, got {value:?}")))
+}
+
+/// The CLI's host: a fixed catalog, callbacks ignored (the table reports).
+struct CliHost {
+    catalog: Option<Catalog>,
+}
+
+impl Host for CliHost {
+    fn enumerate(&mut self) -> Result<Option<Catalog>> {
+        Ok(self.catalog.take())
+    }
+}
+
+fn forge(args: &[String]) -> Result<bool> {
+    let parsed = Args::parse(
+        args,
+        &["--allow-quarantine", "--json"],
+        &["--state", "--catalog", "--strategy", "--jobs", "--device", "--batch"],
+    )?;
+    let mut state = None;
+    let mut catalog = None;
+    let mut json = false;
+    let mut config = ForgeConfig::new("");
+    for (flag, value) in parsed {
+        let value = value.unwrap_or_default();
+        match flag {
+            "--state" => state = Some(PathBuf::from(value)),
+            "--catalog" if value == "default" => catalog = None,
+            "--catalog" => {
+                let text = std::fs::read_to_string(value).map_err(|e| Error::io(format!("read catalog {value}"), e))?;
+                catalog = Some(Catalog::from_json(&text).map_err(|e| e.context(format!("catalog {value}")))?);
+            }
+            "--strategy" => config.strategy = value.parse::<Strategy>()?,
+            "--jobs" => config.max_concurrency = number("--jobs", value)?,
+            "--batch" => config.batch = number("--batch", value)?,
+            "--device" => {
+                config.device = match value {
+                    "auto" => DevicePreference::Auto,
+                    "cpu" => DevicePreference::Cpu,
+                    "cuda" => DevicePreference::Cuda,
+                    _ => return Err(Error::invalid(format!("--device expects auto, cpu or cuda, got {value:?}"))),
+                }
+            }
+            "--allow-quarantine" => config.allow_quarantine = true,
+            "--json" => json = true,
+            _ => unreachable!("parser only yields known flags"),
+        }
+    }
+    config.state_dir = state.ok_or_else(|| Error::invalid(format!("forge needs --state DIR\n{USAGE}")))?;
+    let allow_quarantine = config.allow_quarantine;
+
+    let started = Instant::now();
+    let mut forge = Forge::open(config, Box::new(CliHost { catalog }))?;
+    let mut progress = ProgressView::new();
+    let reports = forge.run(&mut |event| progress.show(event));
+    progress.finish();
+    let elapsed = started.elapsed();
+
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report::run_document(&reports, forge.store())).expect("json"));
+    } else {
+        print_table(&reports);
+        let count = |s: JobStatus| reports.iter().filter(|r| r.status == s).count();
+        println!(
+            "{} ok, {} cached, {} failed, {} refused in {:.2} s ({} on {})",
+            count(JobStatus::Ok),
+            count(JobStatus::Cached),
+            count(JobStatus::Failed),
+            count(JobStatus::Refused),
+            elapsed.as_secs_f64(),
+            forge.config().strategy,
+            tezzeret::compile::device_name(forge.device()),
+        );
+    }
+    // Refusals are "as asked" only while quarantine compilation is off.
+    Ok(reports.iter().all(|r| match r.status {
+        JobStatus::Ok | JobStatus::Cached => true,
+        JobStatus::Refused => !allow_quarantine,
+        JobStatus::Failed => false,
+    }))
+}
+
+fn inspect(args: &[String]) -> Result<bool> {
+    let parsed = Args::parse(args, &["--json"], &["--state"])?;
+    let state = parsed.iter().find(|(f, _)| *f == "--state").and_then(|(_, v)| *v);
+    let state = state.ok_or_else(|| Error::invalid(format!("inspect needs --state DIR\n{USAGE}")))?;
+    if !std::path::Path::new(state).is_dir() {
+        return Err(Error::invalid(format!("state directory {state} does not exist")));
+    }
+    let store = ArtifactStore::open(std::path::Path::new(state))?;
+    if parsed.iter().any(|(f, _)| *f == "--json") {
+        println!("{}", serde_json::to_string_pretty(&report::stored_document(&store)).expect("json"));
+        return Ok(true);
+    }
+    println!("{:<7} {:<24} {:<10} {:<14} {:>10} {:>9} {:>9}  {}", "ID", "NAME", "STRATEGY", "DEVICE", "COMPILE ms", "P50 ms", "P95 ms", "CHECKSUM");
+    for r in store.records() {
+        println!(
+            "{:<7} {:<24} {:<10} {:<14} {:>10.1} {:>9.3} {:>9.3}  {}",
+            r.blueprint_id, r.name, r.strategy, r.device, r.compile_ms, r.prewarm_p50_ms, r.prewarm_p95_ms, &r.checksum[..16]
+        );
+    }
+    println!("{} stored artifacts", store.records().count());
+    Ok(true)
+}
+
+fn print_table(reports: &[JobReport]) {
+    println!(
+        "{:<7} {:<24} {:<8} {:<28} {:>10} {:>9} {:>9}  {}",
+        "ID", "NAME", "STATUS", "VARIANT", "COMPILE ms", "P50 ms", "P95 ms", "CHECKSUM / ERROR"
+    );
+    for r in reports {
+        let detail = match (&r.record, &r.error) {
+            (_, Some(e)) => e.to_string(),
+            (Some(rec), None) => rec.checksum[..16].to_string(),
+            (None, None) => String::new(),
+        };
+        let (variant, compile, p50, p95) = match &r.record {
+            Some(rec) => (
+                rec.variant.as_str(),
+                format!("{:.1}", rec.compile_ms),
+                format!("{:.3}", rec.prewarm_p50_ms),
+                format!("{:.3}", rec.prewarm_p95_ms),
+            ),
+            None => ("-", "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<7} {:<24} {:<8} {:<28} {:>10} {:>9} {:>9}  {}",
+            r.blueprint_id,
+            r.name,
+            r.status.name(),
+            variant,
+            compile,
+            p50,
+            p95,
+            detail
+        );
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, plain lines otherwise.
+struct ProgressView {
+    terminal: bool,
+}
+
+impl ProgressView {
+    fn new() -> Self {
+        ProgressView { terminal: std::io::stderr().is_terminal() }
+    }
+
+    fn show(&mut self, event: Progress<'_>) {
+        let mut err = std::io::stderr().lock();
+        match event {
+            Progress::Started(i, total, id) if self.terminal => {
+                let width = 30;
+                let filled = i * width / total.max(1);
+                let _ = write!(err, "\r[{}{}] {:>3}/{} {:<8}", "#".repeat(filled), ".".repeat(width - filled), i, total, id);
+                let _ = err.flush();
+            }
+            Progress::Started(..) => {}
+            Progress::Finished(i, total, report) if !self.terminal => {
+                let _ = writeln!(err, "[{:>3}/{}] {} {}", i + 1, total, report.blueprint_id, report.status.name());
+            }
+            Progress::Finished(..) => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.terminal {
+            eprintln!("\r{:<60}", "");
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! `tezzeret_config`: how a forge is opened.
+use std::ffi::c_char;
+use std::mem::{offset_of, size_of};
+
+use super::{ffi_status, out_arg, read_sized, str_arg, tezzeret_status};
+use crate::compile::Strategy;
+use crate::forge::{DevicePreference, ForgeConfig};
+use crate::{Error, Result};
+
+/// Emergency strategy: CPU only, no optimisation passes, one validation run.
+pub const TEZZERET_STRATEGY_EMERGENCY: u32 = 0;
+/// Fast strategy: trace on the target device, no freezing, short pre-warm.
+pub const TEZZERET_STRATEGY_FAST: u32 = 1;
+/// Standard strategy (default): trace + freeze, full pre-warm.
+pub const TEZZERET_STRATEGY_STANDARD: u32 = 2;
+/// Aggressive strategy: Standard plus timed optimisation variants.
+pub const TEZZERET_STRATEGY_AGGRESSIVE: u32 = 3;
+
+/// Device: CUDA device 0 when available, else CPU (default).
+pub const TEZZERET_DEVICE_AUTO: u32 = 0;
+/// Device: always the CPU.
+pub const TEZZERET_DEVICE_CPU: u32 = 1;
+/// Device: CUDA device 0; opening fails without one.
+pub const TEZZERET_DEVICE_CUDA: u32 = 2;
+
+/// Flag: compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
+pub const TEZZERET_FLAG_ALLOW_QUARANTINE: u32 = 1;
+const KNOWN_FLAGS: u32 = TEZZERET_FLAG_ALLOW_QUARANTINE;
+
+/// How to open a forge. Initialise with `tezzeret_config_init`, then set
+/// `state_dir` (required) and whatever else differs from the defaults.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_config {
+    /// Size of this struct as the caller knows it (`sizeof(tezzeret_config)`).
+    pub struct_size: usize,
+    /// State directory (UTF-8 path, created if missing); borrowed for the call.
+    pub state_dir: *const c_char,
+    /// `TEZZERET_STRATEGY_*`; default STANDARD.
+    pub strategy: u32,
+    /// `TEZZERET_DEVICE_*`; default AUTO.
+    pub device: u32,
+    /// Bitwise OR of `TEZZERET_FLAG_*`; default 0.
+    pub flags: u32,
+    /// Maximum concurrent compile jobs; default 2.
+    pub max_concurrency: u32,
+    /// Re-enumeration interval in ms; 0 (default) = only at open and on refresh.
+    pub refresh_interval_ms: u64,
+    /// Periodic telemetry interval in ms; default 10000; 0 = off.
+    pub telemetry_interval_ms: u64,
+    /// Batch size of the representative inputs artifacts are built for; default 8.
+    pub batch_size: u32,
+}
+
+/// The oldest layout accepted: up to and including `state_dir`.
+const MIN_CONFIG_SIZE: usize = offset_of!(tezzeret_config, state_dir) + size_of::<*const c_char>();
+
+impl tezzeret_config {
+    fn defaults() -> Self {
+        tezzeret_config {
+            struct_size: size_of::<tezzeret_config>(),
+            state_dir: std::ptr::null(),
+            strategy: TEZZERET_STRATEGY_STANDARD,
+            device: TEZZERET_DEVICE_AUTO,
+            flags: 0,
+            max_concurrency: 2,
+            refresh_interval_ms: 0,
+            telemetry_interval_ms: 10_000,
+            batch_size: 8,
+        }
+    }
+
+    /// Reads a caller's config (of any supported size) into a [`ForgeConfig`].
+    ///
+    /// # Safety
+    /// `ptr` is NULL or a readable config of at least its `struct_size` bytes.
+    pub(crate) unsafe fn read(ptr: *const tezzeret_config) -> Result<ForgeConfig> {
+        let raw = read_sized(ptr, Self::defaults(), MIN_CONFIG_SIZE, "config")?;
+        let state_dir = str_arg(raw.state_dir, "config.state_dir")?;
+        if state_dir.is_empty() {
+            return Err(Error::invalid("config.state_dir is empty"));
+        }
+        if raw.flags & !KNOWN_FLAGS != 0 {
+            return Err(Error::invalid(format!("config.flags has unknown bits {:#x}", raw.flags & !KNOWN_FLAGS)));
+        }
+        if raw.max_concurrency == 0 {
+            return Err(Error::invalid("config.max_concurrency must be >= 1"));
+        }
+        if raw.batch_size == 0 {
+            return Err(Error::invalid("config.batch_size must be >= 1"));
+        }
+        let mut config = ForgeConfig::new(state_dir);
+        config.strategy = Strategy::from_u32(raw.strategy).map_err(|e| e.context("config.strategy"))?;
+        config.device = DevicePreference::from_u32(raw.device).map_err(|e| e.context("config.device"))?;
+        config.allow_quarantine = raw.flags & TEZZERET_FLAG_ALLOW_QUARANTINE != 0;
+        config.max_concurrency = raw.max_concurrency;
+        config.refresh_interval_ms = raw.refresh_interval_ms;
+        config.telemetry_interval_ms = raw.telemetry_interval_ms;
+        config.batch = i64::from(raw.batch_size);
+        Ok(config)
+    }
+}
+
+/// Fills `config` with defaults for a struct of `struct_size` bytes (pass
+/// `sizeof(tezzeret_config)`); never writes past `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_config_init(config: *mut tezzeret_config, struct_size: usize) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(config, "config")?;
+        if struct_size < MIN_CONFIG_SIZE {
+            return Err(Error::invalid(format!(
+                "struct_size {struct_size} is smaller than the oldest tezzeret_config layout ({MIN_CONFIG_SIZE} bytes)"
+            )));
+        }
+        let mut defaults = tezzeret_config::defaults();
+        defaults.struct_size = struct_size;
+        let len = struct_size.min(size_of::<tezzeret_config>());
+        // SAFETY: the caller provides `struct_size` writable bytes.
+        std::ptr::copy_nonoverlapping(&defaults as *const _ as *const u8, config as *mut u8, len);
+        Ok(())
+    })
+}
