@@ -1,0 +1,92 @@
+//! The `tezzeret` CLI (SPEC §13).
+use std::process::{Command, Output};
+
+use crate::TempDir;
+
+fn tezzeret(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tezzeret")).args(args).output().expect("runs")
+}
+
+const SMALL_CATALOG: &str = r#"[
+ {"blueprint_id": "BP003", "name": "layer_norm_basic", "tier": "BLUEPRINT_TIER_SAFE", "allowed_parameters": {"epsilon": [1e-06, 0.001]}},
+ {"blueprint_id": "BP031", "name": "temporal_conv", "tier": "BLUEPRINT_TIER_SAFE", "allowed_parameters": {"dilation": [1.0, 5.0]}},
+ {"blueprint_id": "BP047", "name": "memory_leak", "tier": "BLUEPRINT_TIER_HIGH_RISK", "quarantine_only": true}
+]"#;
+
+#[test]
+fn forge_json_reports_every_field_and_is_deterministic_across_processes() {
+    let work = TempDir::new("cli");
+    let catalog = work.path().join("catalog.json");
+    std::fs::write(&catalog, SMALL_CATALOG).unwrap();
+    let run = |state: &str| {
+        let dir = work.path().join(state);
+        let out = tezzeret(&["forge", "--state", dir.to_str().unwrap(), "--catalog", catalog.to_str().unwrap(), "--device", "cpu", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+        doc
+    };
+    let a = run("a");
+    let entries = a["artifacts"].as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    for field in ["blueprint_id", "status", "artifact_path", "checksum", "guard_spec", "guard_digest", "strategy", "compile_ms", "prewarm_p50_ms", "prewarm_p95_ms", "error"] {
+        assert!(entries.iter().all(|e| e.get(field).is_some()), "field {field} missing");
+    }
+    assert_eq!(entries[0]["status"], "ok");
+    assert_eq!(entries[0]["strategy"], "standard");
+    assert_eq!(entries[0]["guard_spec"][0]["dtype"], "float32");
+    assert_eq!(entries[2]["status"], "refused");
+    assert!(entries[2]["error"].as_str().unwrap().contains("quarantine-only"));
+    // A second process in another directory writes byte-identical artifacts.
+    let b = run("b");
+    for i in 0..2 {
+        assert_eq!(a["artifacts"][i]["checksum"], b["artifacts"][i]["checksum"]);
+        let bytes = std::fs::read(a["artifacts"][i]["artifact_path"].as_str().unwrap()).unwrap();
+        assert_eq!(bytes, std::fs::read(b["artifacts"][i]["artifact_path"].as_str().unwrap()).unwrap());
+    }
+    // Resuming the same directory reuses everything.
+    let again = run("a");
+    assert_eq!(again["artifacts"][0]["status"], "cached");
+    assert_eq!(again["artifacts"][1]["status"], "cached");
+
+    let out = tezzeret(&["inspect", "--state", work.path().join("a").to_str().unwrap(), "--json"]);
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["artifacts"].as_array().unwrap().len(), 2);
+    let out = tezzeret(&["inspect", "--state", work.path().join("a").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 stored artifacts"));
+}
+
+#[test]
+fn forge_table_and_exit_status() {
+    let work = TempDir::new("cli-table");
+    let catalog = work.path().join("catalog.json");
+    std::fs::write(&catalog, SMALL_CATALOG).unwrap();
+    let state = work.path().join("s");
+    let out = tezzeret(&["forge", "--state", state.to_str().unwrap(), "--catalog", catalog.to_str().unwrap(), "--strategy", "fast"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("BP031") && stdout.contains("2 ok, 0 cached, 0 failed, 1 refused"), "{stdout}");
+    // Progress lines go to stderr when it is not a terminal.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[  1/3] BP003 ok"));
+    // With quarantine compilation asked for, a blueprint without a builder
+    // fails and the exit status says so.
+    let out = tezzeret(&["forge", "--state", state.to_str().unwrap(), "--catalog", catalog.to_str().unwrap(), "--allow-quarantine"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    for (args, needle) in [
+        (vec!["forge"], "forge needs --state DIR"),
+        (vec!["forge", "--state", "/tmp/x", "--strategy", "ludicrous"], "unknown strategy \"ludicrous\""),
+        (vec!["forge", "--state", "/tmp/x", "--jobs", "many"], "--jobs expects a number"),
+        (vec!["forge", "--state", "/tmp/x", "--catalog", "/nonexistent.json"], "read catalog /nonexistent.json"),
+        (vec!["frobnicate"], "unknown command \"frobnicate\""),
+        (vec!["inspect", "--state", "/nonexistent-state"], "does not exist"),
+    ] {
+        let out = tezzeret(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}

@@ -1,0 +1,92 @@
+//! Real C and C++ consumers: install into a temporary prefix, find the
+//! package with CMake (and pkg-config), build with -Wall -Wextra -Werror and
+//! with AddressSanitizer + UBSan, and run the hosts.
+use std::path::Path;
+use std::process::Command;
+
+use crate::{repo_root, TempDir};
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// The profile directory the test binary's library was built into.
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+fn install(prefix: &Path) {
+    run(
+        Command::new("bash")
+            .arg(repo_root().join("scripts/install.sh"))
+            .args(["--prefix", prefix.to_str().unwrap(), "--profile", profile(), "--no-build"]),
+        "scripts/install.sh",
+    );
+    let lib = prefix.join("lib");
+    for name in ["libtezzeret.so", "libtezzeret.so.0", "libtezzeret.a", "cmake/Tezzeret/TezzeretConfig.cmake", "pkgconfig/tezzeret.pc"] {
+        assert!(lib.join(name).exists(), "{name} installed");
+    }
+    assert!(prefix.join("include/tezzeret.h").exists());
+    let soname = run(Command::new("readelf").args(["-d"]).arg(lib.join("libtezzeret.so")), "readelf");
+    assert!(soname.contains("Library soname: [libtezzeret.so.0]"), "{soname}");
+    assert!(soname.contains("libtorch_cuda.so"), "libtorch_cuda stays linked:\n{soname}");
+    assert!(soname.contains("RUNPATH") || soname.contains("RPATH"), "an rpath to libtorch is baked in");
+}
+
+fn build_and_run(prefix: &Path, build: &Path, sanitize: &str) {
+    run(
+        Command::new("cmake")
+            .arg("-S")
+            .arg(repo_root().join("cpp-examples"))
+            .arg("-B")
+            .arg(build)
+            .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
+            .arg(format!("-DTEZZERET_EXAMPLES_SANITIZE={sanitize}"))
+            .arg("-DCMAKE_BUILD_TYPE=Debug"),
+        "cmake configure",
+    );
+    run(Command::new("cmake").arg("--build").arg(build).arg("-j2"), "cmake build");
+    for host in ["host_c", "host_cpp"] {
+        // No LD_LIBRARY_PATH: the hosts find libtezzeret and libtorch by rpath.
+        let output = run(Command::new(build.join(host)).env_remove("LD_LIBRARY_PATH"), host);
+        assert!(output.contains(&format!("{host}: all expectations met")), "{output}");
+    }
+}
+
+#[test]
+fn c_and_cpp_hosts_build_with_cmake_and_run_plain_and_sanitized() {
+    let work = TempDir::new("consumers");
+    let prefix = work.path().join("prefix");
+    install(&prefix);
+    build_and_run(&prefix, &work.path().join("build"), "");
+    build_and_run(&prefix, &work.path().join("build-asan"), "address,undefined");
+}
+
+#[test]
+fn pkg_config_describes_the_installed_library() {
+    let work = TempDir::new("pkgconfig");
+    let prefix = work.path().join("prefix");
+    install(&prefix);
+    let flags = run(
+        Command::new("pkg-config")
+            .args(["--cflags", "--libs", "tezzeret"])
+            .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig")),
+        "pkg-config",
+    );
+    let exe = work.path().join("host_c_pc");
+    let mut cc = Command::new("cc");
+    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(repo_root().join("cpp-examples/host_c.c"))
+        .args(flags.split_whitespace());
+    run(&mut cc, "cc with pkg-config flags");
+    let output = run(&mut Command::new(&exe), "host_c (pkg-config build)");
+    assert!(output.contains("host_c: all expectations met"));
+}

@@ -1,0 +1,197 @@
+//! The compilation pipeline through the Rust API: every default blueprint
+//! under every strategy, determinism, parameters, quarantine, the cache.
+use std::collections::BTreeMap;
+
+use tch::Device;
+use tezzeret::blueprints::ParameterOverrides;
+use tezzeret::catalog::Catalog;
+use tezzeret::compile::{self, CompileRequest, Strategy};
+use tezzeret::forge::{DefaultHost, DevicePreference, Forge, ForgeConfig, JobStatus};
+use tezzeret::ErrorCode;
+
+use crate::TempDir;
+
+fn request<'a>(d: &'a tezzeret::catalog::Descriptor, o: &'a ParameterOverrides, s: Strategy) -> CompileRequest<'a> {
+    CompileRequest { descriptor: d, overrides: o, strategy: s, device: Device::Cpu, batch: 8 }
+}
+
+fn forge_all(strategy: Strategy) {
+    let dir = TempDir::new(&format!("pipeline-{strategy}"));
+    let mut config = ForgeConfig::new(dir.path());
+    config.strategy = strategy;
+    config.device = DevicePreference::Cpu;
+    let mut forge = Forge::open(config, Box::new(DefaultHost)).unwrap();
+    let reports = forge.run(&mut |_| {});
+    assert_eq!(reports.len(), 50);
+    for r in &reports {
+        let quarantined = forge.catalog().get(&r.blueprint_id).unwrap().is_quarantined();
+        let expected = if quarantined { JobStatus::Refused } else { JobStatus::Ok };
+        assert_eq!(r.status, expected, "{} under {strategy}: {:?}", r.blueprint_id, r.error);
+        if let Some(record) = &r.record {
+            forge.store().verify(record).unwrap();
+            assert_eq!(record.strategy, strategy.name());
+            assert!(record.prewarm_p50_ms > 0.0 && record.prewarm_p95_ms >= record.prewarm_p50_ms);
+            assert_eq!(record.guard_digest, record.guard_spec.digest());
+            assert!(!record.guard_spec.inputs().is_empty());
+        }
+    }
+    let distinct: std::collections::BTreeSet<&str> =
+        reports.iter().filter_map(|r| r.record.as_ref()).map(|r| r.checksum.as_str()).collect();
+    assert_eq!(distinct.len(), 42, "every blueprint is a distinct module");
+}
+
+#[test]
+fn every_default_blueprint_compiles_under_emergency() {
+    forge_all(Strategy::Emergency);
+}
+
+#[test]
+fn every_default_blueprint_compiles_under_fast() {
+    forge_all(Strategy::Fast);
+}
+
+#[test]
+fn every_default_blueprint_compiles_under_standard() {
+    forge_all(Strategy::Standard);
+}
+
+#[test]
+fn every_default_blueprint_compiles_under_aggressive() {
+    forge_all(Strategy::Aggressive);
+}
+
+#[test]
+fn compiled_artifact_reproduces_the_eager_block() {
+    let catalog = Catalog::default_catalog();
+    let d = catalog.get("BP016").unwrap();
+    let none = ParameterOverrides::new();
+    let artifact = compile::compile(&request(d, &none, Strategy::Standard)).unwrap();
+    assert_eq!(artifact.variant, "trace+freeze");
+    assert_eq!(artifact.params.values()["reduction"], 10.0, "midpoint of [4, 16]");
+    // Load the stored bytes independently (tch's own loader) and compare
+    // with the eager block on fresh inputs of the guarded shape.
+    let module = tch::CModule::load_data(&mut artifact.bytes.as_slice()).unwrap();
+    let params = tezzeret::blueprints::ResolvedParams::resolve(d, &none).unwrap();
+    let block = tezzeret::blueprints::build(d, &params, 8, Device::Cpu).unwrap();
+    let shape = &artifact.guard_spec.inputs()[0].shape;
+    assert_eq!(shape, &vec![8, 32, 16, 16]);
+    let x = tch::Tensor::randn(shape.as_slice(), (tch::Kind::Float, Device::Cpu));
+    let compiled = tch::no_grad(|| module.forward_ts(&[&x])).unwrap();
+    let eager = tch::no_grad(|| (block.forward)(&[x]));
+    assert!(compiled.allclose(&eager, compile::RTOL, compile::ATOL, false));
+}
+
+#[test]
+fn same_job_gives_byte_identical_artifacts() {
+    let catalog = Catalog::default_catalog();
+    let none = ParameterOverrides::new();
+    for id in ["BP001", "BP023", "BP033", "BP036"] {
+        let d = catalog.get(id).unwrap();
+        for strategy in Strategy::ALL {
+            let a = compile::compile(&request(d, &none, strategy)).unwrap();
+            let b = compile::compile(&request(d, &none, strategy)).unwrap();
+            // Aggressive picks its variant by timing; each variant's bytes
+            // are deterministic.
+            if a.variant == b.variant {
+                assert!(a.bytes == b.bytes, "{id} under {strategy} ({}) is not deterministic", a.variant);
+            } else {
+                assert_eq!(strategy, Strategy::Aggressive, "{id}: only Aggressive chooses between variants");
+            }
+            assert_eq!(a.cache_key, b.cache_key);
+        }
+    }
+}
+
+#[test]
+fn parameters_are_validated_against_their_bounds() {
+    let catalog = Catalog::default_catalog();
+    let d = catalog.get("BP013").unwrap();
+    let mut o = BTreeMap::new();
+    o.insert("groups".to_string(), 9.0);
+    let err = compile::compile(&request(d, &o, Strategy::Fast)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert!(err.message().contains("\"groups\" = 9") && err.message().contains("[2, 8]"), "{err}");
+    let mut o = BTreeMap::new();
+    o.insert("width".to_string(), 3.0);
+    let err = compile::compile(&request(d, &o, Strategy::Fast)).unwrap_err();
+    assert!(err.message().contains("unknown parameter \"width\"") && err.message().contains("allowed: groups"), "{err}");
+    let mut o = BTreeMap::new();
+    o.insert("groups".to_string(), f64::NAN);
+    assert!(compile::compile(&request(d, &o, Strategy::Fast)).is_err());
+    // A host value inside the bounds shapes the module.
+    let mut o = BTreeMap::new();
+    o.insert("groups".to_string(), 2.0);
+    let two = compile::compile(&request(d, &o, Strategy::Fast)).unwrap();
+    assert_eq!(two.guard_spec.inputs()[0].shape, vec![8, 8, 16, 16]);
+    let default = compile::compile(&request(d, &ParameterOverrides::new(), Strategy::Fast)).unwrap();
+    assert_eq!(default.guard_spec.inputs()[0].shape, vec![8, 20, 16, 16], "groups = midpoint 5, channels 4·5");
+    assert_ne!(two.cache_key, default.cache_key);
+}
+
+#[test]
+fn forge_refuses_unknown_blueprints_in_overrides() {
+    let dir = TempDir::new("pipeline-overrides");
+    let mut config = ForgeConfig::new(dir.path());
+    config.device = DevicePreference::Cpu;
+    config.parameter_overrides.insert("BP999".into(), BTreeMap::new());
+    let err = Forge::open(config.clone(), Box::new(DefaultHost)).err().unwrap();
+    assert_eq!(err.code(), ErrorCode::NotFound);
+    config.parameter_overrides.clear();
+    config.parameter_overrides.insert("BP002".into(), [("scale".to_string(), 5.0)].into());
+    let err = Forge::open(config, Box::new(DefaultHost)).err().unwrap();
+    assert!(err.message().contains("[0.5, 2]"), "{err}");
+}
+
+#[test]
+fn store_reuses_artifacts_and_recompiles_changed_descriptors() {
+    let dir = TempDir::new("pipeline-cache");
+    let json = |max: f64| {
+        format!(
+            r#"[{{"blueprint_id": "BP002", "name": "linear_projection", "tier": "BLUEPRINT_TIER_SAFE",
+                 "allowed_parameters": {{"scale": [0.5, {max}]}}}},
+                {{"blueprint_id": "BP005", "name": "relu_activation", "tier": "BLUEPRINT_TIER_SAFE"}}]"#
+        )
+    };
+    struct Fixed(Option<Catalog>);
+    impl tezzeret::forge::Host for Fixed {
+        fn enumerate(&mut self) -> tezzeret::Result<Option<Catalog>> {
+            Ok(self.0.take())
+        }
+    }
+    let run = |catalog: Catalog| {
+        let mut config = ForgeConfig::new(dir.path());
+        config.device = DevicePreference::Cpu;
+        let mut forge = Forge::open(config, Box::new(Fixed(Some(catalog)))).unwrap();
+        forge.run(&mut |_| {}).into_iter().map(|r| (r.blueprint_id, r.status)).collect::<Vec<_>>()
+    };
+    let first = run(Catalog::from_json(&json(2.0)).unwrap());
+    assert_eq!(first, [("BP002".into(), JobStatus::Ok), ("BP005".into(), JobStatus::Ok)]);
+    let second = run(Catalog::from_json(&json(2.0)).unwrap());
+    assert_eq!(second, [("BP002".into(), JobStatus::Cached), ("BP005".into(), JobStatus::Cached)]);
+    // Changing BP002's bounds changes its content hash (and midpoint): recompiled.
+    let third = run(Catalog::from_json(&json(4.0)).unwrap());
+    assert_eq!(third, [("BP002".into(), JobStatus::Ok), ("BP005".into(), JobStatus::Cached)]);
+    // A damaged artifact is not reused.
+    let store = tezzeret::store::ArtifactStore::open(dir.path()).unwrap();
+    let record = store.get("BP005").unwrap().clone();
+    std::fs::write(store.artifact_path(&record), b"not a torchscript archive").unwrap();
+    let err = store.verify(&record).unwrap_err();
+    assert!(err.message().starts_with("checksum_mismatch") && err.message().contains("BP005"), "{err}");
+    drop(store);
+    let fourth = run(Catalog::from_json(&json(4.0)).unwrap());
+    assert_eq!(fourth[1], ("BP005".into(), JobStatus::Ok));
+}
+
+#[test]
+fn quarantined_blueprints_are_refused_with_a_clear_error() {
+    let dir = TempDir::new("pipeline-quarantine");
+    let mut config = ForgeConfig::new(dir.path());
+    config.device = DevicePreference::Cpu;
+    let mut forge = Forge::open(config, Box::new(DefaultHost)).unwrap();
+    let report = forge.compile_one("BP046").unwrap();
+    assert_eq!(report.status, JobStatus::Refused);
+    let err = report.error.unwrap();
+    assert_eq!(err.code(), ErrorCode::Quarantined);
+    assert!(err.message().contains("BP046 (infinite_loop) is quarantine-only"), "{err}");
+    assert!(forge.compile_one("BP404").is_err());
+}
