@@ -23,6 +23,11 @@ fn profile() -> &'static str {
 }
 
 fn install(prefix: &Path) {
+    let built = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join(profile())
+        .join("libtezzeret.so");
+    assert!(built.exists(), "{} is missing: run `cargo build --lib` first (scripts/test.sh does)", built.display());
     run(
         Command::new("bash")
             .arg(repo_root().join("scripts/install.sh"))
