@@ -3,13 +3,13 @@
 //! the host (catalog updates, telemetry, log lines).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::Device;
 
 use crate::blueprints::{ParameterOverrides, ResolvedParams, DEFAULT_BATCH};
 use crate::catalog::{Catalog, Descriptor};
-use crate::compile::{self, CompileRequest, Strategy};
+use crate::compile::{self, CompileJob, Strategy};
 use crate::guard::hex;
 use crate::leyline::{self, KernelCatalogUpdate, TelemetryLevel};
 use crate::lock::StateLock;
@@ -87,11 +87,19 @@ pub struct ForgeConfig {
     pub batch: i64,
     /// Host parameter values per blueprint id.
     pub parameter_overrides: BTreeMap<String, ParameterOverrides>,
+    /// Host input shapes per blueprint id (replacing the representative ones).
+    pub input_shapes: BTreeMap<String, Vec<Vec<i64>>>,
+    /// Time budget per strategy, indexed by `Strategy as usize`; a job over
+    /// its budget is abandoned and fails with `budget_exceeded`.
+    pub budgets: [Duration; 4],
+    /// Largest process-memory growth one job may cause (None = unchecked).
+    pub memory_budget_bytes: Option<u64>,
 }
 
 impl ForgeConfig {
     /// Defaults for a state directory: Standard, auto device, quarantine off,
-    /// concurrency 2, no refresh, telemetry every 10 s, batch 8.
+    /// concurrency 2, no refresh, telemetry every 10 s, batch 8, the design's
+    /// budgets per strategy, 1 GiB memory budget per job.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         ForgeConfig {
             state_dir: state_dir.into(),
@@ -103,9 +111,20 @@ impl ForgeConfig {
             telemetry_interval_ms: 10_000,
             batch: DEFAULT_BATCH,
             parameter_overrides: BTreeMap::new(),
+            input_shapes: BTreeMap::new(),
+            budgets: Strategy::ALL.map(Strategy::budget),
+            memory_budget_bytes: Some(DEFAULT_MEMORY_BUDGET_BYTES),
         }
     }
+
+    /// The time budget of a strategy.
+    pub fn budget(&self, strategy: Strategy) -> Duration {
+        self.budgets[strategy as usize]
+    }
 }
+
+/// Default per-job memory budget: 1 GiB of process-memory growth.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 1 << 30;
 
 /// What the forge needs from its host. Every method has a do-nothing
 /// default, and `enumerate` defaults to the embedded catalog.
@@ -320,11 +339,15 @@ impl Forge {
     }
 
     fn compile_and_store(&mut self, descriptor: &Descriptor) -> Result<(JobStatus, ArtifactRecord)> {
-        let no_overrides = ParameterOverrides::new();
-        let overrides = self.config.parameter_overrides.get(&descriptor.blueprint_id).unwrap_or(&no_overrides);
-        let params = ResolvedParams::resolve(descriptor, overrides)?;
-        let key = compile::cache_key(descriptor, &params, self.config.strategy, self.device, self.config.batch);
-        if let Some(record) = self.store.get(&descriptor.blueprint_id) {
+        let id = &descriptor.blueprint_id;
+        let mut job = CompileJob::new(descriptor.clone(), self.config.strategy);
+        job.overrides = self.config.parameter_overrides.get(id).cloned().unwrap_or_default();
+        job.input_shapes = self.config.input_shapes.get(id).cloned();
+        job.device = self.device;
+        job.batch = self.config.batch;
+        let params = ResolvedParams::resolve(descriptor, &job.overrides)?;
+        let key = compile::cache_key(&job, &params);
+        if let Some(record) = self.store.get(id) {
             if record.cache_key == key && self.store.verify(record).is_ok() {
                 return Ok((JobStatus::Cached, record.clone()));
             }
@@ -333,17 +356,12 @@ impl Forge {
         let started = telemetry::event(
             events::COMPILE_STARTED,
             TelemetryLevel::Info,
-            &[("blueprint_id", descriptor.blueprint_id.clone()), ("strategy", self.config.strategy.name().to_string())],
+            &[("blueprint_id", id.clone()), ("strategy", self.config.strategy.name().to_string())],
         );
         let begun = Instant::now();
-        let artifact = compile::compile(&CompileRequest {
-            descriptor,
-            overrides,
-            strategy: self.config.strategy,
-            device: self.device,
-            batch: self.config.batch,
-        })
-        .map_err(|e| e.context(format!("{} ({})", descriptor.blueprint_id, descriptor.name)))?;
+        let budget = self.config.budget(job.strategy);
+        let artifact = compile::compile_within(job, budget, self.config.memory_budget_bytes)
+            .map_err(|e| e.context(format!("{id} ({})", descriptor.name)))?;
         let record = ArtifactRecord {
             blueprint_id: descriptor.blueprint_id.clone(),
             name: descriptor.name.clone(),
@@ -358,6 +376,7 @@ impl Forge {
             size_bytes: 0,
             guard_digest: artifact.guard_digest.clone(),
             guard_spec: artifact.guard_spec.clone(),
+            dynamic_batch: artifact.dynamic_batch,
             compile_ms: artifact.compile_ms,
             prewarm_p50_ms: artifact.prewarm_p50_ms,
             prewarm_p95_ms: artifact.prewarm_p95_ms,

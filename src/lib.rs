@@ -16,6 +16,7 @@ pub mod guard;
 pub mod leyline;
 pub mod lock;
 pub mod report;
+pub mod resources;
 pub mod store;
 pub mod telemetry;
 pub mod version;

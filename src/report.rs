@@ -14,6 +14,7 @@ pub fn entry(blueprint_id: &str, status: JobStatus, record: Option<&ArtifactReco
         "checksum": record.map(|r| r.checksum.clone()),
         "guard_spec": record.map(|r| serde_json::to_value(&r.guard_spec).expect("guard spec serialises")),
         "guard_digest": record.map(|r| r.guard_digest.clone()),
+        "dynamic_batch": record.map(|r| r.dynamic_batch),
         "strategy": record.map(|r| r.strategy.clone()),
         "variant": record.map(|r| r.variant.clone()),
         "compile_ms": record.map(|r| r.compile_ms),

@@ -44,6 +44,9 @@ pub struct ArtifactRecord {
     pub guard_spec: GuardSpec,
     /// Digest of the guard spec.
     pub guard_digest: String,
+    /// Validated at several batch sizes: accepts any size in dim 0.
+    #[serde(default)]
+    pub dynamic_batch: bool,
     /// Compile wall time, ms.
     pub compile_ms: f64,
     /// Pre-warm median, ms.

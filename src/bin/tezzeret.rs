@@ -13,7 +13,8 @@ use tezzeret::{report, Error, Result};
 const USAGE: &str = "\
 usage:
   tezzeret forge --state DIR [--catalog FILE.json|default] [--strategy emergency|fast|standard|aggressive]
-                 [--jobs N] [--device auto|cpu|cuda] [--batch N] [--allow-quarantine] [--json]
+                 [--jobs N] [--device auto|cpu|cuda] [--batch N] [--budget SECONDS]
+                 [--memory-budget MIB] [--allow-quarantine] [--json]
   tezzeret inspect --state DIR [--json]
   tezzeret version
 ";
@@ -96,7 +97,7 @@ fn forge(args: &[String]) -> Result<bool> {
     let parsed = Args::parse(
         args,
         &["--allow-quarantine", "--json"],
-        &["--state", "--catalog", "--strategy", "--jobs", "--device", "--batch"],
+        &["--state", "--catalog", "--strategy", "--jobs", "--device", "--batch", "--budget", "--memory-budget"],
     )?;
     let mut state = None;
     let mut catalog = None;
@@ -114,6 +115,17 @@ fn forge(args: &[String]) -> Result<bool> {
             "--strategy" => config.strategy = value.parse::<Strategy>()?,
             "--jobs" => config.max_concurrency = number("--jobs", value)?,
             "--batch" => config.batch = number("--batch", value)?,
+            "--budget" => {
+                let seconds: f64 = number("--budget", value)?;
+                if !(seconds.is_finite() && seconds > 0.0) {
+                    return Err(Error::invalid(format!("--budget expects a positive number of seconds, got {value:?}")));
+                }
+                config.budgets = [std::time::Duration::from_secs_f64(seconds); 4];
+            }
+            "--memory-budget" => {
+                let mib: u64 = number("--memory-budget", value)?;
+                config.memory_budget_bytes = Some(mib << 20);
+            }
             "--device" => {
                 config.device = match value {
                     "auto" => DevicePreference::Auto,

@@ -81,13 +81,11 @@ pub fn memory_augmented(ctx: &mut BuildContext<'_>) -> Result<Block> {
     let memory = ctx.rng.uniform(&[1, slots, WIDTH], 1.0).to_device(ctx.device);
     let read = Attention::new(&mut ctx.rng, ctx.device, WIDTH, 4);
     let gate = Linear::new(&mut ctx.rng, ctx.device, 2 * WIDTH, WIDTH);
-    let batch = ctx.batch;
     Ok(Block {
         input_shapes: sequence(ctx),
         forward: Box::new(move |xs| {
             let x = &xs[0];
-            let bank = memory.expand([batch, slots, WIDTH], false);
-            let recalled = read.forward(x, &bank);
+            let recalled = read.forward(x, &memory); // one memory bank, broadcast over the batch
             let g = gate.forward(&Tensor::cat(&[x, &recalled], -1)).sigmoid();
             x + g * recalled
         }),

@@ -168,10 +168,12 @@ impl Attention {
 
     /// As [`Self::forward`], with an optional additive mask `[B or 1, Tq, Tk]`.
     pub fn forward_masked(&self, query: &Tensor, context: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let (b, tq) = (query.size()[0], query.size()[1]);
+        // Batch dims stay -1 so traced graphs accept other batch sizes (and
+        // a context of batch 1 broadcasts over the queries' batch).
+        let tq = query.size()[1];
         let tk = context.size()[1];
         let head_dim = self.dim / self.heads;
-        let split = |t: Tensor, len: i64| t.view([b, len, self.heads, head_dim]).transpose(1, 2);
+        let split = |t: Tensor, len: i64| t.view([-1, len, self.heads, head_dim]).transpose(1, 2);
         let q = split(self.q.forward(query), tq);
         let k = split(self.k.forward(context), tk);
         let v = split(self.v.forward(context), tk);
@@ -180,7 +182,7 @@ impl Attention {
             scores = scores + mask.unsqueeze(1);
         }
         let attended = scores.softmax(-1, Kind::Float).matmul(&v);
-        self.o.forward(&attended.transpose(1, 2).contiguous().view([b, tq, self.dim]))
+        self.o.forward(&attended.transpose(1, 2).contiguous().view([-1, tq, self.dim]))
     }
 }
 

@@ -5,6 +5,7 @@
 //! representative input shapes it is compiled and validated at.
 mod basic;
 mod experimental;
+mod hazards;
 mod layers;
 mod params;
 pub(crate) mod rng;
@@ -14,6 +15,7 @@ mod vision;
 use tch::{Device, Kind, Tensor};
 
 use crate::catalog::Descriptor;
+use crate::compile::CancelToken;
 use crate::{Error, ErrorCode, Result};
 
 pub use params::{ParameterOverrides, ResolvedParams};
@@ -41,6 +43,8 @@ pub struct BuildContext<'a> {
     pub batch: i64,
     /// Device the weights live on.
     pub device: Device,
+    /// Set when the job is abandoned; long-running forwards poll it.
+    pub cancel: CancelToken,
 }
 
 type Builder = fn(&mut BuildContext<'_>) -> Result<Block>;
@@ -89,6 +93,14 @@ const BUILDERS: &[(&str, Builder)] = &[
     ("differentiable_nas", experimental::differentiable_nas),
     ("meta_learning_layer", experimental::meta_learning_layer),
     ("recursive_processing", experimental::recursive_processing),
+    ("exploding_gradient", hazards::exploding_gradient),
+    ("vanishing_gradient", hazards::vanishing_gradient),
+    ("nan_injection", hazards::nan_injection),
+    ("infinite_loop", hazards::infinite_loop),
+    ("memory_leak", hazards::memory_leak),
+    ("deadlock_pattern", hazards::deadlock_pattern),
+    ("race_condition", hazards::race_condition),
+    ("adversarial_noise", hazards::adversarial_noise),
 ];
 
 /// Whether a builder exists for a descriptor name.
@@ -102,7 +114,13 @@ pub const DEFAULT_BATCH: i64 = 8;
 /// Builds the block a descriptor names, with the given resolved parameters.
 /// Weights are seeded from the descriptor's content hash and the parameters,
 /// so the same inputs always give the same block.
-pub fn build(descriptor: &Descriptor, params: &ResolvedParams, batch: i64, device: Device) -> Result<Block> {
+pub fn build(
+    descriptor: &Descriptor,
+    params: &ResolvedParams,
+    batch: i64,
+    device: Device,
+    cancel: CancelToken,
+) -> Result<Block> {
     let builder = BUILDERS
         .iter()
         .find(|(n, _)| *n == descriptor.name)
@@ -116,7 +134,7 @@ pub fn build(descriptor: &Descriptor, params: &ResolvedParams, batch: i64, devic
     if batch < 1 {
         return Err(Error::invalid(format!("batch size must be >= 1, got {batch}")));
     }
-    let mut ctx = BuildContext { params, rng: WeightRng::for_job(descriptor, params), batch, device };
+    let mut ctx = BuildContext { params, rng: WeightRng::for_job(descriptor, params), batch, device, cancel };
     let block = tch::no_grad(|| builder(&mut ctx))?;
     Ok(block)
 }

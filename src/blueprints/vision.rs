@@ -217,20 +217,18 @@ pub fn deformable_conv(ctx: &mut BuildContext<'_>) -> Result<Block> {
     let axis = Tensor::linspace(-1.0, 1.0, SIZE, (Kind::Float, ctx.device));
     let grids = Tensor::meshgrid_indexing(&[&axis, &axis], "ij");
     let base = Tensor::stack(&[&grids[1], &grids[0]], -1).unsqueeze(0); // [1, H, W, 2] as (x, y)
-    let batch = ctx.batch;
     Ok(Block {
         input_shapes: image(ctx, channels, SIZE),
         forward: Box::new(move |xs| {
             let x = &xs[0];
-            let (b, h, w) = (batch, SIZE, SIZE);
-            let field = offsets.forward(x).tanh() * (2.0 / h as f64); // at most ±1 pixel
+            let field = offsets.forward(x).tanh() * (2.0 / SIZE as f64); // at most ±1 pixel
             let parts: Vec<Tensor> = x
                 .chunk(groups, 1)
                 .iter()
                 .enumerate()
                 .map(|(g, part)| {
                     let delta = field.narrow(1, 2 * g as i64, 2).permute([0, 2, 3, 1]);
-                    let grid = (&base + delta).expand([b, h, w, 2], false);
+                    let grid = &base + delta; // broadcasts over the batch
                     part.grid_sampler(&grid, 0, 1, true)
                 })
                 .collect();
@@ -253,22 +251,21 @@ pub fn non_local_block(ctx: &mut BuildContext<'_>) -> Result<Block> {
         input_shapes: image(ctx, CHANNELS, size),
         forward: Box::new(move |xs| {
             let x = &xs[0];
-            let b = x.size()[0];
             let n = size / window;
-            // [B, C', H, W] → [B·n·n, window², C']
+            // [B, C', H, W] → [B·n·n, window², C'] (batch left as -1: dynamic)
             let windows = |t: Tensor| {
-                t.view([b, inner, n, window, n, window])
+                t.view([-1, inner, n, window, n, window])
                     .permute([0, 2, 4, 3, 5, 1])
                     .contiguous()
-                    .view([b * n * n, window * window, inner])
+                    .view([-1, window * window, inner])
             };
             let (q, k, v) = (windows(theta.forward(x)), windows(phi.forward(x)), windows(g.forward(x)));
             let attended = q.matmul(&k.transpose(1, 2)).softmax(-1, Kind::Float).matmul(&v);
             let restored = attended
-                .view([b, n, n, window, window, inner])
+                .view([-1, n, n, window, window, inner])
                 .permute([0, 5, 1, 3, 2, 4])
                 .contiguous()
-                .view([b, inner, size, size]);
+                .view([-1, inner, size, size]);
             x + out.forward(&restored)
         }),
     })

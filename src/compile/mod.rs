@@ -2,11 +2,12 @@
 //! to TorchScript, apply the strategy's passes, serialise, then load the
 //! serialised artifact back, validate it against the eager reference and
 //! pre-warm it.
+mod control;
 mod script;
 mod stats;
 mod strategy;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
@@ -17,6 +18,7 @@ use crate::guard::{contiguous_strides, hex, GuardSpec, InputGuard};
 use crate::version::{LIBRARY_VERSION, TORCH_VERSION};
 use crate::{Error, ErrorCode, Result};
 
+pub use control::{run_with_budget, CancelToken, JobLimits};
 pub use script::{set_graph_executor_optimize, shim_exception_self_test, ScriptModule};
 pub use stats::percentile;
 pub use strategy::Strategy;
@@ -31,19 +33,37 @@ pub const AGGRESSIVE_WIN_MARGIN: f64 = 0.9;
 /// Calls made before pre-warm samples are taken.
 pub const WARMUP_CALLS: usize = 3;
 
-/// What to compile and how.
+/// What to compile and how. Owns its inputs so it can run on a worker
+/// thread under a watchdog.
 #[derive(Debug, Clone)]
-pub struct CompileRequest<'a> {
+pub struct CompileJob {
     /// The blueprint.
-    pub descriptor: &'a Descriptor,
+    pub descriptor: Descriptor,
     /// Host-supplied parameter values (validated against the bounds).
-    pub overrides: &'a ParameterOverrides,
+    pub overrides: ParameterOverrides,
     /// The strategy.
     pub strategy: Strategy,
     /// Target device (Emergency always compiles for the CPU).
     pub device: Device,
     /// Batch size of the representative inputs.
     pub batch: i64,
+    /// Host-chosen input shapes (replacing the blueprint's representative
+    /// ones); they must fit the block or the job fails naming them.
+    pub input_shapes: Option<Vec<Vec<i64>>>,
+}
+
+impl CompileJob {
+    /// A job with default settings: CPU, batch 8, no overrides.
+    pub fn new(descriptor: Descriptor, strategy: Strategy) -> Self {
+        CompileJob {
+            descriptor,
+            overrides: ParameterOverrides::new(),
+            strategy,
+            device: Device::Cpu,
+            batch: blueprints::DEFAULT_BATCH,
+            input_shapes: None,
+        }
+    }
 }
 
 /// A compiled, validated artifact, not yet stored.
@@ -57,6 +77,9 @@ pub struct CompiledArtifact {
     pub guard_spec: GuardSpec,
     /// Digest of the guard spec.
     pub guard_digest: String,
+    /// Whether the artifact was validated at other batch sizes too and so
+    /// accepts any size in dim 0.
+    pub dynamic_batch: bool,
     /// Strategy used.
     pub strategy: Strategy,
     /// Which pipeline variant produced the bytes (e.g. `trace+freeze`).
@@ -95,18 +118,19 @@ pub fn device_name(device: Device) -> String {
 
 /// The content-addressed cache key of a job (SPEC R4): sha256 over the
 /// descriptor, resolved parameters, strategy, device, torch and library
-/// versions and the batch size (which, with the descriptor and parameters,
-/// determines every guard shape).
-pub fn cache_key(descriptor: &Descriptor, params: &ResolvedParams, strategy: Strategy, device: Device, batch: i64) -> String {
+/// versions and the guard shapes' inputs (batch size and any host shapes,
+/// which with the descriptor and parameters determine every guard shape).
+pub fn cache_key(job: &CompileJob, params: &ResolvedParams) -> String {
     let mut h = Sha256::new();
-    h.update(descriptor.content_hash());
+    h.update(job.descriptor.content_hash());
     for part in [
         params.canonical_string(),
-        strategy.name().to_string(),
-        device_name(effective_device(strategy, device)),
+        job.strategy.name().to_string(),
+        device_name(effective_device(job.strategy, job.device)),
         TORCH_VERSION.to_string(),
         LIBRARY_VERSION.to_string(),
-        format!("batch={batch}"),
+        format!("batch={}", job.batch),
+        format!("shapes={:?}", job.input_shapes),
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
@@ -114,31 +138,50 @@ pub fn cache_key(descriptor: &Descriptor, params: &ResolvedParams, strategy: Str
     hex(&h.finalize())
 }
 
-/// Compiles, validates and pre-warms one blueprint.
-pub fn compile(request: &CompileRequest<'_>) -> Result<CompiledArtifact> {
-    let descriptor = request.descriptor;
-    let params = ResolvedParams::resolve(descriptor, request.overrides)?;
-    let device = effective_device(request.strategy, request.device);
+/// Compiles a job on a worker thread under a time budget and a memory
+/// budget. An overrun abandons the job (see [`run_with_budget`]).
+pub fn compile_within(job: CompileJob, budget: Duration, memory_budget_bytes: Option<u64>) -> Result<CompiledArtifact> {
+    let mut limits = JobLimits::new(memory_budget_bytes);
+    let cancel = limits.cancel.clone();
+    let what = job.descriptor.blueprint_id.clone();
+    run_with_budget(&what, budget, cancel, move || compile(&job, &mut limits))
+}
+
+/// Compiles, validates and pre-warms one blueprint on the calling thread.
+/// `limits` is checked between stages (cancellation, memory growth).
+pub fn compile(job: &CompileJob, limits: &mut JobLimits) -> Result<CompiledArtifact> {
+    limits.start();
+    let descriptor = &job.descriptor;
+    let params = ResolvedParams::resolve(descriptor, &job.overrides)?;
+    let device = effective_device(job.strategy, job.device);
     let started = Instant::now();
 
-    let block = blueprints::build(descriptor, &params, request.batch, device)?;
+    let block = blueprints::build(descriptor, &params, job.batch, device, limits.cancel.clone())?;
+    let shapes = match &job.input_shapes {
+        Some(shapes) => check_input_shapes(shapes, &block.input_shapes)?,
+        None => block.input_shapes.clone(),
+    };
     let seed = blueprints::rng::job_seed(descriptor, &params);
-    let inputs = blueprints::example_inputs(&block.input_shapes, seed, device);
-    let reference = tch::no_grad(|| catch_forward(&block.forward, &inputs))?;
-    check_finite(&reference, "eager reference")?;
+    let inputs = blueprints::example_inputs(&shapes, seed, device);
+    let reference = eager_reference(&block, &inputs, limits)?;
 
-    let (bytes, variant) = tch::no_grad(|| produce(request.strategy, descriptor, &block, &inputs, &reference, device))?;
+    let (bytes, variant) =
+        tch::no_grad(|| produce(job.strategy, descriptor, &block, &inputs, &reference, device, limits))?;
+    limits.check("tracing")?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let loaded = ScriptModule::load(&bytes, device)?;
-    let samples = tch::no_grad(|| prewarm(&loaded, &inputs, &reference, request.strategy))?;
+    let samples = tch::no_grad(|| prewarm(&loaded, &inputs, &reference, job.strategy, limits))?;
+    let dynamic_batch = tch::no_grad(|| validates_other_batches(&loaded, &block, &inputs, seed, limits));
+    limits.check("pre-warm")?;
     let guard_spec = guard_spec(&inputs);
     Ok(CompiledArtifact {
         guard_digest: guard_spec.digest(),
         guard_spec,
-        cache_key: cache_key(descriptor, &params, request.strategy, request.device, request.batch),
+        dynamic_batch,
+        cache_key: cache_key(job, &params),
         params,
-        strategy: request.strategy,
+        strategy: job.strategy,
         variant,
         device: device_name(device),
         compile_ms,
@@ -146,6 +189,104 @@ pub fn compile(request: &CompileRequest<'_>) -> Result<CompiledArtifact> {
         prewarm_p95_ms: percentile(&samples, 95.0).unwrap_or(0.0),
         prewarm_samples_ms: samples,
         bytes,
+    })
+}
+
+/// Host shapes must match the block's inputs in number and rank and have
+/// positive dimensions; whether they fit the block is shown by running it.
+fn check_input_shapes(shapes: &[Vec<i64>], expected: &[Vec<i64>]) -> Result<Vec<Vec<i64>>> {
+    if shapes.len() != expected.len() {
+        return Err(Error::invalid(format!(
+            "input_shapes: the block takes {} input(s) ({expected:?}), {} shape(s) given",
+            expected.len(),
+            shapes.len()
+        )));
+    }
+    for (i, (shape, want)) in shapes.iter().zip(expected).enumerate() {
+        if shape.len() != want.len() || shape.iter().any(|d| *d < 1) {
+            return Err(Error::invalid(format!(
+                "input_shapes[{i}] = {shape:?}: expected rank {} with positive dimensions (like {want:?})",
+                want.len()
+            )));
+        }
+    }
+    Ok(shapes.to_vec())
+}
+
+/// Runs the eager block twice on the inputs: both runs must succeed, be
+/// finite, agree with each other, and keep a sane magnitude.
+fn eager_reference(block: &blueprints::Block, inputs: &[Tensor], limits: &JobLimits) -> Result<Tensor> {
+    let reference = tch::no_grad(|| catch_forward(&block.forward, inputs))?;
+    limits.check("eager reference")?;
+    let again = tch::no_grad(|| catch_forward(&block.forward, inputs))?;
+    limits.check("eager determinism check")?;
+    check_finite(&reference, "eager reference")?;
+    check_finite(&again, "eager reference (second run)")?;
+    if reference.size() != again.size() || !again.allclose(&reference, RTOL, ATOL, false) {
+        return Err(Error::new(
+            ErrorCode::CompileFailed,
+            "nondeterministic_output: two eager runs on the same inputs disagree",
+        ));
+    }
+    check_magnitude(&reference, inputs)?;
+    Ok(reference)
+}
+
+/// Largest absolute output value accepted (exploding activations).
+pub const MAGNITUDE_LIMIT: f64 = 1e6;
+/// Smallest output RMS accepted for a non-vanishing input (vanishing activations).
+pub const VANISHING_LIMIT: f64 = 1e-6;
+
+fn check_magnitude(output: &Tensor, inputs: &[Tensor]) -> Result<()> {
+    let max_abs = output.abs().max().double_value(&[]);
+    if max_abs > MAGNITUDE_LIMIT {
+        return Err(Error::new(
+            ErrorCode::CompileFailed,
+            format!("magnitude_exceeded: output magnitude {max_abs:e} exceeds {MAGNITUDE_LIMIT:e} (exploding activations)"),
+        ));
+    }
+    let rms = |t: &Tensor| t.square().mean(tch::Kind::Double).sqrt().double_value(&[]);
+    let input_rms = inputs.iter().map(rms).fold(0.0, f64::max);
+    let output_rms = rms(output);
+    if input_rms > 1e-3 && output_rms < VANISHING_LIMIT {
+        return Err(Error::new(
+            ErrorCode::CompileFailed,
+            format!("vanishing_output: output RMS {output_rms:e} below {VANISHING_LIMIT:e} for input RMS {input_rms:.3} (vanishing activations)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the compiled module also matches the eager block at two other
+/// batch sizes (half and double the guarded one), i.e. is dynamic in dim 0.
+fn validates_other_batches(
+    module: &ScriptModule,
+    block: &blueprints::Block,
+    inputs: &[Tensor],
+    seed: u64,
+    limits: &JobLimits,
+) -> bool {
+    let batch = match inputs.first() {
+        Some(first) if !first.size().is_empty() => first.size()[0],
+        _ => return false,
+    };
+    if inputs.iter().any(|t| t.size().first() != Some(&batch)) {
+        return false;
+    }
+    let others = [if batch > 1 { batch / 2 } else { 3 }, batch * 2];
+    others.iter().all(|&other| {
+        let shapes: Vec<Vec<i64>> = inputs
+            .iter()
+            .map(|t| {
+                let mut s = t.size();
+                s[0] = other;
+                s
+            })
+            .collect();
+        let probe = blueprints::example_inputs(&shapes, seed ^ other as u64, inputs[0].device());
+        let Ok(expected) = catch_forward(&block.forward, &probe) else { return false };
+        let Ok(output) = module.forward(&probe) else { return false };
+        limits.check("dynamic batch check").is_ok() && validate(&output, &expected).is_ok()
     })
 }
 
@@ -158,6 +299,7 @@ fn produce(
     inputs: &[Tensor],
     reference: &Tensor,
     device: Device,
+    limits: &JobLimits,
 ) -> Result<(Vec<u8>, String)> {
     let mut traced = ScriptModule::trace(&descriptor.blueprint_id, inputs, &*block.forward)?;
     traced.eval()?;
@@ -165,14 +307,22 @@ fn produce(
         Strategy::Emergency => Ok((traced.save_to_vec()?, "trace-unoptimised".into())),
         Strategy::Fast => Ok((traced.save_to_vec()?, "trace".into())),
         Strategy::Standard => Ok((traced.freeze()?.save_to_vec()?, "trace+freeze".into())),
-        Strategy::Aggressive => aggressive(&traced, inputs, reference, device),
+        Strategy::Aggressive => aggressive(&traced, inputs, reference, device, limits),
     }
 }
 
 /// Builds the optimisation variants, checks each against the eager
 /// reference, times each, and keeps the fastest correct one.
-fn aggressive(traced: &ScriptModule, inputs: &[Tensor], reference: &Tensor, device: Device) -> Result<(Vec<u8>, String)> {
-    let mut candidates: Vec<(&str, Vec<u8>)> = vec![("trace+freeze", traced.freeze()?.save_to_vec()?)];
+fn aggressive(
+    traced: &ScriptModule,
+    inputs: &[Tensor],
+    reference: &Tensor,
+    device: Device,
+    limits: &JobLimits,
+) -> Result<(Vec<u8>, String)> {
+    // The Standard result first: the others must beat it to be chosen.
+    let mut candidates: Vec<(&str, Vec<u8>)> =
+        vec![("trace+freeze", traced.freeze()?.save_to_vec()?), ("trace", traced.save_to_vec()?)];
     // A pass that cannot handle the graph is simply not a candidate.
     if let Ok(bytes) = traced.optimize_for_inference().and_then(|m| m.save_to_vec()) {
         candidates.push(("trace+optimize_for_inference", bytes));
@@ -182,7 +332,7 @@ fn aggressive(traced: &ScriptModule, inputs: &[Tensor], reference: &Tensor, devi
         // A variant whose archive does not load back (e.g. MKLDNN-prepacked
         // convolution weights do not serialise) or does not match is dropped.
         let Ok(module) = ScriptModule::load(&bytes, device) else { continue };
-        let Ok(samples) = prewarm(&module, inputs, reference, Strategy::Standard) else { continue };
+        let Ok(samples) = prewarm(&module, inputs, reference, Strategy::Standard, limits) else { continue };
         let p50 = percentile(&samples, 50.0).unwrap_or(f64::MAX);
         // Candidates are listed simplest first; a later one must be clearly
         // faster (beyond timing noise) to win, so choices are stable.
@@ -195,7 +345,13 @@ fn aggressive(traced: &ScriptModule, inputs: &[Tensor], reference: &Tensor, devi
 }
 
 /// Warm-up calls, then timed samples; every output is validated.
-fn prewarm(module: &ScriptModule, inputs: &[Tensor], reference: &Tensor, strategy: Strategy) -> Result<Vec<f64>> {
+fn prewarm(
+    module: &ScriptModule,
+    inputs: &[Tensor],
+    reference: &Tensor,
+    strategy: Strategy,
+    limits: &JobLimits,
+) -> Result<Vec<f64>> {
     let (warmup, samples) = match strategy {
         Strategy::Emergency => (0, 1),
         Strategy::Fast => (WARMUP_CALLS, 5),
@@ -207,6 +363,7 @@ fn prewarm(module: &ScriptModule, inputs: &[Tensor], reference: &Tensor, strateg
     let result = (|| {
         for _ in 0..warmup {
             validate(&module.forward(inputs)?, reference)?;
+            limits.check("pre-warm")?;
         }
         let mut timings = Vec::with_capacity(samples);
         for _ in 0..samples {
@@ -215,6 +372,7 @@ fn prewarm(module: &ScriptModule, inputs: &[Tensor], reference: &Tensor, strateg
             synchronize(&output);
             timings.push(start.elapsed().as_secs_f64() * 1e3);
             validate(&output, reference)?;
+            limits.check("pre-warm")?;
         }
         Ok(timings)
     })();

@@ -5,14 +5,16 @@ use std::collections::BTreeMap;
 use tch::Device;
 use tezzeret::blueprints::ParameterOverrides;
 use tezzeret::catalog::Catalog;
-use tezzeret::compile::{self, CompileRequest, Strategy};
+use tezzeret::compile::{self, CompileJob, JobLimits, Strategy};
 use tezzeret::forge::{DefaultHost, DevicePreference, Forge, ForgeConfig, JobStatus};
 use tezzeret::ErrorCode;
 
 use crate::TempDir;
 
-fn request<'a>(d: &'a tezzeret::catalog::Descriptor, o: &'a ParameterOverrides, s: Strategy) -> CompileRequest<'a> {
-    CompileRequest { descriptor: d, overrides: o, strategy: s, device: Device::Cpu, batch: 8 }
+fn compile_job(d: &tezzeret::catalog::Descriptor, o: &ParameterOverrides, s: Strategy) -> tezzeret::Result<compile::CompiledArtifact> {
+    let mut job = CompileJob::new(d.clone(), s);
+    job.overrides = o.clone();
+    compile::compile(&job, &mut JobLimits::new(None))
 }
 
 fn forge_all(strategy: Strategy) {
@@ -65,14 +67,14 @@ fn compiled_artifact_reproduces_the_eager_block() {
     let catalog = Catalog::default_catalog();
     let d = catalog.get("BP016").unwrap();
     let none = ParameterOverrides::new();
-    let artifact = compile::compile(&request(d, &none, Strategy::Standard)).unwrap();
+    let artifact = compile_job(d, &none, Strategy::Standard).unwrap();
     assert_eq!(artifact.variant, "trace+freeze");
     assert_eq!(artifact.params.values()["reduction"], 10.0, "midpoint of [4, 16]");
     // Load the stored bytes independently (tch's own loader) and compare
     // with the eager block on fresh inputs of the guarded shape.
     let module = tch::CModule::load_data(&mut artifact.bytes.as_slice()).unwrap();
     let params = tezzeret::blueprints::ResolvedParams::resolve(d, &none).unwrap();
-    let block = tezzeret::blueprints::build(d, &params, 8, Device::Cpu).unwrap();
+    let block = tezzeret::blueprints::build(d, &params, 8, Device::Cpu, Default::default()).unwrap();
     let shape = &artifact.guard_spec.inputs()[0].shape;
     assert_eq!(shape, &vec![8, 32, 16, 16]);
     let x = tch::Tensor::randn(shape.as_slice(), (tch::Kind::Float, Device::Cpu));
@@ -88,8 +90,8 @@ fn same_job_gives_byte_identical_artifacts() {
     for id in ["BP001", "BP023", "BP033", "BP036"] {
         let d = catalog.get(id).unwrap();
         for strategy in Strategy::ALL {
-            let a = compile::compile(&request(d, &none, strategy)).unwrap();
-            let b = compile::compile(&request(d, &none, strategy)).unwrap();
+            let a = compile_job(d, &none, strategy).unwrap();
+            let b = compile_job(d, &none, strategy).unwrap();
             // Aggressive picks its variant by timing; each variant's bytes
             // are deterministic.
             if a.variant == b.variant {
@@ -108,22 +110,22 @@ fn parameters_are_validated_against_their_bounds() {
     let d = catalog.get("BP013").unwrap();
     let mut o = BTreeMap::new();
     o.insert("groups".to_string(), 9.0);
-    let err = compile::compile(&request(d, &o, Strategy::Fast)).unwrap_err();
+    let err = compile_job(d, &o, Strategy::Fast).unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidArgument);
     assert!(err.message().contains("\"groups\" = 9") && err.message().contains("[2, 8]"), "{err}");
     let mut o = BTreeMap::new();
     o.insert("width".to_string(), 3.0);
-    let err = compile::compile(&request(d, &o, Strategy::Fast)).unwrap_err();
+    let err = compile_job(d, &o, Strategy::Fast).unwrap_err();
     assert!(err.message().contains("unknown parameter \"width\"") && err.message().contains("allowed: groups"), "{err}");
     let mut o = BTreeMap::new();
     o.insert("groups".to_string(), f64::NAN);
-    assert!(compile::compile(&request(d, &o, Strategy::Fast)).is_err());
+    assert!(compile_job(d, &o, Strategy::Fast).is_err());
     // A host value inside the bounds shapes the module.
     let mut o = BTreeMap::new();
     o.insert("groups".to_string(), 2.0);
-    let two = compile::compile(&request(d, &o, Strategy::Fast)).unwrap();
+    let two = compile_job(d, &o, Strategy::Fast).unwrap();
     assert_eq!(two.guard_spec.inputs()[0].shape, vec![8, 8, 16, 16]);
-    let default = compile::compile(&request(d, &ParameterOverrides::new(), Strategy::Fast)).unwrap();
+    let default = compile_job(d, &ParameterOverrides::new(), Strategy::Fast).unwrap();
     assert_eq!(default.guard_spec.inputs()[0].shape, vec![8, 20, 16, 16], "groups = midpoint 5, channels 4·5");
     assert_ne!(two.cache_key, default.cache_key);
 }

@@ -1,0 +1,112 @@
+//! Job control: cooperative cancellation, time budgets enforced by a
+//! watchdog, and a memory budget checked between pipeline stages.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use crate::resources::process_rss_bytes;
+use crate::{Error, ErrorCode, Result};
+
+/// Shared flag telling a job (and any threads it started) to stop.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the job to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the job was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Limits one job runs under.
+#[derive(Debug, Clone)]
+pub struct JobLimits {
+    /// Set when the job is abandoned; checked between stages.
+    pub cancel: CancelToken,
+    /// Largest growth of process RSS the job may cause (None = unchecked).
+    pub memory_budget_bytes: Option<u64>,
+    rss_at_start: Option<u64>,
+}
+
+impl JobLimits {
+    /// Limits with a fresh cancel token and an optional memory budget.
+    pub fn new(memory_budget_bytes: Option<u64>) -> Self {
+        JobLimits { cancel: CancelToken::new(), memory_budget_bytes, rss_at_start: None }
+    }
+
+    /// Records the RSS the memory budget is measured from.
+    pub fn start(&mut self) {
+        self.rss_at_start = process_rss_bytes();
+    }
+
+    /// Fails when the job was abandoned or grew RSS beyond its budget.
+    pub fn check(&self, stage: &str) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::new(ErrorCode::BudgetExceeded, format!("budget_exceeded: job abandoned during {stage}")));
+        }
+        if let (Some(budget), Some(start), Some(now)) = (self.memory_budget_bytes, self.rss_at_start, process_rss_bytes()) {
+            let grown = now.saturating_sub(start);
+            if grown > budget {
+                return Err(Error::new(
+                    ErrorCode::BudgetExceeded,
+                    format!(
+                        "memory_budget_exceeded: process memory grew by {} MiB during {stage}, budget {} MiB",
+                        grown >> 20,
+                        budget >> 20
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `job` on its own thread and waits at most `budget` for it. On
+/// timeout the job's cancel token is set, its late result will be
+/// discarded, and its thread ends (and frees what it holds) as soon as it
+/// notices; the caller gets a `budget_exceeded` error at once.
+pub fn run_with_budget<T: Send + 'static>(
+    what: &str,
+    budget: Duration,
+    cancel: CancelToken,
+    job: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (sender, receiver) = mpsc::sync_channel(1);
+    let started = Instant::now();
+    std::thread::Builder::new()
+        .name(format!("tezzeret-job-{what}"))
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|panic| {
+                Err(Error::new(ErrorCode::Internal, format!("compile job panicked: {}", crate::panic_message(&panic))))
+            });
+            let _ = sender.send(outcome); // the receiver is gone when abandoned
+        })
+        .map_err(|e| Error::io("spawn compile thread", e))?;
+    match receiver.recv_timeout(budget) {
+        Ok(outcome) => outcome,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            cancel.cancel();
+            Err(Error::new(
+                ErrorCode::BudgetExceeded,
+                format!(
+                    "budget_exceeded: {what} still running after {:.1} s (budget {:.1} s); abandoned",
+                    started.elapsed().as_secs_f64(),
+                    budget.as_secs_f64()
+                ),
+            ))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(Error::new(ErrorCode::Internal, format!("{what}: compile thread ended without a result")))
+        }
+    }
+}
