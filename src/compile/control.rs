@@ -84,7 +84,7 @@ pub fn run_with_budget<T: Send + 'static>(
     let (sender, receiver) = mpsc::sync_channel(1);
     let started = Instant::now();
     std::thread::Builder::new()
-        .name(format!("tezzeret-job-{what}"))
+        .name(format!("tz-{what}")) // short: Linux keeps 15 bytes of a thread name
         .spawn(move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|panic| {
                 Err(Error::new(ErrorCode::Internal, format!("compile job panicked: {}", crate::panic_message(&panic))))

@@ -3,8 +3,10 @@ mod abi;
 mod catalog;
 mod cli;
 mod consumers;
+mod hazards;
 mod header;
 mod leyline;
+mod loaders;
 mod pipeline;
 
 /// A fresh temporary directory removed on drop.
