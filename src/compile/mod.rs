@@ -165,8 +165,7 @@ pub fn compile(job: &CompileJob, limits: &mut JobLimits) -> Result<CompiledArtif
     let inputs = blueprints::example_inputs(&shapes, seed, device);
     let reference = eager_reference(&block, &inputs, limits)?;
 
-    let (bytes, variant) =
-        tch::no_grad(|| produce(job.strategy, descriptor, &block, &inputs, &reference, device, limits))?;
+    let (bytes, variant) = build_artifact(&descriptor.blueprint_id, &block, &inputs, &reference, job.strategy, device, limits)?;
     limits.check("tracing")?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -290,18 +289,31 @@ fn validates_other_batches(
     })
 }
 
-/// Traces and applies the strategy's passes; returns the serialised bytes
-/// and the variant name.
-fn produce(
-    strategy: Strategy,
-    descriptor: &Descriptor,
+/// Traces `block` on `inputs` and applies `strategy`'s passes (Aggressive:
+/// the fastest variant that matches `reference`, the eager output).
+/// Returns the serialised artifact and the variant's name.
+pub fn build_artifact(
+    name: &str,
     block: &blueprints::Block,
     inputs: &[Tensor],
     reference: &Tensor,
+    strategy: Strategy,
     device: Device,
     limits: &JobLimits,
 ) -> Result<(Vec<u8>, String)> {
-    let mut traced = ScriptModule::trace(&descriptor.blueprint_id, inputs, &*block.forward)?;
+    tch::no_grad(|| produce(name, block, inputs, reference, strategy, device, limits))
+}
+
+fn produce(
+    name: &str,
+    block: &blueprints::Block,
+    inputs: &[Tensor],
+    reference: &Tensor,
+    strategy: Strategy,
+    device: Device,
+    limits: &JobLimits,
+) -> Result<(Vec<u8>, String)> {
+    let mut traced = ScriptModule::trace(name, inputs, &*block.forward)?;
     traced.eval()?;
     match strategy {
         Strategy::Emergency => Ok((traced.save_to_vec()?, "trace-unoptimised".into())),

@@ -83,8 +83,9 @@ impl ScriptModule {
 
     /// Traces `forward` on `inputs` into a TorchScript module whose `forward`
     /// method replays the recorded graph. Captured tensors become constants.
+    /// `name` becomes the TorchScript class name, made a valid identifier.
     pub fn trace(name: &str, inputs: &[Tensor], forward: &dyn Fn(&[Tensor]) -> Tensor) -> Result<Self> {
-        let name = CString::new(name).map_err(|_| Error::invalid("module name contains NUL"))?;
+        let name = CString::new(class_name(name)).expect("identifier characters only");
         let method = CString::new("forward").expect("static");
         let raw_inputs: Vec<*mut C_tensor> = inputs.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
         // SAFETY: the input pointers stay alive for the call.
@@ -169,6 +170,13 @@ impl ScriptModule {
         // SAFETY: libtch returned a fresh owned tensor.
         Ok(unsafe { Tensor::from_ptr(raw) })
     }
+}
+
+/// A TorchScript class name for `name`: ASCII letters, digits and `_`,
+/// not starting with a digit (an archive with any other name does not load).
+fn class_name(name: &str) -> String {
+    let cleaned: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    format!("Blueprint_{cleaned}")
 }
 
 /// libtch's device encoding: -1 for the CPU, the ordinal for CUDA.

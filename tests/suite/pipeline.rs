@@ -197,3 +197,52 @@ fn quarantined_blueprints_are_refused_with_a_clear_error() {
     assert!(err.message().contains("BP046 (infinite_loop) is quarantine-only"), "{err}");
     assert!(forge.compile_one("BP404").is_err());
 }
+
+#[test]
+fn any_blueprint_id_gives_a_loadable_artifact() {
+    // The id names the TorchScript class; ids that are not identifiers
+    // must still give archives that load.
+    let json = r#"[{"blueprint_id": "bp-7 x.ünï", "name": "gelu_activation", "tier": "SAFE"}]"#;
+    let d = Catalog::from_json(json).unwrap().descriptors()[0].clone();
+    let artifact = compile_job(&d, &ParameterOverrides::new(), Strategy::Standard).unwrap();
+    tch::CModule::load_data(&mut artifact.bytes.as_slice()).unwrap();
+}
+
+#[test]
+fn artifacts_are_dynamic_in_the_batch_only_when_validated() {
+    let catalog = Catalog::default_catalog();
+    let none = ParameterOverrides::new();
+    let se = compile_job(catalog.get("BP016").unwrap(), &none, Strategy::Standard).unwrap();
+    assert!(se.dynamic_batch);
+    let module = tch::CModule::load_data(&mut se.bytes.as_slice()).unwrap();
+    let out = tch::no_grad(|| module.forward_ts(&[tch::Tensor::ones([3, 32, 16, 16], (tch::Kind::Float, Device::Cpu))]));
+    assert_eq!(out.unwrap().size(), vec![3, 32, 16, 16]);
+    // The meta-learning layer's adaptation step depends on the batch size
+    // through a traced constant: not dynamic.
+    let meta = compile_job(catalog.get("BP041").unwrap(), &none, Strategy::Standard).unwrap();
+    assert!(!meta.dynamic_batch);
+}
+
+#[test]
+fn host_input_shapes_replace_the_representative_ones() {
+    let catalog = Catalog::default_catalog();
+    let d = catalog.get("BP022").unwrap(); // MHA, width 8·heads = 40
+    let mut job = CompileJob::new(d.clone(), Strategy::Fast);
+    job.input_shapes = Some(vec![vec![2, 30, 40]]);
+    let artifact = compile::compile(&job, &mut JobLimits::new(None)).unwrap();
+    assert_eq!(artifact.guard_spec.inputs()[0].shape, vec![2, 30, 40]);
+    assert_eq!(artifact.guard_spec.inputs()[0].stride, vec![1200, 40, 1]);
+    let default_key = compile_job(d, &ParameterOverrides::new(), Strategy::Fast).unwrap().cache_key;
+    assert_ne!(artifact.cache_key, default_key, "shapes are part of the cache key");
+    // Wrong rank or count: refused naming the shape.
+    job.input_shapes = Some(vec![vec![2, 30]]);
+    let err = compile::compile(&job, &mut JobLimits::new(None)).unwrap_err();
+    assert!(err.message().contains("input_shapes[0] = [2, 30]: expected rank 3"), "{err}");
+    job.input_shapes = Some(vec![vec![2, 30, 40], vec![1]]);
+    assert!(compile::compile(&job, &mut JobLimits::new(None)).unwrap_err().message().contains("1 input(s)"));
+    // A width the block cannot take: the eager run fails, clearly, no crash.
+    job.input_shapes = Some(vec![vec![2, 30, 41]]);
+    let err = compile::compile(&job, &mut JobLimits::new(None)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::CompileFailed);
+    assert!(err.message().contains("eager forward failed"), "{err}");
+}
