@@ -10,10 +10,12 @@ use tch::Device;
 use crate::blueprints::{ParameterOverrides, ResolvedParams, DEFAULT_BATCH};
 use crate::catalog::{Catalog, Descriptor};
 use crate::compile::{self, CompileJob, Strategy};
-use crate::guard::hex;
-use crate::leyline::{self, KernelCatalogUpdate, TelemetryLevel};
+use crate::guard::table::{GuardEntry, GuardTable, Lookup};
+use crate::guard::{self, hex};
+use crate::leyline::{self, KernelCatalogUpdate, MessagePriority, TelemetryLevel};
 use crate::lock::StateLock;
 use crate::store::{ArtifactRecord, ArtifactStore};
+use crate::wal::{Job, Journal, Record};
 use crate::telemetry::{self, events, JobCounters};
 use crate::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
 use crate::{Error, ErrorCode, Result};
@@ -201,15 +203,33 @@ pub struct Forge {
     config: ForgeConfig,
     device: Device,
     store: ArtifactStore,
+    journal: Journal,
+    guards: GuardTable,
     catalog: Catalog,
     host: Box<dyn Host>,
     counters: JobCounters,
     _lock: StateLock,
 }
 
+/// File names inside a state directory.
+pub mod layout {
+    /// The write-ahead log.
+    pub const WAL: &str = "wal.log";
+    /// The guard table.
+    pub const GUARDS: &str = "guards.tbl";
+}
+
+fn parse_device(name: &str) -> Device {
+    match name.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+        Some(index) => Device::Cuda(index),
+        None => Device::Cpu,
+    }
+}
+
 impl Forge {
     /// Opens the state directory (refusing one held by another forge),
-    /// loads the store and enumerates descriptors from the host.
+    /// recovers the journal, verifies (or rebuilds) the guard table against
+    /// the stored catalog, and enumerates descriptors from the host.
     pub fn open(config: ForgeConfig, mut host: Box<dyn Host>) -> Result<Forge> {
         if config.batch < 1 {
             return Err(Error::invalid(format!("batch size must be >= 1, got {}", config.batch)));
@@ -222,6 +242,8 @@ impl Forge {
             .map_err(|e| Error::io(format!("create state directory {}", config.state_dir.display()), e))?;
         let lock = StateLock::acquire(&config.state_dir)?;
         let store = ArtifactStore::open(&config.state_dir)?;
+        let journal = Journal::open(&config.state_dir.join(layout::WAL))?;
+        let guards = GuardTable::open_writable(&config.state_dir.join(layout::GUARDS), guard::table::DEFAULT_SLOTS)?;
         let catalog = host.enumerate()?.unwrap_or_else(Catalog::default_catalog);
         for (id, overrides) in &config.parameter_overrides {
             let descriptor = catalog
@@ -229,17 +251,48 @@ impl Forge {
                 .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("parameter values given for unknown blueprint {id:?}")))?;
             ResolvedParams::resolve(descriptor, overrides)?;
         }
-        host.log(
-            LogLevel::Info,
-            &format!(
-                "tezzeret {LIBRARY_VERSION}: opened {} with {} descriptors, {} stored artifacts, device {}",
-                config.state_dir.display(),
-                catalog.len(),
-                store.records().count(),
-                compile::device_name(device)
-            ),
+        let mut forge = Forge { config, device, store, journal, guards, catalog, host, counters: JobCounters::default(), _lock: lock };
+        let repaired = forge.sync_guard_table()?;
+        let recovery = forge.journal.recovery();
+        let message = format!(
+            "tezzeret {LIBRARY_VERSION}: opened {} with {} descriptors; WAL: {} transactions{}, {} stored artifacts, \
+             {} jobs to resume; {repaired} guard slots repaired; device {}",
+            forge.config.state_dir.display(),
+            forge.catalog.len(),
+            recovery.transactions.len(),
+            if recovery.torn_bytes > 0 { format!(" ({} torn bytes dropped)", recovery.torn_bytes) } else { String::new() },
+            forge.journal.state().artifacts.len(),
+            forge.journal.state().pending.len(),
+            compile::device_name(device)
         );
-        Ok(Forge { config, device, store, catalog, host, counters: JobCounters::default(), _lock: lock })
+        forge.host.log(LogLevel::Info, &message);
+        Ok(forge)
+    }
+
+    /// Makes the guard table agree with the stored catalog; returns how
+    /// many slots were rewritten or removed.
+    fn sync_guard_table(&mut self) -> Result<usize> {
+        let (entries, damaged) = self.guards.entries();
+        if damaged > 0 {
+            self.guards = GuardTable::create(self.guards.path(), self.guards.slots())?;
+        }
+        let mut repaired = damaged;
+        let expected: BTreeMap<&str, &ArtifactRecord> =
+            self.journal.state().artifacts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        for entry in &entries {
+            if !expected.contains_key(entry.blueprint_id.as_str()) {
+                self.guards.remove(&entry.blueprint_id)?;
+                repaired += 1;
+            }
+        }
+        for record in expected.values() {
+            let wanted = guard_entry(record)?;
+            if self.guards.lookup(&record.blueprint_id).ok() != Some(Lookup::Found(wanted.clone())) {
+                self.guards.put(&wanted)?;
+                repaired += 1;
+            }
+        }
+        Ok(repaired)
     }
 
     /// The descriptors the forge works on.
@@ -250,6 +303,21 @@ impl Forge {
     /// The artifact store.
     pub fn store(&self) -> &ArtifactStore {
         &self.store
+    }
+
+    /// The journal (WAL and replayed state).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The current artifact of every blueprint, by id.
+    pub fn artifacts(&self) -> &BTreeMap<String, ArtifactRecord> {
+        &self.journal.state().artifacts
+    }
+
+    /// The guard table.
+    pub fn guards(&self) -> &GuardTable {
+        &self.guards
     }
 
     /// The configuration.
@@ -267,103 +335,202 @@ impl Forge {
         self.counters
     }
 
-    /// Processes every descriptor of the catalog in order: reuses a stored
-    /// artifact with the same cache key, refuses quarantined blueprints
-    /// (unless allowed), and compiles the rest.
-    pub fn run(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
-        let descriptors = self.catalog.descriptors().to_vec();
-        let total = descriptors.len();
-        let mut reports = Vec::with_capacity(total);
-        for (i, descriptor) in descriptors.iter().enumerate() {
-            progress(Progress::Started(i, total, &descriptor.blueprint_id));
-            let report = self.process(descriptor);
-            progress(Progress::Finished(i, total, &report));
-            reports.push(report);
-        }
-        let mut metrics = self.counters.metrics();
-        metrics.push(telemetry::metric("tezzeret.queue.depth", 0.0, "count", &[]));
-        self.emit_telemetry(metrics, Vec::new());
-        reports
+    /// The job a descriptor of the catalog makes under this configuration.
+    fn job_for(&self, descriptor: &Descriptor) -> Result<(Job, CompileJob)> {
+        let id = &descriptor.blueprint_id;
+        let mut compile_job = CompileJob::new(descriptor.clone(), self.config.strategy);
+        compile_job.overrides = self.config.parameter_overrides.get(id).cloned().unwrap_or_default();
+        compile_job.input_shapes = self.config.input_shapes.get(id).cloned();
+        compile_job.device = self.device;
+        compile_job.batch = self.config.batch;
+        let params = ResolvedParams::resolve(descriptor, &compile_job.overrides)?;
+        let job = Job {
+            seq: 0,
+            priority: MessagePriority::Normal as i32,
+            blueprint_id: id.clone(),
+            descriptor_hex: hex(&leyline::encode(&descriptor.to_leyline())),
+            overrides: compile_job.overrides.clone(),
+            input_shapes: compile_job.input_shapes.clone(),
+            strategy: self.config.strategy.name().to_string(),
+            device: compile::device_name(compile_job.device),
+            batch: compile_job.batch,
+            cache_key: compile::cache_key(&compile_job, &params),
+        };
+        Ok((job, compile_job))
     }
 
-    /// Compiles (or reuses) one descriptor of the catalog by id.
+    /// Processes every descriptor of the catalog: reuses a current artifact
+    /// with the same cache key, refuses quarantined blueprints (unless
+    /// allowed), durably enqueues the rest in one group commit, then runs
+    /// the queue — jobs resumed from before a crash included — in priority
+    /// and submission order.
+    pub fn run(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
+        let descriptors = self.catalog.descriptors().to_vec();
+        let mut reports: BTreeMap<String, JobReport> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut submissions = Vec::new();
+        for descriptor in &descriptors {
+            order.push(descriptor.blueprint_id.clone());
+            match self.plan(descriptor) {
+                Planned::Done(report) => {
+                    reports.insert(descriptor.blueprint_id.clone(), report);
+                }
+                Planned::Submit(job) => submissions.push(job),
+                Planned::AlreadyQueued => {}
+            }
+        }
+        if !submissions.is_empty() {
+            if let Err(error) = self.journal.submit(submissions) {
+                self.host.log(LogLevel::Error, &format!("could not enqueue jobs: {error}"));
+            }
+        }
+        let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
+        let total = queue.len();
+        for (i, job) in queue.into_iter().enumerate() {
+            progress(Progress::Started(i, total, &job.blueprint_id));
+            let report = self.execute(&job);
+            progress(Progress::Finished(i, total, &report));
+            if !order.contains(&job.blueprint_id) {
+                order.push(job.blueprint_id.clone());
+            }
+            reports.insert(job.blueprint_id.clone(), report);
+        }
+        let mut metrics = self.counters.metrics();
+        metrics.push(telemetry::metric("tezzeret.queue.depth", self.journal.state().pending.len() as f64, "count", &[]));
+        self.emit_telemetry(metrics, Vec::new());
+        order.into_iter().filter_map(|id| reports.remove(&id)).collect()
+    }
+
+    /// Compiles (or reuses) one descriptor of the catalog by id, now,
+    /// bypassing the queue order.
     pub fn compile_one(&mut self, blueprint_id: &str) -> Result<JobReport> {
         let descriptor = self
             .catalog
             .get(blueprint_id)
             .cloned()
             .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("unknown blueprint {blueprint_id:?}")))?;
-        Ok(self.process(&descriptor))
+        match self.plan(&descriptor) {
+            Planned::Done(report) => Ok(report),
+            Planned::Submit(job) => {
+                let seq = self.journal.submit(vec![job])?[0];
+                let job = self.journal.state().pending[&seq].clone();
+                Ok(self.execute(&job))
+            }
+            Planned::AlreadyQueued => {
+                let job = self
+                    .journal
+                    .state()
+                    .queue()
+                    .into_iter()
+                    .find(|j| j.blueprint_id == blueprint_id)
+                    .cloned()
+                    .expect("queued");
+                Ok(self.execute(&job))
+            }
+        }
     }
 
-    fn process(&mut self, descriptor: &Descriptor) -> JobReport {
+    fn report(&self, descriptor_id: &str, name: &str, status: JobStatus, record: Option<ArtifactRecord>, error: Option<Error>) -> JobReport {
+        JobReport {
+            blueprint_id: descriptor_id.to_string(),
+            name: name.to_string(),
+            status,
+            artifact_path: record.as_ref().map(|r| self.store.artifact_path(r)),
+            record,
+            error,
+        }
+    }
+
+    fn plan(&mut self, descriptor: &Descriptor) -> Planned {
+        let id = &descriptor.blueprint_id;
         self.counters.total += 1;
-        let mut report = JobReport {
-            blueprint_id: descriptor.blueprint_id.clone(),
-            name: descriptor.name.clone(),
-            status: JobStatus::Failed,
-            record: None,
-            artifact_path: None,
-            error: None,
-        };
         if descriptor.is_quarantined() && !self.config.allow_quarantine {
-            report.status = JobStatus::Refused;
-            report.error = Some(Error::new(
+            let error = Error::new(
                 ErrorCode::Quarantined,
                 format!(
-                    "{} ({}) is quarantine-only (tier {:?}): refused; enable quarantine compilation to build it",
-                    descriptor.blueprint_id, descriptor.name, descriptor.tier
+                    "{id} ({}) is quarantine-only (tier {:?}): refused; enable quarantine compilation to build it",
+                    descriptor.name, descriptor.tier
                 ),
-            ));
-            return report;
+            );
+            return Planned::Done(self.report(id, &descriptor.name, JobStatus::Refused, None, Some(error)));
         }
-        match self.compile_and_store(descriptor) {
-            Ok((status, record)) => {
-                report.status = status;
-                report.artifact_path = Some(self.store.artifact_path(&record));
-                report.record = Some(record);
-            }
+        let (job, _) = match self.job_for(descriptor) {
+            Ok(job) => job,
             Err(error) => {
                 self.counters.failed += 1;
-                self.host.log(LogLevel::Error, &format!("{} failed: {error}", descriptor.blueprint_id));
+                return Planned::Done(self.report(id, &descriptor.name, JobStatus::Failed, None, Some(error)));
+            }
+        };
+        if let Some(record) = self.journal.state().artifacts.get(id) {
+            if record.cache_key == job.cache_key && self.store.verify(record).is_ok() {
+                let record = record.clone();
+                return Planned::Done(self.report(id, &descriptor.name, JobStatus::Cached, Some(record), None));
+            }
+        }
+        if self.journal.state().pending.values().any(|p| p.blueprint_id == *id && p.cache_key == job.cache_key) {
+            return Planned::AlreadyQueued;
+        }
+        Planned::Submit(job)
+    }
+
+    /// Runs one queued job to its end: adopts a durable artifact of the same
+    /// cache key if one exists (a crash came between storing it and
+    /// committing it), else compiles; then commits, updates the guard table
+    /// and announces — or records the failure.
+    fn execute(&mut self, job: &Job) -> JobReport {
+        let outcome = self.execute_inner(job);
+        let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
+        match outcome {
+            Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
+            Err(error) => {
+                self.counters.failed += 1;
+                let reason = compile::failure_reason(&error);
+                self.host.log(LogLevel::Error, &format!("{} failed: {error}", job.blueprint_id));
+                let fail = Record::Fail { seq: job.seq, reason: reason.clone(), message: error.message().to_string() };
+                if let Err(e) = self.journal.append(vec![vec![fail]]) {
+                    self.host.log(LogLevel::Error, &format!("could not record the failure of {}: {e}", job.blueprint_id));
+                }
                 let failed = telemetry::event(
                     events::COMPILE_FAILED,
                     TelemetryLevel::Error,
-                    &[("blueprint_id", descriptor.blueprint_id.clone()), ("reason", compile::failure_reason(&error))],
+                    &[("blueprint_id", job.blueprint_id.clone()), ("reason", reason)],
                 );
                 self.emit_telemetry(self.counters.metrics(), vec![failed]);
-                report.error = Some(error);
+                self.report(&job.blueprint_id, &name, JobStatus::Failed, None, Some(error))
             }
         }
-        report
     }
 
-    fn compile_and_store(&mut self, descriptor: &Descriptor) -> Result<(JobStatus, ArtifactRecord)> {
-        let id = &descriptor.blueprint_id;
-        let mut job = CompileJob::new(descriptor.clone(), self.config.strategy);
-        job.overrides = self.config.parameter_overrides.get(id).cloned().unwrap_or_default();
-        job.input_shapes = self.config.input_shapes.get(id).cloned();
-        job.device = self.device;
-        job.batch = self.config.batch;
-        let params = ResolvedParams::resolve(descriptor, &job.overrides)?;
-        let key = compile::cache_key(&job, &params);
-        if let Some(record) = self.store.get(id) {
-            if record.cache_key == key && self.store.verify(record).is_ok() {
-                return Ok((JobStatus::Cached, record.clone()));
+    fn execute_inner(&mut self, job: &Job) -> Result<(JobStatus, ArtifactRecord)> {
+        let descriptor = Descriptor::decode(&unhex(&job.descriptor_hex))?;
+        let id = job.blueprint_id.clone();
+        if let Some(record) = self.store.manifest(&job.cache_key) {
+            if record.blueprint_id == id && self.store.verify(&record).is_ok() {
+                self.commit(job, record.clone(), None)?;
+                return Ok((JobStatus::Cached, record));
             }
         }
+        let strategy: Strategy = job.strategy.parse()?;
+        let compile_job = CompileJob {
+            descriptor: descriptor.clone(),
+            overrides: job.overrides.clone(),
+            strategy,
+            device: parse_device(&job.device),
+            batch: job.batch,
+            input_shapes: job.input_shapes.clone(),
+        };
         self.counters.started += 1;
         let started = telemetry::event(
             events::COMPILE_STARTED,
             TelemetryLevel::Info,
-            &[("blueprint_id", id.clone()), ("strategy", self.config.strategy.name().to_string())],
+            &[("blueprint_id", id.clone()), ("strategy", strategy.name().to_string())],
         );
         let begun = Instant::now();
-        let budget = self.config.budget(job.strategy);
-        let artifact = compile::compile_within(job, budget, self.config.memory_budget_bytes)
+        let budget = self.config.budget(strategy);
+        let artifact = compile::compile_within(compile_job, budget, self.config.memory_budget_bytes)
             .map_err(|e| e.context(format!("{id} ({})", descriptor.name)))?;
         let record = ArtifactRecord {
-            blueprint_id: descriptor.blueprint_id.clone(),
+            blueprint_id: id.clone(),
             name: descriptor.name.clone(),
             descriptor_hash: hex(&descriptor.content_hash()),
             params: artifact.params.values().clone(),
@@ -385,8 +552,16 @@ impl Forge {
             format_version: ARTIFACT_FORMAT_VERSION,
         };
         let record = self.store.put(record, &artifact.bytes)?;
-        self.counters.completed += 1;
+        self.commit(job, record.clone(), Some((started, begun)))?;
+        Ok((JobStatus::Ok, record))
+    }
 
+    /// Makes a stored artifact current: journal commit, guard slot, then the
+    /// catalog callback (so an announced artifact is durable everywhere).
+    fn commit(&mut self, job: &Job, record: ArtifactRecord, compiled: Option<(leyline::TelemetryEvent, Instant)>) -> Result<()> {
+        self.journal.append(vec![vec![Record::Commit { seq: job.seq, artifact: record.clone() }]])?;
+        self.guards.put(&guard_entry(&record)?)?;
+        self.counters.completed += 1;
         let update = KernelCatalogUpdate {
             blueprint_id: record.blueprint_id.clone(),
             artifact_ref: self.store.artifact_path(&record).display().to_string(),
@@ -397,38 +572,54 @@ impl Forge {
         };
         self.host.catalog_update(&leyline::encode(&update));
 
-        let strategy = self.config.strategy.name();
+        let strategy = record.strategy.clone();
         let mut metrics = self.counters.metrics();
-        metrics.push(telemetry::metric("tezzeret.compilation.duration_ms", record.compile_ms, "ms", &[("strategy", strategy)]));
-        metrics.push(telemetry::metric(
-            "tezzeret.prewarm.ms",
-            record.prewarm_p50_ms,
-            "ms",
-            &[("strategy", strategy), ("quantile", "p50")],
-        ));
-        metrics.push(telemetry::metric(
-            "tezzeret.prewarm.ms",
-            record.prewarm_p95_ms,
-            "ms",
-            &[("strategy", strategy), ("quantile", "p95")],
-        ));
+        metrics.push(telemetry::metric("tezzeret.compilation.duration_ms", record.compile_ms, "ms", &[("strategy", &strategy)]));
+        for (quantile, value) in [("p50", record.prewarm_p50_ms), ("p95", record.prewarm_p95_ms)] {
+            metrics.push(telemetry::metric("tezzeret.prewarm.ms", value, "ms", &[("strategy", &strategy), ("quantile", quantile)]));
+        }
         let id = record.blueprint_id.clone();
-        let finished = vec![
-            started,
-            telemetry::event(events::PREWARM_COMPLETED, TelemetryLevel::Info, &[("blueprint_id", id.clone())]),
-            telemetry::event(
+        let mut events_out = Vec::new();
+        if let Some((started, begun)) = compiled {
+            events_out.push(started);
+            events_out.push(telemetry::event(events::PREWARM_COMPLETED, TelemetryLevel::Info, &[("blueprint_id", id.clone())]));
+            events_out.push(telemetry::event(
                 events::COMPILE_SUCCEEDED,
                 TelemetryLevel::Info,
                 &[("blueprint_id", id.clone()), ("job_ms", format!("{:.3}", begun.elapsed().as_secs_f64() * 1e3))],
-            ),
-        ];
-        self.emit_telemetry(metrics, finished);
-        self.host.log(LogLevel::Debug, &format!("{id} compiled in {:.1} ms", record.compile_ms));
-        Ok((JobStatus::Ok, record))
+            ));
+        }
+        self.emit_telemetry(metrics, events_out);
+        self.host.log(LogLevel::Debug, &format!("{id} committed ({:.1} ms compile)", record.compile_ms));
+        Ok(())
     }
 
     fn emit_telemetry(&mut self, metrics: Vec<leyline::MetricPoint>, events: Vec<leyline::TelemetryEvent>) {
         let packet = telemetry::packet(metrics, events, false);
         self.host.telemetry(&leyline::encode(&packet));
     }
+}
+
+/// What planning a descriptor decided.
+enum Planned {
+    /// Nothing to run (cached, refused, or invalid).
+    Done(JobReport),
+    /// A new job to enqueue.
+    Submit(Job),
+    /// An identical job is already queued.
+    AlreadyQueued,
+}
+
+/// The guard-table entry of a stored artifact.
+pub fn guard_entry(record: &ArtifactRecord) -> Result<GuardEntry> {
+    GuardEntry::new(&record.blueprint_id, &record.checksum, &record.guard_digest, &record.device, record.dynamic_batch, &record.guard_spec)
+}
+
+/// Decodes lowercase hex (invalid digits decode as zero bytes, which then
+/// fail descriptor validation with a clear message).
+fn unhex(text: &str) -> Vec<u8> {
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| std::str::from_utf8(pair).ok().and_then(|s| u8::from_str_radix(s, 16).ok()).unwrap_or(0))
+        .collect()
 }

@@ -10,6 +10,7 @@ pub mod blueprints;
 pub mod catalog;
 pub mod compile;
 pub mod error;
+pub mod failpoint;
 pub mod ffi;
 pub mod forge;
 pub mod guard;
@@ -19,7 +20,9 @@ pub mod report;
 pub mod resources;
 pub mod store;
 pub mod telemetry;
+pub mod verify;
 pub mod version;
+pub mod wal;
 
 pub use error::{Error, ErrorCode, Result};
 

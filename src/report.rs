@@ -1,5 +1,7 @@
 //! The JSON shape of a catalog entry shared by the CLI (`forge --json`,
 //! `inspect --json`) and the C ABI (`tezzeret_forge_catalog_json`).
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 use crate::forge::{JobReport, JobStatus};
@@ -33,8 +35,9 @@ pub fn run_document(reports: &[JobReport], store: &ArtifactStore) -> Value {
     json!({ "artifacts": artifacts })
 }
 
-/// The document of the stored catalog (every stored artifact is `ok`).
-pub fn stored_document(store: &ArtifactStore) -> Value {
-    let artifacts: Vec<Value> = store.records().map(|r| entry(&r.blueprint_id, JobStatus::Ok, Some(r), store, None)).collect();
+/// The document of the stored catalog (every current artifact is `ok`).
+pub fn stored_document(artifacts: &BTreeMap<String, ArtifactRecord>, store: &ArtifactStore) -> Value {
+    let artifacts: Vec<Value> =
+        artifacts.values().map(|r| entry(&r.blueprint_id, JobStatus::Ok, Some(r), store, None)).collect();
     json!({ "artifacts": artifacts })
 }

@@ -1,6 +1,5 @@
-//! The artifact store: content-addressed artifact files written durably
-//! (temp file, fsync, rename, directory fsync) and an index of the stored
-//! catalog, rewritten the same way.
+//! The artifact store: content-addressed artifact files and their manifests,
+//! each written durably (temp file, fsync, rename, directory fsync).
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -9,11 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::failpoint;
 use crate::guard::{hex, GuardSpec};
 use crate::{Error, ErrorCode, Result};
-
-/// Version of the index file's layout.
-pub const INDEX_FORMAT_VERSION: u32 = 1;
 
 /// What the store knows about one blueprint's current artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,91 +58,89 @@ pub struct ArtifactRecord {
     pub format_version: u32,
 }
 
-#[derive(Serialize, Deserialize)]
-struct IndexFile {
-    format_version: u32,
-    records: Vec<ArtifactRecord>,
-}
-
-/// Artifact files and their index under a state directory.
+/// Artifact files and their manifests under a state directory:
+/// `artifacts/<sha256>.pt` (content-addressed) and
+/// `manifests/<cache key>.json` (the [`ArtifactRecord`]). Which artifact is
+/// current for each blueprint is the journal's business, not the store's.
 #[derive(Debug)]
 pub struct ArtifactStore {
     root: PathBuf,
-    records: BTreeMap<String, ArtifactRecord>,
 }
 
 impl ArtifactStore {
-    /// Opens (creating if needed) the store under `state_dir`, removing
-    /// leftovers of interrupted writes and loading the index.
+    /// Opens (creating if needed) the store under `state_dir` and removes
+    /// leftovers of interrupted writes.
     pub fn open(state_dir: &Path) -> Result<Self> {
-        let artifacts = state_dir.join("artifacts");
-        fs::create_dir_all(&artifacts).map_err(|e| Error::io(format!("create {}", artifacts.display()), e))?;
-        sync_dir(state_dir)?;
-        for dir in [state_dir, artifacts.as_path()] {
-            remove_temp_files(dir)?;
+        for sub in ["artifacts", "manifests"] {
+            let dir = state_dir.join(sub);
+            fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            remove_temp_files(&dir)?;
         }
-        let index_path = state_dir.join("index.json");
-        let records = match fs::read(&index_path) {
-            Ok(bytes) => {
-                let index: IndexFile = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::new(ErrorCode::Corrupt, format!("artifact index {} is corrupt: {e}", index_path.display()))
-                })?;
-                if index.format_version != INDEX_FORMAT_VERSION {
-                    return Err(Error::new(
-                        ErrorCode::Corrupt,
-                        format!(
-                            "artifact index {} has format version {}, this library reads {INDEX_FORMAT_VERSION}",
-                            index_path.display(),
-                            index.format_version
-                        ),
-                    ));
-                }
-                index.records.into_iter().map(|r| (r.blueprint_id.clone(), r)).collect()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(Error::io(format!("read {}", index_path.display()), e)),
-        };
-        Ok(ArtifactStore { root: state_dir.to_path_buf(), records })
+        sync_dir(state_dir)?;
+        Ok(ArtifactStore { root: state_dir.to_path_buf() })
     }
 
-    /// Stores an artifact file (content-addressed by its sha256) and makes
-    /// `record` (whose file fields are filled in here) current for its
-    /// blueprint. Both are durable when this returns.
-    pub fn put(&mut self, mut record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
+    /// Opens an existing store without creating or cleaning anything.
+    pub fn open_existing(state_dir: &Path) -> Result<Self> {
+        if !state_dir.join("artifacts").is_dir() {
+            return Err(Error::new(ErrorCode::NotFound, format!("{} holds no artifact store", state_dir.display())));
+        }
+        Ok(ArtifactStore { root: state_dir.to_path_buf() })
+    }
+
+    /// Stores an artifact file and its manifest (`record`, whose file
+    /// fields are filled in here). Both are durable when this returns:
+    /// the artifact first, then the manifest that points at it.
+    pub fn put(&self, mut record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
         let checksum = hex(&Sha256::digest(bytes));
         let file_name = format!("{checksum}.pt");
         let path = self.root.join("artifacts").join(&file_name);
-        if !path.exists() {
+        if !path.exists() || fs::metadata(&path).map(|m| m.len()).ok() != Some(bytes.len() as u64) {
             durable_write(&path, bytes)?;
         }
         record.artifact_file = file_name;
         record.checksum = checksum;
         record.size_bytes = bytes.len() as u64;
-        let previous = self.records.insert(record.blueprint_id.clone(), record.clone());
-        if let Err(e) = self.write_index() {
-            match previous {
-                Some(p) => self.records.insert(p.blueprint_id.clone(), p),
-                None => self.records.remove(&record.blueprint_id),
-            };
-            return Err(e);
-        }
+        let manifest = serde_json::to_vec_pretty(&record).expect("records serialise");
+        durable_write(&self.manifest_path(&record.cache_key), &manifest)?;
         Ok(record)
     }
 
-    fn write_index(&self) -> Result<()> {
-        let index = IndexFile { format_version: INDEX_FORMAT_VERSION, records: self.records.values().cloned().collect() };
-        let bytes = serde_json::to_vec_pretty(&index).expect("index serialises");
-        durable_write(&self.root.join("index.json"), &bytes)
+    fn manifest_path(&self, cache_key: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{cache_key}.json"))
     }
 
-    /// The current record of a blueprint.
-    pub fn get(&self, blueprint_id: &str) -> Option<&ArtifactRecord> {
-        self.records.get(blueprint_id)
+    /// The manifest stored for a cache key, if any (and readable).
+    pub fn manifest(&self, cache_key: &str) -> Option<ArtifactRecord> {
+        let bytes = fs::read(self.manifest_path(cache_key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
-    /// All current records, sorted by blueprint id.
-    pub fn records(&self) -> impl Iterator<Item = &ArtifactRecord> {
-        self.records.values()
+    /// Every readable manifest.
+    pub fn manifests(&self) -> Vec<ArtifactRecord> {
+        let Ok(entries) = fs::read_dir(self.root.join("manifests")) else { return Vec::new() };
+        let mut out: Vec<ArtifactRecord> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
+            .collect();
+        out.sort_by(|a, b| a.cache_key.cmp(&b.cache_key));
+        out
+    }
+
+    /// Removes a cached artifact: its manifest, and its file unless another
+    /// manifest still points at it.
+    pub fn remove(&self, record: &ArtifactRecord) -> Result<()> {
+        let manifest = self.manifest_path(&record.cache_key);
+        match fs::remove_file(&manifest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", manifest.display()), e)),
+        }
+        if !self.manifests().iter().any(|m| m.checksum == record.checksum) {
+            let _ = fs::remove_file(self.artifact_path(record));
+        }
+        sync_dir(&self.root.join("manifests"))
     }
 
     /// Absolute path of a record's artifact file.
@@ -157,7 +152,7 @@ impl ArtifactStore {
     pub fn verify(&self, record: &ArtifactRecord) -> Result<()> {
         let path = self.artifact_path(record);
         let bytes = fs::read(&path).map_err(|e| {
-            Error::new(ErrorCode::NotFound, format!("artifact of {} ({}) unreadable: {e}", record.blueprint_id, path.display()))
+            Error::new(ErrorCode::NotFound, format!("artifact_not_found: artifact of {} ({}) unreadable: {e}", record.blueprint_id, path.display()))
         })?;
         let actual = hex(&Sha256::digest(&bytes));
         if actual != record.checksum {
@@ -188,9 +183,16 @@ pub fn durable_write(path: &Path, bytes: &[u8]) -> Result<()> {
             .truncate(true)
             .open(&temp)
             .map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
-        file.write_all(bytes).map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
-        file.sync_all().map_err(|e| Error::io(format!("fsync {}", temp.display()), e))?;
-        fs::rename(&temp, path).map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
+        failpoint::hit("store.write")
+            .and_then(|_| file.write_all(bytes))
+            .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
+        failpoint::hit("store.fsync")
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(format!("fsync {}", temp.display()), e))?;
+        failpoint::hit("store.rename")
+            .and_then(|_| fs::rename(&temp, path))
+            .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
+        failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
         sync_dir(dir)
     })();
     if result.is_err() {

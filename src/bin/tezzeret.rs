@@ -16,14 +16,21 @@ usage:
                  [--jobs N] [--device auto|cpu|cuda] [--batch N] [--budget SECONDS]
                  [--memory-budget MIB] [--allow-quarantine] [--json]
   tezzeret inspect --state DIR [--json]
+  tezzeret wal --state DIR
+  tezzeret verify --state DIR
   tezzeret version
 ";
 
 fn main() -> ExitCode {
+    // Behave like a Unix tool when the reader of stdout goes away (`| head`).
+    // SAFETY: restoring the default disposition of SIGPIPE at start-up.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("forge") => forge(&args[1..]),
         Some("inspect") => inspect(&args[1..]),
+        Some("wal") => wal(&args[1..]),
+        Some("verify") => verify(&args[1..]),
         Some("version") | Some("--version") => {
             println!(
                 "tezzeret {} (ABI {}.{}, torch {})",
@@ -173,27 +180,98 @@ fn forge(args: &[String]) -> Result<bool> {
     }))
 }
 
-fn inspect(args: &[String]) -> Result<bool> {
-    let parsed = Args::parse(args, &["--json"], &["--state"])?;
+fn state_arg(args: &[String], switches: &[&str], command: &str) -> Result<(PathBuf, Vec<String>)> {
+    let parsed = Args::parse(args, switches, &["--state"])?;
     let state = parsed.iter().find(|(f, _)| *f == "--state").and_then(|(_, v)| *v);
-    let state = state.ok_or_else(|| Error::invalid(format!("inspect needs --state DIR\n{USAGE}")))?;
+    let state = state.ok_or_else(|| Error::invalid(format!("{command} needs --state DIR\n{USAGE}")))?;
     if !std::path::Path::new(state).is_dir() {
         return Err(Error::invalid(format!("state directory {state} does not exist")));
     }
-    let store = ArtifactStore::open(std::path::Path::new(state))?;
-    if parsed.iter().any(|(f, _)| *f == "--json") {
-        println!("{}", serde_json::to_string_pretty(&report::stored_document(&store)).expect("json"));
+    let flags = parsed.iter().filter(|(_, v)| v.is_none()).map(|(f, _)| f.to_string()).collect();
+    Ok((PathBuf::from(state), flags))
+}
+
+fn inspect(args: &[String]) -> Result<bool> {
+    let (state, flags) = state_arg(args, &["--json"], "inspect")?;
+    let store = ArtifactStore::open_existing(&state)?;
+    let (_, journal) = tezzeret::verify::read_journal(&state)?;
+    if flags.iter().any(|f| f == "--json") {
+        println!("{}", serde_json::to_string_pretty(&report::stored_document(&journal.artifacts, &store)).expect("json"));
         return Ok(true);
     }
-    println!("{:<7} {:<24} {:<10} {:<14} {:>10} {:>9} {:>9}  {}", "ID", "NAME", "STRATEGY", "DEVICE", "COMPILE ms", "P50 ms", "P95 ms", "CHECKSUM");
-    for r in store.records() {
+    println!("{:<7} {:<24} {:<10} {:<8} {:>10} {:>9} {:>9}  {}", "ID", "NAME", "STRATEGY", "DEVICE", "COMPILE ms", "P50 ms", "P95 ms", "CHECKSUM");
+    for r in journal.artifacts.values() {
         println!(
-            "{:<7} {:<24} {:<10} {:<14} {:>10.1} {:>9.3} {:>9.3}  {}",
+            "{:<7} {:<24} {:<10} {:<8} {:>10.1} {:>9.3} {:>9.3}  {}",
             r.blueprint_id, r.name, r.strategy, r.device, r.compile_ms, r.prewarm_p50_ms, r.prewarm_p95_ms, &r.checksum[..16]
         );
     }
-    println!("{} stored artifacts", store.records().count());
+    println!("{} stored artifacts, {} jobs queued", journal.artifacts.len(), journal.pending.len());
     Ok(true)
+}
+
+fn wal(args: &[String]) -> Result<bool> {
+    let (state, _) = state_arg(args, &[], "wal")?;
+    let (recovery, journal) = tezzeret::verify::read_journal(&state)?;
+    println!("{:>10} {:>8} {:>6} {:>6} {:<7} {:<16} {:>8}  {}", "OFFSET", "SEQ", "EPOCH", "BATCH", "TYPE", "TXID", "BYTES", "RECORD");
+    let mut payloads = recovery.transactions.iter().flat_map(|t| t.records.iter());
+    for e in &recovery.entries {
+        let h = &e.header;
+        let record = if h.entry_type == tezzeret::wal::format::EntryType::Data {
+            payloads.next().map(|p| describe_record(p)).unwrap_or_else(|| "(uncommitted)".into())
+        } else {
+            String::new()
+        };
+        println!(
+            "{:>10} {:>8} {:>6} {:>6} {:<7} {:<16} {:>8}  {}",
+            e.offset,
+            h.sequence,
+            h.epoch,
+            h.batch,
+            h.entry_type.name(),
+            tezzeret::guard::hex(&h.txid[..8]),
+            h.payload_size,
+            record
+        );
+    }
+    println!(
+        "{} entries, {} committed transactions, {} incomplete, {} bytes; {} artifacts current, {} jobs queued",
+        recovery.entries.len(),
+        recovery.transactions.len(),
+        recovery.incomplete,
+        recovery.end,
+        journal.artifacts.len(),
+        journal.pending.len()
+    );
+    if let Some(reason) = &recovery.torn_reason {
+        println!("torn tail of {} bytes would be dropped at the next open: {reason}", recovery.torn_bytes);
+    }
+    Ok(true)
+}
+
+/// One line about a journal record.
+fn describe_record(payload: &[u8]) -> String {
+    use tezzeret::wal::Record;
+    match serde_json::from_slice::<Record>(payload) {
+        Ok(Record::Enqueue { job }) => format!("enqueue #{} {} ({}, priority {})", job.seq, job.blueprint_id, job.strategy, job.priority),
+        Ok(Record::Commit { seq, artifact }) => format!("commit #{seq} {} {}", artifact.blueprint_id, &artifact.checksum[..16]),
+        Ok(Record::Fail { seq, reason, .. }) => format!("fail #{seq} {reason}"),
+        Ok(Record::Evict { blueprint_id, cache_key }) => format!("evict {} {}", blueprint_id.unwrap_or_default(), &cache_key[..16.min(cache_key.len())]),
+        Ok(Record::Checkpoint { state }) => {
+            format!("checkpoint: {} artifacts, {} jobs queued, next #{}", state.artifacts.len(), state.pending.len(), state.next_seq)
+        }
+        Err(e) => format!("(unreadable record: {e})"),
+    }
+}
+
+fn verify(args: &[String]) -> Result<bool> {
+    let (state, _) = state_arg(args, &[], "verify")?;
+    let verification = tezzeret::verify::verify_state(&state)?;
+    for problem in &verification.problems {
+        println!("FAIL {problem}");
+    }
+    println!("{} artifacts checked, {} problems", verification.checked, verification.problems.len());
+    Ok(verification.problems.is_empty())
 }
 
 fn print_table(reports: &[JobReport]) {

@@ -150,7 +150,7 @@ pub unsafe extern "C" fn tezzeret_forge_catalog_json(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_json, "out_json")?;
-        let json = tezzeret_forge::with(forge, |f| Ok(report::stored_document(f.store()).to_string()))?;
+        let json = tezzeret_forge::with(forge, |f| Ok(report::stored_document(f.artifacts(), f.store()).to_string()))?;
         *out_json = tezzeret_buffer::boxed(json.into_bytes());
         Ok(())
     })

@@ -1,4 +1,7 @@
-//! Guard specs and their digest (SPEC §7): what inputs an artifact accepts.
+//! Guard specs and their digest (SPEC §7): what inputs an artifact accepts,
+//! and the memory-mapped guard table hosts check them against (SPEC §8).
+pub mod table;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
