@@ -83,6 +83,7 @@ pub struct JournalState {
     /// Next submission sequence number.
     pub next_seq: u64,
     /// Jobs accepted and not finished, by sequence number.
+    #[serde(with = "jobs_as_list")]
     pub pending: BTreeMap<u64, Job>,
     /// The current artifact of each blueprint.
     pub artifacts: BTreeMap<String, ArtifactRecord>,
@@ -131,6 +132,24 @@ impl JournalState {
     /// Sequence numbers of pending jobs (for tests and dumps).
     pub fn pending_seqs(&self) -> BTreeSet<u64> {
         self.pending.keys().copied().collect()
+    }
+}
+
+/// Serialises the pending map as a list (each job carries its own
+/// sequence number): JSON maps inside tagged enums cannot have integer keys.
+mod jobs_as_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Job;
+
+    pub fn serialize<S: Serializer>(jobs: &BTreeMap<u64, Job>, s: S) -> Result<S::Ok, S::Error> {
+        jobs.values().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Job>, D::Error> {
+        Ok(Vec::<Job>::deserialize(d)?.into_iter().map(|j| (j.seq, j)).collect())
     }
 }
 

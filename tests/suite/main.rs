@@ -8,6 +8,7 @@ mod header;
 mod leyline;
 mod loaders;
 mod pipeline;
+mod wal;
 
 /// A fresh temporary directory removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
