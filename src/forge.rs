@@ -192,8 +192,13 @@ pub struct JobReport {
 /// Progress notifications of [`Forge::run`].
 #[derive(Debug)]
 pub enum Progress<'a> {
+    /// Jobs are durably enqueued (acknowledged): (blueprint id, sequence number).
+    Queued(&'a [(String, u64)]),
     /// A job is about to be processed: (position, total, blueprint id).
     Started(usize, usize, &'a str),
+    /// A job starts compiling (no durable artifact of its cache key exists):
+    /// (blueprint id, cache key).
+    Compiling(&'a str, &'a str),
     /// A job finished.
     Finished(usize, usize, &'a JobReport),
 }
@@ -380,15 +385,17 @@ impl Forge {
             }
         }
         if !submissions.is_empty() {
-            if let Err(error) = self.journal.submit(submissions) {
-                self.host.log(LogLevel::Error, &format!("could not enqueue jobs: {error}"));
+            let ids: Vec<String> = submissions.iter().map(|j| j.blueprint_id.clone()).collect();
+            match self.journal.submit(submissions) {
+                Ok(seqs) => progress(Progress::Queued(&ids.into_iter().zip(seqs).collect::<Vec<_>>())),
+                Err(error) => self.host.log(LogLevel::Error, &format!("could not enqueue jobs: {error}")),
             }
         }
         let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
         let total = queue.len();
         for (i, job) in queue.into_iter().enumerate() {
             progress(Progress::Started(i, total, &job.blueprint_id));
-            let report = self.execute(&job);
+            let report = self.execute(&job, progress);
             progress(Progress::Finished(i, total, &report));
             if !order.contains(&job.blueprint_id) {
                 order.push(job.blueprint_id.clone());
@@ -414,7 +421,7 @@ impl Forge {
             Planned::Submit(job) => {
                 let seq = self.journal.submit(vec![job])?[0];
                 let job = self.journal.state().pending[&seq].clone();
-                Ok(self.execute(&job))
+                Ok(self.execute(&job, &mut |_| {}))
             }
             Planned::AlreadyQueued => {
                 let job = self
@@ -425,7 +432,7 @@ impl Forge {
                     .find(|j| j.blueprint_id == blueprint_id)
                     .cloned()
                     .expect("queued");
-                Ok(self.execute(&job))
+                Ok(self.execute(&job, &mut |_| {}))
             }
         }
     }
@@ -477,8 +484,8 @@ impl Forge {
     /// cache key if one exists (a crash came between storing it and
     /// committing it), else compiles; then commits, updates the guard table
     /// and announces — or records the failure.
-    fn execute(&mut self, job: &Job) -> JobReport {
-        let outcome = self.execute_inner(job);
+    fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
+        let outcome = self.execute_inner(job, progress);
         let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
         match outcome {
             Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
@@ -501,7 +508,7 @@ impl Forge {
         }
     }
 
-    fn execute_inner(&mut self, job: &Job) -> Result<(JobStatus, ArtifactRecord)> {
+    fn execute_inner(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<(JobStatus, ArtifactRecord)> {
         let descriptor = Descriptor::decode(&unhex(&job.descriptor_hex))?;
         let id = job.blueprint_id.clone();
         if let Some(record) = self.store.manifest(&job.cache_key) {
@@ -520,6 +527,7 @@ impl Forge {
             input_shapes: job.input_shapes.clone(),
         };
         self.counters.started += 1;
+        progress(Progress::Compiling(&id, &job.cache_key));
         let started = telemetry::event(
             events::COMPILE_STARTED,
             TelemetryLevel::Info,

@@ -14,7 +14,7 @@ const USAGE: &str = "\
 usage:
   tezzeret forge --state DIR [--catalog FILE.json|default] [--strategy emergency|fast|standard|aggressive]
                  [--jobs N] [--device auto|cpu|cuda] [--batch N] [--budget SECONDS]
-                 [--memory-budget MIB] [--allow-quarantine] [--json]
+                 [--memory-budget MIB] [--allow-quarantine] [--json] [--trace-events]
   tezzeret inspect --state DIR [--json]
   tezzeret wal --state DIR
   tezzeret verify --state DIR
@@ -89,26 +89,44 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T> {
     value.parse().map_err(|_| Error::invalid(format!("{flag} expects a number, got {value:?}")))
 }
 
-/// The CLI's host: a fixed catalog, callbacks ignored (the table reports).
+/// The CLI's host: a fixed catalog; with `--trace-events`, catalog updates
+/// are printed to stderr as `announced <id> <checksum>` lines.
 struct CliHost {
     catalog: Option<Catalog>,
+    trace: bool,
 }
 
 impl Host for CliHost {
     fn enumerate(&mut self) -> Result<Option<Catalog>> {
         Ok(self.catalog.take())
     }
+
+    fn catalog_update(&mut self, bytes: &[u8]) {
+        if self.trace {
+            if let Ok(update) = tezzeret::leyline::decode::<tezzeret::leyline::KernelCatalogUpdate>(bytes) {
+                trace_line(&format!("announced {} {}", update.blueprint_id, update.checksum));
+            }
+        }
+    }
+}
+
+/// One machine-readable event line on stderr, written at once.
+fn trace_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "event {line}");
+    let _ = err.flush();
 }
 
 fn forge(args: &[String]) -> Result<bool> {
     let parsed = Args::parse(
         args,
-        &["--allow-quarantine", "--json"],
+        &["--allow-quarantine", "--json", "--trace-events"],
         &["--state", "--catalog", "--strategy", "--jobs", "--device", "--batch", "--budget", "--memory-budget"],
     )?;
     let mut state = None;
     let mut catalog = None;
     let mut json = false;
+    let mut trace = false;
     let mut config = ForgeConfig::new("");
     for (flag, value) in parsed {
         let value = value.unwrap_or_default();
@@ -143,6 +161,7 @@ fn forge(args: &[String]) -> Result<bool> {
             }
             "--allow-quarantine" => config.allow_quarantine = true,
             "--json" => json = true,
+            "--trace-events" => trace = true,
             _ => unreachable!("parser only yields known flags"),
         }
     }
@@ -150,8 +169,8 @@ fn forge(args: &[String]) -> Result<bool> {
     let allow_quarantine = config.allow_quarantine;
 
     let started = Instant::now();
-    let mut forge = Forge::open(config, Box::new(CliHost { catalog }))?;
-    let mut progress = ProgressView::new();
+    let mut forge = Forge::open(config, Box::new(CliHost { catalog, trace }))?;
+    let mut progress = ProgressView::new(trace);
     let reports = forge.run(&mut |event| progress.show(event));
     progress.finish();
     let elapsed = started.elapsed();
@@ -308,19 +327,29 @@ fn print_table(reports: &[JobReport]) {
     }
 }
 
-/// Progress on stderr: a bar on a terminal, plain lines otherwise.
+/// Progress on stderr: a bar on a terminal, plain lines otherwise; with
+/// `--trace-events` also `event queued|compiling …` lines for tooling.
 struct ProgressView {
     terminal: bool,
+    trace: bool,
 }
 
 impl ProgressView {
-    fn new() -> Self {
-        ProgressView { terminal: std::io::stderr().is_terminal() }
+    fn new(trace: bool) -> Self {
+        ProgressView { terminal: std::io::stderr().is_terminal() && !trace, trace }
     }
 
     fn show(&mut self, event: Progress<'_>) {
+        if self.trace {
+            match &event {
+                Progress::Queued(jobs) => jobs.iter().for_each(|(id, seq)| trace_line(&format!("queued {id} {seq}"))),
+                Progress::Compiling(id, key) => trace_line(&format!("compiling {id} {key}")),
+                _ => {}
+            }
+        }
         let mut err = std::io::stderr().lock();
         match event {
+            Progress::Queued(..) | Progress::Compiling(..) => {}
             Progress::Started(i, total, id) if self.terminal => {
                 let width = 30;
                 let filled = i * width / total.max(1);

@@ -3,6 +3,7 @@ mod abi;
 mod catalog;
 mod cli;
 mod consumers;
+mod crash;
 mod hazards;
 mod header;
 mod leyline;

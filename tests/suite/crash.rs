@@ -1,0 +1,254 @@
+//! Crash safety (SPEC §12), proven on a real child process: the forge CLI is
+//! killed with SIGKILL at random instants, over and over, and after every
+//! kill the state directory must keep every promise:
+//! - every acknowledged submit is present (queued, or done);
+//! - every announced artifact is current, and its file, manifest and guard
+//!   slot are durable and verify;
+//! - no job compiles again once its artifact was durable;
+//! - the final catalog equals that of an uncrashed run.
+//!
+//! `TEZZERET_CRASH_KILLS` sets the number of kills (200 here; the soak runs 2000).
+//! Failpoints (`TEZZERET_FAILPOINTS`) crash or fail every durable write.
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tezzeret::forge::{guard_entry, layout};
+use tezzeret::guard::table::{GuardTable, Lookup};
+use tezzeret::store::ArtifactStore;
+
+use crate::TempDir;
+
+const CATALOG: &str = r#"[
+ {"blueprint_id": "BP002", "name": "linear_projection", "tier": "SAFE", "allowed_parameters": {"scale": [0.5, 2.0]}},
+ {"blueprint_id": "BP005", "name": "relu_activation", "tier": "SAFE"},
+ {"blueprint_id": "BP008", "name": "skip_connection", "tier": "SAFE"},
+ {"blueprint_id": "BP009", "name": "residual_block", "tier": "SAFE", "allowed_parameters": {"depth": [1.0, 4.0]}},
+ {"blueprint_id": "BP012", "name": "layer_scaling", "tier": "SAFE", "allowed_parameters": {"scale": [0.8, 1.2]}},
+ {"blueprint_id": "BP016", "name": "squeeze_excitation", "tier": "SAFE", "allowed_parameters": {"reduction": [4.0, 16.0]}},
+ {"blueprint_id": "BP021", "name": "feedforward_gated", "tier": "SAFE", "allowed_parameters": {"hidden_multiple": [2.0, 6.0]}},
+ {"blueprint_id": "BP030", "name": "graph_attention", "tier": "SAFE", "allowed_parameters": {"hops": [1.0, 3.0]}},
+ {"blueprint_id": "BP039", "name": "neural_ode_block", "tier": "EXPERIMENTAL", "allowed_parameters": {"steps": [1.0, 10.0]}},
+ {"blueprint_id": "BP042", "name": "recursive_processing", "tier": "EXPERIMENTAL", "allowed_parameters": {"depth": [2.0, 6.0]}}
+]"#;
+
+/// Deterministic xorshift for kill instants.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// What a child run printed (`event …` lines) and how it ended.
+struct Run {
+    queued: Vec<(String, u64)>,
+    compiling: Vec<(String, String)>,
+    announced: Vec<(String, String)>,
+    killed: bool,
+    exit: Option<i32>,
+}
+
+fn spawn_forge(state: &Path, catalog: &Path, failpoints: Option<&str>, kill_after: Option<Duration>) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tezzeret"));
+    cmd.args(["forge", "--device", "cpu", "--trace-events", "--json", "--state"])
+        .arg(state)
+        .arg("--catalog")
+        .arg(catalog)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(fp) = failpoints {
+        cmd.env("TEZZERET_FAILPOINTS", fp);
+    }
+    let mut child = cmd.spawn().expect("spawn the forge");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let mut killed = false;
+    if let Some(delay) = kill_after {
+        let deadline = Instant::now() + delay;
+        while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            killed = true;
+        }
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let mut run = Run { queued: vec![], compiling: vec![], announced: vec![], killed, exit: status.code() };
+    for line in lines.lock().unwrap().iter() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["event", "queued", id, seq] => run.queued.push((id.to_string(), seq.parse().unwrap())),
+            ["event", "compiling", id, key] => run.compiling.push((id.to_string(), key.to_string())),
+            ["event", "announced", id, sum] => run.announced.push((id.to_string(), sum.to_string())),
+            _ => {}
+        }
+    }
+    run
+}
+
+/// Cache keys with a durable manifest.
+fn durable_keys(state: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(state.join("manifests"))
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+fn catalog_of(state: &Path) -> BTreeMap<String, String> {
+    let (_, journal) = tezzeret::verify::read_journal(state).unwrap();
+    journal.artifacts.iter().map(|(id, r)| (id.clone(), r.checksum.clone())).collect()
+}
+
+/// Checks the promises after a kill; returns violations.
+fn check_promises(state: &Path, acked: &BTreeMap<u64, String>, announced: &BTreeMap<String, String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let journal = match tezzeret::verify::read_journal(state) {
+        Ok((_, j)) => j,
+        Err(e) => return vec![format!("journal unreadable after a crash: {e}")],
+    };
+    for (seq, id) in acked {
+        let present = journal.pending.contains_key(seq) || journal.artifacts.contains_key(id) || journal.failures.contains_key(id);
+        if !present {
+            problems.push(format!("acknowledged submit #{seq} ({id}) lost"));
+        }
+    }
+    let store = match ArtifactStore::open_existing(state) {
+        Ok(store) => store,
+        // Killed before the store existed: then nothing was announced.
+        Err(_) if announced.is_empty() => return problems,
+        Err(e) => return vec![format!("store missing although artifacts were announced: {e}")],
+    };
+    let guards = GuardTable::open_read_only(&state.join(layout::GUARDS));
+    for (id, checksum) in announced {
+        let Some(record) = journal.artifacts.get(id) else {
+            problems.push(format!("announced {id} is not in the stored catalog"));
+            continue;
+        };
+        if &record.checksum != checksum {
+            problems.push(format!("announced {id} {checksum} but the catalog holds {}", record.checksum));
+        }
+        if let Err(e) = store.verify(record) {
+            problems.push(format!("announced {id}: {e}"));
+        }
+        if store.manifest(&record.cache_key).as_ref() != Some(record) {
+            problems.push(format!("announced {id}: manifest missing or different"));
+        }
+        match guards.as_ref().map(|g| g.lookup(id)) {
+            Ok(Ok(Lookup::Found(entry))) if Some(&entry) == guard_entry(record).ok().as_ref() => {}
+            other => problems.push(format!("announced {id}: guard slot not durable: {other:?}")),
+        }
+    }
+    problems
+}
+
+fn kills_wanted() -> usize {
+    std::env::var("TEZZERET_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+}
+
+#[test]
+fn kill_minus_nine_at_random_instants_keeps_every_promise() {
+    let work = TempDir::new("crash");
+    let catalog = work.path().join("catalog.json");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let reference_dir = work.path().join("reference");
+    let started = Instant::now();
+    let reference = spawn_forge(&reference_dir, &catalog, None, None);
+    // Kill instants are spread over a whole run, start-up included.
+    let run_length = started.elapsed().as_micros() as u64 * 11 / 10;
+    assert_eq!(reference.exit, Some(0));
+    let expected = catalog_of(&reference_dir);
+    assert_eq!(expected.len(), 10);
+
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let wanted = kills_wanted();
+    let (mut kills, mut completions, mut generation) = (0, 0, 0);
+    let mut state = work.path().join("state-0");
+    let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+    let mut announced: BTreeMap<String, String> = BTreeMap::new();
+    let mut problems = Vec::new();
+    while kills < wanted {
+        let durable_before = durable_keys(&state);
+        let delay = Duration::from_micros(rng.below(run_length));
+        let run = spawn_forge(&state, &catalog, None, Some(delay));
+        for (id, key) in &run.compiling {
+            if durable_before.contains(key) {
+                problems.push(format!("{id} compiled again although its artifact {key} was durable"));
+            }
+        }
+        acked.extend(run.queued.iter().map(|(id, seq)| (*seq, id.clone())));
+        announced.extend(run.announced.iter().cloned());
+        problems.extend(check_promises(&state, &acked, &announced));
+        if run.killed {
+            kills += 1;
+        } else {
+            assert_eq!(run.exit, Some(0), "an uncrashed run must succeed");
+            // Completed: the catalog equals the uncrashed run's; start over.
+            assert_eq!(catalog_of(&state), expected, "final catalog after {kills} kills");
+            let verification = tezzeret::verify::verify_state(&state).unwrap();
+            assert!(verification.problems.is_empty(), "{:?}", verification.problems);
+            completions += 1;
+            generation += 1;
+            state = work.path().join(format!("state-{generation}"));
+            acked.clear();
+            announced.clear();
+        }
+        assert!(problems.is_empty(), "after {kills} kills: {problems:#?}");
+    }
+    // Finish the last directory and compare.
+    let last = spawn_forge(&state, &catalog, None, None);
+    assert_eq!(last.exit, Some(0));
+    assert_eq!(catalog_of(&state), expected);
+    assert!(tezzeret::verify::verify_state(&state).unwrap().problems.is_empty());
+    println!("{kills} kills, {completions} completed runs in between");
+}
+
+#[test]
+fn failpoints_at_every_durable_write_error_and_crash() {
+    let work = TempDir::new("failpoints");
+    let catalog = work.path().join("catalog.json");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let reference_dir = work.path().join("reference");
+    assert_eq!(spawn_forge(&reference_dir, &catalog, None, None).exit, Some(0));
+    let expected = catalog_of(&reference_dir);
+    for (i, point) in tezzeret::failpoint::ALL.iter().enumerate() {
+        for action in ["error", "crash"] {
+            for hit in [1, 3] {
+                let state = work.path().join(format!("s-{i}-{action}-{hit}"));
+                let spec = format!("{point}={action}@{hit}");
+                let run = spawn_forge(&state, &catalog, Some(&spec), None);
+                if action == "crash" && run.exit.is_none() {
+                    // Killed by SIGKILL at the failpoint: the promises hold.
+                    let acked = run.queued.iter().map(|(id, s)| (*s, id.clone())).collect();
+                    let announced = run.announced.iter().cloned().collect();
+                    let problems = check_promises(&state, &acked, &announced);
+                    assert!(problems.is_empty(), "{spec}: {problems:?}");
+                } else {
+                    // An injected error is reported (non-zero exit), never a crash.
+                    assert!(run.exit.is_some(), "{spec}: the process died");
+                }
+                // A clean run afterwards reaches the same catalog, and it verifies.
+                let after = spawn_forge(&state, &catalog, None, None);
+                assert_eq!(after.exit, Some(0), "{spec}: recovery run failed");
+                assert_eq!(catalog_of(&state), expected, "{spec}");
+                let verification = tezzeret::verify::verify_state(&state).unwrap();
+                assert!(verification.problems.is_empty(), "{spec}: {:?}", verification.problems);
+            }
+        }
+    }
+}
