@@ -51,6 +51,42 @@
 // Flag: compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
 #define TEZZERET_FLAG_ALLOW_QUARANTINE 1
 
+// dtype code: float32.
+#define TEZZERET_DTYPE_FLOAT32 0
+
+// dtype code: float64.
+#define TEZZERET_DTYPE_FLOAT64 1
+
+// dtype code: float16.
+#define TEZZERET_DTYPE_FLOAT16 2
+
+// dtype code: bfloat16.
+#define TEZZERET_DTYPE_BFLOAT16 3
+
+// dtype code: int64.
+#define TEZZERET_DTYPE_INT64 4
+
+// dtype code: int32.
+#define TEZZERET_DTYPE_INT32 5
+
+// dtype code: int16.
+#define TEZZERET_DTYPE_INT16 6
+
+// dtype code: int8.
+#define TEZZERET_DTYPE_INT8 7
+
+// dtype code: uint8.
+#define TEZZERET_DTYPE_UINT8 8
+
+// dtype code: bool.
+#define TEZZERET_DTYPE_BOOL 9
+
+// Most inputs a guard entry describes.
+#define TEZZERET_GUARD_MAX_INPUTS 4
+
+// Highest input rank a guard entry describes.
+#define TEZZERET_GUARD_MAX_RANK 8
+
 // Log level: fine-grained progress.
 #define TEZZERET_LOG_DEBUG 0
 
@@ -128,6 +164,10 @@ typedef struct tezzeret_descriptor_sink tezzeret_descriptor_sink;
 // An open forge over a state directory. Thread-safe: calls from several
 // host threads are serialised.
 typedef struct tezzeret_forge tezzeret_forge;
+
+// A guard table opened read-only. Lookups are lock-free and may run
+// concurrently from any number of threads.
+typedef struct tezzeret_guard_table tezzeret_guard_table;
 
 // The outcome of a failed call: a code (`TEZZERET_CODE_*`) and a UTF-8
 // message naming the problem. Owned by the caller; free it with
@@ -210,6 +250,40 @@ typedef struct tezzeret_run_summary {
   uint32_t refused;
 } tezzeret_run_summary;
 
+// The guard of one input tensor.
+typedef struct tezzeret_guard_input {
+  // `TEZZERET_DTYPE_*`.
+  uint32_t dtype;
+  // Number of dimensions.
+  uint32_t rank;
+  // Sizes (first `rank` entries).
+  int64_t shape[8];
+  // Strides in elements (first `rank` entries).
+  int64_t stride[8];
+  // Whether the input requires grad.
+  bool requires_grad;
+} tezzeret_guard_input;
+
+// A blueprint's guard entry, as read from the table.
+typedef struct tezzeret_guard_entry {
+  // Size of this struct as the caller knows it.
+  size_t struct_size;
+  // NUL-terminated blueprint id.
+  char blueprint_id[128];
+  // NUL-terminated sha256 hex of the artifact file.
+  char checksum[65];
+  // NUL-terminated guard digest (SPEC §7).
+  char guard_digest[65];
+  // NUL-terminated device name (`cpu`, `cuda:0`).
+  char device[16];
+  // The artifact accepts any size in dim 0.
+  bool dynamic_batch;
+  // Number of inputs described.
+  uint32_t input_count;
+  // Per-input guards (first `input_count` entries).
+  struct tezzeret_guard_input inputs[4];
+} tezzeret_guard_entry;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -261,6 +335,21 @@ struct tezzeret_status *tezzeret_forge_selftest_panic(struct tezzeret_forge *for
 // host's `release` once. No callback runs after this returns. NULL is
 // accepted and ignored.
 void tezzeret_forge_close(struct tezzeret_forge *forge);
+
+// Opens a guard table file read-only (no forge needed; the forge may be
+// writing it at the same time). Close it with `tezzeret_guard_table_close`.
+struct tezzeret_status *tezzeret_guard_table_open(const char *path,
+                                                  struct tezzeret_guard_table **out_table);
+
+// Reads a blueprint's entry without locks. `TEZZERET_CODE_NOT_FOUND` when
+// the blueprint has none; `TEZZERET_CODE_CORRUPT` when its slot is torn or
+// mid-update (never a wrong answer). `out_entry` needs its `struct_size`.
+struct tezzeret_status *tezzeret_guard_table_lookup(const struct tezzeret_guard_table *table,
+                                                    const char *blueprint_id,
+                                                    struct tezzeret_guard_entry *out_entry);
+
+// Closes a guard table. NULL is accepted and ignored.
+void tezzeret_guard_table_close(struct tezzeret_guard_table *table);
 
 // Fills `callbacks` with NULLs for a struct of `struct_size` bytes (pass
 // `sizeof(tezzeret_host_callbacks)`); never writes past `struct_size`.

@@ -10,6 +10,7 @@
 mod buffer;
 mod config;
 mod forge;
+mod guards;
 mod host;
 mod status;
 mod version;
@@ -17,6 +18,7 @@ mod version;
 pub use buffer::*;
 pub use config::*;
 pub use forge::*;
+pub use guards::*;
 pub use host::*;
 pub use status::*;
 pub use version::*;

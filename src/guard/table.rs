@@ -65,6 +65,11 @@ const READ_RETRIES: usize = 1000;
 /// dtype names and their codes in a slot.
 const DTYPES: &[&str] = &["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"];
 
+/// The slot code of a dtype name (`TEZZERET_DTYPE_*` in the C ABI).
+pub fn dtype_code(name: &str) -> Option<u32> {
+    DTYPES.iter().position(|d| *d == name).map(|i| i as u32)
+}
+
 /// A decoded slot: the guards of one blueprint's current artifact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardEntry {

@@ -5,6 +5,7 @@ mod cli;
 mod consumers;
 mod crash;
 mod hazards;
+mod guards;
 mod header;
 mod leyline;
 mod loaders;

@@ -1,0 +1,147 @@
+//! Read-only access to a forge's guard table from any process, without a
+//! forge: the file is `<state_dir>/guards.tbl`.
+use std::ffi::c_char;
+
+use super::{ffi_status, out_arg, str_arg, tezzeret_status, write_sized};
+use crate::guard::table::{GuardTable, Lookup, MAX_INPUTS, MAX_RANK};
+use crate::guard::hex;
+use crate::{Error, ErrorCode};
+
+/// dtype code: float32.
+pub const TEZZERET_DTYPE_FLOAT32: u32 = 0;
+/// dtype code: float64.
+pub const TEZZERET_DTYPE_FLOAT64: u32 = 1;
+/// dtype code: float16.
+pub const TEZZERET_DTYPE_FLOAT16: u32 = 2;
+/// dtype code: bfloat16.
+pub const TEZZERET_DTYPE_BFLOAT16: u32 = 3;
+/// dtype code: int64.
+pub const TEZZERET_DTYPE_INT64: u32 = 4;
+/// dtype code: int32.
+pub const TEZZERET_DTYPE_INT32: u32 = 5;
+/// dtype code: int16.
+pub const TEZZERET_DTYPE_INT16: u32 = 6;
+/// dtype code: int8.
+pub const TEZZERET_DTYPE_INT8: u32 = 7;
+/// dtype code: uint8.
+pub const TEZZERET_DTYPE_UINT8: u32 = 8;
+/// dtype code: bool.
+pub const TEZZERET_DTYPE_BOOL: u32 = 9;
+/// Most inputs a guard entry describes.
+pub const TEZZERET_GUARD_MAX_INPUTS: usize = 4;
+/// Highest input rank a guard entry describes.
+pub const TEZZERET_GUARD_MAX_RANK: usize = 8;
+
+const _: () = assert!(TEZZERET_GUARD_MAX_INPUTS == MAX_INPUTS && TEZZERET_GUARD_MAX_RANK == MAX_RANK);
+
+/// A guard table opened read-only. Lookups are lock-free and may run
+/// concurrently from any number of threads.
+pub struct tezzeret_guard_table {
+    table: GuardTable,
+}
+
+/// The guard of one input tensor.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_guard_input {
+    /// `TEZZERET_DTYPE_*`.
+    pub dtype: u32,
+    /// Number of dimensions.
+    pub rank: u32,
+    /// Sizes (first `rank` entries).
+    pub shape: [i64; 8],
+    /// Strides in elements (first `rank` entries).
+    pub stride: [i64; 8],
+    /// Whether the input requires grad.
+    pub requires_grad: bool,
+}
+
+/// A blueprint's guard entry, as read from the table.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_guard_entry {
+    /// Size of this struct as the caller knows it.
+    pub struct_size: usize,
+    /// NUL-terminated blueprint id.
+    pub blueprint_id: [c_char; 128],
+    /// NUL-terminated sha256 hex of the artifact file.
+    pub checksum: [c_char; 65],
+    /// NUL-terminated guard digest (SPEC §7).
+    pub guard_digest: [c_char; 65],
+    /// NUL-terminated device name (`cpu`, `cuda:0`).
+    pub device: [c_char; 16],
+    /// The artifact accepts any size in dim 0.
+    pub dynamic_batch: bool,
+    /// Number of inputs described.
+    pub input_count: u32,
+    /// Per-input guards (first `input_count` entries).
+    pub inputs: [tezzeret_guard_input; 4],
+}
+
+fn copy_str(dst: &mut [c_char], src: &str) {
+    let room = dst.len() - 1; // keep the terminating NUL
+    for (d, s) in dst.iter_mut().zip(src.bytes().take(room)) {
+        *d = s as c_char;
+    }
+}
+
+/// Opens a guard table file read-only (no forge needed; the forge may be
+/// writing it at the same time). Close it with `tezzeret_guard_table_close`.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_guard_table_open(
+    path: *const c_char,
+    out_table: *mut *mut tezzeret_guard_table,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_table, "out_table")?;
+        let path = str_arg(path, "path")?;
+        let table = GuardTable::open_read_only(std::path::Path::new(path))?;
+        *out_table = Box::into_raw(Box::new(tezzeret_guard_table { table }));
+        Ok(())
+    })
+}
+
+/// Reads a blueprint's entry without locks. `TEZZERET_CODE_NOT_FOUND` when
+/// the blueprint has none; `TEZZERET_CODE_CORRUPT` when its slot is torn or
+/// mid-update (never a wrong answer). `out_entry` needs its `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_guard_table_lookup(
+    table: *const tezzeret_guard_table,
+    blueprint_id: *const c_char,
+    out_entry: *mut tezzeret_guard_entry,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        let table = table.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "table is NULL"))?;
+        let id = str_arg(blueprint_id, "blueprint_id")?;
+        out_arg(out_entry, "out_entry")?;
+        let entry = match table.table.lookup(id)? {
+            Lookup::Found(entry) => entry,
+            Lookup::Missing => return Err(Error::new(ErrorCode::NotFound, format!("no guard entry for blueprint {id:?}"))),
+        };
+        let mut out: tezzeret_guard_entry = std::mem::zeroed();
+        out.struct_size = std::mem::size_of::<tezzeret_guard_entry>();
+        copy_str(&mut out.blueprint_id, &entry.blueprint_id);
+        copy_str(&mut out.checksum, &hex(&entry.checksum));
+        copy_str(&mut out.guard_digest, &hex(&entry.guard_digest));
+        copy_str(&mut out.device, &entry.device);
+        out.dynamic_batch = entry.dynamic_batch;
+        out.input_count = entry.spec.inputs().len() as u32;
+        for (slot, g) in out.inputs.iter_mut().zip(entry.spec.inputs()) {
+            slot.dtype = crate::guard::table::dtype_code(&g.dtype).unwrap_or(u32::MAX);
+            slot.rank = g.shape.len() as u32;
+            slot.shape[..g.shape.len()].copy_from_slice(&g.shape);
+            slot.stride[..g.stride.len()].copy_from_slice(&g.stride);
+            slot.requires_grad = g.requires_grad;
+        }
+        write_sized(out_entry, &out, std::mem::size_of::<usize>(), "out_entry")
+    })
+}
+
+/// Closes a guard table. NULL is accepted and ignored.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_guard_table_close(table: *mut tezzeret_guard_table) {
+    if !table.is_null() {
+        // SAFETY: made by Box::into_raw in open, closed once by contract.
+        super::ffi_value((), || drop(Box::from_raw(table)));
+    }
+}
