@@ -388,7 +388,16 @@ impl Forge {
             let ids: Vec<String> = submissions.iter().map(|j| j.blueprint_id.clone()).collect();
             match self.journal.submit(submissions) {
                 Ok(seqs) => progress(Progress::Queued(&ids.into_iter().zip(seqs).collect::<Vec<_>>())),
-                Err(error) => self.host.log(LogLevel::Error, &format!("could not enqueue jobs: {error}")),
+                Err(error) => {
+                    // Not acknowledged: every one of them is reported failed, none silently dropped.
+                    self.host.log(LogLevel::Error, &format!("could not enqueue {} jobs: {error}", ids.len()));
+                    for id in ids {
+                        self.counters.failed += 1;
+                        let name = self.catalog.get(&id).map(|d| d.name.clone()).unwrap_or_default();
+                        let error = error.clone().context("enqueue");
+                        reports.insert(id.clone(), self.report(&id, &name, JobStatus::Failed, None, Some(error)));
+                    }
+                }
             }
         }
         let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
