@@ -96,12 +96,18 @@ pub struct ForgeConfig {
     pub budgets: [Duration; 4],
     /// Largest process-memory growth one job may cause (None = unchecked).
     pub memory_budget_bytes: Option<u64>,
+    /// Cache size cap (artifacts and manifests); beyond it the least
+    /// recently used entries are evicted.
+    pub cache_capacity_bytes: u64,
+    /// Cache entries unused for this long are evicted.
+    pub cache_ttl: Duration,
 }
 
 impl ForgeConfig {
     /// Defaults for a state directory: Standard, auto device, quarantine off,
     /// concurrency 2, no refresh, telemetry every 10 s, batch 8, the design's
-    /// budgets per strategy, 1 GiB memory budget per job.
+    /// budgets per strategy, 1 GiB memory budget per job, a 4 GiB cache
+    /// whose entries expire after 30 days unused.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         ForgeConfig {
             state_dir: state_dir.into(),
@@ -116,6 +122,8 @@ impl ForgeConfig {
             input_shapes: BTreeMap::new(),
             budgets: Strategy::ALL.map(Strategy::budget),
             memory_budget_bytes: Some(DEFAULT_MEMORY_BUDGET_BYTES),
+            cache_capacity_bytes: 4 << 30,
+            cache_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 
@@ -213,7 +221,46 @@ pub struct Forge {
     catalog: Catalog,
     host: Box<dyn Host>,
     counters: JobCounters,
+    cache: CacheStats,
     _lock: StateLock,
+}
+
+/// Cache metrics (SPEC R4): hits, misses, evictions, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Jobs answered by a stored artifact (current or adopted).
+    pub hits: u64,
+    /// Jobs that had to compile.
+    pub misses: u64,
+    /// Entries evicted (TTL or size cap).
+    pub evictions: u64,
+    /// Bytes held by the cache after the last maintenance.
+    pub bytes: u64,
+    /// Entries held after the last maintenance.
+    pub entries: u64,
+}
+
+impl CacheStats {
+    /// Hits over lookups (0 when there were none).
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+
+    /// The `tezzeret.cache.*` metrics.
+    pub fn metrics(&self) -> Vec<leyline::MetricPoint> {
+        vec![
+            telemetry::metric("tezzeret.cache.hit_rate", self.hit_rate(), "ratio", &[]),
+            telemetry::metric("tezzeret.cache.hits", self.hits as f64, "count", &[]),
+            telemetry::metric("tezzeret.cache.misses", self.misses as f64, "count", &[]),
+            telemetry::metric("tezzeret.cache.evictions", self.evictions as f64, "count", &[]),
+            telemetry::metric("tezzeret.cache.bytes", self.bytes as f64, "bytes", &[]),
+        ]
+    }
 }
 
 /// File names inside a state directory.
@@ -256,7 +303,18 @@ impl Forge {
                 .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("parameter values given for unknown blueprint {id:?}")))?;
             ResolvedParams::resolve(descriptor, overrides)?;
         }
-        let mut forge = Forge { config, device, store, journal, guards, catalog, host, counters: JobCounters::default(), _lock: lock };
+        let mut forge = Forge {
+            config,
+            device,
+            store,
+            journal,
+            guards,
+            catalog,
+            host,
+            counters: JobCounters::default(),
+            cache: CacheStats::default(),
+            _lock: lock,
+        };
         let repaired = forge.sync_guard_table()?;
         let recovery = forge.journal.recovery();
         let message = format!(
@@ -340,6 +398,47 @@ impl Forge {
         self.counters
     }
 
+    /// Cache metrics since open.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache
+    }
+
+    /// Cache lifecycle (SPEC R4): evicts entries unused for longer than the
+    /// TTL, then the least recently used until the cache fits its cap. An
+    /// evicted current artifact leaves the stored catalog (journal record,
+    /// guard slot removed) and is compiled again when next needed.
+    pub fn maintain_cache(&mut self) -> Result<CacheStats> {
+        let now = std::time::SystemTime::now();
+        let mut entries = self.store.cache_entries();
+        entries.sort_by_key(|(_, used)| *used);
+        let mut bytes: u64 = entries.iter().map(|(r, _)| r.size_bytes).sum();
+        for (record, used) in &entries {
+            let expired = now.duration_since(*used).unwrap_or_default() > self.config.cache_ttl;
+            if !expired && bytes <= self.config.cache_capacity_bytes {
+                continue;
+            }
+            self.evict(record)?;
+            bytes = bytes.saturating_sub(record.size_bytes);
+        }
+        let remaining = self.store.cache_entries();
+        self.cache.bytes = remaining.iter().map(|(r, _)| r.size_bytes).sum();
+        self.cache.entries = remaining.len() as u64;
+        Ok(self.cache)
+    }
+
+    fn evict(&mut self, record: &ArtifactRecord) -> Result<()> {
+        let current = self.journal.state().artifacts.get(&record.blueprint_id).is_some_and(|a| a.cache_key == record.cache_key);
+        if current {
+            let evict = Record::Evict { blueprint_id: Some(record.blueprint_id.clone()), cache_key: record.cache_key.clone() };
+            self.journal.append(vec![vec![evict]])?;
+            self.guards.remove(&record.blueprint_id)?;
+        }
+        self.store.remove(record)?;
+        self.cache.evictions += 1;
+        self.host.log(LogLevel::Info, &format!("evicted {} ({}) from the cache", record.blueprint_id, &record.cache_key[..16]));
+        Ok(())
+    }
+
     /// The job a descriptor of the catalog makes under this configuration.
     fn job_for(&self, descriptor: &Descriptor) -> Result<(Job, CompileJob)> {
         let id = &descriptor.blueprint_id;
@@ -411,10 +510,21 @@ impl Forge {
             }
             reports.insert(job.blueprint_id.clone(), report);
         }
+        if let Err(error) = self.maintain_cache() {
+            self.host.log(LogLevel::Error, &format!("cache maintenance failed: {error}"));
+        }
         let mut metrics = self.counters.metrics();
+        metrics.extend(self.cache.metrics());
         metrics.push(telemetry::metric("tezzeret.queue.depth", self.journal.state().pending.len() as f64, "count", &[]));
         self.emit_telemetry(metrics, Vec::new());
-        order.into_iter().filter_map(|id| reports.remove(&id)).collect()
+        let mut reports: Vec<JobReport> = order.into_iter().filter_map(|id| reports.remove(&id)).collect();
+        // An artifact evicted right away (cap too small) is no longer current.
+        for report in &mut reports {
+            if report.record.as_ref().is_some_and(|r| self.journal.state().artifacts.get(&r.blueprint_id) != Some(r)) {
+                report.artifact_path = None;
+            }
+        }
+        reports
     }
 
     /// Compiles (or reuses) one descriptor of the catalog by id, now,
@@ -480,6 +590,8 @@ impl Forge {
         if let Some(record) = self.journal.state().artifacts.get(id) {
             if record.cache_key == job.cache_key && self.store.verify(record).is_ok() {
                 let record = record.clone();
+                self.cache.hits += 1;
+                self.store.touch(&record.cache_key);
                 return Planned::Done(self.report(id, &descriptor.name, JobStatus::Cached, Some(record), None));
             }
         }
@@ -522,6 +634,8 @@ impl Forge {
         let id = job.blueprint_id.clone();
         if let Some(record) = self.store.manifest(&job.cache_key) {
             if record.blueprint_id == id && self.store.verify(&record).is_ok() {
+                self.cache.hits += 1;
+                self.store.touch(&record.cache_key);
                 self.commit(job, record.clone(), None)?;
                 return Ok((JobStatus::Cached, record));
             }
@@ -536,6 +650,7 @@ impl Forge {
             input_shapes: job.input_shapes.clone(),
         };
         self.counters.started += 1;
+        self.cache.misses += 1;
         progress(Progress::Compiling(&id, &job.cache_key));
         let started = telemetry::event(
             events::COMPILE_STARTED,

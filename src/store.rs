@@ -128,6 +128,27 @@ impl ArtifactStore {
         out
     }
 
+    /// Every readable manifest with its last use (the manifest's mtime,
+    /// refreshed by [`Self::touch`]).
+    pub fn cache_entries(&self) -> Vec<(ArtifactRecord, std::time::SystemTime)> {
+        self.manifests()
+            .into_iter()
+            .filter_map(|r| {
+                let used = fs::metadata(self.manifest_path(&r.cache_key)).and_then(|m| m.modified()).ok()?;
+                Some((r, used))
+            })
+            .collect()
+    }
+
+    /// Marks a cache entry as used now (sets its manifest's mtime; best
+    /// effort, not synced: last-use times only steer eviction).
+    pub fn touch(&self, cache_key: &str) {
+        if let Ok(path) = std::ffi::CString::new(self.manifest_path(cache_key).as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid path; NULL times means "now".
+            unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), std::ptr::null(), 0) };
+        }
+    }
+
     /// Removes a cached artifact: its manifest, and its file unless another
     /// manifest still points at it.
     pub fn remove(&self, record: &ArtifactRecord) -> Result<()> {

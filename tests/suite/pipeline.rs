@@ -246,3 +246,48 @@ fn host_input_shapes_replace_the_representative_ones() {
     assert_eq!(err.code(), ErrorCode::CompileFailed);
     assert!(err.message().contains("eager forward failed"), "{err}");
 }
+
+#[test]
+fn cache_evicts_by_ttl_and_least_recent_use_within_its_cap() {
+    struct Fixed(Option<Catalog>);
+    impl tezzeret::forge::Host for Fixed {
+        fn enumerate(&mut self) -> tezzeret::Result<Option<Catalog>> {
+            Ok(self.0.take())
+        }
+    }
+    let dir = TempDir::new("cache");
+    let entry = |id: &str, name: &str| format!(r#"{{"blueprint_id": "{id}", "name": "{name}", "tier": "SAFE"}}"#);
+    let abc = format!("[{}, {}, {}]", entry("A", "relu_activation"), entry("B", "gelu_activation"), entry("C", "skip_connection"));
+    let only_a = format!("[{}]", entry("A", "relu_activation"));
+    let open = |catalog: &str, capacity: u64, ttl: std::time::Duration| {
+        let mut config = ForgeConfig::new(dir.path());
+        config.device = DevicePreference::Cpu;
+        config.cache_capacity_bytes = capacity;
+        config.cache_ttl = ttl;
+        Forge::open(config, Box::new(Fixed(Some(Catalog::from_json(catalog).unwrap())))).unwrap()
+    };
+    let day = std::time::Duration::from_secs(86_400);
+    let mut forge = open(&abc, u64::MAX, day);
+    forge.run(&mut |_| {});
+    let sizes: BTreeMap<String, u64> = forge.artifacts().iter().map(|(k, r)| (k.clone(), r.size_bytes)).collect();
+    assert_eq!(forge.cache_stats().misses, 3);
+    drop(forge);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A is used again (a hit, now the most recent); the cap then fits A and C: B, least recently used, goes.
+    let mut forge = open(&only_a, sizes["A"] + sizes["C"], day);
+    let reports = forge.run(&mut |_| {});
+    assert_eq!(reports[0].status, JobStatus::Cached);
+    let stats = forge.cache_stats();
+    assert_eq!((stats.hits, stats.evictions, stats.entries), (1, 1, 2));
+    assert!(stats.bytes <= sizes["A"] + sizes["C"]);
+    assert_eq!(forge.artifacts().keys().cloned().collect::<Vec<_>>(), ["A", "C"]);
+    assert_eq!(forge.guards().lookup("B").unwrap(), tezzeret::guard::table::Lookup::Missing);
+    drop(forge);
+    // A TTL of zero expires everything; the evicted artifacts compile again when next needed.
+    let mut forge = open(&abc, u64::MAX, std::time::Duration::ZERO);
+    let reports = forge.run(&mut |_| {});
+    assert_eq!(reports.iter().filter(|r| r.status == JobStatus::Ok).count(), 1, "only B had to compile");
+    assert_eq!(forge.cache_stats().evictions, 3);
+    assert!(forge.artifacts().is_empty());
+    assert!(tezzeret::verify::verify_state(dir.path()).unwrap().problems.is_empty());
+}
