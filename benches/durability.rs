@@ -1,0 +1,139 @@
+//! Durability benchmarks (issue: durable state). Prints a table; asserts
+//! nothing. All files live in one directory (same disk), measured side by
+//! side in one run.
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Instant;
+
+use tezzeret::compile::percentile;
+use tezzeret::guard::table::{GuardEntry, GuardTable};
+use tezzeret::guard::{GuardSpec, InputGuard};
+use tezzeret::wal::journal::{Job, Journal};
+use tezzeret::wal::Wal;
+
+fn job(i: u64) -> Job {
+    Job {
+        seq: 0,
+        priority: 2,
+        blueprint_id: format!("BP{:03}", i % 50),
+        descriptor_hex: "0a05425030303112116c696e6561725f70726f6a656374696f6e1801".repeat(4),
+        overrides: Default::default(),
+        input_shapes: None,
+        strategy: "standard".into(),
+        device: "cpu".into(),
+        batch: 8,
+        cache_key: format!("{:064x}", i),
+    }
+}
+
+fn stats_us(samples: &mut [f64]) -> (f64, f64) {
+    (percentile(samples, 50.0).unwrap(), percentile(samples, 99.0).unwrap())
+}
+
+fn fdatasync_of(dir: &Path, bytes: usize, n: usize) -> Vec<f64> {
+    let path = dir.join("bare.dat");
+    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(&path).unwrap();
+    // Same shape of work as the WAL: space reserved ahead, then write + sync.
+    unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, (bytes * n + 4096) as i64) };
+    file.sync_all().unwrap();
+    let buf = vec![0x5au8; bytes];
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            file.write_all(&buf).unwrap();
+            unsafe { libc::fdatasync(file.as_raw_fd()) };
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect()
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("tezzeret-durability-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("## Durability (state directory on {})\n", dir.display());
+    println!("| what | ours | reference | unit |\n| --- | ---: | ---: | --- |");
+
+    // 1. One durable submit vs a bare fdatasync of the same number of bytes.
+    let n = 300;
+    let mut journal = Journal::open(&dir.join("wal.log")).unwrap();
+    journal.set_checkpoint_every(u64::MAX);
+    let record_bytes = serde_json::to_vec(&tezzeret::wal::Record::Enqueue { job: job(0) }).unwrap().len();
+    let entry_bytes = 3 * 256 + record_bytes + 32;
+    let mut ours: Vec<f64> = (0..n)
+        .map(|i| {
+            let t = Instant::now();
+            journal.submit(vec![job(i)]).unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    let mut bare = fdatasync_of(&dir, entry_bytes, n as usize);
+    let (o50, o99) = stats_us(&mut ours);
+    let (b50, b99) = stats_us(&mut bare);
+    println!("| durable submit p50 ({entry_bytes} B: 3 headers + record), vs write+fdatasync of as many bytes | {o50:.1} | {b50:.1} | µs |");
+    println!("| durable submit p99 | {o99:.1} | {b99:.1} | µs |");
+    println!("| ratio p50 ours / fdatasync (goal ≤ 1.5) | {:.2} | 1.00 | × |", o50 / b50);
+    println!("| prototype: JSON queue rewrite per job, no fsync (SPEC §14) | {o50:.1} | 182–227 | µs |");
+
+    // 2. 1000 submits: one sync each vs one group commit.
+    let t = Instant::now();
+    for i in 0..1000 {
+        journal.submit(vec![job(i)]).unwrap();
+    }
+    let one_by_one = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    journal.submit((0..1000).map(job).collect()).unwrap();
+    let grouped = t.elapsed().as_secs_f64();
+    println!("| 1000 submits, one sync each | {:.1} | — | ms |", one_by_one * 1e3);
+    println!("| 1000 submits, group commit (one sync) | {:.1} | {:.1} | ms (ref: one by one) |", grouped * 1e3, one_by_one * 1e3);
+    println!("| per submit with group commit | {:.2} | {:.1} | µs |", grouped * 1e6 / 1000.0, one_by_one * 1e6 / 1000.0);
+    drop(journal);
+
+    // 3. Recovery of a WAL holding 10,000 transactions.
+    let path = dir.join("wal-10k.log");
+    {
+        let mut journal = Journal::open(&path).unwrap();
+        journal.set_checkpoint_every(u64::MAX);
+        for chunk in (0..10_000u64).collect::<Vec<_>>().chunks(500) {
+            journal.submit(chunk.iter().map(|i| job(*i)).collect()).unwrap();
+        }
+    }
+    let size = std::fs::metadata(&path).unwrap().len();
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let journal = Journal::open(&path).unwrap();
+            assert_eq!(journal.state().pending.len(), 10_000);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let (r50, _) = stats_us(&mut times);
+    println!("| recovery (open + replay) of 10,000 transactions, {} MiB | {r50:.1} | 12000 (design ceiling) | ms |", size >> 20);
+    let t = Instant::now();
+    let (_, recovery) = Wal::open(&path).unwrap();
+    println!("| of which the WAL scan | {:.1} | — | ms |", t.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(recovery.transactions.len(), 10_000);
+
+    // 4. Guard lookups (lock-free, from a read-only mapping).
+    let table = GuardTable::create(&dir.join("guards.tbl"), 4096).unwrap();
+    for i in 0..50 {
+        let spec = GuardSpec(vec![InputGuard { index: 0, shape: vec![8, 32], dtype: "float32".into(), stride: vec![32, 1], requires_grad: false }]);
+        table.put(&GuardEntry::new(&format!("BP{i:03}"), &"ab".repeat(32), &spec.digest(), "cpu", true, &spec).unwrap()).unwrap();
+    }
+    let reader = GuardTable::open_read_only(&dir.join("guards.tbl")).unwrap();
+    let mut ns: Vec<f64> = (0..20_000)
+        .map(|i| {
+            let id = format!("BP{:03}", i % 50);
+            let t = Instant::now();
+            let found = reader.lookup(&id).unwrap();
+            let e = t.elapsed().as_nanos() as f64;
+            std::hint::black_box(found);
+            e
+        })
+        .collect();
+    let (g50, g99) = stats_us(&mut ns);
+    println!("| guard table lookup (decoded entry) p50 / p99 | {g50:.0} / {g99:.0} | — | ns |");
+    let _ = std::fs::remove_dir_all(&dir);
+}
