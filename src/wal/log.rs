@@ -405,6 +405,9 @@ impl Wal {
         if let Some(why) = &self.poisoned {
             return Err(Error::new(ErrorCode::Io, format!("WAL is poisoned by an earlier sync failure ({why}); reopen to recover")));
         }
+        if transactions.is_empty() {
+            return Ok(());
+        }
         let mut needed = self.tail;
         for tx in transactions {
             needed = next_offset(needed, 0);

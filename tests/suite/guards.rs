@@ -205,3 +205,28 @@ fn guard_reader_never_accepts_a_torn_slot() {
         .collect();
     assert!(counts[0] > 0 && counts[1] > 0, "the reader saw both versions: {text}");
 }
+
+/// Writes the fuzz seed corpus (`fuzz/seeds/`): a small valid WAL and a
+/// small guard table. Run by scripts/fuzz.sh when the seeds are missing.
+#[test]
+#[ignore = "writes fuzz seeds; run by scripts/fuzz.sh"]
+fn write_fuzz_seeds() {
+    let seeds = crate::repo_root().join("fuzz/seeds");
+    let dir = TempDir::new("seeds");
+    let wal_path = dir.path().join("wal.log");
+    {
+        let mut journal = tezzeret::wal::Journal::open(&wal_path).unwrap();
+        journal.submit(vec![]).unwrap();
+        let (mut wal, _) = tezzeret::wal::Wal::open(&dir.path().join("raw.log")).unwrap();
+        wal.commit(&[vec![b"{\"record\":\"fail\",\"seq\":1,\"reason\":\"r\",\"message\":\"m\"}".to_vec()], vec![]]).unwrap();
+        drop(journal);
+        let end = tezzeret::wal::read_only(&dir.path().join("raw.log")).unwrap().end as usize;
+        std::fs::create_dir_all(seeds.join("wal_recovery")).unwrap();
+        std::fs::write(seeds.join("wal_recovery/two-transactions"), &std::fs::read(dir.path().join("raw.log")).unwrap()[..end]).unwrap();
+    }
+    let table_path = dir.path().join("guards.tbl");
+    let table = GuardTable::create(&table_path, 2).unwrap();
+    table.put(&entry("BP001", 1)).unwrap();
+    std::fs::create_dir_all(seeds.join("guard_table_reader")).unwrap();
+    std::fs::copy(&table_path, seeds.join("guard_table_reader/one-entry")).unwrap();
+}
