@@ -632,6 +632,11 @@ impl Forge {
     fn execute_inner(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<(JobStatus, ArtifactRecord)> {
         let descriptor = Descriptor::decode(&unhex(&job.descriptor_hex))?;
         let id = job.blueprint_id.clone();
+        if self.journal.state().started.contains(&job.seq) {
+            // In flight when the last forge stopped: this is a retry.
+            self.counters.retried += 1;
+        }
+        self.journal.append(vec![vec![Record::Start { seq: job.seq }]])?;
         if let Some(record) = self.store.manifest(&job.cache_key) {
             if record.blueprint_id == id && self.store.verify(&record).is_ok() {
                 self.cache.hits += 1;

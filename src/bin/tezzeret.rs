@@ -273,6 +273,7 @@ fn describe_record(payload: &[u8]) -> String {
     use tezzeret::wal::Record;
     match serde_json::from_slice::<Record>(payload) {
         Ok(Record::Enqueue { job }) => format!("enqueue #{} {} ({}, priority {})", job.seq, job.blueprint_id, job.strategy, job.priority),
+        Ok(Record::Start { seq }) => format!("start #{seq}"),
         Ok(Record::Commit { seq, artifact }) => format!("commit #{seq} {} {}", artifact.blueprint_id, &artifact.checksum[..16]),
         Ok(Record::Fail { seq, reason, .. }) => format!("fail #{seq} {reason}"),
         Ok(Record::Evict { blueprint_id, cache_key }) => format!("evict {} {}", blueprint_id.unwrap_or_default(), &cache_key[..16.min(cache_key.len())]),

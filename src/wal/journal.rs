@@ -47,6 +47,11 @@ pub enum Record {
         /// The job.
         job: Job,
     },
+    /// A job started running (compiling or adopting).
+    Start {
+        /// The job's sequence number.
+        seq: u64,
+    },
     /// A job produced a durable artifact, now current for its blueprint.
     Commit {
         /// The job's sequence number (0: adopted or not from a job).
@@ -85,6 +90,9 @@ pub struct JournalState {
     /// Jobs accepted and not finished, by sequence number.
     #[serde(with = "jobs_as_list")]
     pub pending: BTreeMap<u64, Job>,
+    /// Pending jobs that had started (at recovery: in flight at the crash).
+    #[serde(default)]
+    pub started: BTreeSet<u64>,
     /// The current artifact of each blueprint.
     pub artifacts: BTreeMap<String, ArtifactRecord>,
     /// The last failure of each blueprint (reason, message).
@@ -101,12 +109,19 @@ impl JournalState {
                 self.next_seq = self.next_seq.max(job.seq + 1);
                 self.pending.insert(job.seq, job);
             }
+            Record::Start { seq } => {
+                if self.pending.contains_key(&seq) {
+                    self.started.insert(seq);
+                }
+            }
             Record::Commit { seq, artifact } => {
                 self.pending.remove(&seq);
+                self.started.remove(&seq);
                 self.failures.remove(&artifact.blueprint_id);
                 self.artifacts.insert(artifact.blueprint_id.clone(), artifact);
             }
             Record::Fail { seq, reason, message } => {
+                self.started.remove(&seq);
                 if let Some(job) = self.pending.remove(&seq) {
                     self.failures.insert(job.blueprint_id, (reason, message));
                 }

@@ -215,6 +215,22 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
     assert_eq!(last.exit, Some(0));
     assert_eq!(catalog_of(&state), expected);
     assert!(tezzeret::verify::verify_state(&state).unwrap().problems.is_empty());
+    // `tezzeret verify` passes after the crash-and-resume run, and fails
+    // naming the artifact once one byte of it changes.
+    let verify = || Command::new(env!("CARGO_BIN_EXE_tezzeret")).arg("verify").arg("--state").arg(&state).output().unwrap();
+    let ok = verify();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let (_, journal) = tezzeret::verify::read_journal(&state).unwrap();
+    let victim = &journal.artifacts["BP016"];
+    let path = state.join("artifacts").join(&victim.artifact_file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let failed = verify();
+    let out = String::from_utf8_lossy(&failed.stdout);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(out.contains("FAIL BP016: checksum_mismatch"), "{out}");
     println!("{kills} kills, {completions} completed runs in between");
 }
 
