@@ -151,7 +151,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 1
+#define TEZZERET_ABI_MINOR 2
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -195,6 +195,14 @@ typedef struct tezzeret_config {
   uint64_t telemetry_interval_ms;
   // Batch size of the representative inputs artifacts are built for; default 8.
   uint32_t batch_size;
+  // ed25519 secret key (32-byte seed) artifacts are signed with; NULL
+  // (default) = unsigned. Borrowed for the call; the library keeps a copy.
+  const uint8_t *signing_key;
+  // `trusted_key_count` ed25519 public keys (32 bytes each, contiguous);
+  // when any are given, every artifact's signature is verified on use.
+  const uint8_t *trusted_keys;
+  // Number of keys at `trusted_keys`; default 0.
+  size_t trusted_key_count;
 } tezzeret_config;
 
 // Enumerates the host's descriptors: call `tezzeret_descriptor_sink_push`

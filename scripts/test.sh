@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-build-deps.sh
+bash scripts/install-test-deps.sh
 source scripts/env.sh
 # `cargo test` builds the library only as an rlib; the C/C++ consumer tests
 # install the cdylib and staticlib of this same (dev) profile.

@@ -14,6 +14,7 @@ use crate::guard::table::{GuardEntry, GuardTable, Lookup};
 use crate::guard::{self, hex};
 use crate::leyline::{self, KernelCatalogUpdate, MessagePriority, TelemetryLevel};
 use crate::lock::StateLock;
+use crate::signing::KeyRing;
 use crate::store::{ArtifactRecord, ArtifactStore};
 use crate::wal::{Job, Journal, Record};
 use crate::telemetry::{self, events, JobCounters};
@@ -101,6 +102,8 @@ pub struct ForgeConfig {
     pub cache_capacity_bytes: u64,
     /// Cache entries unused for this long are evicted.
     pub cache_ttl: Duration,
+    /// Signing key and trusted public keys (SPEC R11); empty = unsigned, unverified.
+    pub keys: KeyRing,
 }
 
 impl ForgeConfig {
@@ -124,6 +127,7 @@ impl ForgeConfig {
             memory_budget_bytes: Some(DEFAULT_MEMORY_BUDGET_BYTES),
             cache_capacity_bytes: 4 << 30,
             cache_ttl: Duration::from_secs(30 * 24 * 3600),
+            keys: KeyRing::default(),
         }
     }
 
@@ -315,6 +319,7 @@ impl Forge {
             cache: CacheStats::default(),
             _lock: lock,
         };
+        forge.retire_unverified()?;
         let repaired = forge.sync_guard_table()?;
         let recovery = forge.journal.recovery();
         let message = format!(
@@ -330,6 +335,34 @@ impl Forge {
         );
         forge.host.log(LogLevel::Info, &message);
         Ok(forge)
+    }
+
+    /// With trusted keys configured, takes every current artifact whose
+    /// signature does not verify out of the catalog (it will be compiled and
+    /// signed again when needed) and says so.
+    fn retire_unverified(&mut self) -> Result<()> {
+        if !self.config.keys.verifies() {
+            return Ok(());
+        }
+        let failing: Vec<(ArtifactRecord, Error)> = self
+            .journal
+            .state()
+            .artifacts
+            .values()
+            .filter_map(|r| self.config.keys.verify(r).err().map(|e| (r.clone(), e)))
+            .collect();
+        for (record, error) in failing {
+            self.host.log(LogLevel::Error, &format!("{error}; removed from the catalog"));
+            let evict = Record::Evict { blueprint_id: Some(record.blueprint_id.clone()), cache_key: record.cache_key.clone() };
+            self.journal.append(vec![vec![evict]])?;
+        }
+        Ok(())
+    }
+
+    /// Whether a stored artifact may be used: its file verifies and, with
+    /// trusted keys configured, its signature does.
+    fn usable(&self, record: &ArtifactRecord) -> bool {
+        self.store.verify(record).is_ok() && self.config.keys.verify(record).is_ok()
     }
 
     /// Makes the guard table agree with the stored catalog; returns how
@@ -588,7 +621,7 @@ impl Forge {
             }
         };
         if let Some(record) = self.journal.state().artifacts.get(id) {
-            if record.cache_key == job.cache_key && self.store.verify(record).is_ok() {
+            if record.cache_key == job.cache_key && self.usable(record) {
                 let record = record.clone();
                 self.cache.hits += 1;
                 self.store.touch(&record.cache_key);
@@ -638,7 +671,7 @@ impl Forge {
         }
         self.journal.append(vec![vec![Record::Start { seq: job.seq }]])?;
         if let Some(record) = self.store.manifest(&job.cache_key) {
-            if record.blueprint_id == id && self.store.verify(&record).is_ok() {
+            if record.blueprint_id == id && self.usable(&record) {
                 self.cache.hits += 1;
                 self.store.touch(&record.cache_key);
                 self.commit(job, record.clone(), None)?;
@@ -687,8 +720,10 @@ impl Forge {
             tezzeret_version: LIBRARY_VERSION.to_string(),
             torch_version: TORCH_VERSION.to_string(),
             format_version: ARTIFACT_FORMAT_VERSION,
+            revision: self.journal.state().revisions.get(&id).copied().unwrap_or(0) + 1,
+            signature: None,
         };
-        let record = self.store.put(record, &artifact.bytes)?;
+        let record = self.store.put(record, &artifact.bytes, &self.config.keys)?;
         self.commit(job, record.clone(), Some((started, begun)))?;
         Ok((JobStatus::Ok, record))
     }

@@ -18,6 +18,7 @@ pub mod leyline;
 pub mod lock;
 pub mod report;
 pub mod resources;
+pub mod signing;
 pub mod store;
 pub mod telemetry;
 pub mod verify;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::failpoint;
+use crate::signing::{KeyRing, Manifest};
 use crate::guard::{hex, GuardSpec};
 use crate::{Error, ErrorCode, Result};
 
@@ -56,6 +57,12 @@ pub struct ArtifactRecord {
     pub torch_version: String,
     /// Artifact format version.
     pub format_version: u32,
+    /// Per-blueprint revision: increases each time a changed input is recompiled.
+    #[serde(default)]
+    pub revision: u64,
+    /// ed25519 signature of the artifact's manifest, when signing is configured.
+    #[serde(default)]
+    pub signature: Option<crate::signing::ManifestSignature>,
 }
 
 /// Artifact files and their manifests under a state directory:
@@ -89,9 +96,10 @@ impl ArtifactStore {
     }
 
     /// Stores an artifact file and its manifest (`record`, whose file
-    /// fields are filled in here). Both are durable when this returns:
-    /// the artifact first, then the manifest that points at it.
-    pub fn put(&self, mut record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
+    /// fields — and signature, when `keys` can sign — are filled in here).
+    /// Both are durable when this returns: the artifact first, then the
+    /// manifest that points at it.
+    pub fn put(&self, mut record: ArtifactRecord, bytes: &[u8], keys: &KeyRing) -> Result<ArtifactRecord> {
         let checksum = hex(&Sha256::digest(bytes));
         let file_name = format!("{checksum}.pt");
         let path = self.root.join("artifacts").join(&file_name);
@@ -101,6 +109,7 @@ impl ArtifactStore {
         record.artifact_file = file_name;
         record.checksum = checksum;
         record.size_bytes = bytes.len() as u64;
+        record.signature = keys.sign(&Manifest::of(&record));
         let manifest = serde_json::to_vec_pretty(&record).expect("records serialise");
         durable_write(&self.manifest_path(&record.cache_key), &manifest)?;
         Ok(record)

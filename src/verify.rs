@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::forge::{guard_entry, layout};
 use crate::guard::table::{GuardTable, Lookup};
+use crate::signing::KeyRing;
 use crate::store::ArtifactStore;
 use crate::wal::{self, JournalState, Recovery};
 use crate::Result;
@@ -33,6 +34,12 @@ pub struct Verification {
 /// guard slot (present, equal to the stored metadata, digest consistent),
 /// and that the guard table holds nothing else.
 pub fn verify_state(state_dir: &Path) -> Result<Verification> {
+    verify_state_with_keys(state_dir, &KeyRing::default())
+}
+
+/// As [`verify_state`], also checking each artifact's manifest signature
+/// against `keys`' trusted keys (when it has any).
+pub fn verify_state_with_keys(state_dir: &Path, keys: &KeyRing) -> Result<Verification> {
     let (_, state) = read_journal(state_dir)?;
     let store = ArtifactStore::open_existing(state_dir)?;
     let guards = GuardTable::open_read_only(&state_dir.join(layout::GUARDS));
@@ -46,6 +53,9 @@ pub fn verify_state(state_dir: &Path) -> Result<Verification> {
             Some(manifest) if manifest == *record => {}
             Some(_) => out.problems.push(format!("{id}: manifest {} differs from the journal", record.cache_key)),
             None => out.problems.push(format!("{id}: manifest {} missing", record.cache_key)),
+        }
+        if let Err(e) = keys.verify(record) {
+            out.problems.push(format!("{id}: {}", e.message()));
         }
         if record.guard_spec.digest() != record.guard_digest {
             out.problems.push(format!("{id}: guard digest does not match its guard spec"));

@@ -7,6 +7,7 @@ use std::time::Instant;
 use tezzeret::catalog::Catalog;
 use tezzeret::compile::Strategy;
 use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host, JobReport, JobStatus, Progress};
+use tezzeret::signing::{read_key_file, KeyRing};
 use tezzeret::store::ArtifactStore;
 use tezzeret::{report, Error, Result};
 
@@ -14,10 +15,12 @@ const USAGE: &str = "\
 usage:
   tezzeret forge --state DIR [--catalog FILE.json|default] [--strategy emergency|fast|standard|aggressive]
                  [--jobs N] [--device auto|cpu|cuda] [--batch N] [--budget SECONDS]
-                 [--memory-budget MIB] [--allow-quarantine] [--json] [--trace-events]
+                 [--memory-budget MIB] [--signing-key FILE] [--trusted-key FILE]...
+                 [--allow-quarantine] [--json] [--trace-events]
   tezzeret inspect --state DIR [--json]
   tezzeret wal --state DIR
-  tezzeret verify --state DIR
+  tezzeret verify --state DIR [--trusted-key FILE]...
+  tezzeret keygen --out FILE
   tezzeret version
 ";
 
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Some("inspect") => inspect(&args[1..]),
         Some("wal") => wal(&args[1..]),
         Some("verify") => verify(&args[1..]),
+        Some("keygen") => keygen(&args[1..]),
         Some("version") | Some("--version") => {
             println!(
                 "tezzeret {} (ABI {}.{}, torch {})",
@@ -121,12 +125,25 @@ fn forge(args: &[String]) -> Result<bool> {
     let parsed = Args::parse(
         args,
         &["--allow-quarantine", "--json", "--trace-events"],
-        &["--state", "--catalog", "--strategy", "--jobs", "--device", "--batch", "--budget", "--memory-budget"],
+        &[
+            "--state",
+            "--catalog",
+            "--strategy",
+            "--jobs",
+            "--device",
+            "--batch",
+            "--budget",
+            "--memory-budget",
+            "--signing-key",
+            "--trusted-key",
+        ],
     )?;
     let mut state = None;
     let mut catalog = None;
     let mut json = false;
     let mut trace = false;
+    let mut signing = None;
+    let mut trusted = Vec::new();
     let mut config = ForgeConfig::new("");
     for (flag, value) in parsed {
         let value = value.unwrap_or_default();
@@ -162,10 +179,13 @@ fn forge(args: &[String]) -> Result<bool> {
             "--allow-quarantine" => config.allow_quarantine = true,
             "--json" => json = true,
             "--trace-events" => trace = true,
+            "--signing-key" => signing = Some(read_key_file(std::path::Path::new(value))?),
+            "--trusted-key" => trusted.push(read_key_file(std::path::Path::new(value))?),
             _ => unreachable!("parser only yields known flags"),
         }
     }
     config.state_dir = state.ok_or_else(|| Error::invalid(format!("forge needs --state DIR\n{USAGE}")))?;
+    config.keys = KeyRing::new(signing, &trusted)?;
     let allow_quarantine = config.allow_quarantine;
 
     let started = Instant::now();
@@ -285,13 +305,49 @@ fn describe_record(payload: &[u8]) -> String {
 }
 
 fn verify(args: &[String]) -> Result<bool> {
-    let (state, _) = state_arg(args, &[], "verify")?;
-    let verification = tezzeret::verify::verify_state(&state)?;
+    let parsed = Args::parse(args, &[], &["--state", "--trusted-key"])?;
+    let (state, _) = state_arg(&strip_option(args, "--trusted-key"), &[], "verify")?;
+    let trusted = parsed
+        .iter()
+        .filter(|(f, _)| *f == "--trusted-key")
+        .map(|(_, v)| read_key_file(std::path::Path::new(v.unwrap_or_default())))
+        .collect::<Result<Vec<_>>>()?;
+    let keys = KeyRing::new(None, &trusted)?;
+    let verification = tezzeret::verify::verify_state_with_keys(&state, &keys)?;
     for problem in &verification.problems {
         println!("FAIL {problem}");
     }
-    println!("{} artifacts checked, {} problems", verification.checked, verification.problems.len());
+    println!(
+        "{} artifacts checked{}, {} problems",
+        verification.checked,
+        if keys.verifies() { " (signatures included)" } else { "" },
+        verification.problems.len()
+    );
     Ok(verification.problems.is_empty())
+}
+
+/// `args` without every `option VALUE` pair.
+fn strip_option(args: &[String], option: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if a == option {
+            skip = true;
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+fn keygen(args: &[String]) -> Result<bool> {
+    let parsed = Args::parse(args, &[], &["--out"])?;
+    let out = parsed.first().and_then(|(_, v)| *v).ok_or_else(|| Error::invalid(format!("keygen needs --out FILE\n{USAGE}")))?;
+    let public = tezzeret::signing::keygen(std::path::Path::new(out))?;
+    println!("secret key: {out} (keep it private)\npublic key: {out}.pub {}", tezzeret::guard::hex(&public));
+    Ok(true)
 }
 
 fn print_table(reports: &[JobReport]) {

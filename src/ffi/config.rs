@@ -2,9 +2,10 @@
 use std::ffi::c_char;
 use std::mem::{offset_of, size_of};
 
-use super::{ffi_status, out_arg, read_sized, str_arg, tezzeret_status};
+use super::{bytes_arg, ffi_status, out_arg, read_sized, str_arg, tezzeret_status};
 use crate::compile::Strategy;
 use crate::forge::{DevicePreference, ForgeConfig};
+use crate::signing::KeyRing;
 use crate::{Error, Result};
 
 /// Emergency strategy: CPU only, no optimisation passes, one validation run.
@@ -50,6 +51,14 @@ pub struct tezzeret_config {
     pub telemetry_interval_ms: u64,
     /// Batch size of the representative inputs artifacts are built for; default 8.
     pub batch_size: u32,
+    /// ed25519 secret key (32-byte seed) artifacts are signed with; NULL
+    /// (default) = unsigned. Borrowed for the call; the library keeps a copy.
+    pub signing_key: *const u8,
+    /// `trusted_key_count` ed25519 public keys (32 bytes each, contiguous);
+    /// when any are given, every artifact's signature is verified on use.
+    pub trusted_keys: *const u8,
+    /// Number of keys at `trusted_keys`; default 0.
+    pub trusted_key_count: usize,
 }
 
 /// The oldest layout accepted: up to and including `state_dir`.
@@ -67,6 +76,9 @@ impl tezzeret_config {
             refresh_interval_ms: 0,
             telemetry_interval_ms: 10_000,
             batch_size: 8,
+            signing_key: std::ptr::null(),
+            trusted_keys: std::ptr::null(),
+            trusted_key_count: 0,
         }
     }
 
@@ -97,6 +109,18 @@ impl tezzeret_config {
         config.refresh_interval_ms = raw.refresh_interval_ms;
         config.telemetry_interval_ms = raw.telemetry_interval_ms;
         config.batch = i64::from(raw.batch_size);
+        let signing = (!raw.signing_key.is_null()).then(|| {
+            let mut seed = [0u8; 32];
+            // SAFETY: the caller provides 32 readable bytes at signing_key.
+            seed.copy_from_slice(std::slice::from_raw_parts(raw.signing_key, 32));
+            seed
+        });
+        if raw.trusted_key_count > 4096 {
+            return Err(Error::invalid(format!("config.trusted_key_count {} is implausibly large", raw.trusted_key_count)));
+        }
+        let trusted_bytes = bytes_arg(raw.trusted_keys, raw.trusted_key_count * 32, "config.trusted_keys")?;
+        let trusted: Vec<[u8; 32]> = trusted_bytes.chunks(32).map(|c| c.try_into().expect("32-byte chunks")).collect();
+        config.keys = KeyRing::new(signing, &trusted).map_err(|e| e.context("config.trusted_keys"))?;
         Ok(config)
     }
 }

@@ -97,6 +97,10 @@ pub struct JournalState {
     pub artifacts: BTreeMap<String, ArtifactRecord>,
     /// The last failure of each blueprint (reason, message).
     pub failures: BTreeMap<String, (String, String)>,
+    /// The highest revision committed per blueprint (revisions only grow,
+    /// eviction included).
+    #[serde(default)]
+    pub revisions: BTreeMap<String, u64>,
     /// Transactions applied since the last checkpoint.
     #[serde(default)]
     pub transactions_since_checkpoint: u64,
@@ -118,6 +122,8 @@ impl JournalState {
                 self.pending.remove(&seq);
                 self.started.remove(&seq);
                 self.failures.remove(&artifact.blueprint_id);
+                let revision = self.revisions.entry(artifact.blueprint_id.clone()).or_default();
+                *revision = (*revision).max(artifact.revision);
                 self.artifacts.insert(artifact.blueprint_id.clone(), artifact);
             }
             Record::Fail { seq, reason, message } => {

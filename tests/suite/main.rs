@@ -10,6 +10,7 @@ mod header;
 mod leyline;
 mod loaders;
 mod pipeline;
+mod signing;
 mod wal;
 
 /// A fresh temporary directory removed on drop.

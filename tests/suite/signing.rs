@@ -1,0 +1,201 @@
+//! Signing and versioning (SPEC R11): every manifest field and the artifact
+//! bytes are covered, unknown keys are refused, keys rotate, revisions grow,
+//! and an independent ed25519 implementation (Python `cryptography`) agrees.
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tezzeret::ffi::*;
+use tezzeret::signing::{read_key_file, KeyRing, ManifestSignature};
+use tezzeret::store::ArtifactRecord;
+
+use crate::{repo_root, TempDir};
+
+const CATALOG: &str = r#"[
+ {"blueprint_id": "BP002", "name": "linear_projection", "tier": "SAFE", "allowed_parameters": {"scale": [0.5, 2.0]}},
+ {"blueprint_id": "BP016", "name": "squeeze_excitation", "tier": "SAFE", "allowed_parameters": {"reduction": [4.0, 16.0]}}
+]"#;
+
+fn tezzeret(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tezzeret")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(name);
+    let (code, text) = tezzeret(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    (key.clone(), PathBuf::from(format!("{}.pub", key.display())))
+}
+
+fn records(state: &Path) -> Vec<ArtifactRecord> {
+    tezzeret::verify::read_journal(state).unwrap().1.artifacts.into_values().collect()
+}
+
+#[test]
+fn every_manifest_field_and_the_artifact_are_covered() {
+    let work = TempDir::new("sign-fields");
+    let (secret, public) = keygen(work.path(), "k.key");
+    let catalog = work.path().join("c.json");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let state = work.path().join("s");
+    let s = state.to_str().unwrap();
+    let (code, text) = tezzeret(&["forge", "--state", s, "--catalog", catalog.to_str().unwrap(), "--signing-key", secret.to_str().unwrap(), "--trusted-key", public.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    let keys = KeyRing::new(None, &[read_key_file(&public).unwrap()]).unwrap();
+    let record = records(&state).remove(0);
+    assert_eq!(record.revision, 1);
+    keys.verify(&record).unwrap();
+    let tamper: Vec<(&str, Box<dyn Fn(&mut ArtifactRecord)>)> = vec![
+        ("blueprint_id", Box::new(|r| r.blueprint_id.push('x'))),
+        ("checksum", Box::new(|r| r.checksum = "0".repeat(64))),
+        ("guard_digest", Box::new(|r| r.guard_digest = "1".repeat(64))),
+        ("strategy", Box::new(|r| r.strategy = "fast".into())),
+        ("variant", Box::new(|r| r.variant = "trace".into())),
+        ("tezzeret_version", Box::new(|r| r.tezzeret_version = "9.9.9".into())),
+        ("torch_version", Box::new(|r| r.torch_version = "1.0.0".into())),
+        ("format_version", Box::new(|r| r.format_version += 1)),
+        ("device", Box::new(|r| r.device = "cuda:0".into())),
+        ("revision", Box::new(|r| r.revision += 1)),
+        ("signature", Box::new(|r| {
+            let s = r.signature.as_mut().unwrap();
+            let flipped = if s.signature.starts_with('0') { "1" } else { "0" };
+            s.signature.replace_range(0..1, flipped);
+        })),
+    ];
+    for (field, change) in tamper {
+        let mut changed = record.clone();
+        change(&mut changed);
+        let err = keys.verify(&changed).unwrap_err();
+        assert!(err.message().starts_with("signature_invalid"), "{field}: {err}");
+    }
+    let mut unsigned = record.clone();
+    unsigned.signature = None;
+    assert!(keys.verify(&unsigned).unwrap_err().message().contains("is unsigned"));
+    // A key nobody trusts.
+    let (_, stranger) = keygen(work.path(), "stranger.key");
+    let strangers = KeyRing::new(None, &[read_key_file(&stranger).unwrap()]).unwrap();
+    assert!(strangers.verify(&record).unwrap_err().message().contains("untrusted key"));
+    // The artifact bytes: verify names the artifact; the forge refuses to reuse it.
+    let path = state.join("artifacts").join(&record.artifact_file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let (code, text) = tezzeret(&["verify", "--state", s, "--trusted-key", public.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(text.contains(&format!("FAIL {}: checksum_mismatch", record.blueprint_id)), "{text}");
+    // A tampered manifest file is not adopted either: its signature fails.
+    let manifest = state.join("manifests").join(format!("{}.json", record.cache_key));
+    let text_manifest = std::fs::read_to_string(&manifest).unwrap().replace(&record.variant, "trace");
+    std::fs::write(&manifest, text_manifest).unwrap();
+    let (code, text) = tezzeret(&["verify", "--state", s, "--trusted-key", public.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(text.contains("manifest") && text.contains("differs"), "{text}");
+}
+
+#[test]
+fn keys_rotate_and_a_removed_key_retires_its_artifacts() {
+    let work = TempDir::new("sign-rotate");
+    let (old_secret, old_public) = keygen(work.path(), "old.key");
+    let (new_secret, new_public) = keygen(work.path(), "new.key");
+    let catalog = work.path().join("c.json");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let state = work.path().join("s");
+    let (s, c) = (state.to_str().unwrap().to_string(), catalog.to_str().unwrap().to_string());
+    let (op, np) = (old_public.to_str().unwrap().to_string(), new_public.to_str().unwrap().to_string());
+    let forge = |secret: &Path, trusted: &[&str]| {
+        let mut args = vec!["forge", "--state", &s, "--catalog", &c, "--json", "--signing-key", secret.to_str().unwrap()];
+        for t in trusted {
+            args.extend(["--trusted-key", t]);
+        }
+        let (code, text) = tezzeret(&args);
+        assert_eq!(code, 0, "{text}");
+        let doc: serde_json::Value = serde_json::from_str(&text[..text.rfind('}').unwrap() + 1]).unwrap();
+        doc["artifacts"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(forge(&old_secret, &[&op]), ["ok", "ok"]);
+    // Rotation: sign with the new key, trust both: old artifacts still verify (reused).
+    assert_eq!(forge(&new_secret, &[&op, &np]), ["cached", "cached"]);
+    let (code, _) = tezzeret(&["verify", "--state", &s, "--trusted-key", &op, "--trusted-key", &np]);
+    assert_eq!(code, 0);
+    // The old key removed from the trusted set: its artifacts fail…
+    let (code, text) = tezzeret(&["verify", "--state", &s, "--trusted-key", &np]);
+    assert_eq!(code, 1);
+    assert!(text.contains("signature_invalid") && text.contains("untrusted key"), "{text}");
+    // …and the forge retires them at open and signs new ones, at a higher revision.
+    assert_eq!(forge(&new_secret, &[&np]), ["ok", "ok"]);
+    let new_key = read_key_file(&new_public).unwrap();
+    for r in records(&state) {
+        assert_eq!(r.signature.as_ref().unwrap().public_key, tezzeret::guard::hex(&new_key));
+        assert_eq!(r.revision, 2, "{}", r.blueprint_id);
+    }
+    let (code, _) = tezzeret(&["verify", "--state", &s, "--trusted-key", &np]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn python_cryptography_verifies_our_signatures() {
+    let work = TempDir::new("sign-python");
+    let (secret, public) = keygen(work.path(), "k.key");
+    let state = work.path().join("s");
+    let (code, text) = tezzeret(&["forge", "--state", state.to_str().unwrap(), "--signing-key", secret.to_str().unwrap(), "--trusted-key", public.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    let all = records(&state);
+    assert_eq!(all.len(), 42);
+    let file = work.path().join("records.json");
+    std::fs::write(&file, serde_json::to_vec(&all).unwrap()).unwrap();
+    let python = std::env::var("TEZZERET_PYTHON").expect("TEZZERET_PYTHON is set by scripts/env.sh");
+    let out = Command::new(python).arg(repo_root().join("tests/python/verify_signatures.py")).arg(&file).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("42 passed, 0 failed"), "{text}");
+    // And it refuses a tampered one (the check can fail).
+    let mut tampered = all.clone();
+    tampered[0].guard_digest = "0".repeat(64);
+    std::fs::write(&file, serde_json::to_vec(&tampered).unwrap()).unwrap();
+    let python = std::env::var("TEZZERET_PYTHON").unwrap();
+    let out = Command::new(python).arg(repo_root().join("tests/python/verify_signatures.py")).arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let _: Option<ManifestSignature> = None;
+}
+
+#[test]
+fn keys_through_the_c_abi() {
+    let work = TempDir::new("sign-abi");
+    let dir = CString::new(work.path().join("s").to_str().unwrap()).unwrap();
+    let (secret, public) = keygen(work.path(), "k.key");
+    let seed = read_key_file(&secret).unwrap();
+    let trusted = read_key_file(&public).unwrap();
+    unsafe {
+        let mut config: tezzeret_config = std::mem::zeroed();
+        assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
+        config.state_dir = dir.as_ptr();
+        config.device = TEZZERET_DEVICE_CPU;
+        config.strategy = TEZZERET_STRATEGY_EMERGENCY;
+        config.signing_key = seed.as_ptr();
+        config.trusted_keys = trusted.as_ptr();
+        config.trusted_key_count = 1;
+        let mut forge = std::ptr::null_mut();
+        assert!(tezzeret_forge_open(&config, std::ptr::null(), &mut forge).is_null());
+        let mut summary = tezzeret_run_summary { struct_size: std::mem::size_of::<tezzeret_run_summary>(), ..Default::default() };
+        assert!(tezzeret_forge_run(forge, &mut summary).is_null());
+        assert_eq!(summary.ok, 42);
+        tezzeret_forge_close(forge);
+        let keys = KeyRing::new(None, &[trusted]).unwrap();
+        assert!(records(&work.path().join("s")).iter().all(|r| keys.verify(r).is_ok()));
+        // NULL keys with a count, and a point that is not a public key: refused, named.
+        config.trusted_keys = std::ptr::null();
+        let st = tezzeret_forge_open(&config, std::ptr::null(), &mut forge);
+        assert_eq!(tezzeret_status_code(st), TEZZERET_CODE_NULL_ARGUMENT);
+        tezzeret_status_free(st);
+        let mut bad = [0u8; 32];
+        bad[0] = 2; // not on the curve
+        bad[31] = 0x80;
+        config.trusted_keys = bad.as_ptr();
+        let st = tezzeret_forge_open(&config, std::ptr::null(), &mut forge);
+        let message = std::ffi::CStr::from_ptr(tezzeret_status_message(st)).to_string_lossy().into_owned();
+        assert_eq!(tezzeret_status_code(st), TEZZERET_CODE_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains("trusted key 0"), "{message}");
+        tezzeret_status_free(st);
+    }
+}
