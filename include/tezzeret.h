@@ -51,6 +51,13 @@
 // Flag: compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
 #define TEZZERET_FLAG_ALLOW_QUARANTINE 1
 
+// Answer type of a prefetch: `KernelArtifactReady` bytes (Leyline
+// `BusMessageType` KERNEL_PREFETCH_READY).
+#define TEZZERET_PREFETCH_READY 7
+
+// Answer type of a prefetch: `KernelArtifactError` bytes (KERNEL_PREFETCH_ERROR).
+#define TEZZERET_PREFETCH_ERROR 8
+
 // dtype code: float32.
 #define TEZZERET_DTYPE_FLOAT32 0
 
@@ -87,6 +94,33 @@
 // Highest input rank a guard entry describes.
 #define TEZZERET_GUARD_MAX_RANK 8
 
+// Guard check result: the inputs match.
+#define TEZZERET_GUARD_MATCH 0
+
+// Guard check result: no guard entry for the blueprint.
+#define TEZZERET_GUARD_UNKNOWN_BLUEPRINT 1
+
+// Guard check result: the slot is torn or mid-update (retry or reload).
+#define TEZZERET_GUARD_UNREADABLE 2
+
+// Guard check result: wrong number of inputs (`expected`, `actual`).
+#define TEZZERET_GUARD_INPUT_COUNT 3
+
+// Guard check result: input `input` has the wrong dtype (`TEZZERET_DTYPE_*` codes).
+#define TEZZERET_GUARD_DTYPE 4
+
+// Guard check result: input `input` has the wrong rank.
+#define TEZZERET_GUARD_RANK 5
+
+// Guard check result: input `input`, dimension `dimension` has the wrong size.
+#define TEZZERET_GUARD_SHAPE 6
+
+// Guard check result: input `input`, dimension `dimension` has the wrong stride.
+#define TEZZERET_GUARD_STRIDE 7
+
+// Guard check result: an argument was NULL or inconsistent.
+#define TEZZERET_GUARD_INVALID_ARGUMENT 8
+
 // Log level: fine-grained progress.
 #define TEZZERET_LOG_DEBUG 0
 
@@ -98,6 +132,27 @@
 
 // Log level: something failed.
 #define TEZZERET_LOG_ERROR 3
+
+// DLPack device type: CPU (`kDLCPU`).
+#define TEZZERET_DL_CPU 1
+
+// DLPack device type: CUDA (`kDLCUDA`).
+#define TEZZERET_DL_CUDA 2
+
+// DLPack dtype code: signed integer (`kDLInt`).
+#define TEZZERET_DL_INT 0
+
+// DLPack dtype code: unsigned integer (`kDLUInt`).
+#define TEZZERET_DL_UINT 1
+
+// DLPack dtype code: IEEE float (`kDLFloat`).
+#define TEZZERET_DL_FLOAT 2
+
+// DLPack dtype code: bfloat16 (`kDLBfloat`).
+#define TEZZERET_DL_BFLOAT 4
+
+// DLPack dtype code: bool (`kDLBool`).
+#define TEZZERET_DL_BOOL 6
 
 // Success (never carried by a status object: success is NULL).
 #define TEZZERET_CODE_OK 0
@@ -165,14 +220,21 @@ typedef struct tezzeret_descriptor_sink tezzeret_descriptor_sink;
 // host threads are serialised.
 typedef struct tezzeret_forge tezzeret_forge;
 
-// A guard table opened read-only. Lookups are lock-free and may run
+// A guard table opened read-only. Lookups and checks are lock-free and may run
 // concurrently from any number of threads.
 typedef struct tezzeret_guard_table tezzeret_guard_table;
+
+// A loaded kernel. Runs may come from several threads (serialised).
+typedef struct tezzeret_kernel tezzeret_kernel;
 
 // The outcome of a failed call: a code (`TEZZERET_CODE_*`) and a UTF-8
 // message naming the problem. Owned by the caller; free it with
 // `tezzeret_status_free`.
 typedef struct tezzeret_status tezzeret_status;
+
+// A tensor produced by a kernel run, owned by the library; read it through
+// `tezzeret_tensor_dlpack`, free it with `tezzeret_tensor_free`.
+typedef struct tezzeret_tensor tezzeret_tensor;
 
 // How to open a forge. Initialise with `tezzeret_config_init`, then set
 // `state_dir` (required) and whatever else differs from the defaults.
@@ -292,6 +354,73 @@ typedef struct tezzeret_guard_entry {
   struct tezzeret_guard_input inputs[4];
 } tezzeret_guard_entry;
 
+// Metadata of one input tensor for a guard check (borrowed for the call).
+typedef struct tezzeret_tensor_meta {
+  // `TEZZERET_DTYPE_*`.
+  uint32_t dtype;
+  // Number of dimensions (at most `TEZZERET_GUARD_MAX_RANK`).
+  uint32_t rank;
+  // `rank` sizes.
+  const int64_t *shape;
+  // `rank` strides, in elements.
+  const int64_t *stride;
+} tezzeret_tensor_meta;
+
+// The details of a guard check.
+typedef struct tezzeret_guard_verdict {
+  // Size of this struct as the caller knows it.
+  size_t struct_size;
+  // `TEZZERET_GUARD_*` (also the function's return value).
+  uint32_t result;
+  // The input a mismatch concerns.
+  uint32_t input;
+  // The dimension a shape or stride mismatch concerns.
+  uint32_t dimension;
+  // What the guard expects (count, dtype code, rank, size or stride).
+  int64_t expected;
+  // What was given.
+  int64_t actual;
+  // On a match: sha256 of the artifact that matches.
+  uint8_t checksum[32];
+} tezzeret_guard_verdict;
+
+// `DLDevice`, layout-identical to DLPack's.
+typedef struct tezzeret_dl_device {
+  // `TEZZERET_DL_CPU` or `TEZZERET_DL_CUDA`.
+  int32_t device_type;
+  // Device ordinal.
+  int32_t device_id;
+} tezzeret_dl_device;
+
+// `DLDataType`, layout-identical to DLPack's.
+typedef struct tezzeret_dl_datatype {
+  // `TEZZERET_DL_FLOAT`, `..._INT`, ...
+  uint8_t code;
+  // Bits per element.
+  uint8_t bits;
+  // Vector lanes (1).
+  uint16_t lanes;
+} tezzeret_dl_datatype;
+
+// `DLTensor`, layout-identical to DLPack's: a host may pass a `DLTensor*`
+// cast to `tezzeret_dltensor*`.
+typedef struct tezzeret_dltensor {
+  // Start of the data (plus `byte_offset`).
+  void *data;
+  // Where the data lives.
+  struct tezzeret_dl_device device;
+  // Number of dimensions.
+  int32_t ndim;
+  // Element type.
+  struct tezzeret_dl_datatype dtype;
+  // `ndim` sizes.
+  int64_t *shape;
+  // `ndim` strides in elements; NULL = compact row-major.
+  int64_t *strides;
+  // Offset of the first element from `data`, in bytes.
+  uint64_t byte_offset;
+} tezzeret_dltensor;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -333,6 +462,23 @@ struct tezzeret_status *tezzeret_forge_run(struct tezzeret_forge *forge,
 struct tezzeret_status *tezzeret_forge_catalog_json(struct tezzeret_forge *forge,
                                                     struct tezzeret_buffer **out_json);
 
+// Answers Leyline `KernelPrefetchRequest` bytes: `*out_type` is
+// `TEZZERET_PREFETCH_READY` (`KernelArtifactReady` bytes, with pre-warm
+// p50/p95) or `TEZZERET_PREFETCH_ERROR` (`KernelArtifactError` bytes, reason
+// `missing_artifact`, `artifact_not_found`, `checksum_mismatch` or
+// `signature_invalid`); free `*out_answer` with `tezzeret_buffer_free`. The
+// artifact is re-hashed only when its file changed since it was verified.
+struct tezzeret_status *tezzeret_forge_prefetch(struct tezzeret_forge *forge,
+                                                const uint8_t *request,
+                                                size_t request_len,
+                                                uint32_t *out_type,
+                                                struct tezzeret_buffer **out_answer);
+
+// Opens the forge's guard table read-only (the same as
+// `tezzeret_guard_table_open` on `<state_dir>/guards.tbl`).
+struct tezzeret_status *tezzeret_forge_guard_table(struct tezzeret_forge *forge,
+                                                   struct tezzeret_guard_table **out_table);
+
 // Diagnostic: deliberately panics inside the library so a host can check
 // that panics are contained. Always returns a `TEZZERET_CODE_INTERNAL`
 // status and poisons the handle (later calls return
@@ -359,6 +505,18 @@ struct tezzeret_status *tezzeret_guard_table_lookup(const struct tezzeret_guard_
 // Closes a guard table. NULL is accepted and ignored.
 void tezzeret_guard_table_close(struct tezzeret_guard_table *table);
 
+// Checks input tensors against a blueprint's guards — the hot path: no
+// locks, no allocation. Returns `TEZZERET_GUARD_MATCH` or the first precise
+// mismatch (`TEZZERET_GUARD_*`); `out_verdict` (nullable; set its
+// `struct_size`) receives which input and dimension, expected and actual
+// values, and on a match the artifact's sha256. With the dynamic-batch
+// flag, dim 0 may take any size (the same for every input).
+uint32_t tezzeret_guard_check(const struct tezzeret_guard_table *table,
+                              const char *blueprint_id,
+                              const struct tezzeret_tensor_meta *inputs,
+                              size_t input_count,
+                              struct tezzeret_guard_verdict *out_verdict);
+
 // Fills `callbacks` with NULLs for a struct of `struct_size` bytes (pass
 // `sizeof(tezzeret_host_callbacks)`); never writes past `struct_size`.
 struct tezzeret_status *tezzeret_host_callbacks_init(struct tezzeret_host_callbacks *callbacks,
@@ -375,6 +533,31 @@ struct tezzeret_status *tezzeret_descriptor_sink_push(struct tezzeret_descriptor
 // Validates Leyline `BlueprintDescriptor` bytes without a forge: NULL when
 // valid, else a status naming the problem.
 struct tezzeret_status *tezzeret_descriptor_validate(const uint8_t *bytes, size_t len);
+
+// Loads a blueprint's current artifact as a kernel: the file is hashed and,
+// with trusted keys configured, its signature verified. Free the kernel
+// with `tezzeret_kernel_free` (it may outlive the forge).
+struct tezzeret_status *tezzeret_forge_load_kernel(struct tezzeret_forge *forge,
+                                                   const char *blueprint_id,
+                                                   struct tezzeret_kernel **out_kernel);
+
+// Runs a kernel on DLPack inputs (borrowed for the call, not copied),
+// after checking them against its guards (a mismatch is
+// `TEZZERET_CODE_INVALID_ARGUMENT` naming the input and dimension). The
+// result is a new library-owned tensor in `*out_tensor`.
+struct tezzeret_status *tezzeret_kernel_run(const struct tezzeret_kernel *kernel,
+                                            const struct tezzeret_dltensor *inputs,
+                                            size_t input_count,
+                                            struct tezzeret_tensor **out_tensor);
+
+// The DLPack view of a result tensor (valid until `tezzeret_tensor_free`); NULL for NULL.
+const struct tezzeret_dltensor *tezzeret_tensor_dlpack(const struct tezzeret_tensor *tensor);
+
+// Frees a result tensor. NULL is accepted and ignored.
+void tezzeret_tensor_free(struct tezzeret_tensor *tensor);
+
+// Frees a kernel. NULL is accepted and ignored.
+void tezzeret_kernel_free(struct tezzeret_kernel *kernel);
 
 // The status's code; `TEZZERET_CODE_OK` for NULL.
 uint32_t tezzeret_status_code(const struct tezzeret_status *status);

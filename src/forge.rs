@@ -1,7 +1,7 @@
 //! The forge: owns a state directory, learns descriptors from its host,
 //! compiles what is not compiled yet, stores artifacts durably and tells
 //! the host (catalog updates, telemetry, log lines).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use crate::catalog::{Catalog, Descriptor};
 use crate::compile::{self, CompileJob, Strategy};
 use crate::guard::table::{GuardEntry, GuardTable, Lookup};
 use crate::guard::{self, hex};
+use crate::kernel::Kernel;
 use crate::leyline::{self, KernelCatalogUpdate, MessagePriority, TelemetryLevel};
 use crate::lock::StateLock;
 use crate::signing::KeyRing;
@@ -226,7 +227,53 @@ pub struct Forge {
     host: Box<dyn Host>,
     counters: JobCounters,
     cache: CacheStats,
+    verified: HashMap<String, VerifiedFile>,
     _lock: StateLock,
+}
+
+/// What was true of an artifact file when it was last hashed (and its
+/// signature checked): a prefetch answers from this while the file's
+/// identity is unchanged, and hashes again otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VerifiedFile {
+    checksum: String,
+    identity: FileIdentity,
+}
+
+/// Identity of a file's content as the kernel reports it: any write to it
+/// changes its mtime and ctime (ctime cannot be set from user space) and a
+/// replacement by rename changes its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+/// The answer to a prefetch request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrefetchAnswer {
+    /// The kernel is ready.
+    Ready(leyline::KernelArtifactReady),
+    /// It is not (reason: `missing_artifact`, `artifact_not_found`,
+    /// `checksum_mismatch`, `signature_invalid`).
+    Error(leyline::KernelArtifactError),
 }
 
 /// Cache metrics (SPEC R4): hits, misses, evictions, bytes.
@@ -317,6 +364,7 @@ impl Forge {
             host,
             counters: JobCounters::default(),
             cache: CacheStats::default(),
+            verified: HashMap::new(),
             _lock: lock,
         };
         forge.retire_unverified()?;
@@ -457,6 +505,62 @@ impl Forge {
         self.cache.bytes = remaining.iter().map(|(r, _)| r.size_bytes).sum();
         self.cache.entries = remaining.len() as u64;
         Ok(self.cache)
+    }
+
+    /// Answers a Leyline `KernelPrefetchRequest` (SPEC R13) with
+    /// `KernelArtifactReady` or `KernelArtifactError`. The artifact file is
+    /// hashed (and its signature checked) the first time and whenever its
+    /// identity changed since; otherwise one `stat` proves it is the file
+    /// that was verified.
+    pub fn prefetch(&mut self, request: &leyline::KernelPrefetchRequest) -> PrefetchAnswer {
+        let id = &request.blueprint_id;
+        let error = |reason: &str| {
+            PrefetchAnswer::Error(leyline::KernelArtifactError {
+                request_id: request.request_id.clone(),
+                blueprint_id: id.clone(),
+                reason: reason.to_string(),
+            })
+        };
+        let Some(record) = self.journal.state().artifacts.get(id).cloned() else { return error("missing_artifact") };
+        let path = self.store.artifact_path(&record);
+        let Ok(identity) = FileIdentity::of(&path) else { return error("artifact_not_found") };
+        let known = self.verified.get(id).is_some_and(|v| v.checksum == record.checksum && v.identity == identity);
+        if !known {
+            self.verified.remove(id);
+            if let Err(e) = self.store.verify(&record) {
+                return error(if e.code() == ErrorCode::NotFound { "artifact_not_found" } else { "checksum_mismatch" });
+            }
+            if self.config.keys.verify(&record).is_err() {
+                return error("signature_invalid");
+            }
+            // The identity is taken again after hashing: a change during the hash shows next time.
+            match FileIdentity::of(&path) {
+                Ok(after) if after == identity => {
+                    self.verified.insert(id.clone(), VerifiedFile { checksum: record.checksum.clone(), identity });
+                }
+                _ => return error("checksum_mismatch"),
+            }
+        }
+        self.store.touch(&record.cache_key);
+        PrefetchAnswer::Ready(leyline::KernelArtifactReady {
+            request_id: request.request_id.clone(),
+            blueprint_id: id.clone(),
+            artifact_ref: path.display().to_string(),
+            checksum: record.checksum.clone(),
+            guard_digest: record.guard_digest.clone(),
+            prewarm_p50_ms: record.prewarm_p50_ms as f32,
+            prewarm_p95_ms: record.prewarm_p95_ms as f32,
+        })
+    }
+
+    /// Loads a blueprint's current artifact for running in-process (hashed
+    /// and signature-checked on load).
+    pub fn load_kernel(&self, blueprint_id: &str) -> Result<Kernel> {
+        let record = self.journal.state().artifacts.get(blueprint_id).ok_or_else(|| {
+            Error::new(ErrorCode::NotFound, format!("missing_artifact: no current artifact for blueprint {blueprint_id:?}"))
+        })?;
+        self.store.touch(&record.cache_key);
+        Kernel::load(&self.store, record, &self.config.keys)
     }
 
     fn evict(&mut self, record: &ArtifactRecord) -> Result<()> {
@@ -732,6 +836,7 @@ impl Forge {
     /// catalog callback (so an announced artifact is durable everywhere).
     fn commit(&mut self, job: &Job, record: ArtifactRecord, compiled: Option<(leyline::TelemetryEvent, Instant)>) -> Result<()> {
         self.journal.append(vec![vec![Record::Commit { seq: job.seq, artifact: record.clone() }]])?;
+        self.verified.remove(&record.blueprint_id);
         self.guards.put(&guard_entry(&record)?)?;
         self.counters.completed += 1;
         let update = KernelCatalogUpdate {

@@ -14,6 +14,7 @@ pub mod failpoint;
 pub mod ffi;
 pub mod forge;
 pub mod guard;
+pub mod kernel;
 pub mod leyline;
 pub mod lock;
 pub mod report;

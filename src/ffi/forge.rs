@@ -8,7 +8,8 @@ use super::{
     ffi_status, out_arg, panic_error, tezzeret_buffer, tezzeret_config, tezzeret_host_callbacks, tezzeret_status,
     write_sized,
 };
-use crate::forge::{Forge, JobStatus};
+use crate::forge::{Forge, JobStatus, PrefetchAnswer};
+use crate::leyline;
 use crate::{report, Error, ErrorCode, Result};
 
 /// An open forge over a state directory. Thread-safe: calls from several
@@ -34,7 +35,7 @@ impl tezzeret_forge {
     ///
     /// # Safety
     /// `handle` is NULL or a live handle from `tezzeret_forge_open`.
-    unsafe fn with<T>(handle: *mut tezzeret_forge, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
+    pub(crate) unsafe fn with<T>(handle: *mut tezzeret_forge, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
         let handle = handle.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "forge is NULL"))?;
         let token = THREAD_TOKEN.with(|t| *t);
         if handle.owner.load(Ordering::Acquire) == token {
@@ -152,6 +153,56 @@ pub unsafe extern "C" fn tezzeret_forge_catalog_json(
         out_arg(out_json, "out_json")?;
         let json = tezzeret_forge::with(forge, |f| Ok(report::stored_document(f.artifacts(), f.store()).to_string()))?;
         *out_json = tezzeret_buffer::boxed(json.into_bytes());
+        Ok(())
+    })
+}
+
+/// Answer type of a prefetch: `KernelArtifactReady` bytes (Leyline
+/// `BusMessageType` KERNEL_PREFETCH_READY).
+pub const TEZZERET_PREFETCH_READY: u32 = 7;
+/// Answer type of a prefetch: `KernelArtifactError` bytes (KERNEL_PREFETCH_ERROR).
+pub const TEZZERET_PREFETCH_ERROR: u32 = 8;
+
+/// Answers Leyline `KernelPrefetchRequest` bytes: `*out_type` is
+/// `TEZZERET_PREFETCH_READY` (`KernelArtifactReady` bytes, with pre-warm
+/// p50/p95) or `TEZZERET_PREFETCH_ERROR` (`KernelArtifactError` bytes, reason
+/// `missing_artifact`, `artifact_not_found`, `checksum_mismatch` or
+/// `signature_invalid`); free `*out_answer` with `tezzeret_buffer_free`. The
+/// artifact is re-hashed only when its file changed since it was verified.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_prefetch(
+    forge: *mut tezzeret_forge,
+    request: *const u8,
+    request_len: usize,
+    out_type: *mut u32,
+    out_answer: *mut *mut tezzeret_buffer,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_type, "out_type")?;
+        out_arg(out_answer, "out_answer")?;
+        let request = leyline::decode::<leyline::KernelPrefetchRequest>(super::bytes_arg(request, request_len, "request")?)?;
+        let (kind, bytes) = match tezzeret_forge::with(forge, |f| Ok(f.prefetch(&request)))? {
+            PrefetchAnswer::Ready(ready) => (TEZZERET_PREFETCH_READY, leyline::encode(&ready)),
+            PrefetchAnswer::Error(error) => (TEZZERET_PREFETCH_ERROR, leyline::encode(&error)),
+        };
+        *out_type = kind;
+        *out_answer = tezzeret_buffer::boxed(bytes);
+        Ok(())
+    })
+}
+
+/// Opens the forge's guard table read-only (the same as
+/// `tezzeret_guard_table_open` on `<state_dir>/guards.tbl`).
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_guard_table(
+    forge: *mut tezzeret_forge,
+    out_table: *mut *mut super::tezzeret_guard_table,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_table, "out_table")?;
+        let path = tezzeret_forge::with(forge, |f| Ok(f.guards().path().to_path_buf()))?;
+        let table = crate::guard::table::GuardTable::open_read_only(&path)?;
+        *out_table = Box::into_raw(Box::new(super::tezzeret_guard_table { table }));
         Ok(())
     })
 }

@@ -3,7 +3,7 @@
 use std::ffi::c_char;
 
 use super::{ffi_status, out_arg, str_arg, tezzeret_status, write_sized};
-use crate::guard::table::{GuardTable, Lookup, MAX_INPUTS, MAX_RANK};
+use crate::guard::table::{GuardTable, Lookup, TensorMeta, Verdict, MAX_INPUTS, MAX_RANK};
 use crate::guard::hex;
 use crate::{Error, ErrorCode};
 
@@ -34,10 +34,10 @@ pub const TEZZERET_GUARD_MAX_RANK: usize = 8;
 
 const _: () = assert!(TEZZERET_GUARD_MAX_INPUTS == MAX_INPUTS && TEZZERET_GUARD_MAX_RANK == MAX_RANK);
 
-/// A guard table opened read-only. Lookups are lock-free and may run
+/// A guard table opened read-only. Lookups and checks are lock-free and may run
 /// concurrently from any number of threads.
 pub struct tezzeret_guard_table {
-    table: GuardTable,
+    pub(crate) table: GuardTable,
 }
 
 /// The guard of one input tensor.
@@ -144,4 +144,139 @@ pub unsafe extern "C" fn tezzeret_guard_table_close(table: *mut tezzeret_guard_t
         // SAFETY: made by Box::into_raw in open, closed once by contract.
         super::ffi_value((), || drop(Box::from_raw(table)));
     }
+}
+
+/// Guard check result: the inputs match.
+pub const TEZZERET_GUARD_MATCH: u32 = 0;
+/// Guard check result: no guard entry for the blueprint.
+pub const TEZZERET_GUARD_UNKNOWN_BLUEPRINT: u32 = 1;
+/// Guard check result: the slot is torn or mid-update (retry or reload).
+pub const TEZZERET_GUARD_UNREADABLE: u32 = 2;
+/// Guard check result: wrong number of inputs (`expected`, `actual`).
+pub const TEZZERET_GUARD_INPUT_COUNT: u32 = 3;
+/// Guard check result: input `input` has the wrong dtype (`TEZZERET_DTYPE_*` codes).
+pub const TEZZERET_GUARD_DTYPE: u32 = 4;
+/// Guard check result: input `input` has the wrong rank.
+pub const TEZZERET_GUARD_RANK: u32 = 5;
+/// Guard check result: input `input`, dimension `dimension` has the wrong size.
+pub const TEZZERET_GUARD_SHAPE: u32 = 6;
+/// Guard check result: input `input`, dimension `dimension` has the wrong stride.
+pub const TEZZERET_GUARD_STRIDE: u32 = 7;
+/// Guard check result: an argument was NULL or inconsistent.
+pub const TEZZERET_GUARD_INVALID_ARGUMENT: u32 = 8;
+
+/// Metadata of one input tensor for a guard check (borrowed for the call).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_tensor_meta {
+    /// `TEZZERET_DTYPE_*`.
+    pub dtype: u32,
+    /// Number of dimensions (at most `TEZZERET_GUARD_MAX_RANK`).
+    pub rank: u32,
+    /// `rank` sizes.
+    pub shape: *const i64,
+    /// `rank` strides, in elements.
+    pub stride: *const i64,
+}
+
+/// The details of a guard check.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_guard_verdict {
+    /// Size of this struct as the caller knows it.
+    pub struct_size: usize,
+    /// `TEZZERET_GUARD_*` (also the function's return value).
+    pub result: u32,
+    /// The input a mismatch concerns.
+    pub input: u32,
+    /// The dimension a shape or stride mismatch concerns.
+    pub dimension: u32,
+    /// What the guard expects (count, dtype code, rank, size or stride).
+    pub expected: i64,
+    /// What was given.
+    pub actual: i64,
+    /// On a match: sha256 of the artifact that matches.
+    pub checksum: [u8; 32],
+}
+
+fn verdict_of(verdict: Verdict) -> tezzeret_guard_verdict {
+    let mut out = tezzeret_guard_verdict {
+        struct_size: std::mem::size_of::<tezzeret_guard_verdict>(),
+        result: TEZZERET_GUARD_MATCH,
+        input: 0,
+        dimension: 0,
+        expected: 0,
+        actual: 0,
+        checksum: [0; 32],
+    };
+    match verdict {
+        Verdict::Match { checksum } => out.checksum = checksum,
+        Verdict::UnknownBlueprint => out.result = TEZZERET_GUARD_UNKNOWN_BLUEPRINT,
+        Verdict::Unreadable => out.result = TEZZERET_GUARD_UNREADABLE,
+        Verdict::InputCount { expected, actual } => {
+            (out.result, out.expected, out.actual) = (TEZZERET_GUARD_INPUT_COUNT, expected as i64, actual as i64)
+        }
+        Verdict::Dtype { input, expected, actual } => {
+            (out.result, out.input, out.expected, out.actual) = (TEZZERET_GUARD_DTYPE, input as u32, i64::from(expected), i64::from(actual))
+        }
+        Verdict::Rank { input, expected, actual } => {
+            (out.result, out.input, out.expected, out.actual) = (TEZZERET_GUARD_RANK, input as u32, expected as i64, actual as i64)
+        }
+        Verdict::Shape { input, dim, expected, actual } => {
+            (out.result, out.input, out.dimension, out.expected, out.actual) = (TEZZERET_GUARD_SHAPE, input as u32, dim as u32, expected, actual)
+        }
+        Verdict::Stride { input, dim, expected, actual } => {
+            (out.result, out.input, out.dimension, out.expected, out.actual) = (TEZZERET_GUARD_STRIDE, input as u32, dim as u32, expected, actual)
+        }
+    }
+    out
+}
+
+/// Checks input tensors against a blueprint's guards — the hot path: no
+/// locks, no allocation. Returns `TEZZERET_GUARD_MATCH` or the first precise
+/// mismatch (`TEZZERET_GUARD_*`); `out_verdict` (nullable; set its
+/// `struct_size`) receives which input and dimension, expected and actual
+/// values, and on a match the artifact's sha256. With the dynamic-batch
+/// flag, dim 0 may take any size (the same for every input).
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_guard_check(
+    table: *const tezzeret_guard_table,
+    blueprint_id: *const c_char,
+    inputs: *const tezzeret_tensor_meta,
+    input_count: usize,
+    out_verdict: *mut tezzeret_guard_verdict,
+) -> u32 {
+    super::ffi_value(TEZZERET_GUARD_INVALID_ARGUMENT, || {
+        let Some(table) = table.as_ref() else { return TEZZERET_GUARD_INVALID_ARGUMENT };
+        if blueprint_id.is_null() || (inputs.is_null() && input_count > 0) {
+            return TEZZERET_GUARD_INVALID_ARGUMENT;
+        }
+        let id = std::ffi::CStr::from_ptr(blueprint_id).to_bytes();
+        const MAX: usize = 8;
+        let mut metas = [TensorMeta { dtype: 0, shape: &[], stride: &[] }; MAX];
+        let verdict = if input_count > MAX {
+            Verdict::InputCount { expected: MAX_INPUTS, actual: input_count }
+        } else {
+            for (i, meta) in std::slice::from_raw_parts(inputs, input_count).iter().enumerate() {
+                let rank = meta.rank as usize;
+                if rank > MAX_RANK {
+                    return TEZZERET_GUARD_INVALID_ARGUMENT;
+                }
+                if rank > 0 && (meta.shape.is_null() || meta.stride.is_null()) {
+                    return TEZZERET_GUARD_INVALID_ARGUMENT;
+                }
+                metas[i] = TensorMeta {
+                    dtype: meta.dtype,
+                    shape: if rank == 0 { &[] } else { std::slice::from_raw_parts(meta.shape, rank) },
+                    stride: if rank == 0 { &[] } else { std::slice::from_raw_parts(meta.stride, rank) },
+                };
+            }
+            table.table.check(id, &metas[..input_count])
+        };
+        let out = verdict_of(verdict);
+        if !out_verdict.is_null() {
+            let _ = write_sized(out_verdict, &out, std::mem::size_of::<usize>(), "out_verdict");
+        }
+        out.result
+    })
 }

@@ -12,6 +12,7 @@ mod config;
 mod forge;
 mod guards;
 mod host;
+mod kernel;
 mod status;
 mod version;
 
@@ -20,6 +21,7 @@ pub use config::*;
 pub use forge::*;
 pub use guards::*;
 pub use host::*;
+pub use kernel::*;
 pub use status::*;
 pub use version::*;
 

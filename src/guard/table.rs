@@ -213,6 +213,129 @@ fn slot_crc(b: &[u8; SLOT_SIZE]) -> u32 {
     h.finalize()
 }
 
+/// Why a slot could not be read consistently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotFault {
+    /// The CRC does not match (damaged or torn on disk).
+    Torn,
+    /// The generation stayed odd (a writer busy, or dead mid-update).
+    Busy,
+}
+
+/// Metadata of one input tensor, as a caller presents it for a guard check.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorMeta<'a> {
+    /// dtype code (see [`dtype_code`]).
+    pub dtype: u32,
+    /// Sizes.
+    pub shape: &'a [i64],
+    /// Strides in elements.
+    pub stride: &'a [i64],
+}
+
+/// The outcome of a guard check: a match, or the first precise reason it
+/// does not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The inputs match; the artifact's sha256.
+    Match {
+        /// sha256 of the matching artifact.
+        checksum: [u8; 32],
+    },
+    /// No guard entry for the blueprint.
+    UnknownBlueprint,
+    /// The slot could not be read consistently (torn or mid-update).
+    Unreadable,
+    /// Wrong number of inputs.
+    InputCount {
+        /// Inputs the artifact takes.
+        expected: usize,
+        /// Inputs given.
+        actual: usize,
+    },
+    /// An input has the wrong dtype (codes as [`dtype_code`]).
+    Dtype {
+        /// Which input.
+        input: usize,
+        /// Expected dtype code.
+        expected: u32,
+        /// Given dtype code.
+        actual: u32,
+    },
+    /// An input has the wrong number of dimensions.
+    Rank {
+        /// Which input.
+        input: usize,
+        /// Expected rank.
+        expected: usize,
+        /// Given rank.
+        actual: usize,
+    },
+    /// A dimension has the wrong size.
+    Shape {
+        /// Which input.
+        input: usize,
+        /// Which dimension.
+        dim: usize,
+        /// Expected size.
+        expected: i64,
+        /// Given size.
+        actual: i64,
+    },
+    /// A dimension has the wrong stride (the artifact wants this layout).
+    Stride {
+        /// Which input.
+        input: usize,
+        /// Which dimension.
+        dim: usize,
+        /// Expected stride.
+        expected: i64,
+        /// Given stride.
+        actual: i64,
+    },
+}
+
+/// Checks inputs against a consistent slot's guards.
+fn check_inputs(b: &[u8; SLOT_SIZE], inputs: &[TensorMeta<'_>]) -> Verdict {
+    let n = u32::from_le_bytes(b[COUNTS..COUNTS + 4].try_into().expect("4")) as usize;
+    let dynamic = u32::from_le_bytes(b[COUNTS + 4..COUNTS + 8].try_into().expect("4")) & FLAG_DYNAMIC_BATCH != 0;
+    if n != inputs.len() || n > MAX_INPUTS {
+        return Verdict::InputCount { expected: n, actual: inputs.len() };
+    }
+    let batch = inputs.first().and_then(|t| t.shape.first().copied());
+    for (i, t) in inputs.iter().enumerate() {
+        let at = INPUTS + i * INPUT_SIZE;
+        let dtype = u32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+        if dtype != t.dtype {
+            return Verdict::Dtype { input: i, expected: dtype, actual: t.dtype };
+        }
+        let rank = b[at + 2] as usize;
+        if rank != t.shape.len() || rank != t.stride.len() || rank > MAX_RANK {
+            return Verdict::Rank { input: i, expected: rank, actual: t.shape.len() };
+        }
+        let word = |o: usize| i64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        // Sizes first: a wrong size is the more basic reason.
+        for d in 0..rank {
+            let expected = word(at + 8 + d * 8);
+            let actual = t.shape[d];
+            let free = dynamic && d == 0 && actual >= 1 && Some(actual) == batch;
+            if actual != expected && !free {
+                return Verdict::Shape { input: i, dim: d, expected, actual };
+            }
+        }
+        for d in 0..rank {
+            let (expected, actual) = (word(at + 8 + MAX_RANK * 8 + d * 8), t.stride[d]);
+            // A dimension of size 1 has no meaningful stride.
+            if actual != expected && t.shape[d] != 1 {
+                return Verdict::Stride { input: i, dim: d, expected, actual };
+            }
+        }
+    }
+    let mut checksum = [0u8; 32];
+    checksum.copy_from_slice(&b[CHECKSUM..CHECKSUM + 32]);
+    Verdict::Match { checksum }
+}
+
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -323,13 +446,27 @@ impl GuardTable {
     /// Copies a slot consistently: `Ok(None)` for an empty slot, an error
     /// when it stays torn or busy.
     fn read_slot(&self, slot: u32) -> Result<Option<[u8; SLOT_SIZE]>> {
+        let mut bytes = [0u8; SLOT_SIZE];
+        match self.copy_slot(slot, &mut bytes) {
+            Ok(true) => Ok(Some(bytes)),
+            Ok(false) => Ok(None),
+            Err(SlotFault::Torn) => Err(Error::new(ErrorCode::Corrupt, format!("guard slot {slot} is torn (CRC mismatch)"))),
+            Err(SlotFault::Busy) => {
+                Err(Error::new(ErrorCode::Corrupt, format!("guard slot {slot} stays mid-update (writer busy or died)")))
+            }
+        }
+    }
+
+    /// The allocation-free core of a read: copies the slot into `bytes`
+    /// between two equal, even generations and checks its CRC. `Ok(false)`
+    /// for a never-written slot.
+    fn copy_slot(&self, slot: u32, bytes: &mut [u8; SLOT_SIZE]) -> std::result::Result<bool, SlotFault> {
         for _ in 0..READ_RETRIES {
             let before = self.word(slot, 0).load(Ordering::Acquire);
             if before % 2 == 1 {
                 std::hint::spin_loop();
                 continue;
             }
-            let mut bytes = [0u8; SLOT_SIZE];
             for w in 1..WORDS {
                 let v = self.word(slot, w).load(Ordering::Relaxed);
                 bytes[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
@@ -340,15 +477,41 @@ impl GuardTable {
             }
             let state = u32::from_le_bytes(bytes[CRC + 4..CRC + 8].try_into().expect("4"));
             if before == 0 && state == STATE_EMPTY {
-                return Ok(None);
+                return Ok(false);
             }
             let stored = u32::from_le_bytes(bytes[CRC..CRC + 4].try_into().expect("4"));
-            if stored != slot_crc(&bytes) {
-                return Err(Error::new(ErrorCode::Corrupt, format!("guard slot {slot} is torn (CRC mismatch)")));
+            if stored != slot_crc(bytes) {
+                return Err(SlotFault::Torn);
             }
-            return Ok(Some(bytes));
+            return Ok(true);
         }
-        Err(Error::new(ErrorCode::Corrupt, format!("guard slot {slot} stays mid-update (writer busy or died)")))
+        Err(SlotFault::Busy)
+    }
+
+    /// Checks input tensors against a blueprint's guards, without locks or
+    /// heap allocation (the hot path, SPEC R13). With the dynamic-batch flag,
+    /// dim 0 may take any size, the same for every input.
+    pub fn check(&self, blueprint_id: &[u8], inputs: &[TensorMeta<'_>]) -> Verdict {
+        if blueprint_id.is_empty() || blueprint_id.len() > MAX_ID_LEN {
+            return Verdict::UnknownBlueprint;
+        }
+        let mut bytes = [0u8; SLOT_SIZE];
+        let start = (slot_hash(blueprint_id) % u64::from(self.slots)) as u32;
+        for i in 0..self.slots {
+            let slot = (start + i) % self.slots;
+            match self.copy_slot(slot, &mut bytes) {
+                Ok(false) => return Verdict::UnknownBlueprint,
+                Err(_) => return Verdict::Unreadable,
+                Ok(true) => {
+                    let state = u32::from_le_bytes(bytes[CRC + 4..CRC + 8].try_into().expect("4"));
+                    let id = &bytes[ID..ID + 128];
+                    if state == STATE_USED && id.starts_with(blueprint_id) && id[blueprint_id.len()] == 0 {
+                        return check_inputs(&bytes, inputs);
+                    }
+                }
+            }
+        }
+        Verdict::UnknownBlueprint
     }
 
     /// Finds a blueprint's slot: (slot index, decoded entry if present).

@@ -7,6 +7,7 @@ mod crash;
 mod hazards;
 mod guards;
 mod header;
+mod hotpath;
 mod leyline;
 mod loaders;
 mod pipeline;

@@ -1,0 +1,230 @@
+//! Running kernels through the C ABI, tensors as DLPack views (SPEC R13):
+//! for hosts that do not link libtorch themselves.
+use std::ffi::{c_char, c_void};
+
+use tch::{Device, Kind, Tensor};
+
+use super::{ffi_status, ffi_value, out_arg, str_arg, tezzeret_forge, tezzeret_status};
+use crate::kernel::Kernel;
+use crate::{Error, ErrorCode, Result};
+
+/// DLPack device type: CPU (`kDLCPU`).
+pub const TEZZERET_DL_CPU: i32 = 1;
+/// DLPack device type: CUDA (`kDLCUDA`).
+pub const TEZZERET_DL_CUDA: i32 = 2;
+/// DLPack dtype code: signed integer (`kDLInt`).
+pub const TEZZERET_DL_INT: u8 = 0;
+/// DLPack dtype code: unsigned integer (`kDLUInt`).
+pub const TEZZERET_DL_UINT: u8 = 1;
+/// DLPack dtype code: IEEE float (`kDLFloat`).
+pub const TEZZERET_DL_FLOAT: u8 = 2;
+/// DLPack dtype code: bfloat16 (`kDLBfloat`).
+pub const TEZZERET_DL_BFLOAT: u8 = 4;
+/// DLPack dtype code: bool (`kDLBool`).
+pub const TEZZERET_DL_BOOL: u8 = 6;
+
+/// `DLDevice`, layout-identical to DLPack's.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_dl_device {
+    /// `TEZZERET_DL_CPU` or `TEZZERET_DL_CUDA`.
+    pub device_type: i32,
+    /// Device ordinal.
+    pub device_id: i32,
+}
+
+/// `DLDataType`, layout-identical to DLPack's.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_dl_datatype {
+    /// `TEZZERET_DL_FLOAT`, `..._INT`, ...
+    pub code: u8,
+    /// Bits per element.
+    pub bits: u8,
+    /// Vector lanes (1).
+    pub lanes: u16,
+}
+
+/// `DLTensor`, layout-identical to DLPack's: a host may pass a `DLTensor*`
+/// cast to `tezzeret_dltensor*`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_dltensor {
+    /// Start of the data (plus `byte_offset`).
+    pub data: *mut c_void,
+    /// Where the data lives.
+    pub device: tezzeret_dl_device,
+    /// Number of dimensions.
+    pub ndim: i32,
+    /// Element type.
+    pub dtype: tezzeret_dl_datatype,
+    /// `ndim` sizes.
+    pub shape: *mut i64,
+    /// `ndim` strides in elements; NULL = compact row-major.
+    pub strides: *mut i64,
+    /// Offset of the first element from `data`, in bytes.
+    pub byte_offset: u64,
+}
+
+/// A loaded kernel. Runs may come from several threads (serialised).
+pub struct tezzeret_kernel {
+    kernel: Kernel,
+}
+
+/// A tensor produced by a kernel run, owned by the library; read it through
+/// `tezzeret_tensor_dlpack`, free it with `tezzeret_tensor_free`.
+pub struct tezzeret_tensor {
+    _tensor: Tensor,
+    _shape: Vec<i64>,
+    _strides: Vec<i64>,
+    view: tezzeret_dltensor,
+}
+
+fn kind_of(dtype: tezzeret_dl_datatype) -> Result<Kind> {
+    if dtype.lanes != 1 {
+        return Err(Error::invalid(format!("dtype with {} lanes is not supported", dtype.lanes)));
+    }
+    Ok(match (dtype.code, dtype.bits) {
+        (TEZZERET_DL_FLOAT, 32) => Kind::Float,
+        (TEZZERET_DL_FLOAT, 64) => Kind::Double,
+        (TEZZERET_DL_FLOAT, 16) => Kind::Half,
+        (TEZZERET_DL_BFLOAT, 16) => Kind::BFloat16,
+        (TEZZERET_DL_INT, 64) => Kind::Int64,
+        (TEZZERET_DL_INT, 32) => Kind::Int,
+        (TEZZERET_DL_INT, 16) => Kind::Int16,
+        (TEZZERET_DL_INT, 8) => Kind::Int8,
+        (TEZZERET_DL_UINT, 8) => Kind::Uint8,
+        (TEZZERET_DL_BOOL, 8) => Kind::Bool,
+        (code, bits) => return Err(Error::invalid(format!("DLPack dtype code {code} with {bits} bits is not supported"))),
+    })
+}
+
+fn datatype_of(kind: Kind) -> tezzeret_dl_datatype {
+    let (code, bits) = match kind {
+        Kind::Double => (TEZZERET_DL_FLOAT, 64),
+        Kind::Half => (TEZZERET_DL_FLOAT, 16),
+        Kind::BFloat16 => (TEZZERET_DL_BFLOAT, 16),
+        Kind::Int64 => (TEZZERET_DL_INT, 64),
+        Kind::Int => (TEZZERET_DL_INT, 32),
+        Kind::Int16 => (TEZZERET_DL_INT, 16),
+        Kind::Int8 => (TEZZERET_DL_INT, 8),
+        Kind::Uint8 => (TEZZERET_DL_UINT, 8),
+        Kind::Bool => (TEZZERET_DL_BOOL, 8),
+        _ => (TEZZERET_DL_FLOAT, 32),
+    };
+    tezzeret_dl_datatype { code, bits, lanes: 1 }
+}
+
+/// A tensor viewing (not copying) a caller's DLPack tensor.
+///
+/// # Safety
+/// The view's data, shape and strides must be valid for the call.
+unsafe fn view_of(t: &tezzeret_dltensor, index: usize) -> Result<Tensor> {
+    let what = |m: &str| Error::invalid(format!("inputs[{index}]: {m}"));
+    if t.ndim < 0 || t.ndim > 8 {
+        return Err(what(&format!("ndim {} is out of range (0..=8)", t.ndim)));
+    }
+    if t.data.is_null() || (t.ndim > 0 && t.shape.is_null()) {
+        return Err(Error::new(ErrorCode::NullArgument, format!("inputs[{index}]: data or shape is NULL")));
+    }
+    let device = match t.device.device_type {
+        TEZZERET_DL_CPU => Device::Cpu,
+        TEZZERET_DL_CUDA => Device::Cuda(t.device.device_id.max(0) as usize),
+        other => return Err(what(&format!("device type {other} is not supported"))),
+    };
+    let kind = kind_of(t.dtype).map_err(|e| e.context(format!("inputs[{index}]")))?;
+    let ndim = t.ndim as usize;
+    let shape = if ndim == 0 { &[][..] } else { std::slice::from_raw_parts(t.shape, ndim) };
+    if shape.iter().any(|d| *d < 0) {
+        return Err(what(&format!("negative size in shape {shape:?}")));
+    }
+    let strides = if t.strides.is_null() {
+        crate::guard::contiguous_strides(shape)
+    } else {
+        std::slice::from_raw_parts(t.strides, ndim).to_vec()
+    };
+    let data = (t.data as *const u8).add(t.byte_offset as usize);
+    Tensor::f_from_blob(data, shape, &strides, kind, device).map_err(|e| what(&e.to_string()))
+}
+
+/// Loads a blueprint's current artifact as a kernel: the file is hashed and,
+/// with trusted keys configured, its signature verified. Free the kernel
+/// with `tezzeret_kernel_free` (it may outlive the forge).
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_load_kernel(
+    forge: *mut tezzeret_forge,
+    blueprint_id: *const c_char,
+    out_kernel: *mut *mut tezzeret_kernel,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_kernel, "out_kernel")?;
+        let id = str_arg(blueprint_id, "blueprint_id")?;
+        let kernel = tezzeret_forge::with(forge, |f| f.load_kernel(id))?;
+        *out_kernel = Box::into_raw(Box::new(tezzeret_kernel { kernel }));
+        Ok(())
+    })
+}
+
+/// Runs a kernel on DLPack inputs (borrowed for the call, not copied),
+/// after checking them against its guards (a mismatch is
+/// `TEZZERET_CODE_INVALID_ARGUMENT` naming the input and dimension). The
+/// result is a new library-owned tensor in `*out_tensor`.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_kernel_run(
+    kernel: *const tezzeret_kernel,
+    inputs: *const tezzeret_dltensor,
+    input_count: usize,
+    out_tensor: *mut *mut tezzeret_tensor,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        let kernel = kernel.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "kernel is NULL"))?;
+        out_arg(out_tensor, "out_tensor")?;
+        if inputs.is_null() && input_count > 0 {
+            return Err(Error::new(ErrorCode::NullArgument, "inputs is NULL"));
+        }
+        let views = std::slice::from_raw_parts(inputs, input_count)
+            .iter()
+            .enumerate()
+            .map(|(i, t)| view_of(t, i))
+            .collect::<Result<Vec<Tensor>>>()?;
+        let output = kernel.kernel.run(&views)?.contiguous();
+        let mut shape = output.size();
+        let mut strides = output.stride();
+        let view = tezzeret_dltensor {
+            data: output.data_ptr(),
+            device: match output.device() {
+                Device::Cuda(i) => tezzeret_dl_device { device_type: TEZZERET_DL_CUDA, device_id: i as i32 },
+                _ => tezzeret_dl_device { device_type: TEZZERET_DL_CPU, device_id: 0 },
+            },
+            ndim: shape.len() as i32,
+            dtype: datatype_of(output.kind()),
+            shape: shape.as_mut_ptr(),
+            strides: strides.as_mut_ptr(),
+            byte_offset: 0,
+        };
+        *out_tensor = Box::into_raw(Box::new(tezzeret_tensor { _tensor: output, _shape: shape, _strides: strides, view }));
+        Ok(())
+    })
+}
+
+/// The DLPack view of a result tensor (valid until `tezzeret_tensor_free`); NULL for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_tensor_dlpack(tensor: *const tezzeret_tensor) -> *const tezzeret_dltensor {
+    ffi_value(std::ptr::null(), || tensor.as_ref().map_or(std::ptr::null(), |t| &t.view as *const tezzeret_dltensor))
+}
+
+/// Frees a result tensor. NULL is accepted and ignored.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_tensor_free(tensor: *mut tezzeret_tensor) {
+    if !tensor.is_null() {
+        ffi_value((), || drop(Box::from_raw(tensor)));
+    }
+}
+
+/// Frees a kernel. NULL is accepted and ignored.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_kernel_free(kernel: *mut tezzeret_kernel) {
+    if !kernel.is_null() {
+        ffi_value((), || drop(Box::from_raw(kernel)));
+    }
+}
