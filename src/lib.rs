@@ -6,6 +6,7 @@
 //! `tezzeret` CLI among them) use this crate directly.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod blueprints;
 pub mod catalog;
 pub mod compile;

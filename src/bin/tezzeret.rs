@@ -21,6 +21,7 @@ usage:
   tezzeret wal --state DIR
   tezzeret verify --state DIR [--trusted-key FILE]...
   tezzeret keygen --out FILE
+  tezzeret bench [--only compile|serve|forward|wal] [--json]
   tezzeret version
 ";
 
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         Some("wal") => wal(&args[1..]),
         Some("verify") => verify(&args[1..]),
         Some("keygen") => keygen(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("version") | Some("--version") => {
             println!(
                 "tezzeret {} (ABI {}.{}, torch {})",
@@ -340,6 +342,27 @@ fn strip_option(args: &[String], option: &str) -> Vec<String> {
         }
     }
     out
+}
+
+fn bench(args: &[String]) -> Result<bool> {
+    let parsed = Args::parse(args, &["--json"], &["--only"])?;
+    let json = parsed.iter().any(|(f, _)| *f == "--json");
+    let only = parsed.iter().find(|(f, _)| *f == "--only").and_then(|(_, v)| *v);
+    let work = std::env::temp_dir().join(format!("tezzeret-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(format!("create {}", work.display()), e))?;
+    let rows = tezzeret::bench::run(&work, only, &mut |section| eprintln!("measuring {section}…"));
+    let _ = std::fs::remove_dir_all(&work);
+    let rows = rows?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+    } else {
+        println!("| what | ours | reference | unit |\n| --- | ---: | ---: | --- |");
+        for r in &rows {
+            println!("| {} | {:.2} | {} | {} |", r.name, r.ours, r.reference.as_deref().unwrap_or("—"), r.unit);
+        }
+    }
+    Ok(true)
 }
 
 fn keygen(args: &[String]) -> Result<bool> {

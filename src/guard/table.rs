@@ -206,10 +206,22 @@ fn slot_hash(id: &[u8]) -> u64 {
     id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// CRC over a slot's content (everything after the generation and CRC word).
+/// Bytes of a slot that carry content for `inputs` inputs (the rest is zero).
+fn content_len(inputs: usize) -> usize {
+    INPUTS + inputs.min(MAX_INPUTS) * INPUT_SIZE
+}
+
+/// Inputs a slot declares (clamped; a bad count fails the CRC).
+fn declared_inputs(b: &[u8; SLOT_SIZE]) -> usize {
+    u32::from_le_bytes(b[COUNTS..COUNTS + 4].try_into().expect("4")) as usize
+}
+
+/// CRC over a slot's content: from the state word to the end of the last
+/// declared input (kept short: it is on every guard check's path).
 fn slot_crc(b: &[u8; SLOT_SIZE]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(&b[CRC + 4..]);
+    h.update(&b[CRC + 4..content_len(declared_inputs(b))]);
+    h.update(&(declared_inputs(b) as u64).to_le_bytes());
     h.finalize()
 }
 
@@ -467,10 +479,17 @@ impl GuardTable {
                 std::hint::spin_loop();
                 continue;
             }
-            for w in 1..WORDS {
-                let v = self.word(slot, w).load(Ordering::Relaxed);
-                bytes[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
-            }
+            // The fixed part first, then only the declared inputs.
+            let copy = |bytes: &mut [u8; SLOT_SIZE], words: std::ops::Range<usize>| {
+                for w in words {
+                    let v = self.word(slot, w).load(Ordering::Relaxed);
+                    bytes[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                }
+            };
+            bytes.fill(0);
+            copy(bytes, 1..INPUTS / 8);
+            let end = content_len(declared_inputs(bytes)).div_ceil(8);
+            copy(bytes, INPUTS / 8..end);
             fence(Ordering::Acquire);
             if self.word(slot, 0).load(Ordering::Relaxed) != before {
                 continue;
@@ -478,6 +497,9 @@ impl GuardTable {
             let state = u32::from_le_bytes(bytes[CRC + 4..CRC + 8].try_into().expect("4"));
             if before == 0 && state == STATE_EMPTY {
                 return Ok(false);
+            }
+            if declared_inputs(bytes) > MAX_INPUTS {
+                return Err(SlotFault::Torn);
             }
             let stored = u32::from_le_bytes(bytes[CRC..CRC + 4].try_into().expect("4"));
             if stored != slot_crc(bytes) {
