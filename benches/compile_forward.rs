@@ -14,22 +14,9 @@ use tezzeret::catalog::Catalog;
 use tezzeret::compile::{self, JobLimits, ScriptModule, Strategy};
 use tezzeret::forge::{DefaultHost, DevicePreference, Forge, ForgeConfig};
 
-const WARMUP: usize = 20;
-const SAMPLES: usize = 200;
-
-/// p50 latency in µs of `f` after warm-up.
-fn p50_us(mut f: impl FnMut()) -> f64 {
-    for _ in 0..WARMUP {
-        f();
-    }
-    let samples: Vec<f64> = (0..SAMPLES)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    compile::percentile(&samples, 50.0).unwrap()
+/// p50 latency in µs of `f` (200 samples after warm-up).
+fn p50_us(f: impl FnMut()) -> f64 {
+    tezzeret::bench::p50(&tezzeret::bench::sample_us(200, f))
 }
 
 /// (eager p50, per-strategy p50 and variant) for a block.

@@ -1,12 +1,9 @@
 //! Durability benchmarks (issue: durable state). Prints a table; asserts
 //! nothing. All files live in one directory (same disk), measured side by
 //! side in one run.
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::time::Instant;
 
+use tezzeret::bench::{fdatasync_us, p50, sample_job};
 use tezzeret::compile::percentile;
 use tezzeret::guard::table::{GuardEntry, GuardTable};
 use tezzeret::guard::{GuardSpec, InputGuard};
@@ -14,39 +11,11 @@ use tezzeret::wal::journal::{Job, Journal};
 use tezzeret::wal::Wal;
 
 fn job(i: u64) -> Job {
-    Job {
-        seq: 0,
-        priority: 2,
-        blueprint_id: format!("BP{:03}", i % 50),
-        descriptor_hex: "0a05425030303112116c696e6561725f70726f6a656374696f6e1801".repeat(4),
-        overrides: Default::default(),
-        input_shapes: None,
-        strategy: "standard".into(),
-        device: "cpu".into(),
-        batch: 8,
-        cache_key: format!("{:064x}", i),
-    }
+    sample_job(i)
 }
 
 fn stats_us(samples: &mut [f64]) -> (f64, f64) {
-    (percentile(samples, 50.0).unwrap(), percentile(samples, 99.0).unwrap())
-}
-
-fn fdatasync_of(dir: &Path, bytes: usize, n: usize) -> Vec<f64> {
-    let path = dir.join("bare.dat");
-    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(&path).unwrap();
-    // Same shape of work as the WAL: space reserved ahead, then write + sync.
-    unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, (bytes * n + 4096) as i64) };
-    file.sync_all().unwrap();
-    let buf = vec![0x5au8; bytes];
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            file.write_all(&buf).unwrap();
-            unsafe { libc::fdatasync(file.as_raw_fd()) };
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .collect()
+    (p50(samples), percentile(samples, 99.0).unwrap())
 }
 
 fn main() {
@@ -69,7 +38,7 @@ fn main() {
             t.elapsed().as_secs_f64() * 1e6
         })
         .collect();
-    let mut bare = fdatasync_of(&dir, entry_bytes, n as usize);
+    let mut bare = fdatasync_us(&dir, entry_bytes, n as usize).unwrap();
     let (o50, o99) = stats_us(&mut ours);
     let (b50, b99) = stats_us(&mut bare);
     println!("| durable submit p50 ({entry_bytes} B: 3 headers + record), vs write+fdatasync of as many bytes | {o50:.1} | {b50:.1} | µs |");

@@ -90,3 +90,17 @@ fn bad_arguments_are_refused_clearly() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn bench_prints_one_row_object_per_measurement() {
+    let out = tezzeret(&["bench", "--only", "wal", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert!(rows.len() >= 5);
+    for r in rows {
+        assert!(r["name"].is_string() && r["ours"].as_f64().unwrap() > 0.0 && r["unit"].is_string(), "{r}");
+        assert!(r.get("reference").is_some());
+    }
+    assert!(rows.iter().any(|r| r["name"].as_str().unwrap().contains("recovery of a WAL of 10000")));
+}
