@@ -301,18 +301,7 @@ pub fn build_artifact(
     device: Device,
     limits: &JobLimits,
 ) -> Result<(Vec<u8>, String)> {
-    tch::no_grad(|| produce(name, block, inputs, reference, strategy, device, limits))
-}
-
-fn produce(
-    name: &str,
-    block: &blueprints::Block,
-    inputs: &[Tensor],
-    reference: &Tensor,
-    strategy: Strategy,
-    device: Device,
-    limits: &JobLimits,
-) -> Result<(Vec<u8>, String)> {
+    let _no_grad = tch::no_grad_guard();
     let mut traced = ScriptModule::trace(name, inputs, &*block.forward)?;
     traced.eval()?;
     match strategy {

@@ -2,7 +2,7 @@
 use std::ffi::c_char;
 use std::mem::{offset_of, size_of};
 
-use super::{bytes_arg, ffi_status, out_arg, read_sized, str_arg, tezzeret_status};
+use super::{bytes_arg, ffi_status, init_sized, read_sized, str_arg, tezzeret_status};
 use crate::compile::Strategy;
 use crate::forge::{DevicePreference, ForgeConfig};
 use crate::signing::KeyRing;
@@ -129,18 +129,5 @@ impl tezzeret_config {
 /// `sizeof(tezzeret_config)`); never writes past `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_config_init(config: *mut tezzeret_config, struct_size: usize) -> *mut tezzeret_status {
-    ffi_status(|| {
-        out_arg(config, "config")?;
-        if struct_size < MIN_CONFIG_SIZE {
-            return Err(Error::invalid(format!(
-                "struct_size {struct_size} is smaller than the oldest tezzeret_config layout ({MIN_CONFIG_SIZE} bytes)"
-            )));
-        }
-        let mut defaults = tezzeret_config::defaults();
-        defaults.struct_size = struct_size;
-        let len = struct_size.min(size_of::<tezzeret_config>());
-        // SAFETY: the caller provides `struct_size` writable bytes.
-        std::ptr::copy_nonoverlapping(&defaults as *const _ as *const u8, config as *mut u8, len);
-        Ok(())
-    })
+    ffi_status(|| init_sized(config, tezzeret_config::defaults(), struct_size, MIN_CONFIG_SIZE, "tezzeret_config"))
 }

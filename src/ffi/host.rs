@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void, CString};
 use std::mem::{offset_of, size_of};
 
-use super::{bytes_arg, ffi_status, out_arg, read_sized, tezzeret_status};
+use super::{bytes_arg, ffi_status, init_sized, out_arg, read_sized, tezzeret_status};
 use crate::catalog::{Catalog, Descriptor};
 use crate::forge::{Host, LogLevel};
 use crate::{Error, ErrorCode, Result};
@@ -92,18 +92,7 @@ pub unsafe extern "C" fn tezzeret_host_callbacks_init(
     struct_size: usize,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        out_arg(callbacks, "callbacks")?;
-        if struct_size < MIN_CALLBACKS_SIZE {
-            return Err(Error::invalid(format!(
-                "struct_size {struct_size} is smaller than the oldest tezzeret_host_callbacks layout ({MIN_CALLBACKS_SIZE} bytes)"
-            )));
-        }
-        let mut defaults = tezzeret_host_callbacks::defaults();
-        defaults.struct_size = struct_size;
-        let len = struct_size.min(size_of::<tezzeret_host_callbacks>());
-        // SAFETY: the caller provides `struct_size` writable bytes.
-        std::ptr::copy_nonoverlapping(&defaults as *const _ as *const u8, callbacks as *mut u8, len);
-        Ok(())
+        init_sized(callbacks, tezzeret_host_callbacks::defaults(), struct_size, MIN_CALLBACKS_SIZE, "tezzeret_host_callbacks")
     })
 }
 

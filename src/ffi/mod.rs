@@ -110,6 +110,24 @@ pub(crate) unsafe fn read_sized<T: Copy>(ptr: *const T, defaults: T, min_size: u
     Ok(value)
 }
 
+/// Fills a caller's `struct_size`-prefixed struct with `defaults` (whose
+/// `struct_size` becomes the caller's), never writing past `struct_size`.
+///
+/// # Safety
+/// `ptr` is NULL or points to `struct_size` writable bytes.
+pub(crate) unsafe fn init_sized<T: Copy>(ptr: *mut T, defaults: T, struct_size: usize, min_size: usize, name: &str) -> Result<()> {
+    out_arg(ptr, name)?;
+    if struct_size < min_size {
+        return Err(Error::invalid(format!(
+            "struct_size {struct_size} is smaller than the oldest {name} layout ({min_size} bytes)"
+        )));
+    }
+    let len = struct_size.min(std::mem::size_of::<T>());
+    std::ptr::copy_nonoverlapping(&defaults as *const T as *const u8, ptr as *mut u8, len);
+    std::ptr::write_unaligned(ptr as *mut usize, struct_size);
+    Ok(())
+}
+
 /// Writes a struct into a caller's `struct_size`-prefixed memory without
 /// writing past the caller's size (the caller's `struct_size` is kept).
 ///
