@@ -265,6 +265,9 @@ typedef struct tezzeret_config {
   const uint8_t *trusted_keys;
   // Number of keys at `trusted_keys`; default 0.
   size_t trusted_key_count;
+  // Time budget of every job in ms; 0 (default) = the design budgets per
+  // strategy (10 s, 65 s, 250 s, 960 s).
+  uint64_t budget_ms;
 } tezzeret_config;
 
 // Enumerates the host's descriptors: call `tezzeret_descriptor_sink_push`
@@ -421,6 +424,16 @@ typedef struct tezzeret_dltensor {
   uint64_t byte_offset;
 } tezzeret_dltensor;
 
+// A resource reading a host reports (e.g. from its own GPU monitoring).
+typedef struct tezzeret_resource_reading {
+  // Size of this struct as the caller knows it.
+  size_t struct_size;
+  // GPU utilisation percent; negative = unavailable.
+  double gpu_utilisation_percent;
+  // Process resident memory in bytes; 0 = unknown.
+  uint64_t rss_bytes;
+} tezzeret_resource_reading;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -558,6 +571,50 @@ void tezzeret_tensor_free(struct tezzeret_tensor *tensor);
 
 // Frees a kernel. NULL is accepted and ignored.
 void tezzeret_kernel_free(struct tezzeret_kernel *kernel);
+
+// Durably queues a compile job for a descriptor of the forge's catalog at
+// `priority` (Leyline `MessagePriority`: 1 LOW … 4 CRITICAL; equal
+// priorities run in submission order, kept across restarts). When OK is
+// returned the job survives a crash. `*out_seq` (nullable) receives its
+// sequence number, or 0 when a current artifact already serves it.
+struct tezzeret_status *tezzeret_forge_submit(struct tezzeret_forge *forge,
+                                              const char *blueprint_id,
+                                              uint32_t priority,
+                                              uint64_t *out_seq);
+
+// Runs every queued job now (priority, then FIFO), on the calling thread.
+// `*out_completed` / `*out_failed` (nullable) receive the counts.
+struct tezzeret_status *tezzeret_forge_drain(struct tezzeret_forge *forge,
+                                             uint32_t *out_completed,
+                                             uint32_t *out_failed);
+
+// Compiles one descriptor now, bypassing the queue order (an urgent need,
+// e.g. Tamiyo's), and returns when its artifact is durable and announced.
+struct tezzeret_status *tezzeret_forge_compile_now(struct tezzeret_forge *forge,
+                                                   const char *blueprint_id);
+
+// Enumerates the host's descriptors again: new or changed ones are queued
+// durably; ones no longer enumerated are logged (their artifacts stay).
+// `*out_queued` / `*out_removed` (nullable) receive the counts.
+struct tezzeret_status *tezzeret_forge_refresh(struct tezzeret_forge *forge,
+                                               uint32_t *out_queued,
+                                               uint32_t *out_removed);
+
+// Applies a resource reading (NULL: the forge takes its own, through NVML
+// and /proc): GPU utilisation above the limit for the configured window
+// feeds the gpu breaker, memory above budget the memory breaker; an opened
+// breaker enters conservative mode and is announced by telemetry at once.
+struct tezzeret_status *tezzeret_forge_report_resources(struct tezzeret_forge *forge,
+                                                        const struct tezzeret_resource_reading *reading);
+
+// The forge's metrics (SPEC §9) in Prometheus text exposition format.
+struct tezzeret_status *tezzeret_forge_metrics_prometheus(struct tezzeret_forge *forge,
+                                                          struct tezzeret_buffer **out_text);
+
+// A Leyline `SystemHealth` snapshot (status, summary, indicators:
+// concurrency, queue depth, WAL, conservative mode, breakers).
+struct tezzeret_status *tezzeret_forge_health(struct tezzeret_forge *forge,
+                                              struct tezzeret_buffer **out_health);
 
 // The status's code; `TEZZERET_CODE_OK` for NULL.
 uint32_t tezzeret_status_code(const struct tezzeret_status *status);

@@ -12,6 +12,7 @@ use crate::catalog::{Catalog, Descriptor};
 use crate::compile::{self, CompileJob, Strategy};
 use crate::guard::table::{GuardEntry, GuardTable, Lookup};
 use crate::guard::{self, hex};
+use crate::breakers::{BreakerConfig, BreakerKind, Breakers};
 use crate::kernel::Kernel;
 use crate::leyline::{self, KernelCatalogUpdate, MessagePriority, TelemetryLevel};
 use crate::lock::StateLock;
@@ -105,6 +106,15 @@ pub struct ForgeConfig {
     pub cache_ttl: Duration,
     /// Signing key and trusted public keys (SPEC R11); empty = unsigned, unverified.
     pub keys: KeyRing,
+    /// Thresholds of the timeout, memory and gpu breakers (in that order).
+    pub breakers: [BreakerConfig; 3],
+    /// GPU utilisation (percent) above which, sustained for `gpu_window`,
+    /// the gpu breaker counts a failure (15 in conservative mode).
+    pub gpu_limit_percent: f64,
+    /// How long GPU utilisation must stay above the limit.
+    pub gpu_window: Duration,
+    /// Process memory (RSS) above which the memory breaker counts a failure.
+    pub rss_budget_bytes: Option<u64>,
 }
 
 impl ForgeConfig {
@@ -129,6 +139,10 @@ impl ForgeConfig {
             cache_capacity_bytes: 4 << 30,
             cache_ttl: Duration::from_secs(30 * 24 * 3600),
             keys: KeyRing::default(),
+            breakers: BreakerKind::ALL.map(BreakerConfig::default_for),
+            gpu_limit_percent: 25.0,
+            gpu_window: Duration::from_secs(30),
+            rss_budget_bytes: None,
         }
     }
 
@@ -228,7 +242,30 @@ pub struct Forge {
     counters: JobCounters,
     cache: CacheStats,
     verified: HashMap<String, VerifiedFile>,
+    breakers: Breakers,
+    conservative: bool,
+    reported_open: Vec<BreakerKind>,
+    gpu_high_since: Option<Instant>,
+    last_reading: ResourceReading,
     _lock: StateLock,
+}
+
+/// Resource readings (SPEC R10), taken by the forge or reported by its host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResourceReading {
+    /// GPU utilisation percent (None: no GPU / unavailable).
+    pub gpu_utilisation_percent: Option<f64>,
+    /// Process resident memory in bytes (None: unknown).
+    pub rss_bytes: Option<u64>,
+}
+
+/// What a refresh found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefreshReport {
+    /// New or changed descriptors, now durably queued.
+    pub queued: Vec<String>,
+    /// Descriptors no longer enumerated (their artifacts stay; reported, not dropped).
+    pub removed: Vec<String>,
 }
 
 /// What was true of an artifact file when it was last hashed (and its
@@ -354,6 +391,7 @@ impl Forge {
                 .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("parameter values given for unknown blueprint {id:?}")))?;
             ResolvedParams::resolve(descriptor, overrides)?;
         }
+        let config_breakers = config.breakers;
         let mut forge = Forge {
             config,
             device,
@@ -365,6 +403,11 @@ impl Forge {
             counters: JobCounters::default(),
             cache: CacheStats::default(),
             verified: HashMap::new(),
+            breakers: Breakers::new(config_breakers),
+            conservative: false,
+            reported_open: Vec::new(),
+            gpu_high_since: None,
+            last_reading: ResourceReading::default(),
             _lock: lock,
         };
         forge.retire_unverified()?;
@@ -507,6 +550,235 @@ impl Forge {
         Ok(self.cache)
     }
 
+    /// The strategy jobs get now: one level lower in conservative mode.
+    pub fn effective_strategy(&self) -> Strategy {
+        if self.conservative {
+            self.config.strategy.reduced()
+        } else {
+            self.config.strategy
+        }
+    }
+
+    /// A strategy's budget now: ×1.5 in conservative mode.
+    pub fn effective_budget(&self, strategy: Strategy) -> Duration {
+        let budget = self.config.budget(strategy);
+        if self.conservative {
+            budget.mul_f64(1.5)
+        } else {
+            budget
+        }
+    }
+
+    /// Maximum concurrent jobs now: 1 in conservative mode.
+    pub fn effective_concurrency(&self) -> u32 {
+        if self.conservative {
+            1
+        } else {
+            self.config.max_concurrency
+        }
+    }
+
+    /// Whether conservative mode is on.
+    pub fn conservative(&self) -> bool {
+        self.conservative
+    }
+
+    /// Enters or leaves conservative mode after breaker changes, telling
+    /// the host at once (events `breaker_open`, `conservative_mode_*`).
+    fn update_mode(&mut self) {
+        let now = Instant::now();
+        let was = self.conservative;
+        let opened_before = self.reported_open.clone();
+        let states = self.breakers.states(now);
+        let mut events_out = Vec::new();
+        self.reported_open.clear();
+        for (kind, state) in &states {
+            if matches!(state, crate::breakers::BreakerState::Open(_)) {
+                self.reported_open.push(*kind);
+                if !opened_before.contains(kind) {
+                    events_out.push(telemetry::event(events::BREAKER_OPEN, TelemetryLevel::Warning, &[("breaker", kind.name().to_string())]));
+                }
+            }
+        }
+        self.conservative = self.breakers.conservative(now);
+        if self.conservative != was {
+            let (name, verb) = if self.conservative {
+                (events::CONSERVATIVE_MODE_ENABLED, "entered")
+            } else {
+                (events::CONSERVATIVE_MODE_DISABLED, "left")
+            };
+            events_out.push(telemetry::event(name, TelemetryLevel::Warning, &[]));
+            self.host.log(LogLevel::Warn, &format!("conservative mode {verb}"));
+        }
+        if !events_out.is_empty() {
+            let metrics = self.metrics();
+            self.emit_telemetry(metrics, events_out);
+        }
+    }
+
+    /// Applies resource readings (SPEC R10): GPU utilisation above the limit
+    /// (15 % in conservative mode) for the whole window counts a gpu-breaker
+    /// failure (one per window); RSS above its budget a memory-breaker failure.
+    pub fn report_resources(&mut self, reading: ResourceReading) {
+        let now = Instant::now();
+        let limit = if self.conservative { 15.0 } else { self.config.gpu_limit_percent };
+        match reading.gpu_utilisation_percent {
+            Some(u) if u > limit => {
+                let since = *self.gpu_high_since.get_or_insert(now);
+                if now.duration_since(since) >= self.config.gpu_window {
+                    self.breakers.get(BreakerKind::Gpu).failure(now);
+                    self.gpu_high_since = Some(now);
+                }
+            }
+            Some(_) => {
+                self.gpu_high_since = None;
+                self.breakers.get(BreakerKind::Gpu).success(now);
+            }
+            None => self.gpu_high_since = None,
+        }
+        if let (Some(rss), Some(budget)) = (reading.rss_bytes, self.config.rss_budget_bytes) {
+            if rss > budget {
+                self.breakers.get(BreakerKind::Memory).failure(now);
+            }
+        }
+        self.last_reading = reading;
+        self.update_mode();
+    }
+
+    /// Takes readings itself (NVML for the GPU, /proc for memory) and applies them.
+    pub fn sample_resources(&mut self) -> ResourceReading {
+        let reading = ResourceReading {
+            gpu_utilisation_percent: crate::resources::gpu_reading().map(|g| g.utilisation_percent),
+            rss_bytes: crate::resources::process_rss_bytes(),
+        };
+        self.report_resources(reading);
+        reading
+    }
+
+    /// Every metric of SPEC §9, now.
+    pub fn metrics(&mut self) -> Vec<leyline::MetricPoint> {
+        let now = Instant::now();
+        let mut m = self.counters.metrics();
+        m.extend(self.cache.metrics());
+        for (kind, state) in self.breakers.states(now) {
+            m.push(telemetry::metric("tezzeret.breaker.state", state.metric(), "state", &[("breaker", kind.name())]));
+        }
+        m.push(telemetry::metric("tezzeret.breaker.open_total", self.breakers.opened_total() as f64, "count", &[]));
+        m.push(telemetry::metric("tezzeret.mode.conservative", f64::from(u8::from(self.conservative)), "flag", &[]));
+        m.push(telemetry::metric("tezzeret.queue.depth", self.journal.state().pending.len() as f64, "count", &[]));
+        m.push(telemetry::metric("tezzeret.wal.transactions_total", self.journal.state().transactions_since_checkpoint as f64, "count", &[]));
+        if let Some(u) = self.last_reading.gpu_utilisation_percent {
+            m.push(telemetry::metric("tezzeret.gpu.utilisation_percent", u, "percent", &[]));
+        }
+        if let Some(rss) = crate::resources::process_rss_bytes() {
+            m.push(telemetry::metric("tezzeret.memory.rss_bytes", rss as f64, "bytes", &[]));
+        }
+        m
+    }
+
+    /// The metrics in Prometheus text exposition format (dots become
+    /// underscores; labels kept).
+    pub fn prometheus(&mut self) -> String {
+        telemetry::prometheus(&self.metrics())
+    }
+
+    /// A Leyline `SystemHealth` snapshot: HEALTHY, DEGRADED in conservative
+    /// mode, UNHEALTHY while the WAL is poisoned.
+    pub fn health(&mut self) -> leyline::SystemHealth {
+        let now = Instant::now();
+        let poisoned = self.journal.wal().is_poisoned();
+        let status = if poisoned {
+            leyline::HealthStatus::Unhealthy
+        } else if self.conservative {
+            leyline::HealthStatus::Degraded
+        } else {
+            leyline::HealthStatus::Healthy
+        };
+        let mut indicators = BTreeMap::new();
+        indicators.insert("concurrency".to_string(), self.effective_concurrency().to_string());
+        indicators.insert("queue_depth".to_string(), self.journal.state().pending.len().to_string());
+        indicators.insert("conservative".to_string(), self.conservative.to_string());
+        indicators.insert("strategy".to_string(), self.effective_strategy().name().to_string());
+        indicators.insert("wal_bytes".to_string(), self.journal.wal().len().to_string());
+        indicators.insert("wal_transactions_since_checkpoint".to_string(), self.journal.state().transactions_since_checkpoint.to_string());
+        indicators.insert("artifacts".to_string(), self.journal.state().artifacts.len().to_string());
+        for (kind, state) in self.breakers.states(now) {
+            indicators.insert(format!("breaker.{}", kind.name()), format!("{:?}", state.leyline()).to_lowercase());
+        }
+        let summary = match status {
+            leyline::HealthStatus::Unhealthy => "WAL poisoned by a sync failure; reopen the forge".to_string(),
+            leyline::HealthStatus::Degraded => "conservative mode: a circuit breaker is open or half-open".to_string(),
+            _ => "healthy".to_string(),
+        };
+        leyline::SystemHealth { status: status as i32, summary, indicators }
+    }
+
+    /// Durably queues a job for a catalog descriptor at a priority (Leyline
+    /// `MessagePriority`, 1..=4); returns its sequence number once
+    /// acknowledged, or None when a current artifact already serves it.
+    pub fn submit(&mut self, blueprint_id: &str, priority: MessagePriority) -> Result<Option<u64>> {
+        let descriptor = self
+            .catalog
+            .get(blueprint_id)
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("unknown blueprint {blueprint_id:?}")))?;
+        match self.plan(&descriptor) {
+            Planned::Done(report) => match report.error {
+                Some(error) => Err(error),
+                None => Ok(None),
+            },
+            Planned::AlreadyQueued => Ok(self.journal.state().queue().iter().find(|j| j.blueprint_id == blueprint_id).map(|j| j.seq)),
+            Planned::Submit(mut job) => {
+                job.priority = priority as i32;
+                Ok(Some(self.journal.submit(vec![job])?[0]))
+            }
+        }
+    }
+
+    /// Runs every queued job (priority, then FIFO) and returns their reports.
+    pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
+        let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
+        let total = queue.len();
+        queue
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| {
+                progress(Progress::Started(i, total, &job.blueprint_id));
+                let report = self.execute(&job, progress);
+                progress(Progress::Finished(i, total, &report));
+                report
+            })
+            .collect()
+    }
+
+    /// Enumerates the host's descriptors again (SPEC R1): new or changed
+    /// ones (by content hash) are durably queued; ones no longer enumerated
+    /// are reported (their artifacts stay).
+    pub fn refresh(&mut self) -> Result<RefreshReport> {
+        let Some(catalog) = self.host.enumerate()? else { return Ok(RefreshReport::default()) };
+        let removed: Vec<String> = self
+            .catalog
+            .descriptors()
+            .iter()
+            .filter(|d| catalog.get(&d.blueprint_id).is_none())
+            .map(|d| d.blueprint_id.clone())
+            .collect();
+        self.catalog = catalog;
+        let mut queued = Vec::new();
+        let mut jobs = Vec::new();
+        for descriptor in self.catalog.descriptors().to_vec() {
+            if let Planned::Submit(job) = self.plan(&descriptor) {
+                queued.push(job.blueprint_id.clone());
+                jobs.push(job);
+            }
+        }
+        self.journal.submit(jobs)?;
+        for id in &removed {
+            self.host.log(LogLevel::Warn, &format!("{id} is no longer enumerated by the host; its artifact is kept"));
+        }
+        Ok(RefreshReport { queued, removed })
+    }
+
     /// Answers a Leyline `KernelPrefetchRequest` (SPEC R13) with
     /// `KernelArtifactReady` or `KernelArtifactError`. The artifact file is
     /// hashed (and its signature checked) the first time and whenever its
@@ -579,7 +851,7 @@ impl Forge {
     /// The job a descriptor of the catalog makes under this configuration.
     fn job_for(&self, descriptor: &Descriptor) -> Result<(Job, CompileJob)> {
         let id = &descriptor.blueprint_id;
-        let mut compile_job = CompileJob::new(descriptor.clone(), self.config.strategy);
+        let mut compile_job = CompileJob::new(descriptor.clone(), self.effective_strategy());
         compile_job.overrides = self.config.parameter_overrides.get(id).cloned().unwrap_or_default();
         compile_job.input_shapes = self.config.input_shapes.get(id).cloned();
         compile_job.device = self.device;
@@ -592,7 +864,7 @@ impl Forge {
             descriptor_hex: hex(&leyline::encode(&descriptor.to_leyline())),
             overrides: compile_job.overrides.clone(),
             input_shapes: compile_job.input_shapes.clone(),
-            strategy: self.config.strategy.name().to_string(),
+            strategy: compile_job.strategy.name().to_string(),
             device: compile::device_name(compile_job.device),
             batch: compile_job.batch,
             cache_key: compile::cache_key(&compile_job, &params),
@@ -636,23 +908,16 @@ impl Forge {
                 }
             }
         }
-        let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
-        let total = queue.len();
-        for (i, job) in queue.into_iter().enumerate() {
-            progress(Progress::Started(i, total, &job.blueprint_id));
-            let report = self.execute(&job, progress);
-            progress(Progress::Finished(i, total, &report));
-            if !order.contains(&job.blueprint_id) {
-                order.push(job.blueprint_id.clone());
+        for report in self.drain(progress) {
+            if !order.contains(&report.blueprint_id) {
+                order.push(report.blueprint_id.clone());
             }
-            reports.insert(job.blueprint_id.clone(), report);
+            reports.insert(report.blueprint_id.clone(), report);
         }
         if let Err(error) = self.maintain_cache() {
             self.host.log(LogLevel::Error, &format!("cache maintenance failed: {error}"));
         }
-        let mut metrics = self.counters.metrics();
-        metrics.extend(self.cache.metrics());
-        metrics.push(telemetry::metric("tezzeret.queue.depth", self.journal.state().pending.len() as f64, "count", &[]));
+        let metrics = self.metrics();
         self.emit_telemetry(metrics, Vec::new());
         let mut reports: Vec<JobReport> = order.into_iter().filter_map(|id| reports.remove(&id)).collect();
         // An artifact evicted right away (cap too small) is no longer current.
@@ -744,6 +1009,21 @@ impl Forge {
     /// and announces — or records the failure.
     fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
         let outcome = self.execute_inner(job, progress);
+        let now = Instant::now();
+        match &outcome {
+            Ok((JobStatus::Ok, _)) => {
+                self.breakers.get(BreakerKind::Timeout).success(now);
+                self.breakers.get(BreakerKind::Memory).success(now);
+            }
+            Err(e) if e.message().contains("memory_budget_exceeded") => {
+                self.breakers.get(BreakerKind::Memory).failure(now);
+            }
+            Err(e) if e.message().contains("budget_exceeded") => {
+                self.breakers.get(BreakerKind::Timeout).failure(now);
+            }
+            _ => {}
+        }
+        self.update_mode();
         let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
         match outcome {
             Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
@@ -800,7 +1080,7 @@ impl Forge {
             &[("blueprint_id", id.clone()), ("strategy", strategy.name().to_string())],
         );
         let begun = Instant::now();
-        let budget = self.config.budget(strategy);
+        let budget = self.effective_budget(strategy);
         let artifact = compile::compile_within(compile_job, budget, self.config.memory_budget_bytes)
             .map_err(|e| e.context(format!("{id} ({})", descriptor.name)))?;
         let record = ArtifactRecord {
@@ -872,7 +1152,7 @@ impl Forge {
     }
 
     fn emit_telemetry(&mut self, metrics: Vec<leyline::MetricPoint>, events: Vec<leyline::TelemetryEvent>) {
-        let packet = telemetry::packet(metrics, events, false);
+        let packet = telemetry::packet(metrics, events, self.conservative);
         self.host.telemetry(&leyline::encode(&packet));
     }
 }

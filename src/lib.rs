@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod blueprints;
+pub mod breakers;
 pub mod catalog;
 pub mod compile;
 pub mod error;

@@ -31,3 +31,30 @@ mod tests {
         assert!(total >= available && available > 0);
     }
 }
+
+/// A GPU reading from NVML.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuReading {
+    /// Utilisation of device 0, percent.
+    pub utilisation_percent: f64,
+    /// Memory in use on device 0, bytes.
+    pub memory_used_bytes: u64,
+    /// Memory of device 0, bytes.
+    pub memory_total_bytes: u64,
+}
+
+/// Reads GPU 0 through NVML, loaded at run time: `None` when there is no
+/// driver, no library or no GPU (reported as unavailable, never an error).
+pub fn gpu_reading() -> Option<GpuReading> {
+    use std::sync::OnceLock;
+    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
+    let nvml = NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()).as_ref()?;
+    let device = nvml.device_by_index(0).ok()?;
+    let utilisation = device.utilization_rates().ok()?;
+    let memory = device.memory_info().ok()?;
+    Some(GpuReading {
+        utilisation_percent: f64::from(utilisation.gpu),
+        memory_used_bytes: memory.used,
+        memory_total_bytes: memory.total,
+    })
+}

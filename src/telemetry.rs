@@ -112,3 +112,27 @@ impl JobCounters {
         .collect()
     }
 }
+
+/// Metrics in Prometheus text exposition format: names with `.` turned into
+/// `_`, one `# TYPE` line per name (gauge), labels kept and escaped.
+pub fn prometheus(metrics: &[MetricPoint]) -> String {
+    let mut out = String::new();
+    let mut typed = std::collections::BTreeSet::new();
+    for m in metrics {
+        let name: String = m.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        if typed.insert(name.clone()) {
+            out.push_str(&format!("# TYPE {name} gauge\n"));
+        }
+        out.push_str(&name);
+        if !m.attributes.is_empty() {
+            let labels: Vec<String> = m
+                .attributes
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+                .collect();
+            out.push_str(&format!("{{{}}}", labels.join(",")));
+        }
+        out.push_str(&format!(" {}\n", m.value));
+    }
+    out
+}

@@ -59,6 +59,9 @@ pub struct tezzeret_config {
     pub trusted_keys: *const u8,
     /// Number of keys at `trusted_keys`; default 0.
     pub trusted_key_count: usize,
+    /// Time budget of every job in ms; 0 (default) = the design budgets per
+    /// strategy (10 s, 65 s, 250 s, 960 s).
+    pub budget_ms: u64,
 }
 
 /// The oldest layout accepted: up to and including `state_dir`.
@@ -79,6 +82,7 @@ impl tezzeret_config {
             signing_key: std::ptr::null(),
             trusted_keys: std::ptr::null(),
             trusted_key_count: 0,
+            budget_ms: 0,
         }
     }
 
@@ -121,6 +125,9 @@ impl tezzeret_config {
         let trusted_bytes = bytes_arg(raw.trusted_keys, raw.trusted_key_count * 32, "config.trusted_keys")?;
         let trusted: Vec<[u8; 32]> = trusted_bytes.chunks(32).map(|c| c.try_into().expect("32-byte chunks")).collect();
         config.keys = KeyRing::new(signing, &trusted).map_err(|e| e.context("config.trusted_keys"))?;
+        if raw.budget_ms > 0 {
+            config.budgets = [std::time::Duration::from_millis(raw.budget_ms); 4];
+        }
         Ok(config)
     }
 }

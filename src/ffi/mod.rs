@@ -13,6 +13,7 @@ mod forge;
 mod guards;
 mod host;
 mod kernel;
+mod runtime;
 mod status;
 mod version;
 
@@ -22,6 +23,7 @@ pub use forge::*;
 pub use guards::*;
 pub use host::*;
 pub use kernel::*;
+pub use runtime::*;
 pub use status::*;
 pub use version::*;
 

@@ -11,6 +11,7 @@ mod hotpath;
 mod leyline;
 mod loaders;
 mod pipeline;
+mod runtime;
 mod signing;
 mod wal;
 

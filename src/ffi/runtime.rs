@@ -1,0 +1,163 @@
+//! Queueing, refresh, urgent compiles, resource readings, metrics and
+//! health through the C ABI (SPEC R1, R7, R8, R10).
+use std::ffi::c_char;
+
+use super::{ffi_status, out_arg, str_arg, tezzeret_buffer, tezzeret_forge, tezzeret_status};
+use crate::forge::{JobStatus, ResourceReading};
+use crate::leyline::{self, MessagePriority};
+use crate::Error;
+
+/// Durably queues a compile job for a descriptor of the forge's catalog at
+/// `priority` (Leyline `MessagePriority`: 1 LOW … 4 CRITICAL; equal
+/// priorities run in submission order, kept across restarts). When OK is
+/// returned the job survives a crash. `*out_seq` (nullable) receives its
+/// sequence number, or 0 when a current artifact already serves it.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_submit(
+    forge: *mut tezzeret_forge,
+    blueprint_id: *const c_char,
+    priority: u32,
+    out_seq: *mut u64,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        let id = str_arg(blueprint_id, "blueprint_id")?;
+        let priority = match MessagePriority::try_from(priority as i32) {
+            Ok(MessagePriority::Unspecified) | Err(_) => {
+                return Err(Error::invalid(format!("priority {priority} is not a MessagePriority (1..=4)")))
+            }
+            Ok(p) => p,
+        };
+        let seq = tezzeret_forge::with(forge, |f| f.submit(id, priority))?;
+        if !out_seq.is_null() {
+            *out_seq = seq.unwrap_or(0);
+        }
+        Ok(())
+    })
+}
+
+/// Runs every queued job now (priority, then FIFO), on the calling thread.
+/// `*out_completed` / `*out_failed` (nullable) receive the counts.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_drain(
+    forge: *mut tezzeret_forge,
+    out_completed: *mut u32,
+    out_failed: *mut u32,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        let reports = tezzeret_forge::with(forge, |f| Ok(f.drain(&mut |_| {})))?;
+        let failed = reports.iter().filter(|r| r.status == JobStatus::Failed).count() as u32;
+        if !out_completed.is_null() {
+            *out_completed = reports.len() as u32 - failed;
+        }
+        if !out_failed.is_null() {
+            *out_failed = failed;
+        }
+        Ok(())
+    })
+}
+
+/// Compiles one descriptor now, bypassing the queue order (an urgent need,
+/// e.g. Tamiyo's), and returns when its artifact is durable and announced.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_compile_now(forge: *mut tezzeret_forge, blueprint_id: *const c_char) -> *mut tezzeret_status {
+    ffi_status(|| {
+        let id = str_arg(blueprint_id, "blueprint_id")?;
+        let report = tezzeret_forge::with(forge, |f| f.compile_one(id))?;
+        match report.error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Enumerates the host's descriptors again: new or changed ones are queued
+/// durably; ones no longer enumerated are logged (their artifacts stay).
+/// `*out_queued` / `*out_removed` (nullable) receive the counts.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_refresh(
+    forge: *mut tezzeret_forge,
+    out_queued: *mut u32,
+    out_removed: *mut u32,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        let report = tezzeret_forge::with(forge, |f| f.refresh())?;
+        if !out_queued.is_null() {
+            *out_queued = report.queued.len() as u32;
+        }
+        if !out_removed.is_null() {
+            *out_removed = report.removed.len() as u32;
+        }
+        Ok(())
+    })
+}
+
+/// A resource reading a host reports (e.g. from its own GPU monitoring).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_resource_reading {
+    /// Size of this struct as the caller knows it.
+    pub struct_size: usize,
+    /// GPU utilisation percent; negative = unavailable.
+    pub gpu_utilisation_percent: f64,
+    /// Process resident memory in bytes; 0 = unknown.
+    pub rss_bytes: u64,
+}
+
+/// Applies a resource reading (NULL: the forge takes its own, through NVML
+/// and /proc): GPU utilisation above the limit for the configured window
+/// feeds the gpu breaker, memory above budget the memory breaker; an opened
+/// breaker enters conservative mode and is announced by telemetry at once.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_report_resources(
+    forge: *mut tezzeret_forge,
+    reading: *const tezzeret_resource_reading,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        if reading.is_null() {
+            tezzeret_forge::with(forge, |f| {
+                f.sample_resources();
+                Ok(())
+            })
+        } else {
+            let defaults = tezzeret_resource_reading { struct_size: 0, gpu_utilisation_percent: -1.0, rss_bytes: 0 };
+            let raw = super::read_sized(reading, defaults, std::mem::size_of::<usize>(), "reading")?;
+            if raw.gpu_utilisation_percent.is_nan() || raw.gpu_utilisation_percent > 100.0 {
+                return Err(Error::invalid(format!("reading.gpu_utilisation_percent {} is not a percentage", raw.gpu_utilisation_percent)));
+            }
+            let reading = ResourceReading {
+                gpu_utilisation_percent: (raw.gpu_utilisation_percent >= 0.0).then_some(raw.gpu_utilisation_percent),
+                rss_bytes: (raw.rss_bytes > 0).then_some(raw.rss_bytes),
+            };
+            tezzeret_forge::with(forge, |f| Ok(f.report_resources(reading)))
+        }
+    })
+}
+
+/// The forge's metrics (SPEC §9) in Prometheus text exposition format.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_metrics_prometheus(
+    forge: *mut tezzeret_forge,
+    out_text: *mut *mut tezzeret_buffer,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_text, "out_text")?;
+        let text = tezzeret_forge::with(forge, |f| Ok(f.prometheus()))?;
+        *out_text = tezzeret_buffer::boxed(text.into_bytes());
+        Ok(())
+    })
+}
+
+/// A Leyline `SystemHealth` snapshot (status, summary, indicators:
+/// concurrency, queue depth, WAL, conservative mode, breakers).
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_health(
+    forge: *mut tezzeret_forge,
+    out_health: *mut *mut tezzeret_buffer,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_health, "out_health")?;
+        let health = tezzeret_forge::with(forge, |f| Ok(f.health()))?;
+        *out_health = tezzeret_buffer::boxed(leyline::encode(&health));
+        Ok(())
+    })
+}

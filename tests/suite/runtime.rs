@@ -1,0 +1,256 @@
+//! The forge runtime through the Rust API and the C ABI: priorities and
+//! FIFO order across restarts, urgent compiles, refresh, breakers and
+//! conservative mode driven by quarantine hazards and injected readings,
+//! telemetry on transitions, Prometheus text and SystemHealth.
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::{null, null_mut};
+use std::time::Duration;
+
+use prost::Message;
+use tezzeret::breakers::BreakerConfig;
+use tezzeret::catalog::Catalog;
+use tezzeret::compile::Strategy;
+use tezzeret::ffi::*;
+use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host, JobStatus, ResourceReading};
+use tezzeret::leyline::{self, HealthStatus, MessagePriority, TelemetryPacket};
+
+use crate::TempDir;
+
+fn entry(id: &str, name: &str) -> String {
+    format!(r#"{{"blueprint_id": "{id}", "name": "{name}", "tier": "SAFE"}}"#)
+}
+
+/// A host whose catalog can change and which records what it is told.
+#[derive(Default)]
+struct Recording {
+    catalog: std::sync::Arc<std::sync::Mutex<String>>,
+    updates: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    events: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+}
+
+impl Host for Recording {
+    fn enumerate(&mut self) -> tezzeret::Result<Option<Catalog>> {
+        Catalog::from_json(&self.catalog.lock().unwrap()).map(Some)
+    }
+    fn catalog_update(&mut self, bytes: &[u8]) {
+        let u: leyline::KernelCatalogUpdate = leyline::decode(bytes).unwrap();
+        self.updates.lock().unwrap().push(u.blueprint_id);
+    }
+    fn telemetry(&mut self, bytes: &[u8]) {
+        let p: TelemetryPacket = leyline::decode(bytes).unwrap();
+        for e in p.events {
+            self.events.lock().unwrap().push((e.description, p.level));
+        }
+    }
+}
+
+fn recording(catalog: &str) -> (Recording, Recording) {
+    let host = Recording::default();
+    *host.catalog.lock().unwrap() = catalog.to_string();
+    let view = Recording { catalog: host.catalog.clone(), updates: host.updates.clone(), events: host.events.clone() };
+    (host, view)
+}
+
+fn config(dir: &std::path::Path) -> ForgeConfig {
+    let mut c = ForgeConfig::new(dir);
+    c.device = DevicePreference::Cpu;
+    c.strategy = Strategy::Fast;
+    c
+}
+
+#[test]
+fn priorities_then_fifo_across_a_restart_and_urgent_compiles_jump_the_queue() {
+    let dir = TempDir::new("rt-queue");
+    let names = ["relu_activation", "gelu_activation", "skip_connection", "layer_scaling", "linear_projection", "dropout_light"];
+    let catalog = format!("[{}]", names.iter().enumerate().map(|(i, n)| entry(&format!("J{i}"), n)).collect::<Vec<_>>().join(","));
+    {
+        let (host, _) = recording(&catalog);
+        let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+        for (id, p) in [("J0", MessagePriority::Low), ("J1", MessagePriority::High), ("J2", MessagePriority::Low), ("J3", MessagePriority::Critical), ("J4", MessagePriority::High)] {
+            assert!(forge.submit(id, p).unwrap().is_some());
+        }
+    } // closed without running: the queue is durable
+    let (host, view) = recording(&catalog);
+    let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+    // An urgent compile bypasses the queue.
+    assert_eq!(forge.compile_one("J5").unwrap().status, JobStatus::Ok);
+    let reports = forge.drain(&mut |_| {});
+    assert!(reports.iter().all(|r| r.status == JobStatus::Ok));
+    assert_eq!(*view.updates.lock().unwrap(), ["J5", "J3", "J1", "J4", "J0", "J2"]);
+    // A served blueprint needs no job.
+    assert_eq!(forge.submit("J3", MessagePriority::Normal).unwrap(), None);
+    assert!(forge.submit("nope", MessagePriority::Normal).is_err());
+}
+
+#[test]
+fn refresh_queues_new_and_changed_descriptors_and_reports_removed_ones() {
+    let dir = TempDir::new("rt-refresh");
+    let (host, view) = recording(&format!("[{}, {}]", entry("A", "relu_activation"), entry("B", "gelu_activation")));
+    let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+    forge.run(&mut |_| {});
+    // B changes (other name ⇒ other content hash), C appears.
+    *view.catalog.lock().unwrap() = format!("[{}, {}, {}]", entry("A", "relu_activation"), entry("B", "skip_connection"), entry("C", "layer_scaling"));
+    let report = forge.refresh().unwrap();
+    assert_eq!(report.queued, ["B", "C"]);
+    assert!(report.removed.is_empty());
+    assert_eq!(forge.drain(&mut |_| {}).len(), 2);
+    *view.catalog.lock().unwrap() = format!("[{}]", entry("A", "relu_activation"));
+    let report = forge.refresh().unwrap();
+    assert_eq!((report.queued.len(), report.removed), (0, vec!["B".to_string(), "C".to_string()]));
+    assert!(forge.artifacts().contains_key("C"), "a removed descriptor's artifact is kept");
+}
+
+#[test]
+fn a_hung_blueprint_opens_the_timeout_breaker_and_conservative_mode_comes_and_goes() {
+    let dir = TempDir::new("rt-breaker");
+    let catalog = r#"[
+      {"blueprint_id": "LOOP", "name": "infinite_loop", "tier": "HIGH_RISK", "quarantine_only": true, "allowed_parameters": {"iterations": [1000.0, 10000.0]}},
+      {"blueprint_id": "A", "name": "relu_activation", "tier": "SAFE"},
+      {"blueprint_id": "B", "name": "gelu_activation", "tier": "SAFE"},
+      {"blueprint_id": "C", "name": "skip_connection", "tier": "SAFE"}
+    ]"#;
+    let (host, view) = recording(catalog);
+    let mut c = config(dir.path());
+    c.strategy = Strategy::Standard;
+    c.allow_quarantine = true;
+    c.budgets = [Duration::from_millis(300); 4];
+    c.breakers[0] = BreakerConfig { failure_threshold: 2, reset_after: Duration::from_millis(400), successes_to_close: 3 };
+    let mut forge = Forge::open(c, Box::new(host)).unwrap();
+    let first = forge.compile_one("LOOP").unwrap();
+    assert!(first.error.unwrap().message().contains("budget_exceeded"));
+    assert!(!forge.conservative(), "one failure is below the threshold");
+    forge.compile_one("LOOP").unwrap();
+    assert!(forge.conservative(), "the second consecutive timeout opens the breaker");
+    // Conservative mode: strategy one level lower, budgets ×1.5, concurrency 1.
+    assert_eq!(forge.effective_strategy(), Strategy::Fast);
+    assert_eq!(forge.effective_budget(Strategy::Fast), Duration::from_millis(450));
+    assert_eq!(forge.effective_concurrency(), 1);
+    let health = forge.health();
+    assert_eq!(health.status, HealthStatus::Degraded as i32);
+    assert_eq!(health.indicators["breaker.timeout"], "open");
+    let text = forge.prometheus();
+    assert!(text.contains("tezzeret_breaker_state{breaker=\"timeout\"} 2"), "{text}");
+    assert!(text.contains("tezzeret_mode_conservative 1"), "{text}");
+    {
+        let events = view.events.lock().unwrap();
+        let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+        assert!(names.contains(&"tezzeret.breaker_open") && names.contains(&"tezzeret.conservative_mode_enabled"), "{names:?}");
+        let warning = events.iter().find(|(e, _)| e == "tezzeret.conservative_mode_enabled").unwrap().1;
+        assert_eq!(warning, leyline::TelemetryLevel::Warning as i32);
+    }
+    // After the reset delay: half-open; three successes close it and conservative mode ends.
+    std::thread::sleep(Duration::from_millis(450));
+    for id in ["A", "B", "C"] {
+        assert_eq!(forge.compile_one(id).unwrap().status, JobStatus::Ok);
+    }
+    assert!(!forge.conservative());
+    assert_eq!(forge.health().status, HealthStatus::Healthy as i32);
+    assert!(view.events.lock().unwrap().iter().any(|(e, _)| e == "tezzeret.conservative_mode_disabled"));
+}
+
+#[test]
+fn gpu_and_memory_readings_trip_their_breakers() {
+    let dir = TempDir::new("rt-readings");
+    let (host, _) = recording(&format!("[{}]", entry("A", "relu_activation")));
+    let mut c = config(dir.path());
+    c.gpu_window = Duration::from_millis(20);
+    c.breakers[2] = BreakerConfig { failure_threshold: 2, reset_after: Duration::from_secs(60), successes_to_close: 3 };
+    c.breakers[1] = BreakerConfig { failure_threshold: 3, reset_after: Duration::from_secs(60), successes_to_close: 3 };
+    c.rss_budget_bytes = Some(1 << 30);
+    let mut forge = Forge::open(c, Box::new(host)).unwrap();
+    let busy = ResourceReading { gpu_utilisation_percent: Some(80.0), rss_bytes: None };
+    // Above 25 % but not for a whole window: nothing yet.
+    forge.report_resources(busy);
+    assert!(!forge.conservative());
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(25));
+        forge.report_resources(busy);
+    }
+    assert!(forge.conservative(), "two sustained windows open the gpu breaker");
+    assert!(forge.prometheus().contains("tezzeret_gpu_utilisation_percent 80"));
+
+    let dir2 = TempDir::new("rt-memory");
+    let (host, _) = recording(&format!("[{}]", entry("A", "relu_activation")));
+    let mut c = config(dir2.path());
+    c.rss_budget_bytes = Some(1 << 20);
+    let mut forge = Forge::open(c, Box::new(host)).unwrap();
+    for _ in 0..3 {
+        forge.report_resources(ResourceReading { gpu_utilisation_percent: None, rss_bytes: Some(2 << 20) });
+    }
+    assert!(forge.conservative(), "memory above budget three times opens the memory breaker");
+    assert_eq!(forge.health().indicators["breaker.memory"], "open");
+}
+
+unsafe extern "C" fn no_op_enumerate(_: *mut c_void, sink: *mut tezzeret_descriptor_sink) -> i32 {
+    for (id, name) in [("A", "relu_activation"), ("B", "gelu_activation")] {
+        let d = leyline::BlueprintDescriptor { blueprint_id: id.into(), name: name.into(), tier: 1, ..Default::default() };
+        let bytes = d.encode_to_vec();
+        tezzeret_status_free(tezzeret_descriptor_sink_push(sink, bytes.as_ptr(), bytes.len()));
+    }
+    0
+}
+
+fn take(status: *mut tezzeret_status) -> (u32, String) {
+    let code = tezzeret_status_code(status);
+    let message = unsafe { CStr::from_ptr(tezzeret_status_message(status)) }.to_string_lossy().into_owned();
+    tezzeret_status_free(status);
+    (code, message)
+}
+
+#[test]
+fn runtime_calls_through_the_c_abi() {
+    let dir = TempDir::new("rt-abi");
+    let path = CString::new(dir.path().to_str().unwrap()).unwrap();
+    unsafe {
+        let mut config: tezzeret_config = std::mem::zeroed();
+        assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
+        config.state_dir = path.as_ptr();
+        config.device = TEZZERET_DEVICE_CPU;
+        config.strategy = TEZZERET_STRATEGY_FAST;
+        config.budget_ms = 30_000;
+        let mut cb: tezzeret_host_callbacks = std::mem::zeroed();
+        assert!(tezzeret_host_callbacks_init(&mut cb, std::mem::size_of::<tezzeret_host_callbacks>()).is_null());
+        cb.enumerate = Some(no_op_enumerate);
+        let mut forge = null_mut();
+        assert_eq!(take(tezzeret_forge_open(&config, &cb, &mut forge)).0, 0);
+        let (a, b) = (CString::new("A").unwrap(), CString::new("B").unwrap());
+        let mut seq = 0u64;
+        assert_eq!(take(tezzeret_forge_submit(forge, a.as_ptr(), 3, &mut seq)).0, 0);
+        assert!(seq > 0);
+        let (code, msg) = take(tezzeret_forge_submit(forge, a.as_ptr(), 9, &mut seq));
+        assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && msg.contains("priority 9"), "{msg}");
+        let unknown = CString::new("Z").unwrap();
+        assert_eq!(take(tezzeret_forge_submit(forge, unknown.as_ptr(), 2, &mut seq)).0, TEZZERET_CODE_NOT_FOUND);
+        assert_eq!(take(tezzeret_forge_submit(forge, null(), 2, &mut seq)).0, TEZZERET_CODE_NULL_ARGUMENT);
+        let (mut done, mut failed) = (0u32, 0u32);
+        assert_eq!(take(tezzeret_forge_drain(forge, &mut done, &mut failed)).0, 0);
+        assert_eq!((done, failed), (1, 0));
+        assert_eq!(take(tezzeret_forge_compile_now(forge, b.as_ptr())).0, 0);
+        assert_eq!(take(tezzeret_forge_compile_now(forge, unknown.as_ptr())).0, TEZZERET_CODE_NOT_FOUND);
+        let (mut queued, mut removed) = (9u32, 9u32);
+        assert_eq!(take(tezzeret_forge_refresh(forge, &mut queued, &mut removed)).0, 0);
+        assert_eq!((queued, removed), (0, 0));
+        let reading = tezzeret_resource_reading { struct_size: std::mem::size_of::<tezzeret_resource_reading>(), gpu_utilisation_percent: 10.0, rss_bytes: 0 };
+        assert_eq!(take(tezzeret_forge_report_resources(forge, &reading)).0, 0);
+        let bad = tezzeret_resource_reading { gpu_utilisation_percent: 250.0, ..reading };
+        assert_eq!(take(tezzeret_forge_report_resources(forge, &bad)).0, TEZZERET_CODE_INVALID_ARGUMENT);
+        assert_eq!(take(tezzeret_forge_report_resources(forge, null())).0, 0, "NULL: the forge reads NVML and /proc itself");
+        let mut text = null_mut();
+        assert_eq!(take(tezzeret_forge_metrics_prometheus(forge, &mut text)).0, 0);
+        let body = String::from_utf8(std::slice::from_raw_parts(tezzeret_buffer_data(text), tezzeret_buffer_len(text)).to_vec()).unwrap();
+        tezzeret_buffer_free(text);
+        for name in ["tezzeret_jobs_completed 2", "tezzeret_cache_misses", "tezzeret_breaker_open_total 0", "tezzeret_queue_depth 0", "tezzeret_memory_rss_bytes"] {
+            assert!(body.contains(name), "{name} missing from:\n{body}");
+        }
+        let mut health = null_mut();
+        assert_eq!(take(tezzeret_forge_health(forge, &mut health)).0, 0);
+        let h = leyline::SystemHealth::decode(std::slice::from_raw_parts(tezzeret_buffer_data(health), tezzeret_buffer_len(health))).unwrap();
+        tezzeret_buffer_free(health);
+        assert_eq!(h.status, HealthStatus::Healthy as i32);
+        assert_eq!(h.indicators["queue_depth"], "0");
+        assert_eq!(h.indicators["concurrency"], "2");
+        assert_eq!(take(tezzeret_forge_health(forge, null_mut())).0, TEZZERET_CODE_NULL_ARGUMENT);
+        assert_eq!(take(tezzeret_forge_metrics_prometheus(null_mut(), &mut text)).0, TEZZERET_CODE_NULL_ARGUMENT);
+        tezzeret_forge_close(forge);
+    }
+}
