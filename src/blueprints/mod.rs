@@ -3,6 +3,9 @@
 //!
 //! A [`Block`] is a forward function over deterministic weights plus the
 //! representative input shapes it is compiled and validated at.
+// `a = a + b` on purpose: tch's `+=` is an in-place add, which would write
+// through shallow clones into the caller's input tensors.
+#![allow(clippy::assign_op_pattern)]
 mod basic;
 mod experimental;
 mod hazards;

@@ -6,6 +6,11 @@
 //! `struct_size`; enums cross as `uint32_t`; handles are opaque and their
 //! free functions accept NULL.
 #![allow(non_camel_case_types)]
+// Every entry point's safety contract is its C documentation (pointers valid
+// for the stated sizes and lifetimes, handles from this library); functions
+// that only accept NULL or library-made pointers stay callable as safe
+// `extern "C"` functions, as in rustls-ffi.
+#![allow(clippy::missing_safety_doc, clippy::not_unsafe_ptr_arg_deref)]
 
 mod buffer;
 mod config;

@@ -128,7 +128,10 @@ pub unsafe extern "C" fn tezzeret_forge_report_resources(
                 gpu_utilisation_percent: (raw.gpu_utilisation_percent >= 0.0).then_some(raw.gpu_utilisation_percent),
                 rss_bytes: (raw.rss_bytes > 0).then_some(raw.rss_bytes),
             };
-            tezzeret_forge::with(forge, |f| Ok(f.report_resources(reading)))
+            tezzeret_forge::with(forge, |f| {
+                f.report_resources(reading);
+                Ok(())
+            })
         }
     })
 }
