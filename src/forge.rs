@@ -9,7 +9,7 @@ use tch::Device;
 
 use crate::blueprints::{ParameterOverrides, ResolvedParams, DEFAULT_BATCH};
 use crate::catalog::{Catalog, Descriptor};
-use crate::compile::{self, CompileJob, Strategy};
+use crate::compile::{self, CompileJob, CompiledArtifact, Strategy};
 use crate::guard::table::{GuardEntry, GuardTable, Lookup};
 use crate::guard::{self, hex};
 use crate::breakers::{BreakerConfig, BreakerKind, Breakers};
@@ -739,16 +739,61 @@ impl Forge {
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
         let total = queue.len();
-        queue
-            .into_iter()
-            .enumerate()
-            .map(|(i, job)| {
-                progress(Progress::Started(i, total, &job.blueprint_id));
-                let report = self.execute(&job, progress);
-                progress(Progress::Finished(i, total, &report));
-                report
-            })
-            .collect()
+        let mut reports = Vec::with_capacity(total);
+        let mut position = 0;
+        while position < total {
+            // Up to `effective_concurrency` jobs compile at once; they start
+            // and commit in queue order.
+            let width = (self.effective_concurrency() as usize).max(1).min(total - position);
+            let batch = &queue[position..position + width];
+            let prepared: Vec<Result<Prepared>> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, job)| {
+                    progress(Progress::Started(position + i, total, &job.blueprint_id));
+                    self.prepare(job, progress)
+                })
+                .collect();
+            let memory = self.config.memory_budget_bytes;
+            // Concurrent jobs share the cores: libtorch's intra-op threads are
+            // divided among them for the batch, then restored.
+            let compiling = prepared.iter().filter(|p| matches!(p, Ok(Prepared::Compile(_)))).count();
+            let previous_threads = tch::get_num_threads();
+            if compiling > 1 {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tch::set_num_threads((cores / compiling).max(1) as i32);
+            }
+            let compiled: Vec<Option<Result<CompiledArtifact>>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = prepared
+                    .iter()
+                    .map(|p| match p {
+                        Ok(Prepared::Compile(c)) => {
+                            let (job, budget) = (c.job.clone(), c.budget);
+                            Some(scope.spawn(move || compile::compile_within(job, budget, memory)))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.map(|h| {
+                            h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked")))
+                        })
+                    })
+                    .collect()
+            });
+            if compiling > 1 {
+                tch::set_num_threads(previous_threads);
+            }
+            for (i, ((job, prepared), compiled)) in batch.iter().zip(prepared).zip(compiled).enumerate() {
+                let report = self.finish(job, prepared, compiled);
+                progress(Progress::Finished(position + i, total, &report));
+                reports.push(report);
+            }
+            position += width;
+        }
+        reports
     }
 
     /// Enumerates the host's descriptors again (SPEC R1): new or changed
@@ -1008,7 +1053,25 @@ impl Forge {
     /// committing it), else compiles; then commits, updates the guard table
     /// and announces — or records the failure.
     fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
-        let outcome = self.execute_inner(job, progress);
+        let prepared = self.prepare(job, progress);
+        let compiled = match &prepared {
+            Ok(Prepared::Compile(c)) => Some(compile::compile_within(c.job.clone(), c.budget, self.config.memory_budget_bytes)),
+            _ => None,
+        };
+        self.finish(job, prepared, compiled)
+    }
+
+    /// Ends a job whose compile (if it needed one) is done: stores and
+    /// commits, feeds the breakers, records a failure, reports.
+    fn finish(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> JobReport {
+        let outcome = match prepared {
+            Err(e) => Err(e),
+            Ok(Prepared::Adopted(record)) => self.commit(job, record.clone(), None).map(|_| (JobStatus::Cached, record)),
+            Ok(Prepared::Compile(c)) => match compiled.expect("a compile result for a compile job") {
+                Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, c.job.descriptor.name))),
+                Ok(artifact) => self.store_compiled(job, &c, artifact),
+            },
+        };
         let now = Instant::now();
         match &outcome {
             Ok((JobStatus::Ok, _)) => {
@@ -1046,7 +1109,10 @@ impl Forge {
         }
     }
 
-    fn execute_inner(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<(JobStatus, ArtifactRecord)> {
+    /// Starts a job: records it started and either adopts a durable
+    /// artifact of its cache key (a crash came between storing and
+    /// committing it) or sets up its compile.
+    fn prepare(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Prepared> {
         let descriptor = Descriptor::decode(&unhex(&job.descriptor_hex))?;
         let id = job.blueprint_id.clone();
         if self.journal.state().started.contains(&job.seq) {
@@ -1058,13 +1124,12 @@ impl Forge {
             if record.blueprint_id == id && self.usable(&record) {
                 self.cache.hits += 1;
                 self.store.touch(&record.cache_key);
-                self.commit(job, record.clone(), None)?;
-                return Ok((JobStatus::Cached, record));
+                return Ok(Prepared::Adopted(record));
             }
         }
         let strategy: Strategy = job.strategy.parse()?;
         let compile_job = CompileJob {
-            descriptor: descriptor.clone(),
+            descriptor,
             overrides: job.overrides.clone(),
             strategy,
             device: parse_device(&job.device),
@@ -1077,12 +1142,15 @@ impl Forge {
         let started = telemetry::event(
             events::COMPILE_STARTED,
             TelemetryLevel::Info,
-            &[("blueprint_id", id.clone()), ("strategy", strategy.name().to_string())],
+            &[("blueprint_id", id), ("strategy", strategy.name().to_string())],
         );
-        let begun = Instant::now();
-        let budget = self.effective_budget(strategy);
-        let artifact = compile::compile_within(compile_job, budget, self.config.memory_budget_bytes)
-            .map_err(|e| e.context(format!("{id} ({})", descriptor.name)))?;
+        Ok(Prepared::Compile(PendingCompile { job: compile_job, budget: self.effective_budget(strategy), started, begun: Instant::now() }))
+    }
+
+    /// Stores a compiled artifact durably and commits it.
+    fn store_compiled(&mut self, job: &Job, c: &PendingCompile, artifact: CompiledArtifact) -> Result<(JobStatus, ArtifactRecord)> {
+        let id = job.blueprint_id.clone();
+        let descriptor = &c.job.descriptor;
         let record = ArtifactRecord {
             blueprint_id: id.clone(),
             name: descriptor.name.clone(),
@@ -1108,7 +1176,7 @@ impl Forge {
             signature: None,
         };
         let record = self.store.put(record, &artifact.bytes, &self.config.keys)?;
-        self.commit(job, record.clone(), Some((started, begun)))?;
+        self.commit(job, record.clone(), Some((c.started.clone(), c.begun)))?;
         Ok((JobStatus::Ok, record))
     }
 
@@ -1155,6 +1223,22 @@ impl Forge {
         let packet = telemetry::packet(metrics, events, self.conservative);
         self.host.telemetry(&leyline::encode(&packet));
     }
+}
+
+/// A job ready to compile.
+struct PendingCompile {
+    job: CompileJob,
+    budget: Duration,
+    started: leyline::TelemetryEvent,
+    begun: Instant,
+}
+
+/// What starting a job decided.
+enum Prepared {
+    /// A durable artifact of its cache key exists: commit it, no compile.
+    Adopted(ArtifactRecord),
+    /// It must compile.
+    Compile(PendingCompile),
 }
 
 /// What planning a descriptor decided.

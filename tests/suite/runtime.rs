@@ -254,3 +254,29 @@ fn runtime_calls_through_the_c_abi() {
         tezzeret_forge_close(forge);
     }
 }
+
+#[test]
+fn jobs_compile_concurrently_up_to_the_limit_and_commit_in_queue_order() {
+    let run = |concurrency: u32| {
+        let dir = TempDir::new(&format!("rt-workers-{concurrency}"));
+        let names = ["relu_activation", "gelu_activation", "skip_connection", "layer_scaling"];
+        let catalog = format!("[{}]", names.iter().enumerate().map(|(i, n)| entry(&format!("W{i}"), n)).collect::<Vec<_>>().join(","));
+        let (host, view) = recording(&catalog);
+        let mut c = config(dir.path());
+        c.max_concurrency = concurrency;
+        let mut forge = Forge::open(c, Box::new(host)).unwrap();
+        let mut trace = Vec::new();
+        let reports = forge.run(&mut |p| match p {
+            tezzeret::forge::Progress::Compiling(id, _) => trace.push(format!("compile {id}")),
+            tezzeret::forge::Progress::Finished(_, _, r) => trace.push(format!("done {}", r.blueprint_id)),
+            _ => {}
+        });
+        assert!(reports.iter().all(|r| r.status == JobStatus::Ok));
+        assert_eq!(*view.updates.lock().unwrap(), ["W0", "W1", "W2", "W3"], "commits in queue order");
+        trace
+    };
+    // Two at a time: both of a pair start before either is done.
+    assert_eq!(run(2), ["compile W0", "compile W1", "done W0", "done W1", "compile W2", "compile W3", "done W2", "done W3"]);
+    // One at a time (as in conservative mode).
+    assert_eq!(run(1), ["compile W0", "done W0", "compile W1", "done W1", "compile W2", "done W2", "compile W3", "done W3"]);
+}
