@@ -287,9 +287,12 @@ typedef void (*tezzeret_release_fn)(void *user_data);
 
 // The host's callbacks. Initialise with `tezzeret_host_callbacks_init`;
 // every callback is optional. Callbacks run on the thread that called
-// into the library (later versions: also on library threads, possibly
-// concurrently), must not throw or longjmp across the library, and must
-// not call functions on the same forge handle (they get an error status).
+// into the library or on the forge's background thread (when refresh or
+// telemetry intervals are set) — for one forge, one callback at a time.
+// They must not throw or longjmp across the library, and must not call
+// functions on the same forge handle (they get an error status, not a
+// deadlock); other forges and the guard-table functions are fine. A
+// callback that blocks delays the forge (and `tezzeret_forge_close`).
 typedef struct tezzeret_host_callbacks {
   // Size of this struct as the caller knows it.
   size_t struct_size;
@@ -498,9 +501,11 @@ struct tezzeret_status *tezzeret_forge_guard_table(struct tezzeret_forge *forge,
 // `TEZZERET_CODE_POISONED`; close still works).
 struct tezzeret_status *tezzeret_forge_selftest_panic(struct tezzeret_forge *forge);
 
-// Closes a forge: releases the state directory's lock and calls the
-// host's `release` once. No callback runs after this returns. NULL is
-// accepted and ignored.
+// Closes a forge: abandons a running compile (queued jobs stay queued,
+// durably), stops the background thread (waiting for a callback it is
+// in, if any), releases the state directory's lock and calls the host's
+// `release` once. No callback runs after this returns. NULL is accepted
+// and ignored. Must not be called from one of the forge's own callbacks.
 void tezzeret_forge_close(struct tezzeret_forge *forge);
 
 // Opens a guard table file read-only (no forge needed; the forge may be

@@ -2,6 +2,8 @@
 //! compiles what is not compiled yet, stores artifacts durably and tells
 //! the host (catalog updates, telemetry, log lines).
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -247,6 +249,7 @@ pub struct Forge {
     reported_open: Vec<BreakerKind>,
     gpu_high_since: Option<Instant>,
     last_reading: ResourceReading,
+    shutdown: Arc<AtomicBool>,
     _lock: StateLock,
 }
 
@@ -408,6 +411,7 @@ impl Forge {
             reported_open: Vec::new(),
             gpu_high_since: None,
             last_reading: ResourceReading::default(),
+            shutdown: Arc::new(AtomicBool::new(false)),
             _lock: lock,
         };
         forge.retire_unverified()?;
@@ -548,6 +552,26 @@ impl Forge {
         self.cache.bytes = remaining.iter().map(|(r, _)| r.size_bytes).sum();
         self.cache.entries = remaining.len() as u64;
         Ok(self.cache)
+    }
+
+    /// A flag that, once set, makes running and queued work stop at once
+    /// (jobs running are abandoned, queued ones stay queued): for shutdown.
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Sends the periodic `TelemetryPacket`: every metric and a
+    /// `SystemHealth` snapshot.
+    pub fn emit_periodic_telemetry(&mut self) {
+        let metrics = self.metrics();
+        let mut packet = telemetry::packet(metrics, Vec::new(), self.conservative);
+        packet.system_health = Some(self.health());
+        self.host.telemetry(&leyline::encode(&packet));
+    }
+
+    /// Tells the host about an error of background work.
+    pub fn log_error(&mut self, context: &str, error: &Error) {
+        self.host.log(LogLevel::Error, &format!("{context}: {error}"));
     }
 
     /// The strategy jobs get now: one level lower in conservative mode.
@@ -741,7 +765,7 @@ impl Forge {
         let total = queue.len();
         let mut reports = Vec::with_capacity(total);
         let mut position = 0;
-        while position < total {
+        while position < total && !self.shutdown.load(Ordering::Acquire) {
             // Up to `effective_concurrency` jobs compile at once; they start
             // and commit in queue order.
             let width = (self.effective_concurrency() as usize).max(1).min(total - position);
@@ -755,6 +779,7 @@ impl Forge {
                 })
                 .collect();
             let memory = self.config.memory_budget_bytes;
+            let shutdown = &*self.shutdown;
             // Concurrent jobs share the cores: libtorch's intra-op threads are
             // divided among them for the batch, then restored.
             let compiling = prepared.iter().filter(|p| matches!(p, Ok(Prepared::Compile(_)))).count();
@@ -769,7 +794,7 @@ impl Forge {
                     .map(|p| match p {
                         Ok(Prepared::Compile(c)) => {
                             let (job, budget) = (c.job.clone(), c.budget);
-                            Some(scope.spawn(move || compile::compile_within(job, budget, memory)))
+                            Some(scope.spawn(move || compile::compile_within_or_abort(job, budget, memory, Some(shutdown))))
                         }
                         _ => None,
                     })
@@ -1055,7 +1080,12 @@ impl Forge {
     fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
         let prepared = self.prepare(job, progress);
         let compiled = match &prepared {
-            Ok(Prepared::Compile(c)) => Some(compile::compile_within(c.job.clone(), c.budget, self.config.memory_budget_bytes)),
+            Ok(Prepared::Compile(c)) => Some(compile::compile_within_or_abort(
+                c.job.clone(),
+                c.budget,
+                self.config.memory_budget_bytes,
+                Some(&self.shutdown),
+            )),
             _ => None,
         };
         self.finish(job, prepared, compiled)
@@ -1072,6 +1102,14 @@ impl Forge {
                 Ok(artifact) => self.store_compiled(job, &c, artifact),
             },
         };
+        if self.shutdown.load(Ordering::Acquire) {
+            if let Err(error) = outcome {
+                // Abandoned by shutdown: not a failure of the job, which stays
+                // queued (durably) and resumes at the next open.
+                let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
+                return self.report(&job.blueprint_id, &name, JobStatus::Failed, None, Some(error));
+            }
+        }
         let now = Instant::now();
         match &outcome {
             Ok((JobStatus::Ok, _)) => {

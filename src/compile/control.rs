@@ -81,6 +81,18 @@ pub fn run_with_budget<T: Send + 'static>(
     cancel: CancelToken,
     job: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
+    run_with_budget_or_abort(what, budget, cancel, None, job)
+}
+
+/// As [`run_with_budget`], also abandoning the job as soon as `abort` is set
+/// (a forge shutting down does not wait for a compile to finish).
+pub fn run_with_budget_or_abort<T: Send + 'static>(
+    what: &str,
+    budget: Duration,
+    cancel: CancelToken,
+    abort: Option<&std::sync::atomic::AtomicBool>,
+    job: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let (sender, receiver) = mpsc::sync_channel(1);
     let started = Instant::now();
     std::thread::Builder::new()
@@ -92,7 +104,21 @@ pub fn run_with_budget<T: Send + 'static>(
             let _ = sender.send(outcome); // the receiver is gone when abandoned
         })
         .map_err(|e| Error::io("spawn compile thread", e))?;
-    match receiver.recv_timeout(budget) {
+    let deadline = started + budget;
+    let outcome = loop {
+        let now = Instant::now();
+        let slice = deadline.saturating_duration_since(now).min(Duration::from_millis(20));
+        match receiver.recv_timeout(slice) {
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                if abort.is_some_and(|a| a.load(Ordering::Acquire)) {
+                    cancel.cancel();
+                    return Err(Error::new(ErrorCode::BudgetExceeded, format!("abandoned: {what} was running at shutdown")));
+                }
+            }
+            other => break other,
+        }
+    };
+    match outcome {
         Ok(outcome) => outcome,
         Err(mpsc::RecvTimeoutError::Timeout) => {
             cancel.cancel();

@@ -141,10 +141,20 @@ pub fn cache_key(job: &CompileJob, params: &ResolvedParams) -> String {
 /// Compiles a job on a worker thread under a time budget and a memory
 /// budget. An overrun abandons the job (see [`run_with_budget`]).
 pub fn compile_within(job: CompileJob, budget: Duration, memory_budget_bytes: Option<u64>) -> Result<CompiledArtifact> {
+    compile_within_or_abort(job, budget, memory_budget_bytes, None)
+}
+
+/// As [`compile_within`], abandoning the job as soon as `abort` is set.
+pub fn compile_within_or_abort(
+    job: CompileJob,
+    budget: Duration,
+    memory_budget_bytes: Option<u64>,
+    abort: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<CompiledArtifact> {
     let mut limits = JobLimits::new(memory_budget_bytes);
     let cancel = limits.cancel.clone();
     let what = job.descriptor.blueprint_id.clone();
-    run_with_budget(&what, budget, cancel, move || compile(&job, &mut limits))
+    control::run_with_budget_or_abort(&what, budget, cancel, abort, move || compile(&job, &mut limits))
 }
 
 /// Compiles, validates and pre-warms one blueprint on the calling thread.

@@ -1,7 +1,9 @@
 //! The forge handle.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::host::CallbackHost;
 use super::{
@@ -15,11 +17,24 @@ use crate::{report, Error, ErrorCode, Result};
 /// An open forge over a state directory. Thread-safe: calls from several
 /// host threads are serialised.
 pub struct tezzeret_forge {
+    shared: Arc<Shared>,
+    /// The background thread of periodic work (refresh, telemetry,
+    /// maintenance), when any interval is configured.
+    service: Option<JoinHandle<()>>,
+}
+
+/// What the handle and its background thread share.
+struct Shared {
     forge: Mutex<Option<Forge>>,
     poisoned: AtomicBool,
     /// Token of the thread currently inside a call (0 = none); detects
     /// re-entrant calls from callbacks, which would otherwise deadlock.
     owner: AtomicU64,
+    /// Set at close; wakes the background thread.
+    stop: Mutex<bool>,
+    wake: Condvar,
+    /// The forge's shutdown flag, reachable without its lock.
+    shutdown: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -29,34 +44,97 @@ thread_local! {
     };
 }
 
-impl tezzeret_forge {
+impl Shared {
     /// Runs `body` with exclusive access to the forge; a panic inside it
     /// poisons the handle and becomes an internal-error status.
+    fn with<T>(&self, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
+        let token = THREAD_TOKEN.with(|t| *t);
+        if self.owner.load(Ordering::Acquire) == token {
+            return Err(Error::invalid("re-entrant call on a forge from inside one of its own callbacks"));
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorCode::Poisoned, "forge handle is poisoned by an earlier internal error; close it"));
+        }
+        let mut guard = self.forge.lock().unwrap_or_else(|p| p.into_inner());
+        self.owner.store(token, Ordering::Release);
+        let outcome = match guard.as_mut() {
+            Some(forge) => catch_unwind(AssertUnwindSafe(|| body(forge))),
+            None => Ok(Err(Error::new(ErrorCode::Internal, "forge is closed"))),
+        };
+        self.owner.store(0, Ordering::Release);
+        match outcome {
+            Ok(result) => result,
+            Err(panic) => {
+                self.poisoned.store(true, Ordering::Release);
+                Err(panic_error(&panic))
+            }
+        }
+    }
+}
+
+impl tezzeret_forge {
+    /// Runs `body` with exclusive access to the forge behind a handle.
     ///
     /// # Safety
     /// `handle` is NULL or a live handle from `tezzeret_forge_open`.
     pub(crate) unsafe fn with<T>(handle: *mut tezzeret_forge, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
         let handle = handle.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "forge is NULL"))?;
-        let token = THREAD_TOKEN.with(|t| *t);
-        if handle.owner.load(Ordering::Acquire) == token {
-            return Err(Error::invalid("re-entrant call on a forge from inside one of its own callbacks"));
-        }
-        if handle.poisoned.load(Ordering::Acquire) {
-            return Err(Error::new(ErrorCode::Poisoned, "forge handle is poisoned by an earlier internal error; close it"));
-        }
-        let mut guard = handle.forge.lock().unwrap_or_else(|p| p.into_inner());
-        handle.owner.store(token, Ordering::Release);
-        let outcome = match guard.as_mut() {
-            Some(forge) => catch_unwind(AssertUnwindSafe(|| body(forge))),
-            None => Ok(Err(Error::new(ErrorCode::Internal, "forge is closed"))),
-        };
-        handle.owner.store(0, Ordering::Release);
-        match outcome {
-            Ok(result) => result,
-            Err(panic) => {
-                handle.poisoned.store(true, Ordering::Release);
-                Err(panic_error(&panic))
+        handle.shared.with(body)
+    }
+}
+
+/// How often the background thread runs TTL maintenance (SPEC R10).
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
+
+/// The background thread: re-enumerates and runs the queue every refresh
+/// interval, sends telemetry (with fresh resource readings) every telemetry
+/// interval, maintains the cache every 5 minutes — until close.
+fn service(shared: Arc<Shared>, refresh: Option<Duration>, telemetry: Option<Duration>) {
+    let start = Instant::now();
+    let mut next_refresh = refresh.map(|d| start + d);
+    let mut next_telemetry = telemetry.map(|d| start + d);
+    let mut next_maintenance = start + MAINTENANCE_EVERY;
+    loop {
+        let deadline = [next_refresh, next_telemetry, Some(next_maintenance)].into_iter().flatten().min().expect("one deadline");
+        {
+            let stop = shared.stop.lock().unwrap_or_else(|p| p.into_inner());
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let (stop, _) = shared.wake.wait_timeout_while(stop, wait, |s| !*s).unwrap_or_else(|p| p.into_inner());
+            if *stop {
+                return;
             }
+        }
+        let now = Instant::now();
+        if let (Some(due), Some(every)) = (next_refresh, refresh) {
+            if now >= due {
+                let _ = shared.with(|f| {
+                    if let Err(e) = f.refresh() {
+                        f.log_error("periodic refresh", &e);
+                    }
+                    f.drain(&mut |_| {});
+                    Ok(())
+                });
+                next_refresh = Some(Instant::now() + every);
+            }
+        }
+        if let (Some(due), Some(every)) = (next_telemetry, telemetry) {
+            if now >= due {
+                let _ = shared.with(|f| {
+                    f.sample_resources();
+                    f.emit_periodic_telemetry();
+                    Ok(())
+                });
+                next_telemetry = Some(due + every);
+            }
+        }
+        if now >= next_maintenance {
+            let _ = shared.with(|f| {
+                if let Err(e) = f.maintain_cache() {
+                    f.log_error("cache maintenance", &e);
+                }
+                Ok(())
+            });
+            next_maintenance = now + MAINTENANCE_EVERY;
         }
     }
 }
@@ -78,13 +156,29 @@ pub unsafe extern "C" fn tezzeret_forge_open(
         let host = CallbackHost::read(callbacks)?;
         out_arg(out_forge, "out_forge")?;
         let config = tezzeret_config::read(config)?;
+        let every = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        let (refresh, telemetry) = (every(config.refresh_interval_ms), every(config.telemetry_interval_ms));
         let forge = Forge::open(config, Box::new(host))?;
-        let handle = Box::new(tezzeret_forge {
+        let shutdown = forge.shutdown_flag();
+        let shared = Arc::new(Shared {
             forge: Mutex::new(Some(forge)),
             poisoned: AtomicBool::new(false),
             owner: AtomicU64::new(0),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+            shutdown,
         });
-        *out_forge = Box::into_raw(handle);
+        let service = if refresh.is_some() || telemetry.is_some() {
+            let shared = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name("tezzeret-service".into())
+                .spawn(move || service(shared, refresh, telemetry))
+                .map_err(|e| Error::io("start the forge's background thread", e))?;
+            Some(thread)
+        } else {
+            None
+        };
+        *out_forge = Box::into_raw(Box::new(tezzeret_forge { shared, service }));
         Ok(())
     })
 }
@@ -216,17 +310,28 @@ pub unsafe extern "C" fn tezzeret_forge_selftest_panic(forge: *mut tezzeret_forg
     ffi_status(|| tezzeret_forge::with(forge, |_| -> Result<()> { panic!("tezzeret_forge_selftest_panic") }))
 }
 
-/// Closes a forge: releases the state directory's lock and calls the
-/// host's `release` once. No callback runs after this returns. NULL is
-/// accepted and ignored.
+/// Closes a forge: abandons a running compile (queued jobs stay queued,
+/// durably), stops the background thread (waiting for a callback it is
+/// in, if any), releases the state directory's lock and calls the host's
+/// `release` once. No callback runs after this returns. NULL is accepted
+/// and ignored. Must not be called from one of the forge's own callbacks.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
     if forge.is_null() {
         return;
     }
     // SAFETY: made by Box::into_raw in open, closed once by contract.
-    let handle = Box::from_raw(forge);
-    let inner = handle.forge.into_inner().unwrap_or_else(|p| p.into_inner());
-    // Dropping may run the host's release callback; never unwind from here.
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(inner)));
+    let mut handle = Box::from_raw(forge);
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // Abandon work in progress without taking the forge's lock (a job may hold it).
+        handle.shared.shutdown.store(true, Ordering::Release);
+        *handle.shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        handle.shared.wake.notify_all();
+        if let Some(thread) = handle.service.take() {
+            let _ = thread.join();
+        }
+        let inner = handle.shared.forge.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Dropping may run the host's release callback.
+        drop(inner);
+    }));
 }

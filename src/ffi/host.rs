@@ -46,9 +46,12 @@ pub type tezzeret_release_fn = Option<unsafe extern "C" fn(user_data: *mut c_voi
 
 /// The host's callbacks. Initialise with `tezzeret_host_callbacks_init`;
 /// every callback is optional. Callbacks run on the thread that called
-/// into the library (later versions: also on library threads, possibly
-/// concurrently), must not throw or longjmp across the library, and must
-/// not call functions on the same forge handle (they get an error status).
+/// into the library or on the forge's background thread (when refresh or
+/// telemetry intervals are set) — for one forge, one callback at a time.
+/// They must not throw or longjmp across the library, and must not call
+/// functions on the same forge handle (they get an error status, not a
+/// deadlock); other forges and the guard-table functions are fine. A
+/// callback that blocks delays the forge (and `tezzeret_forge_close`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct tezzeret_host_callbacks {

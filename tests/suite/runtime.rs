@@ -280,3 +280,128 @@ fn jobs_compile_concurrently_up_to_the_limit_and_commit_in_queue_order() {
     // One at a time (as in conservative mode).
     assert_eq!(run(1), ["compile W0", "done W0", "compile W1", "done W1", "compile W2", "done W2", "compile W3", "done W3"]);
 }
+
+mod background {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Counters the callbacks bump (one set per test: tests run in parallel).
+    #[derive(Default)]
+    pub struct Seen {
+        pub generation: AtomicUsize,
+        pub updates: AtomicUsize,
+        pub packets: AtomicUsize,
+        pub with_health: AtomicUsize,
+        pub releases: AtomicUsize,
+        pub hang: bool,
+    }
+
+    unsafe extern "C" fn enumerate(user: *mut c_void, sink: *mut tezzeret_descriptor_sink) -> i32 {
+        let seen = &*(user as *const Seen);
+        let mut list: Vec<(&str, &str, i32, bool)> = vec![("A", "relu_activation", 1, false)];
+        if seen.hang {
+            list = vec![("LOOP", "infinite_loop", 3, true)];
+        } else if seen.generation.load(Ordering::SeqCst) > 0 {
+            list.push(("B", "gelu_activation", 1, false));
+        }
+        for (id, name, tier, quarantine) in list {
+            let d = leyline::BlueprintDescriptor {
+                blueprint_id: id.into(),
+                name: name.into(),
+                tier,
+                quarantine_only: quarantine,
+                ..Default::default()
+            };
+            let bytes = d.encode_to_vec();
+            tezzeret_status_free(tezzeret_descriptor_sink_push(sink, bytes.as_ptr(), bytes.len()));
+        }
+        0
+    }
+
+    unsafe extern "C" fn on_update(user: *mut c_void, _: *const u8, _: usize) {
+        (*(user as *const Seen)).updates.fetch_add(1, Ordering::SeqCst);
+    }
+
+    unsafe extern "C" fn on_telemetry(user: *mut c_void, bytes: *const u8, len: usize) {
+        let seen = &*(user as *const Seen);
+        seen.packets.fetch_add(1, Ordering::SeqCst);
+        let packet = TelemetryPacket::decode(std::slice::from_raw_parts(bytes, len)).unwrap();
+        if packet.system_health.is_some() {
+            seen.with_health.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    unsafe extern "C" fn on_release(user: *mut c_void) {
+        (*(user as *const Seen)).releases.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn open(dir: &std::path::Path, seen: &Seen, refresh_ms: u64, telemetry_ms: u64) -> *mut tezzeret_forge {
+        let path = CString::new(dir.to_str().unwrap()).unwrap();
+        unsafe {
+            let mut config: tezzeret_config = std::mem::zeroed();
+            assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
+            config.state_dir = path.as_ptr();
+            config.device = TEZZERET_DEVICE_CPU;
+            config.strategy = TEZZERET_STRATEGY_FAST;
+            config.refresh_interval_ms = refresh_ms;
+            config.telemetry_interval_ms = telemetry_ms;
+            config.flags = TEZZERET_FLAG_ALLOW_QUARANTINE;
+            config.budget_ms = 600_000;
+            let mut cb: tezzeret_host_callbacks = std::mem::zeroed();
+            assert!(tezzeret_host_callbacks_init(&mut cb, std::mem::size_of::<tezzeret_host_callbacks>()).is_null());
+            cb.user_data = seen as *const Seen as *mut c_void;
+            cb.enumerate = Some(enumerate);
+            cb.catalog_update = Some(on_update);
+            cb.telemetry = Some(on_telemetry);
+            cb.release = Some(on_release);
+            let mut forge = null_mut();
+            let (code, msg) = super::take(tezzeret_forge_open(&config, &cb, &mut forge));
+            assert_eq!(code, 0, "{msg}");
+            forge
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn periodic_refresh_and_telemetry_run_until_close_and_never_after() {
+        let dir = TempDir::new("rt-service");
+        let seen = Box::new(Seen::default());
+        let forge = open(dir.path(), &seen, 30, 20);
+        // The refresh compiles what is enumerated; a new descriptor appears and is compiled too.
+        wait_for("A compiled by the periodic refresh", || seen.updates.load(Ordering::SeqCst) >= 1);
+        seen.generation.store(1, Ordering::SeqCst);
+        wait_for("B compiled after it appeared", || seen.updates.load(Ordering::SeqCst) >= 2);
+        wait_for("periodic telemetry with a health snapshot", || seen.with_health.load(Ordering::SeqCst) >= 2);
+        unsafe { tezzeret_forge_close(forge) };
+        let (updates, packets) = (seen.updates.load(Ordering::SeqCst), seen.packets.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(seen.updates.load(Ordering::SeqCst), updates, "no callback after close returned");
+        assert_eq!(seen.packets.load(Ordering::SeqCst), packets, "no callback after close returned");
+        assert_eq!(seen.releases.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn close_abandons_a_running_compile_within_a_bound() {
+        let dir = TempDir::new("rt-close");
+        let seen = Box::new(Seen { hang: true, ..Default::default() });
+        // The background refresh starts compiling a job that never ends (budget 10 min).
+        let forge = open(dir.path(), &seen, 10, 0);
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        unsafe { tezzeret_forge_close(forge) };
+        assert!(started.elapsed() < Duration::from_secs(10), "close took {:?}", started.elapsed());
+        assert_eq!(seen.releases.load(Ordering::SeqCst), 1);
+        // The job stays queued, durably: a new forge still has it.
+        let (_, journal) = tezzeret::verify::read_journal(dir.path()).unwrap();
+        assert_eq!(journal.pending.len(), 1);
+    }
+}
