@@ -204,6 +204,7 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
             assert!(verification.problems.is_empty(), "{:?}", verification.problems);
             completions += 1;
             generation += 1;
+            let _ = std::fs::remove_dir_all(&state); // checked: free its space
             state = work.path().join(format!("state-{generation}"));
             acked.clear();
             announced.clear();
