@@ -1094,6 +1094,7 @@ impl Forge {
     /// Ends a job whose compile (if it needed one) is done: stores and
     /// commits, feeds the breakers, records a failure, reports.
     fn finish(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> JobReport {
+        let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
         let outcome = match prepared {
             Err(e) => Err(e),
             Ok(Prepared::Adopted(record)) => self.commit(job, record.clone(), None).map(|_| (JobStatus::Cached, record)),
@@ -1106,7 +1107,6 @@ impl Forge {
             if let Err(error) = outcome {
                 // Abandoned by shutdown: not a failure of the job, which stays
                 // queued (durably) and resumes at the next open.
-                let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
                 return self.report(&job.blueprint_id, &name, JobStatus::Failed, None, Some(error));
             }
         }
@@ -1125,7 +1125,6 @@ impl Forge {
             _ => {}
         }
         self.update_mode();
-        let name = Descriptor::decode(&unhex(&job.descriptor_hex)).map(|d| d.name).unwrap_or_default();
         match outcome {
             Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
             Err(error) => {
