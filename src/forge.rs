@@ -737,15 +737,19 @@ impl Forge {
         leyline::SystemHealth { status: status as i32, summary, indicators }
     }
 
+    /// A descriptor of the catalog by id, or a NotFound error naming it.
+    fn catalog_descriptor(&self, blueprint_id: &str) -> Result<Descriptor> {
+        self.catalog
+            .get(blueprint_id)
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("unknown blueprint {blueprint_id:?}")))
+    }
+
     /// Durably queues a job for a catalog descriptor at a priority (Leyline
     /// `MessagePriority`, 1..=4); returns its sequence number once
     /// acknowledged, or None when a current artifact already serves it.
     pub fn submit(&mut self, blueprint_id: &str, priority: MessagePriority) -> Result<Option<u64>> {
-        let descriptor = self
-            .catalog
-            .get(blueprint_id)
-            .cloned()
-            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("unknown blueprint {blueprint_id:?}")))?;
+        let descriptor = self.catalog_descriptor(blueprint_id)?;
         match self.plan(&descriptor) {
             Planned::Done(report) => match report.error {
                 Some(error) => Err(error),
@@ -1002,11 +1006,7 @@ impl Forge {
     /// Compiles (or reuses) one descriptor of the catalog by id, now,
     /// bypassing the queue order.
     pub fn compile_one(&mut self, blueprint_id: &str) -> Result<JobReport> {
-        let descriptor = self
-            .catalog
-            .get(blueprint_id)
-            .cloned()
-            .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("unknown blueprint {blueprint_id:?}")))?;
+        let descriptor = self.catalog_descriptor(blueprint_id)?;
         match self.plan(&descriptor) {
             Planned::Done(report) => Ok(report),
             Planned::Submit(job) => {
