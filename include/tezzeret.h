@@ -154,6 +154,18 @@
 // DLPack dtype code: bool (`kDLBool`).
 #define TEZZERET_DL_BOOL 6
 
+// Job priority (Leyline `MessagePriority`): runs after every higher one.
+#define TEZZERET_PRIORITY_LOW 1
+
+// Job priority: the default of queued work.
+#define TEZZERET_PRIORITY_NORMAL 2
+
+// Job priority: ahead of normal work.
+#define TEZZERET_PRIORITY_HIGH 3
+
+// Job priority: ahead of everything else in the queue.
+#define TEZZERET_PRIORITY_CRITICAL 4
+
 // Success (never carried by a status object: success is NULL).
 #define TEZZERET_CODE_OK 0
 
@@ -289,10 +301,18 @@ typedef void (*tezzeret_release_fn)(void *user_data);
 // every callback is optional. Callbacks run on the thread that called
 // into the library or on the forge's background thread (when refresh or
 // telemetry intervals are set) — for one forge, one callback at a time.
-// They must not throw or longjmp across the library, and must not call
-// functions on the same forge handle (they get an error status, not a
-// deadlock); other forges and the guard-table functions are fine. A
-// callback that blocks delays the forge (and `tezzeret_forge_close`).
+// They must not throw or longjmp across the library.
+//
+// From inside a callback, a host may call every function that does not
+// take this forge: guard tables (`tezzeret_guard_table_*`,
+// `tezzeret_guard_check`), kernels already loaded, other forges,
+// `tezzeret_descriptor_validate`, status, buffer and version functions.
+// Functions on this same forge return `TEZZERET_CODE_INVALID_ARGUMENT`
+// ("re-entrant call") instead of deadlocking, and `tezzeret_forge_close`
+// on it does nothing; make such calls after the callback returns (e.g.
+// from a host thread the callback signals). A callback that blocks delays
+// the forge: other threads' calls on it wait, and so does
+// `tezzeret_forge_close`.
 typedef struct tezzeret_host_callbacks {
   // Size of this struct as the caller knows it.
   size_t struct_size;
@@ -502,10 +522,13 @@ struct tezzeret_status *tezzeret_forge_guard_table(struct tezzeret_forge *forge,
 struct tezzeret_status *tezzeret_forge_selftest_panic(struct tezzeret_forge *forge);
 
 // Closes a forge: abandons a running compile (queued jobs stay queued,
-// durably), stops the background thread (waiting for a callback it is
-// in, if any), releases the state directory's lock and calls the host's
-// `release` once. No callback runs after this returns. NULL is accepted
-// and ignored. Must not be called from one of the forge's own callbacks.
+// durably), waits for calls in progress on other threads to return,
+// stops the background thread (waiting for a callback it is in, if any),
+// releases the state directory's lock and calls the host's `release`
+// once. No callback runs after this returns. NULL is accepted and
+// ignored. No call on the handle may start once close has begun. Called
+// from inside one of the forge's own callbacks it does nothing (the handle
+// is in use by the call that runs the callback): close it afterwards.
 void tezzeret_forge_close(struct tezzeret_forge *forge);
 
 // Opens a guard table file read-only (no forge needed; the forge may be
@@ -578,7 +601,7 @@ void tezzeret_tensor_free(struct tezzeret_tensor *tensor);
 void tezzeret_kernel_free(struct tezzeret_kernel *kernel);
 
 // Durably queues a compile job for a descriptor of the forge's catalog at
-// `priority` (Leyline `MessagePriority`: 1 LOW … 4 CRITICAL; equal
+// `priority` (`TEZZERET_PRIORITY_*`, Leyline `MessagePriority`; equal
 // priorities run in submission order, kept across restarts). When OK is
 // returned the job survives a crash. `*out_seq` (nullable) receives its
 // sequence number, or 0 when a current artifact already serves it.

@@ -18,6 +18,8 @@ use crate::leyline::KernelPrefetchRequest;
 use crate::wal::journal::{Job, Journal};
 use crate::Result;
 
+mod runtime;
+
 /// One row of the table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
@@ -108,6 +110,10 @@ pub fn run(work: &Path, filter: Option<&str>, progress: &mut dyn FnMut(&str)) ->
     if wants("wal") {
         progress("wal");
         rows.extend(wal_rows(work)?);
+    }
+    if wants("runtime") {
+        progress("runtime");
+        rows.extend(runtime::rows(work)?);
     }
     Ok(rows)
 }

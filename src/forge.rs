@@ -11,7 +11,7 @@ use tch::Device;
 
 use crate::blueprints::{ParameterOverrides, ResolvedParams, DEFAULT_BATCH};
 use crate::catalog::{Catalog, Descriptor};
-use crate::compile::{self, CompileJob, CompiledArtifact, Strategy};
+use crate::compile::{self, CompileJob, CompiledArtifact, Strategy, WorkerPool};
 use crate::guard::table::{GuardEntry, GuardTable, Lookup};
 use crate::guard::{self, hex};
 use crate::breakers::{BreakerConfig, BreakerKind, Breakers};
@@ -250,6 +250,8 @@ pub struct Forge {
     gpu_high_since: Option<Instant>,
     last_reading: ResourceReading,
     shutdown: Arc<AtomicBool>,
+    /// Compile threads kept from job to job.
+    workers: WorkerPool,
     _lock: StateLock,
 }
 
@@ -395,6 +397,7 @@ impl Forge {
             ResolvedParams::resolve(descriptor, overrides)?;
         }
         let config_breakers = config.breakers;
+        let keep_workers = config.max_concurrency.max(1) as usize;
         let mut forge = Forge {
             config,
             device,
@@ -412,6 +415,7 @@ impl Forge {
             gpu_high_since: None,
             last_reading: ResourceReading::default(),
             shutdown: Arc::new(AtomicBool::new(false)),
+            workers: WorkerPool::new(keep_workers),
             _lock: lock,
         };
         forge.retire_unverified()?;
@@ -763,6 +767,18 @@ impl Forge {
         }
     }
 
+    /// How `concurrent` compiles run: on the forge's workers, abandoned at
+    /// shutdown, sharing the caller's libtorch intra-op threads among them
+    /// so that concurrent jobs do not oversubscribe the cores.
+    fn execution(&self, concurrent: usize) -> compile::Execution<'_> {
+        let threads = tch::get_num_threads().max(1);
+        compile::Execution {
+            abort: Some(&*self.shutdown),
+            workers: Some(&self.workers),
+            intra_op_threads: Some((threads / concurrent.max(1) as i32).max(1)),
+        }
+    }
+
     /// Runs every queued job (priority, then FIFO) and returns their reports.
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
@@ -782,23 +798,16 @@ impl Forge {
                     self.prepare(job, progress)
                 })
                 .collect();
-            let memory = self.config.memory_budget_bytes;
-            let shutdown = &*self.shutdown;
-            // Concurrent jobs share the cores: libtorch's intra-op threads are
-            // divided among them for the batch, then restored.
             let compiling = prepared.iter().filter(|p| matches!(p, Ok(Prepared::Compile(_)))).count();
-            let previous_threads = tch::get_num_threads();
-            if compiling > 1 {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                tch::set_num_threads((cores / compiling).max(1) as i32);
-            }
+            let execution = self.execution(compiling);
+            let memory = self.config.memory_budget_bytes;
             let compiled: Vec<Option<Result<CompiledArtifact>>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = prepared
                     .iter()
                     .map(|p| match p {
                         Ok(Prepared::Compile(c)) => {
                             let (job, budget) = (c.job.clone(), c.budget);
-                            Some(scope.spawn(move || compile::compile_within_or_abort(job, budget, memory, Some(shutdown))))
+                            Some(scope.spawn(move || compile::compile_under(job, budget, memory, execution)))
                         }
                         _ => None,
                     })
@@ -812,9 +821,6 @@ impl Forge {
                     })
                     .collect()
             });
-            if compiling > 1 {
-                tch::set_num_threads(previous_threads);
-            }
             for (i, ((job, prepared), compiled)) in batch.iter().zip(prepared).zip(compiled).enumerate() {
                 let report = self.finish(job, prepared, compiled);
                 progress(Progress::Finished(position + i, total, &report));
@@ -1080,11 +1086,11 @@ impl Forge {
     fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
         let prepared = self.prepare(job, progress);
         let compiled = match &prepared {
-            Ok(Prepared::Compile(c)) => Some(compile::compile_within_or_abort(
+            Ok(Prepared::Compile(c)) => Some(compile::compile_under(
                 c.job.clone(),
                 c.budget,
                 self.config.memory_budget_bytes,
-                Some(&self.shutdown),
+                self.execution(1),
             )),
             _ => None,
         };

@@ -1,9 +1,16 @@
 //! Resource readings (SPEC R10): process RSS and host memory from /proc.
 //! Readings that cannot be taken are `None`, never an error.
 
-/// Resident set size of this process in bytes.
+/// Resident set size of this process in bytes. Cheap enough to call
+/// between compile stages: `/proc/self/statm` stays open and is re-read in
+/// place (a few µs, no allocation).
 pub fn process_rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    use std::os::unix::fs::FileExt;
+    static STATM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let file = STATM.get_or_init(|| std::fs::File::open("/proc/self/statm").ok()).as_ref()?;
+    let mut buf = [0u8; 128];
+    let len = file.read_at(&mut buf, 0).ok()?;
+    let statm = std::str::from_utf8(&buf[..len]).ok()?;
     let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -103,15 +103,21 @@ impl ArtifactStore {
         let checksum = hex(&Sha256::digest(bytes));
         let file_name = format!("{checksum}.pt");
         let path = self.root.join("artifacts").join(&file_name);
-        if !path.exists() || fs::metadata(&path).map(|m| m.len()).ok() != Some(bytes.len() as u64) {
-            durable_write(&path, bytes)?;
-        }
+        let stored = path.exists() && fs::metadata(&path).map(|m| m.len()).ok() == Some(bytes.len() as u64);
         record.artifact_file = file_name;
         record.checksum = checksum;
         record.size_bytes = bytes.len() as u64;
         record.signature = keys.sign(&Manifest::of(&record));
         let manifest = serde_json::to_vec_pretty(&record).expect("records serialise");
-        durable_write(&self.manifest_path(&record.cache_key), &manifest)?;
+        let manifest_path = self.manifest_path(&record.cache_key);
+        // The artifact is renamed into place before its manifest: a manifest
+        // never names an artifact that is not there.
+        let mut files: Vec<(&Path, &[u8])> = Vec::with_capacity(2);
+        if !stored {
+            files.push((&path, bytes));
+        }
+        files.push((&manifest_path, &manifest));
+        durable_write_all(&files)?;
         Ok(record)
     }
 
@@ -203,30 +209,56 @@ impl ArtifactStore {
 /// Writes a file durably: temp file in the same directory, fsync, rename
 /// over the target, fsync of the directory.
 pub fn durable_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| Error::invalid(format!("{} has no parent directory", path.display())))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let temp = dir.join(format!(".tmp-{}-{name}", std::process::id()));
+    durable_write_all(&[(path, bytes)])
+}
+
+/// Writes several files durably, in their order, sharing the syncs a
+/// journaling file system can share: every temp file is written and
+/// fsynced first, then all are renamed, then each directory is fsynced
+/// once (the first directory fsync usually commits every rename). When it
+/// returns Ok, every file is durable under its name; on error no temp file
+/// is left and no target is partly written.
+pub fn durable_write_all(files: &[(&Path, &[u8])]) -> Result<()> {
+    let mut temps = Vec::with_capacity(files.len());
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)
-            .map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
-        failpoint::hit("store.write")
-            .and_then(|_| file.write_all(bytes))
-            .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
-        failpoint::hit("store.fsync")
-            .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(format!("fsync {}", temp.display()), e))?;
-        failpoint::hit("store.rename")
-            .and_then(|_| fs::rename(&temp, path))
-            .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
-        failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
-        sync_dir(dir)
+        for (path, bytes) in files {
+            let dir = path.parent().ok_or_else(|| Error::invalid(format!("{} has no parent directory", path.display())))?;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+            let temp = dir.join(format!(".tmp-{}-{name}", std::process::id()));
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)
+                .map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
+            temps.push(temp.clone());
+            failpoint::hit("store.write")
+                .and_then(|_| file.write_all(bytes))
+                .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
+            failpoint::hit("store.fsync")
+                .and_then(|_| file.sync_all())
+                .map_err(|e| Error::io(format!("fsync {}", temp.display()), e))?;
+        }
+        for ((path, _), temp) in files.iter().zip(&temps) {
+            failpoint::hit("store.rename")
+                .and_then(|_| fs::rename(temp, path))
+                .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
+        }
+        let mut synced: Vec<&Path> = Vec::new();
+        for (path, _) in files {
+            let dir = path.parent().expect("checked above");
+            if !synced.contains(&dir) {
+                failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
+                sync_dir(dir)?;
+                synced.push(dir);
+            }
+        }
+        Ok(())
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&temp);
+        for temp in &temps {
+            let _ = fs::remove_file(temp);
+        }
     }
     result
 }

@@ -21,7 +21,7 @@ usage:
   tezzeret wal --state DIR
   tezzeret verify --state DIR [--trusted-key FILE]...
   tezzeret keygen --out FILE
-  tezzeret bench [--only compile|serve|forward|wal] [--json]
+  tezzeret bench [--only compile|serve|forward|wal|runtime] [--json]
   tezzeret version
 ";
 

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use super::workers::{name_current_thread, WorkerPool};
 use crate::resources::process_rss_bytes;
 use crate::{Error, ErrorCode, Result};
 
@@ -46,7 +47,7 @@ impl JobLimits {
 
     /// Records the RSS the memory budget is measured from.
     pub fn start(&mut self) {
-        self.rss_at_start = process_rss_bytes();
+        self.rss_at_start = self.memory_budget_bytes.and_then(|_| process_rss_bytes());
     }
 
     /// Fails when the job was abandoned or grew RSS beyond its budget.
@@ -54,7 +55,8 @@ impl JobLimits {
         if self.cancel.is_cancelled() {
             return Err(Error::new(ErrorCode::BudgetExceeded, format!("budget_exceeded: job abandoned during {stage}")));
         }
-        if let (Some(budget), Some(start), Some(now)) = (self.memory_budget_bytes, self.rss_at_start, process_rss_bytes()) {
+        let (Some(budget), Some(start)) = (self.memory_budget_bytes, self.rss_at_start) else { return Ok(()) };
+        if let Some(now) = process_rss_bytes() {
             let grown = now.saturating_sub(start);
             if grown > budget {
                 return Err(Error::new(
@@ -81,30 +83,72 @@ pub fn run_with_budget<T: Send + 'static>(
     cancel: CancelToken,
     job: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    run_with_budget_or_abort(what, budget, cancel, None, job)
+    run_with_budget_or_abort(what, budget, cancel, None, None, job)
 }
 
 /// As [`run_with_budget`], also abandoning the job as soon as `abort` is set
-/// (a forge shutting down does not wait for a compile to finish).
+/// (a forge shutting down does not wait for a compile to finish), and
+/// running it on a worker of `workers` when given (else on a new thread).
 pub fn run_with_budget_or_abort<T: Send + 'static>(
     what: &str,
     budget: Duration,
     cancel: CancelToken,
     abort: Option<&std::sync::atomic::AtomicBool>,
+    workers: Option<&WorkerPool>,
     job: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let (sender, receiver) = mpsc::sync_channel(1);
     let started = Instant::now();
-    std::thread::Builder::new()
-        .name(format!("tz-{what}")) // short: Linux keeps 15 bytes of a thread name
-        .spawn(move || {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|panic| {
-                Err(Error::new(ErrorCode::Internal, format!("compile job panicked: {}", crate::panic_message(&panic))))
-            });
-            let _ = sender.send(outcome); // the receiver is gone when abandoned
-        })
-        .map_err(|e| Error::io("spawn compile thread", e))?;
-    let deadline = started + budget;
+    let name = format!("tz-{what}"); // short: Linux keeps 15 bytes of a thread name
+    let pooled = workers.is_some();
+    let task = move || {
+        if pooled {
+            name_current_thread(&name);
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|panic| {
+            Err(Error::new(ErrorCode::Internal, format!("compile job panicked: {}", crate::panic_message(&panic))))
+        });
+        if pooled {
+            name_current_thread("tz-worker");
+        }
+        let _ = sender.send(outcome); // the receiver is gone when abandoned
+    };
+    let worker = match workers {
+        Some(pool) => {
+            let worker = pool.take()?;
+            worker.run(Box::new(task))?;
+            Some(worker)
+        }
+        None => {
+            std::thread::Builder::new()
+                .name(format!("tz-{what}"))
+                .spawn(task)
+                .map_err(|e| Error::io("spawn compile thread", e))?;
+            None
+        }
+    };
+    let outcome = wait_for_outcome(what, started + budget, &cancel, abort, &receiver);
+    if let (Some(pool), Some(worker)) = (workers, worker) {
+        match &outcome {
+            // The task has returned: the worker is free again.
+            Ok(_) => pool.give_back(worker),
+            Err(_) => worker.retire(),
+        }
+    }
+    outcome.unwrap_or_else(|abandoned| Err(abandoned))
+}
+
+/// Waits for a job's outcome until `deadline`; `Err` means the job was
+/// abandoned (over budget or shut down) and may still be running.
+fn wait_for_outcome<T>(
+    what: &str,
+    deadline: Instant,
+    cancel: &CancelToken,
+    abort: Option<&std::sync::atomic::AtomicBool>,
+    receiver: &mpsc::Receiver<Result<T>>,
+) -> std::result::Result<Result<T>, Error> {
+    let started = Instant::now();
+    let budget = deadline.saturating_duration_since(started);
     let outcome = loop {
         let now = Instant::now();
         let slice = deadline.saturating_duration_since(now).min(Duration::from_millis(20));
@@ -119,7 +163,7 @@ pub fn run_with_budget_or_abort<T: Send + 'static>(
         }
     };
     match outcome {
-        Ok(outcome) => outcome,
+        Ok(outcome) => Ok(outcome),
         Err(mpsc::RecvTimeoutError::Timeout) => {
             cancel.cancel();
             Err(Error::new(
@@ -131,6 +175,7 @@ pub fn run_with_budget_or_abort<T: Send + 'static>(
                 ),
             ))
         }
+        // The task ended without sending: only a worker that died can do that.
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             Err(Error::new(ErrorCode::Internal, format!("{what}: compile thread ended without a result")))
         }

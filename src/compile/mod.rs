@@ -6,7 +6,9 @@ mod control;
 mod script;
 mod stats;
 mod strategy;
+mod workers;
 
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -22,6 +24,7 @@ pub use control::{run_with_budget, CancelToken, JobLimits};
 pub use script::{set_graph_executor_optimize, shim_exception_self_test, ScriptModule};
 pub use stats::percentile;
 pub use strategy::Strategy;
+pub use workers::WorkerPool;
 
 /// Relative tolerance of numeric validation (SPEC §4).
 pub const RTOL: f64 = 1e-4;
@@ -138,23 +141,42 @@ pub fn cache_key(job: &CompileJob, params: &ResolvedParams) -> String {
     hex(&h.finalize())
 }
 
-/// Compiles a job on a worker thread under a time budget and a memory
+/// Compiles a job on a new thread under a time budget and a memory
 /// budget. An overrun abandons the job (see [`run_with_budget`]).
 pub fn compile_within(job: CompileJob, budget: Duration, memory_budget_bytes: Option<u64>) -> Result<CompiledArtifact> {
-    compile_within_or_abort(job, budget, memory_budget_bytes, None)
+    compile_under(job, budget, memory_budget_bytes, Execution::default())
 }
 
-/// As [`compile_within`], abandoning the job as soon as `abort` is set.
-pub fn compile_within_or_abort(
+/// How a forge runs a compile: on which threads, with how many libtorch
+/// intra-op threads, and what abandons it early.
+#[derive(Clone, Copy, Default)]
+pub struct Execution<'a> {
+    /// Set at shutdown: the job is abandoned at once.
+    pub abort: Option<&'a AtomicBool>,
+    /// Reusable worker threads (None: a new thread per job).
+    pub workers: Option<&'a WorkerPool>,
+    /// libtorch intra-op threads for this job (None: leave as is).
+    pub intra_op_threads: Option<i32>,
+}
+
+/// As [`compile_within`], run as `execution` says.
+pub fn compile_under(
     job: CompileJob,
     budget: Duration,
     memory_budget_bytes: Option<u64>,
-    abort: Option<&std::sync::atomic::AtomicBool>,
+    execution: Execution<'_>,
 ) -> Result<CompiledArtifact> {
     let mut limits = JobLimits::new(memory_budget_bytes);
     let cancel = limits.cancel.clone();
     let what = job.descriptor.blueprint_id.clone();
-    control::run_with_budget_or_abort(&what, budget, cancel, abort, move || compile(&job, &mut limits))
+    let threads = execution.intra_op_threads;
+    control::run_with_budget_or_abort(&what, budget, cancel, execution.abort, execution.workers, move || {
+        if let Some(threads) = threads {
+            // Per thread in libtorch (OpenMP, MKL): set where the job runs.
+            tch::set_num_threads(threads.max(1));
+        }
+        compile(&job, &mut limits)
+    })
 }
 
 /// Compiles, validates and pre-warms one blueprint on the calling thread.

@@ -79,7 +79,10 @@ impl tezzeret_forge {
     /// `handle` is NULL or a live handle from `tezzeret_forge_open`.
     pub(crate) unsafe fn with<T>(handle: *mut tezzeret_forge, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
         let handle = handle.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "forge is NULL"))?;
-        handle.shared.with(body)
+        // Our own reference: a close on another thread waits for this call
+        // (it needs the forge's lock) and cannot free what it still uses.
+        let shared = Arc::clone(&handle.shared);
+        shared.with(body)
     }
 }
 
@@ -311,14 +314,21 @@ pub unsafe extern "C" fn tezzeret_forge_selftest_panic(forge: *mut tezzeret_forg
 }
 
 /// Closes a forge: abandons a running compile (queued jobs stay queued,
-/// durably), stops the background thread (waiting for a callback it is
-/// in, if any), releases the state directory's lock and calls the host's
-/// `release` once. No callback runs after this returns. NULL is accepted
-/// and ignored. Must not be called from one of the forge's own callbacks.
+/// durably), waits for calls in progress on other threads to return,
+/// stops the background thread (waiting for a callback it is in, if any),
+/// releases the state directory's lock and calls the host's `release`
+/// once. No callback runs after this returns. NULL is accepted and
+/// ignored. No call on the handle may start once close has begun. Called
+/// from inside one of the forge's own callbacks it does nothing (the handle
+/// is in use by the call that runs the callback): close it afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
     if forge.is_null() {
         return;
+    }
+    let handle: &tezzeret_forge = &*forge;
+    if handle.shared.owner.load(Ordering::Acquire) == THREAD_TOKEN.with(|t| *t) {
+        return; // re-entrant: freeing the handle here would pull it from under the running call
     }
     // SAFETY: made by Box::into_raw in open, closed once by contract.
     let mut handle = Box::from_raw(forge);

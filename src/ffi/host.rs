@@ -48,10 +48,18 @@ pub type tezzeret_release_fn = Option<unsafe extern "C" fn(user_data: *mut c_voi
 /// every callback is optional. Callbacks run on the thread that called
 /// into the library or on the forge's background thread (when refresh or
 /// telemetry intervals are set) — for one forge, one callback at a time.
-/// They must not throw or longjmp across the library, and must not call
-/// functions on the same forge handle (they get an error status, not a
-/// deadlock); other forges and the guard-table functions are fine. A
-/// callback that blocks delays the forge (and `tezzeret_forge_close`).
+/// They must not throw or longjmp across the library.
+///
+/// From inside a callback, a host may call every function that does not
+/// take this forge: guard tables (`tezzeret_guard_table_*`,
+/// `tezzeret_guard_check`), kernels already loaded, other forges,
+/// `tezzeret_descriptor_validate`, status, buffer and version functions.
+/// Functions on this same forge return `TEZZERET_CODE_INVALID_ARGUMENT`
+/// ("re-entrant call") instead of deadlocking, and `tezzeret_forge_close`
+/// on it does nothing; make such calls after the callback returns (e.g.
+/// from a host thread the callback signals). A callback that blocks delays
+/// the forge: other threads' calls on it wait, and so does
+/// `tezzeret_forge_close`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct tezzeret_host_callbacks {

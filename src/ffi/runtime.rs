@@ -7,8 +7,17 @@ use crate::forge::{JobStatus, ResourceReading};
 use crate::leyline::{self, MessagePriority};
 use crate::Error;
 
+/// Job priority (Leyline `MessagePriority`): runs after every higher one.
+pub const TEZZERET_PRIORITY_LOW: u32 = 1;
+/// Job priority: the default of queued work.
+pub const TEZZERET_PRIORITY_NORMAL: u32 = 2;
+/// Job priority: ahead of normal work.
+pub const TEZZERET_PRIORITY_HIGH: u32 = 3;
+/// Job priority: ahead of everything else in the queue.
+pub const TEZZERET_PRIORITY_CRITICAL: u32 = 4;
+
 /// Durably queues a compile job for a descriptor of the forge's catalog at
-/// `priority` (Leyline `MessagePriority`: 1 LOW … 4 CRITICAL; equal
+/// `priority` (`TEZZERET_PRIORITY_*`, Leyline `MessagePriority`; equal
 /// priorities run in submission order, kept across restarts). When OK is
 /// returned the job survives a crash. `*out_seq` (nullable) receives its
 /// sequence number, or 0 when a current artifact already serves it.

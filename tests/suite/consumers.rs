@@ -58,7 +58,7 @@ fn build_and_run(prefix: &Path, build: &Path, sanitize: &str) {
         "cmake configure",
     );
     run(Command::new("cmake").arg("--build").arg(build).arg("-j2"), "cmake build");
-    for host in ["host_c", "host_cpp", "host_kernel"] {
+    for host in ["host_c", "host_cpp", "host_kernel", "host_runtime"] {
         // No LD_LIBRARY_PATH: the hosts find libtezzeret and libtorch by rpath.
         let output = run(Command::new(build.join(host)).env_remove("LD_LIBRARY_PATH"), host);
         assert!(output.contains(&format!("{host}: all expectations met")), "{output}");

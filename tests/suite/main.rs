@@ -2,6 +2,7 @@
 mod abi;
 mod catalog;
 mod cli;
+mod concurrency;
 mod consumers;
 mod crash;
 mod hazards;

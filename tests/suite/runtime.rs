@@ -222,6 +222,14 @@ fn runtime_calls_through_the_c_abi() {
         let unknown = CString::new("Z").unwrap();
         assert_eq!(take(tezzeret_forge_submit(forge, unknown.as_ptr(), 2, &mut seq)).0, TEZZERET_CODE_NOT_FOUND);
         assert_eq!(take(tezzeret_forge_submit(forge, null(), 2, &mut seq)).0, TEZZERET_CODE_NULL_ARGUMENT);
+        for (constant, priority) in [
+            (TEZZERET_PRIORITY_LOW, MessagePriority::Low),
+            (TEZZERET_PRIORITY_NORMAL, MessagePriority::Normal),
+            (TEZZERET_PRIORITY_HIGH, MessagePriority::High),
+            (TEZZERET_PRIORITY_CRITICAL, MessagePriority::Critical),
+        ] {
+            assert_eq!(constant, priority as u32, "TEZZERET_PRIORITY_* are Leyline's MessagePriority values");
+        }
         let (mut done, mut failed) = (0u32, 0u32);
         assert_eq!(take(tezzeret_forge_drain(forge, &mut done, &mut failed)).0, 0);
         assert_eq!((done, failed), (1, 0));
