@@ -476,9 +476,13 @@ struct tezzeret_status *tezzeret_config_init(struct tezzeret_config *config, siz
 
 // Opens a forge on `config->state_dir`: takes its exclusive lock (a
 // directory open in this or another process is refused with
-// `TEZZERET_CODE_STATE_LOCKED`), loads stored artifacts, and enumerates
+// `TEZZERET_CODE_STATE_LOCKED`), loads stored artifacts, enumerates
 // descriptors through `callbacks->enumerate` (NULL callbacks or enumerate:
-// the embedded default catalog). `callbacks` may be NULL; its `release`
+// the embedded default catalog) and durably queues, at NORMAL priority,
+// those not compiled yet (queued jobs whose descriptor went away or
+// changed leave the queue). Jobs run on `tezzeret_forge_run` or
+// `tezzeret_forge_drain`, or on the background thread when
+// `refresh_interval_ms` is set. `callbacks` may be NULL; its `release`
 // runs exactly once — at close, or before this returns if opening fails.
 // On success `*out_forge` receives the handle; close it with `tezzeret_forge_close`.
 struct tezzeret_status *tezzeret_forge_open(const struct tezzeret_config *config,
@@ -602,9 +606,11 @@ void tezzeret_kernel_free(struct tezzeret_kernel *kernel);
 
 // Durably queues a compile job for a descriptor of the forge's catalog at
 // `priority` (`TEZZERET_PRIORITY_*`, Leyline `MessagePriority`; equal
-// priorities run in submission order, kept across restarts). When OK is
-// returned the job survives a crash. `*out_seq` (nullable) receives its
-// sequence number, or 0 when a current artifact already serves it.
+// priorities run in submission order, kept across restarts). A job
+// already queued for it (e.g. by open) keeps its place in submission
+// order and takes this priority. When OK is returned the job survives a
+// crash. `*out_seq` (nullable) receives its sequence number, or 0 when a
+// current artifact already serves it.
 struct tezzeret_status *tezzeret_forge_submit(struct tezzeret_forge *forge,
                                               const char *blueprint_id,
                                               uint32_t priority,

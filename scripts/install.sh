@@ -4,17 +4,21 @@
 # lib/cmake/Tezzeret/*.cmake and lib/pkgconfig/tezzeret.pc.
 #
 # usage: scripts/install.sh --prefix DIR [--profile release|debug] [--no-build]
+#                           [--lib-dir DIR]   (install a library built elsewhere,
+#                                              e.g. by scripts/build-tsan.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 prefix=""
 profile="release"
 build=1
+lib_dir=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix="$2"; shift 2 ;;
         --profile) profile="$2"; shift 2 ;;
         --no-build) build=0; shift ;;
+        --lib-dir) lib_dir="$2"; build=0; shift 2 ;;
         *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -24,7 +28,7 @@ source scripts/env.sh
 if [ "$build" = 1 ]; then
     if [ "$profile" = release ]; then cargo build --release --lib; else cargo build --lib; fi
 fi
-out_dir="$CARGO_TARGET_DIR/$([ "$profile" = release ] && echo release || echo debug)"
+out_dir="${lib_dir:-$CARGO_TARGET_DIR/$([ "$profile" = release ] && echo release || echo debug)}"
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
 abi_major="$(sed -n 's/^pub const ABI_MAJOR: u32 = \([0-9]*\);/\1/p' src/abi_version.rs)"

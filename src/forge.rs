@@ -252,7 +252,20 @@ pub struct Forge {
     shutdown: Arc<AtomicBool>,
     /// Compile threads kept from job to job.
     workers: WorkerPool,
+    /// Jobs queued by `open` not yet reported through `run`'s progress.
+    queued_at_open: Vec<(String, u64)>,
     _lock: StateLock,
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MaintenanceReport {
+    /// The cache after expiry and eviction.
+    pub cache: CacheStats,
+    /// Queued jobs that left the queue as stale.
+    pub expired_jobs: usize,
+    /// Files of interrupted writes removed.
+    pub debris_removed: usize,
 }
 
 /// Resource readings (SPEC R10), taken by the forge or reported by its host.
@@ -416,10 +429,19 @@ impl Forge {
             last_reading: ResourceReading::default(),
             shutdown: Arc::new(AtomicBool::new(false)),
             workers: WorkerPool::new(keep_workers),
+            queued_at_open: Vec::new(),
             _lock: lock,
         };
         forge.retire_unverified()?;
         let repaired = forge.sync_guard_table()?;
+        // SPEC R1: what the host enumerates and is not compiled yet is queued
+        // now (jobs whose descriptor went away or changed leave the queue).
+        // A forge that cannot write (disk full) still opens and serves what
+        // it has; run and refresh queue again and report their own errors.
+        match forge.expire_stale_jobs().and_then(|_| forge.enqueue_catalog()) {
+            Ok(queued) => forge.queued_at_open = queued,
+            Err(error) => forge.log_error("queueing the catalog at open (run or refresh will try again)", &error),
+        }
         let recovery = forge.journal.recovery();
         let message = format!(
             "tezzeret {LIBRARY_VERSION}: opened {} with {} descriptors; WAL: {} transactions{}, {} stored artifacts, \
@@ -759,7 +781,17 @@ impl Forge {
                 Some(error) => Err(error),
                 None => Ok(None),
             },
-            Planned::AlreadyQueued => Ok(self.journal.state().queue().iter().find(|j| j.blueprint_id == blueprint_id).map(|j| j.seq)),
+            Planned::AlreadyQueued => {
+                // Submitted again: the job keeps its place in submission order
+                // and takes the priority asked now.
+                let queued = self.journal.state().queue().iter().find(|j| j.blueprint_id == blueprint_id).map(|j| (j.seq, j.priority));
+                if let Some((seq, old)) = queued {
+                    if old != priority as i32 {
+                        self.journal.append(vec![vec![Record::Reprioritize { seq, priority: priority as i32 }]])?;
+                    }
+                }
+                Ok(queued.map(|(seq, _)| seq))
+            }
             Planned::Submit(mut job) => {
                 job.priority = priority as i32;
                 Ok(Some(self.journal.submit(vec![job])?[0]))
@@ -844,15 +876,8 @@ impl Forge {
             .map(|d| d.blueprint_id.clone())
             .collect();
         self.catalog = catalog;
-        let mut queued = Vec::new();
-        let mut jobs = Vec::new();
-        for descriptor in self.catalog.descriptors().to_vec() {
-            if let Planned::Submit(job) = self.plan(&descriptor) {
-                queued.push(job.blueprint_id.clone());
-                jobs.push(job);
-            }
-        }
-        self.journal.submit(jobs)?;
+        self.expire_stale_jobs()?;
+        let queued = self.enqueue_catalog()?.into_iter().map(|(id, _)| id).collect();
         for id in &removed {
             self.host.log(LogLevel::Warn, &format!("{id} is no longer enumerated by the host; its artifact is kept"));
         }
@@ -958,6 +983,10 @@ impl Forge {
     /// the queue — jobs resumed from before a crash included — in priority
     /// and submission order.
     pub fn run(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
+        let queued_at_open = std::mem::take(&mut self.queued_at_open);
+        if !queued_at_open.is_empty() {
+            progress(Progress::Queued(&queued_at_open));
+        }
         let descriptors = self.catalog.descriptors().to_vec();
         let mut reports: BTreeMap<String, JobReport> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
@@ -994,8 +1023,8 @@ impl Forge {
             }
             reports.insert(report.blueprint_id.clone(), report);
         }
-        if let Err(error) = self.maintain_cache() {
-            self.host.log(LogLevel::Error, &format!("cache maintenance failed: {error}"));
+        if let Err(error) = self.maintain() {
+            self.host.log(LogLevel::Error, &format!("maintenance failed: {error}"));
         }
         let metrics = self.metrics();
         self.emit_telemetry(metrics, Vec::new());
@@ -1043,6 +1072,74 @@ impl Forge {
             record,
             error,
         }
+    }
+
+    /// Durably queues, in one group commit at priority NORMAL, every
+    /// descriptor of the catalog that has no current artifact of its cache
+    /// key and no queued job (quarantined ones only when allowed). Returns
+    /// the jobs queued. Touches no counter: nothing ran yet.
+    fn enqueue_catalog(&mut self) -> Result<Vec<(String, u64)>> {
+        let mut jobs = Vec::new();
+        for descriptor in self.catalog.descriptors() {
+            if descriptor.is_quarantined() && !self.config.allow_quarantine {
+                continue;
+            }
+            let Ok((job, _)) = self.job_for(descriptor) else { continue }; // reported when planned
+            let state = self.journal.state();
+            let current = state.artifacts.get(&job.blueprint_id).is_some_and(|a| a.cache_key == job.cache_key);
+            let queued = state.pending.values().any(|p| p.blueprint_id == job.blueprint_id && p.cache_key == job.cache_key);
+            if !current && !queued {
+                jobs.push(job);
+            }
+        }
+        let ids: Vec<String> = jobs.iter().map(|j| j.blueprint_id.clone()).collect();
+        let seqs = self.journal.submit(jobs)?;
+        Ok(ids.into_iter().zip(seqs).collect())
+    }
+
+    /// Takes out of the queue (SPEC R10) the jobs that can no longer be
+    /// useful: their descriptor is no longer enumerated, or changed since
+    /// they were queued (the new content gets its own job). Returns how many.
+    fn expire_stale_jobs(&mut self) -> Result<usize> {
+        let stale: Vec<(u64, String, &'static str)> = self
+            .journal
+            .state()
+            .pending
+            .values()
+            .filter_map(|job| {
+                let reason = match self.catalog.get(&job.blueprint_id) {
+                    None => "descriptor_removed",
+                    Some(d) if hex(&leyline::encode(&d.to_leyline())) != job.descriptor_hex => "descriptor_changed",
+                    Some(_) => return None,
+                };
+                Some((job.seq, job.blueprint_id.clone(), reason))
+            })
+            .collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let records = stale.iter().map(|(seq, _, reason)| Record::Expire { seq: *seq, reason: reason.to_string() }).collect();
+        self.journal.append(vec![records])?;
+        self.counters.expired += stale.len() as u64;
+        for (seq, id, reason) in &stale {
+            self.host.log(LogLevel::Info, &format!("queued job #{seq} for {id} expired: {reason}"));
+        }
+        Ok(stale.len())
+    }
+
+    /// One pass of TTL maintenance (SPEC R10, every 5 minutes on the
+    /// background thread and after each run): stale queue entries leave
+    /// the queue, debris of interrupted writes is removed, cache entries
+    /// expire and the cache is brought under its cap.
+    pub fn maintain(&mut self) -> Result<MaintenanceReport> {
+        let expired_jobs = self.expire_stale_jobs()?;
+        let referenced = self.journal.state().artifacts.values().map(|r| r.artifact_file.clone()).collect();
+        let debris_removed = self.store.remove_debris(&referenced)?;
+        if debris_removed > 0 {
+            self.host.log(LogLevel::Info, &format!("removed {debris_removed} files left by interrupted writes"));
+        }
+        let cache = self.maintain_cache()?;
+        Ok(MaintenanceReport { cache, expired_jobs, debris_removed })
     }
 
     fn plan(&mut self, descriptor: &Descriptor) -> Planned {
@@ -1135,6 +1232,9 @@ impl Forge {
             Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
             Err(error) => {
                 self.counters.failed += 1;
+                if error.code() == ErrorCode::BudgetExceeded {
+                    self.counters.abandoned += 1;
+                }
                 let reason = compile::failure_reason(&error);
                 self.host.log(LogLevel::Error, &format!("{} failed: {error}", job.blueprint_id));
                 let fail = Record::Fail { seq: job.seq, reason: reason.clone(), message: error.message().to_string() };

@@ -179,6 +179,33 @@ impl ArtifactStore {
         sync_dir(&self.root.join("manifests"))
     }
 
+    /// Removes what interrupted writes left behind (SPEC R10): temp files,
+    /// and artifact files named by no manifest and not in `referenced` (an
+    /// artifact stored just before a crash whose manifest never landed; a
+    /// job needing it compiles the same bytes again). Call it only while no
+    /// write is in progress (the forge holds the state lock and is between
+    /// jobs). Returns how many files went.
+    pub fn remove_debris(&self, referenced: &std::collections::BTreeSet<String>) -> Result<usize> {
+        let mut removed = 0;
+        for sub in ["artifacts", "manifests"] {
+            removed += remove_temp_files(&self.root.join(sub))?;
+        }
+        let named: std::collections::BTreeSet<String> = self.manifests().into_iter().map(|m| m.artifact_file).collect();
+        let dir = self.root.join("artifacts");
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".pt") && !named.contains(&name) && !referenced.contains(&name) && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            sync_dir(&dir)?;
+            sync_dir(&self.root.join("manifests"))?;
+        }
+        Ok(removed)
+    }
+
     /// Absolute path of a record's artifact file.
     pub fn artifact_path(&self, record: &ArtifactRecord) -> PathBuf {
         self.root.join("artifacts").join(&record.artifact_file)
@@ -270,12 +297,14 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
 }
 
-fn remove_temp_files(dir: &Path) -> Result<()> {
+/// Removes the temp files of interrupted writes in `dir`; returns how many.
+fn remove_temp_files(dir: &Path) -> Result<usize> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    let mut removed = 0;
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-            let _ = fs::remove_file(entry.path());
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
         }
     }
-    Ok(())
+    Ok(removed)
 }

@@ -95,6 +95,10 @@ pub struct JobCounters {
     pub failed: u64,
     /// Jobs retried.
     pub retried: u64,
+    /// Jobs abandoned over their time or memory budget (also failed).
+    pub abandoned: u64,
+    /// Queued jobs that expired unrun (descriptor removed or changed).
+    pub expired: u64,
 }
 
 impl JobCounters {
@@ -106,6 +110,8 @@ impl JobCounters {
             ("tezzeret.jobs.completed", self.completed),
             ("tezzeret.jobs.failed", self.failed),
             ("tezzeret.jobs.retried", self.retried),
+            ("tezzeret.jobs.abandoned", self.abandoned),
+            ("tezzeret.jobs.expired", self.expired),
         ]
         .into_iter()
         .map(|(name, v)| metric(name, v as f64, "count", &[]))

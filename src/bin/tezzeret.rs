@@ -298,6 +298,8 @@ fn describe_record(payload: &[u8]) -> String {
         Ok(Record::Start { seq }) => format!("start #{seq}"),
         Ok(Record::Commit { seq, artifact }) => format!("commit #{seq} {} {}", artifact.blueprint_id, &artifact.checksum[..16]),
         Ok(Record::Fail { seq, reason, .. }) => format!("fail #{seq} {reason}"),
+        Ok(Record::Reprioritize { seq, priority }) => format!("reprioritize #{seq} priority {priority}"),
+        Ok(Record::Expire { seq, reason }) => format!("expire #{seq} {reason}"),
         Ok(Record::Evict { blueprint_id, cache_key }) => format!("evict {} {}", blueprint_id.unwrap_or_default(), &cache_key[..16.min(cache_key.len())]),
         Ok(Record::Checkpoint { state }) => {
             format!("checkpoint: {} artifacts, {} jobs queued, next #{}", state.artifacts.len(), state.pending.len(), state.next_seq)

@@ -132,8 +132,8 @@ fn service(shared: Arc<Shared>, refresh: Option<Duration>, telemetry: Option<Dur
         }
         if now >= next_maintenance {
             let _ = shared.with(|f| {
-                if let Err(e) = f.maintain_cache() {
-                    f.log_error("cache maintenance", &e);
+                if let Err(e) = f.maintain() {
+                    f.log_error("maintenance", &e);
                 }
                 Ok(())
             });
@@ -144,9 +144,13 @@ fn service(shared: Arc<Shared>, refresh: Option<Duration>, telemetry: Option<Dur
 
 /// Opens a forge on `config->state_dir`: takes its exclusive lock (a
 /// directory open in this or another process is refused with
-/// `TEZZERET_CODE_STATE_LOCKED`), loads stored artifacts, and enumerates
+/// `TEZZERET_CODE_STATE_LOCKED`), loads stored artifacts, enumerates
 /// descriptors through `callbacks->enumerate` (NULL callbacks or enumerate:
-/// the embedded default catalog). `callbacks` may be NULL; its `release`
+/// the embedded default catalog) and durably queues, at NORMAL priority,
+/// those not compiled yet (queued jobs whose descriptor went away or
+/// changed leave the queue). Jobs run on `tezzeret_forge_run` or
+/// `tezzeret_forge_drain`, or on the background thread when
+/// `refresh_interval_ms` is set. `callbacks` may be NULL; its `release`
 /// runs exactly once — at close, or before this returns if opening fails.
 /// On success `*out_forge` receives the handle; close it with `tezzeret_forge_close`.
 #[no_mangle]

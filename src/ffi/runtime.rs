@@ -18,9 +18,11 @@ pub const TEZZERET_PRIORITY_CRITICAL: u32 = 4;
 
 /// Durably queues a compile job for a descriptor of the forge's catalog at
 /// `priority` (`TEZZERET_PRIORITY_*`, Leyline `MessagePriority`; equal
-/// priorities run in submission order, kept across restarts). When OK is
-/// returned the job survives a crash. `*out_seq` (nullable) receives its
-/// sequence number, or 0 when a current artifact already serves it.
+/// priorities run in submission order, kept across restarts). A job
+/// already queued for it (e.g. by open) keeps its place in submission
+/// order and takes this priority. When OK is returned the job survives a
+/// crash. `*out_seq` (nullable) receives its sequence number, or 0 when a
+/// current artifact already serves it.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_submit(
     forge: *mut tezzeret_forge,

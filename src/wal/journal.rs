@@ -68,6 +68,21 @@ pub enum Record {
         /// Message.
         message: String,
     },
+    /// A queued job's priority changed (a host submitted it again).
+    Reprioritize {
+        /// The job's sequence number.
+        seq: u64,
+        /// The new Leyline `MessagePriority`.
+        priority: i32,
+    },
+    /// A queued job left the queue unrun because it can no longer be useful
+    /// (its descriptor was removed or changed): not a failure.
+    Expire {
+        /// The job's sequence number.
+        seq: u64,
+        /// Why (`descriptor_removed`, `descriptor_changed`).
+        reason: String,
+    },
     /// A cached artifact was evicted (it is no longer current).
     Evict {
         /// The blueprint whose current artifact it was, if it was current.
@@ -131,6 +146,15 @@ impl JournalState {
                 if let Some(job) = self.pending.remove(&seq) {
                     self.failures.insert(job.blueprint_id, (reason, message));
                 }
+            }
+            Record::Reprioritize { seq, priority } => {
+                if let Some(job) = self.pending.get_mut(&seq) {
+                    job.priority = priority;
+                }
+            }
+            Record::Expire { seq, .. } => {
+                self.started.remove(&seq);
+                self.pending.remove(&seq);
             }
             Record::Evict { blueprint_id, cache_key } => {
                 if let Some(id) = blueprint_id {

@@ -1,6 +1,7 @@
 //! Real C and C++ consumers: install into a temporary prefix, find the
 //! package with CMake (and pkg-config), build with -Wall -Wextra -Werror and
-//! with AddressSanitizer + UBSan, and run the hosts.
+//! with AddressSanitizer + UBSan, and run the hosts; the threaded C++ hosts
+//! also run under ThreadSanitizer against a TSan build of the library.
 use std::path::Path;
 use std::process::Command;
 
@@ -72,6 +73,58 @@ fn c_and_cpp_hosts_build_with_cmake_and_run_plain_and_sanitized() {
     install(&prefix);
     build_and_run(&prefix, &work.path().join("build"), "");
     build_and_run(&prefix, &work.path().join("build-asan"), "address,undefined");
+}
+
+/// The ThreadSanitizer build of the library (scripts/build-tsan.sh).
+fn tsan_library_dir() -> std::path::PathBuf {
+    let target = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("tsan");
+    std::fs::read_dir(&target)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("debug"))
+        .find(|d| d.join("libtezzeret.so").exists())
+        .unwrap_or_else(|| panic!("no TSan build under {}: run scripts/build-tsan.sh (scripts/test.sh does)", target.display()))
+}
+
+#[test]
+fn threaded_hosts_run_clean_under_thread_sanitizer() {
+    let work = TempDir::new("tsan");
+    let prefix = work.path().join("prefix");
+    let lib_dir = tsan_library_dir();
+    run(
+        Command::new("bash")
+            .arg(repo_root().join("scripts/install.sh"))
+            .args(["--prefix", prefix.to_str().unwrap(), "--lib-dir", lib_dir.to_str().unwrap()]),
+        "scripts/install.sh --lib-dir",
+    );
+    let build = work.path().join("build-tsan");
+    run(
+        Command::new("cmake")
+            .arg("-S")
+            .arg(repo_root().join("cpp-examples"))
+            .arg("-B")
+            .arg(&build)
+            .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display()))
+            .arg("-DTEZZERET_EXAMPLES_SANITIZE=thread")
+            .arg("-DCMAKE_BUILD_TYPE=Debug"),
+        "cmake configure (thread sanitizer)",
+    );
+    let hosts = ["host_runtime", "host_cpp"];
+    run(Command::new("cmake").arg("--build").arg(&build).arg("-j2").arg("--target").args(hosts), "cmake build (thread sanitizer)");
+    let suppressions = repo_root().join("cpp-examples/tsan.supp");
+    for host in hosts {
+        let output = run(
+            Command::new(build.join(host))
+                .env_remove("LD_LIBRARY_PATH")
+                .env("TSAN_OPTIONS", format!("halt_on_error=1 exitcode=66 suppressions={}", suppressions.display())),
+            host,
+        );
+        assert!(output.contains(&format!("{host}: all expectations met")), "{output}");
+        assert!(!output.contains("ThreadSanitizer"), "{host} under TSan:\n{output}");
+    }
 }
 
 #[test]

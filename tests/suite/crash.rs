@@ -20,7 +20,7 @@ use tezzeret::forge::{guard_entry, layout};
 use tezzeret::guard::table::{GuardTable, Lookup};
 use tezzeret::store::ArtifactStore;
 
-use crate::TempDir;
+use crate::{Rng, TempDir};
 
 const CATALOG: &str = r#"[
  {"blueprint_id": "BP002", "name": "linear_projection", "tier": "SAFE", "allowed_parameters": {"scale": [0.5, 2.0]}},
@@ -36,16 +36,6 @@ const CATALOG: &str = r#"[
 ]"#;
 
 /// Deterministic xorshift for kill instants.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 /// What a child run printed (`event …` lines) and how it ended.
 struct Run {
     queued: Vec<(String, u64)>,
@@ -169,8 +159,11 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
     let reference_dir = work.path().join("reference");
     let started = Instant::now();
     let reference = spawn_forge(&reference_dir, &catalog, None, None);
-    // Kill instants are spread over a whole run, start-up included.
-    let run_length = started.elapsed().as_micros() as u64 * 11 / 10;
+    // Kill instants are spread over a whole run, start-up included. Runs get
+    // slower or faster with the machine's load, so an uncrashed run from
+    // scratch is timed again every 50 kills.
+    let mut run_length = started.elapsed().as_micros() as u64 * 11 / 10;
+    let mut calibrated_at = 0;
     assert_eq!(reference.exit, Some(0));
     let expected = catalog_of(&reference_dir);
     assert_eq!(expected.len(), 10);
@@ -184,6 +177,15 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
     let mut problems = Vec::new();
     while kills < wanted {
         let durable_before = durable_keys(&state);
+        if kills >= calibrated_at + 50 {
+            calibrated_at = kills;
+            let again = work.path().join(format!("reference-{kills}"));
+            let started = Instant::now();
+            assert_eq!(spawn_forge(&again, &catalog, None, None).exit, Some(0));
+            run_length = started.elapsed().as_micros() as u64 * 11 / 10;
+            assert_eq!(catalog_of(&again), expected, "an uncrashed run gives the same catalog every time");
+            let _ = std::fs::remove_dir_all(&again);
+        }
         let delay = Duration::from_micros(rng.below(run_length));
         let run = spawn_forge(&state, &catalog, None, Some(delay));
         for (id, key) in &run.compiling {

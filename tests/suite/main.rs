@@ -46,6 +46,19 @@ impl Drop for TempDir {
     }
 }
 
+/// A small deterministic xorshift generator for randomised tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A value in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
 /// The repository root.
 pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))

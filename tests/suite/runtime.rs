@@ -101,6 +101,72 @@ fn refresh_queues_new_and_changed_descriptors_and_reports_removed_ones() {
 }
 
 #[test]
+fn open_queues_what_is_not_compiled_and_a_second_submit_sets_the_priority() {
+    let dir = TempDir::new("rt-open-queue");
+    let catalog = format!("[{}, {}, {}]", entry("A", "relu_activation"), entry("B", "gelu_activation"), entry("C", "layer_scaling"));
+    {
+        let (host, _) = recording(&catalog);
+        let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+        let queue: Vec<(String, i32)> = forge.journal().state().queue().iter().map(|j| (j.blueprint_id.clone(), j.priority)).collect();
+        assert_eq!(queue, [("A".into(), 2), ("B".into(), 2), ("C".into(), 2)], "open queued all three at NORMAL");
+        let seq_c = forge.journal().state().queue()[2].seq;
+        assert_eq!(forge.submit("C", MessagePriority::Critical).unwrap(), Some(seq_c), "the queued job, not a new one");
+    } // closed without running
+    let (host, view) = recording(&catalog);
+    let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+    assert_eq!(forge.journal().state().pending.len(), 3, "nothing queued twice by the second open");
+    forge.drain(&mut |_| {});
+    assert_eq!(*view.updates.lock().unwrap(), ["C", "A", "B"], "the raised priority survived the restart");
+    drop(forge);
+    let (host, _) = recording(&catalog);
+    let forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+    assert!(forge.journal().state().pending.is_empty(), "compiled descriptors are not queued again");
+}
+
+#[test]
+fn queued_jobs_of_removed_or_changed_descriptors_expire() {
+    let dir = TempDir::new("rt-expire");
+    let (host, view) = recording(&format!("[{}, {}]", entry("A", "relu_activation"), entry("B", "gelu_activation")));
+    let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+    let old_b = forge.journal().state().queue()[1].seq;
+    // Before anything ran: A goes away and B changes.
+    *view.catalog.lock().unwrap() = format!("[{}]", entry("B", "skip_connection"));
+    let report = forge.refresh().unwrap();
+    assert_eq!((report.queued, report.removed), (vec!["B".to_string()], vec!["A".to_string()]));
+    let queue: Vec<u64> = forge.journal().state().queue().iter().map(|j| j.seq).collect();
+    assert_eq!(queue.len(), 1, "only the new B is queued: {queue:?}");
+    assert!(queue[0] > old_b);
+    let reports = forge.drain(&mut |_| {});
+    assert_eq!(reports.len(), 1);
+    assert_eq!(forge.artifacts()["B"].name, "skip_connection");
+    assert!(!forge.artifacts().contains_key("A"));
+    // Expiry is not failure.
+    assert!(forge.journal().state().failures.is_empty());
+    assert_eq!((forge.counters().expired, forge.counters().failed), (2, 0));
+    assert!(forge.prometheus().contains("tezzeret_jobs_expired 2"));
+}
+
+#[test]
+fn maintenance_removes_the_debris_of_interrupted_writes() {
+    let dir = TempDir::new("rt-debris");
+    let (host, _) = recording(&format!("[{}]", entry("A", "relu_activation")));
+    let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
+    forge.run(&mut |_| {});
+    let current = forge.artifacts()["A"].artifact_file.clone();
+    let artifacts = dir.path().join("artifacts");
+    // An artifact stored just before a crash whose manifest never landed, and two temp files.
+    std::fs::write(artifacts.join(format!("{}.pt", "0".repeat(64))), b"orphan").unwrap();
+    std::fs::write(artifacts.join(".tmp-1-x.pt"), b"half").unwrap();
+    std::fs::write(dir.path().join("manifests/.tmp-1-y.json"), b"{").unwrap();
+    let report = forge.maintain().unwrap();
+    assert_eq!(report.debris_removed, 3);
+    let left: Vec<String> = std::fs::read_dir(&artifacts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, [current], "only the current artifact is left");
+    assert_eq!(forge.maintain().unwrap().debris_removed, 0);
+    assert!(tezzeret::verify::verify_state(dir.path()).unwrap().problems.is_empty());
+}
+
+#[test]
 fn a_hung_blueprint_opens_the_timeout_breaker_and_conservative_mode_comes_and_goes() {
     let dir = TempDir::new("rt-breaker");
     let catalog = r#"[
@@ -121,6 +187,7 @@ fn a_hung_blueprint_opens_the_timeout_breaker_and_conservative_mode_comes_and_go
     assert!(!forge.conservative(), "one failure is below the threshold");
     forge.compile_one("LOOP").unwrap();
     assert!(forge.conservative(), "the second consecutive timeout opens the breaker");
+    assert_eq!(forge.counters().abandoned, 2, "both abandoned jobs are counted");
     // Conservative mode: strategy one level lower, budgets ×1.5, concurrency 1.
     assert_eq!(forge.effective_strategy(), Strategy::Fast);
     assert_eq!(forge.effective_budget(Strategy::Fast), Duration::from_millis(450));
@@ -230,10 +297,12 @@ fn runtime_calls_through_the_c_abi() {
         ] {
             assert_eq!(constant, priority as u32, "TEZZERET_PRIORITY_* are Leyline's MessagePriority values");
         }
+        // Open queued A and B (not compiled yet); an urgent compile takes B now.
+        assert_eq!(take(tezzeret_forge_compile_now(forge, b.as_ptr())).0, 0);
         let (mut done, mut failed) = (0u32, 0u32);
         assert_eq!(take(tezzeret_forge_drain(forge, &mut done, &mut failed)).0, 0);
-        assert_eq!((done, failed), (1, 0));
-        assert_eq!(take(tezzeret_forge_compile_now(forge, b.as_ptr())).0, 0);
+        assert_eq!((done, failed), (1, 0), "A, queued at open, is all that is left");
+        assert_eq!(take(tezzeret_forge_compile_now(forge, b.as_ptr())).0, 0, "B is current: nothing to do");
         assert_eq!(take(tezzeret_forge_compile_now(forge, unknown.as_ptr())).0, TEZZERET_CODE_NOT_FOUND);
         let (mut queued, mut removed) = (9u32, 9u32);
         assert_eq!(take(tezzeret_forge_refresh(forge, &mut queued, &mut removed)).0, 0);

@@ -262,3 +262,61 @@ fn checkpoints_keep_the_log_bounded() {
     assert_eq!(recovered.next_seq, state.next_seq);
     assert!(recovered.pending.is_empty());
 }
+
+/// Property: whatever the submissions (random priorities, several per
+/// batch), priority changes, completions and restarts, the queue read back
+/// after every reopen runs by priority (higher first), then in submission
+/// order.
+#[test]
+fn queue_order_survives_random_submissions_reprioritisations_completions_and_restarts() {
+    for seed in 1..=12u64 {
+        let dir = TempDir::new("queue-property");
+        let path = dir.path().join("commit.log");
+        let mut rng = crate::Rng(0x2545_f491_4f6c_dd1d ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        // The model: (priority, seq) of every pending job.
+        let mut model: Vec<(i32, u64)> = Vec::new();
+        let mut journal = Journal::open(&path).unwrap();
+        journal.set_checkpoint_every(1 + rng.below(40)); // checkpoints at random distances too
+        for step in 0..150 {
+            match rng.below(10) {
+                0 => {
+                    drop(journal);
+                    journal = Journal::open(&path).unwrap();
+                    journal.set_checkpoint_every(1 + rng.below(40));
+                    let queue: Vec<(i32, u64)> = journal.state().queue().iter().map(|j| (j.priority, j.seq)).collect();
+                    let mut expected = model.clone();
+                    expected.sort_by_key(|(p, s)| (std::cmp::Reverse(*p), *s));
+                    assert_eq!(queue, expected, "seed {seed}, step {step}: queue after a restart");
+                }
+                1 | 2 if !model.is_empty() => {
+                    // The head runs and ends (commit-less failure is enough to leave the queue).
+                    let head = journal.state().queue()[0].seq;
+                    let records = vec![Record::Start { seq: head }, Record::Fail { seq: head, reason: "test".into(), message: String::new() }];
+                    journal.append(vec![records]).unwrap();
+                    model.retain(|(_, s)| *s != head);
+                }
+                3 if !model.is_empty() => {
+                    // Submitted again at another priority: same place in submission order.
+                    let i = rng.below(model.len() as u64) as usize;
+                    let priority = 1 + rng.below(4) as i32;
+                    journal.append(vec![vec![Record::Reprioritize { seq: model[i].1, priority }]]).unwrap();
+                    model[i].0 = priority;
+                }
+                _ => {
+                    let jobs: Vec<Job> = (0..1 + rng.below(3))
+                        .map(|_| {
+                            let mut job = tezzeret::bench::sample_job(rng.below(1000));
+                            job.priority = 1 + rng.below(4) as i32;
+                            job
+                        })
+                        .collect();
+                    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+                    let seqs = journal.submit(jobs).unwrap();
+                    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence numbers grow");
+                    assert!(model.iter().all(|(_, s)| *s < seqs[0]), "and never repeat, across restarts too");
+                    model.extend(priorities.into_iter().zip(seqs));
+                }
+            }
+        }
+    }
+}
