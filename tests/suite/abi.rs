@@ -6,21 +6,8 @@ use std::ptr::{null, null_mut};
 use tezzeret::ffi::*;
 use tezzeret::leyline::{self, BlueprintDescriptor, BlueprintParameterBounds, BlueprintTier};
 
+use crate::cabi::{ok, take};
 use crate::TempDir;
-
-/// Takes a status: returns (code, message) and frees it.
-fn take(status: *mut tezzeret_status) -> (u32, String) {
-    let code = tezzeret_status_code(status);
-    // SAFETY: the message lives as long as the status.
-    let message = unsafe { CStr::from_ptr(tezzeret_status_message(status)) }.to_string_lossy().into_owned();
-    tezzeret_status_free(status);
-    (code, message)
-}
-
-fn ok(status: *mut tezzeret_status) {
-    let (code, message) = take(status);
-    assert_eq!(code, TEZZERET_CODE_OK, "{message}");
-}
 
 fn config_for(dir: &CString) -> tezzeret_config {
     let mut config = std::mem::MaybeUninit::<tezzeret_config>::uninit();

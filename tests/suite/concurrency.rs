@@ -10,22 +10,11 @@ use prost::Message;
 use tezzeret::ffi::*;
 use tezzeret::leyline::{self, KernelCatalogUpdate, SystemHealth, TelemetryPacket};
 
+use crate::cabi::{host_callbacks, ok, open_forge, take};
 use crate::TempDir;
 
 const BLOCKS: [(&str, &str); 4] =
     [("C0", "relu_activation"), ("C1", "gelu_activation"), ("C2", "layer_scaling"), ("C3", "skip_connection")];
-
-fn take(status: *mut tezzeret_status) -> (u32, String) {
-    let code = tezzeret_status_code(status);
-    let message = unsafe { CStr::from_ptr(tezzeret_status_message(status)) }.to_string_lossy().into_owned();
-    tezzeret_status_free(status);
-    (code, message)
-}
-
-fn ok(status: *mut tezzeret_status, what: &str) {
-    let (code, message) = take(status);
-    assert_eq!(code, TEZZERET_CODE_OK, "{what}: {message}");
-}
 
 /// What the host's callbacks see and do.
 #[derive(Default)]
@@ -134,26 +123,12 @@ unsafe extern "C" fn on_release(user: *mut c_void) {
 }
 
 fn open(dir: &std::path::Path, host: &Host, refresh_ms: u64, telemetry_ms: u64) -> *mut tezzeret_forge {
-    let path = CString::new(dir.to_str().unwrap()).unwrap();
-    unsafe {
-        let mut config: tezzeret_config = std::mem::zeroed();
-        assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
-        config.state_dir = path.as_ptr();
-        config.device = TEZZERET_DEVICE_CPU;
-        config.strategy = TEZZERET_STRATEGY_FAST;
+    let user = host as *const Host as *mut c_void;
+    let callbacks = host_callbacks(user, Some(enumerate), Some(on_update), Some(on_telemetry), Some(on_release));
+    open_forge(dir, &callbacks, |config| {
         config.refresh_interval_ms = refresh_ms;
         config.telemetry_interval_ms = telemetry_ms;
-        let mut cb: tezzeret_host_callbacks = std::mem::zeroed();
-        assert!(tezzeret_host_callbacks_init(&mut cb, std::mem::size_of::<tezzeret_host_callbacks>()).is_null());
-        cb.user_data = host as *const Host as *mut c_void;
-        cb.enumerate = Some(enumerate);
-        cb.catalog_update = Some(on_update);
-        cb.telemetry = Some(on_telemetry);
-        cb.release = Some(on_release);
-        let mut forge = null_mut();
-        ok(tezzeret_forge_open(&config, &cb, &mut forge), "open");
-        forge
-    }
+    })
 }
 
 fn wait_for(what: &str, done: impl Fn() -> bool) {
@@ -187,29 +162,29 @@ fn host_threads_share_one_forge_while_its_background_thread_runs() {
         scope.spawn(move || unsafe {
             for round in 0..3 {
                 for (i, id) in ids.iter().enumerate() {
-                    ok(tezzeret_forge_submit(forge.ptr(), id.as_ptr(), 1 + ((i + round) % 4) as u32, null_mut()), "submit");
+                    ok(tezzeret_forge_submit(forge.ptr(), id.as_ptr(), 1 + ((i + round) % 4) as u32, null_mut()));
                 }
-                ok(tezzeret_forge_drain(forge.ptr(), null_mut(), null_mut()), "drain");
+                ok(tezzeret_forge_drain(forge.ptr(), null_mut(), null_mut()));
             }
         });
         // Compiles urgently.
         scope.spawn(move || unsafe {
             for id in ids.iter().rev().take(2) {
-                ok(tezzeret_forge_compile_now(forge.ptr(), id.as_ptr()), "compile_now");
+                ok(tezzeret_forge_compile_now(forge.ptr(), id.as_ptr()));
             }
         });
         // Reads health, metrics and the catalog.
         scope.spawn(move || unsafe {
             for _ in 0..100 {
                 let mut buffer = null_mut();
-                ok(tezzeret_forge_health(forge.ptr(), &mut buffer), "health");
+                ok(tezzeret_forge_health(forge.ptr(), &mut buffer));
                 SystemHealth::decode(std::slice::from_raw_parts(tezzeret_buffer_data(buffer), tezzeret_buffer_len(buffer))).unwrap();
                 tezzeret_buffer_free(buffer);
-                ok(tezzeret_forge_metrics_prometheus(forge.ptr(), &mut buffer), "metrics");
+                ok(tezzeret_forge_metrics_prometheus(forge.ptr(), &mut buffer));
                 let text = std::str::from_utf8(std::slice::from_raw_parts(tezzeret_buffer_data(buffer), tezzeret_buffer_len(buffer))).unwrap();
                 assert!(text.contains("tezzeret_queue_depth"), "{text}");
                 tezzeret_buffer_free(buffer);
-                ok(tezzeret_forge_catalog_json(forge.ptr(), &mut buffer), "catalog_json");
+                ok(tezzeret_forge_catalog_json(forge.ptr(), &mut buffer));
                 tezzeret_buffer_free(buffer);
             }
         });
@@ -220,17 +195,17 @@ fn host_threads_share_one_forge_while_its_background_thread_runs() {
                 let request = leyline::KernelPrefetchRequest { request_id: format!("r{n}"), blueprint_id: id.to_string(), ..Default::default() };
                 let bytes = request.encode_to_vec();
                 let (mut kind, mut answer) = (0u32, null_mut());
-                ok(tezzeret_forge_prefetch(forge.ptr(), bytes.as_ptr(), bytes.len(), &mut kind, &mut answer), "prefetch");
+                ok(tezzeret_forge_prefetch(forge.ptr(), bytes.as_ptr(), bytes.len(), &mut kind, &mut answer));
                 assert!(kind == TEZZERET_PREFETCH_READY || kind == TEZZERET_PREFETCH_ERROR);
                 tezzeret_buffer_free(answer);
                 if n % 50 == 0 {
-                    ok(tezzeret_forge_refresh(forge.ptr(), null_mut(), null_mut()), "refresh");
-                    ok(tezzeret_forge_report_resources(forge.ptr(), null()), "report_resources");
+                    ok(tezzeret_forge_refresh(forge.ptr(), null_mut(), null_mut()));
+                    ok(tezzeret_forge_report_resources(forge.ptr(), null()));
                 }
             }
         });
     });
-    unsafe { ok(tezzeret_forge_drain(forge.ptr(), null_mut(), null_mut()), "final drain") };
+    unsafe { ok(tezzeret_forge_drain(forge.ptr(), null_mut(), null_mut())) };
     let mut announced: Vec<String> = host.updates.lock().unwrap().iter().map(|u| u.blueprint_id.clone()).collect();
     announced.sort();
     announced.dedup();
@@ -297,7 +272,7 @@ fn callbacks_may_call_other_forges_and_guard_tables_but_not_their_own_forge() {
     host.other.store(other, Ordering::SeqCst);
     *host.guards_path.lock().unwrap() = Some(CString::new(dir.path().join("guards.tbl").to_str().unwrap()).unwrap());
     let id = CString::new("C1").unwrap();
-    unsafe { ok(tezzeret_forge_compile_now(forge, id.as_ptr()), "compile_now") };
+    unsafe { ok(tezzeret_forge_compile_now(forge, id.as_ptr())) };
     let seen = host.from_callback.lock().unwrap().clone();
     let expect = |prefix: &str, check: &dyn Fn(&str) -> bool| {
         let line = seen.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} not called: {seen:?}"));
@@ -313,7 +288,7 @@ fn callbacks_may_call_other_forges_and_guard_tables_but_not_their_own_forge() {
     host.forge.store(null_mut(), Ordering::SeqCst);
     let mut buffer = null_mut();
     unsafe {
-        ok(tezzeret_forge_health(forge, &mut buffer), "health after the callback's close");
+        ok(tezzeret_forge_health(forge, &mut buffer));
         tezzeret_buffer_free(buffer);
         tezzeret_forge_close(forge);
         tezzeret_forge_close(other);

@@ -1,12 +1,13 @@
 //! The in-process hot path through the C ABI (SPEC R13): guard checks,
 //! prefetch answers, kernel loads and DLPack runs, bad input included.
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::ptr::{null, null_mut};
 
 use prost::Message;
 use tezzeret::ffi::*;
 use tezzeret::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
 
+use crate::cabi::take;
 use crate::TempDir;
 
 const CATALOG: &str = r#"[
@@ -25,13 +26,6 @@ impl Drop for Forged {
     fn drop(&mut self) {
         unsafe { tezzeret_forge_close(self.forge) };
     }
-}
-
-fn take(status: *mut tezzeret_status) -> (u32, String) {
-    let code = tezzeret_status_code(status);
-    let message = unsafe { CStr::from_ptr(tezzeret_status_message(status)) }.to_string_lossy().into_owned();
-    tezzeret_status_free(status);
-    (code, message)
 }
 
 /// A forge over the small catalog, compiled (through the CLI, to keep this

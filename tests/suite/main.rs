@@ -1,5 +1,6 @@
 //! Tezzeret's integration suite: one binary, one module per area.
 mod abi;
+mod cabi;
 mod catalog;
 mod cli;
 mod concurrency;

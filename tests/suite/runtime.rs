@@ -2,7 +2,7 @@
 //! FIFO order across restarts, urgent compiles, refresh, breakers and
 //! conservative mode driven by quarantine hazards and injected readings,
 //! telemetry on transitions, Prometheus text and SystemHealth.
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use tezzeret::ffi::*;
 use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host, JobStatus, ResourceReading};
 use tezzeret::leyline::{self, HealthStatus, MessagePriority, TelemetryPacket};
 
+use crate::cabi::{host_callbacks, open_forge, take};
 use crate::TempDir;
 
 fn entry(id: &str, name: &str) -> String {
@@ -257,13 +258,6 @@ unsafe extern "C" fn no_op_enumerate(_: *mut c_void, sink: *mut tezzeret_descrip
     0
 }
 
-fn take(status: *mut tezzeret_status) -> (u32, String) {
-    let code = tezzeret_status_code(status);
-    let message = unsafe { CStr::from_ptr(tezzeret_status_message(status)) }.to_string_lossy().into_owned();
-    tezzeret_status_free(status);
-    (code, message)
-}
-
 #[test]
 fn runtime_calls_through_the_c_abi() {
     let dir = TempDir::new("rt-abi");
@@ -415,29 +409,14 @@ mod background {
     }
 
     pub fn open(dir: &std::path::Path, seen: &Seen, refresh_ms: u64, telemetry_ms: u64) -> *mut tezzeret_forge {
-        let path = CString::new(dir.to_str().unwrap()).unwrap();
-        unsafe {
-            let mut config: tezzeret_config = std::mem::zeroed();
-            assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
-            config.state_dir = path.as_ptr();
-            config.device = TEZZERET_DEVICE_CPU;
-            config.strategy = TEZZERET_STRATEGY_FAST;
+        let user = seen as *const Seen as *mut c_void;
+        let callbacks = host_callbacks(user, Some(enumerate), Some(on_update), Some(on_telemetry), Some(on_release));
+        open_forge(dir, &callbacks, |config| {
             config.refresh_interval_ms = refresh_ms;
             config.telemetry_interval_ms = telemetry_ms;
             config.flags = TEZZERET_FLAG_ALLOW_QUARANTINE;
             config.budget_ms = 600_000;
-            let mut cb: tezzeret_host_callbacks = std::mem::zeroed();
-            assert!(tezzeret_host_callbacks_init(&mut cb, std::mem::size_of::<tezzeret_host_callbacks>()).is_null());
-            cb.user_data = seen as *const Seen as *mut c_void;
-            cb.enumerate = Some(enumerate);
-            cb.catalog_update = Some(on_update);
-            cb.telemetry = Some(on_telemetry);
-            cb.release = Some(on_release);
-            let mut forge = null_mut();
-            let (code, msg) = super::take(tezzeret_forge_open(&config, &cb, &mut forge));
-            assert_eq!(code, 0, "{msg}");
-            forge
-        }
+        })
     }
 
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
