@@ -1,7 +1,7 @@
 //! The forge: owns a state directory, learns descriptors from its host,
 //! compiles what is not compiled yet, stores artifacts durably and tells
 //! the host (catalog updates, telemetry, log lines).
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::path::PathBuf;
@@ -86,6 +86,10 @@ pub struct ForgeConfig {
     pub allow_quarantine: bool,
     /// Maximum concurrent compile jobs.
     pub max_concurrency: u32,
+    /// Whether opening queues the catalog's descriptors that are not
+    /// compiled yet (SPEC R1; default true). Off, jobs are only queued by
+    /// submit, refresh and run (e.g. to time single jobs).
+    pub queue_at_open: bool,
     /// Re-enumeration interval (0 = off).
     pub refresh_interval_ms: u64,
     /// Periodic telemetry interval (0 = off).
@@ -131,6 +135,7 @@ impl ForgeConfig {
             device: DevicePreference::Auto,
             allow_quarantine: false,
             max_concurrency: 2,
+            queue_at_open: true,
             refresh_interval_ms: 0,
             telemetry_interval_ms: 10_000,
             batch: DEFAULT_BATCH,
@@ -250,8 +255,8 @@ pub struct Forge {
     gpu_high_since: Option<Instant>,
     last_reading: ResourceReading,
     shutdown: Arc<AtomicBool>,
-    /// Compile threads kept from job to job.
-    workers: WorkerPool,
+    /// Compile threads kept from job to job (the process's, shared).
+    workers: Arc<WorkerPool>,
     /// Jobs queued by `open` not yet reported through `run`'s progress.
     queued_at_open: Vec<(String, u64)>,
     _lock: StateLock,
@@ -428,7 +433,11 @@ impl Forge {
             gpu_high_since: None,
             last_reading: ResourceReading::default(),
             shutdown: Arc::new(AtomicBool::new(false)),
-            workers: WorkerPool::new(keep_workers),
+            workers: {
+                let pool = compile::shared_pool();
+                pool.keep_at_least(keep_workers);
+                pool
+            },
             queued_at_open: Vec::new(),
             _lock: lock,
         };
@@ -438,7 +447,8 @@ impl Forge {
         // now (jobs whose descriptor went away or changed leave the queue).
         // A forge that cannot write (disk full) still opens and serves what
         // it has; run and refresh queue again and report their own errors.
-        match forge.expire_stale_jobs().and_then(|_| forge.enqueue_catalog()) {
+        let queue_at_open = forge.config.queue_at_open;
+        match forge.expire_stale_jobs().and_then(|_| if queue_at_open { forge.enqueue_catalog() } else { Ok(Vec::new()) }) {
             Ok(queued) => forge.queued_at_open = queued,
             Err(error) => forge.log_error("queueing the catalog at open (run or refresh will try again)", &error),
         }
@@ -592,6 +602,17 @@ impl Forge {
         let metrics = self.metrics();
         let mut packet = telemetry::packet(metrics, Vec::new(), self.conservative);
         packet.system_health = Some(self.health());
+        self.host.telemetry(&leyline::encode(&packet));
+    }
+
+    /// Sends the last `TelemetryPacket` of a forge being closed: every
+    /// metric and a `SystemHealth` whose indicator `closing` is `true`.
+    pub fn emit_closing_telemetry(&mut self) {
+        let metrics = self.metrics();
+        let mut packet = telemetry::packet(metrics, Vec::new(), self.conservative);
+        let mut health = self.health();
+        health.indicators.insert("closing".to_string(), "true".to_string());
+        packet.system_health = Some(health);
         self.host.telemetry(&leyline::encode(&packet));
     }
 
@@ -799,68 +820,78 @@ impl Forge {
         }
     }
 
-    /// How `concurrent` compiles run: on the forge's workers, abandoned at
-    /// shutdown, sharing the caller's libtorch intra-op threads among them
-    /// so that concurrent jobs do not oversubscribe the cores.
-    fn execution(&self, concurrent: usize) -> compile::Execution<'_> {
+    /// How a compile runs when `concurrent` compile at once: on the forge's
+    /// workers, abandoned at shutdown, sharing the caller's libtorch
+    /// intra-op threads among them so that they do not oversubscribe the cores.
+    fn execution(&self, concurrent: usize) -> compile::Execution {
         let threads = tch::get_num_threads().max(1);
         compile::Execution {
-            abort: Some(&*self.shutdown),
-            workers: Some(&self.workers),
+            abort: Some(self.shutdown.clone()),
+            workers: Some(self.workers.clone()),
             intra_op_threads: Some((threads / concurrent.max(1) as i32).max(1)),
         }
     }
 
     /// Runs every queued job (priority, then FIFO) and returns their reports.
+    ///
+    /// Up to `effective_concurrency` jobs compile at once, started and
+    /// committed in queue order. The queue is pipelined: as soon as a
+    /// job's compile ends the next one starts, and the finished job is
+    /// stored, committed and announced while it compiles — the forge's
+    /// durable work hides behind the next compile instead of adding to it.
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.journal.state().queue().into_iter().cloned().collect();
         let total = queue.len();
         let mut reports = Vec::with_capacity(total);
-        let mut position = 0;
-        while position < total && !self.shutdown.load(Ordering::Acquire) {
-            // Up to `effective_concurrency` jobs compile at once; they start
-            // and commit in queue order.
-            let width = (self.effective_concurrency() as usize).max(1).min(total - position);
-            let batch = &queue[position..position + width];
-            let prepared: Vec<Result<Prepared>> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, job)| {
-                    progress(Progress::Started(position + i, total, &job.blueprint_id));
-                    self.prepare(job, progress)
-                })
-                .collect();
-            let compiling = prepared.iter().filter(|p| matches!(p, Ok(Prepared::Compile(_)))).count();
-            let execution = self.execution(compiling);
-            let memory = self.config.memory_budget_bytes;
-            let compiled: Vec<Option<Result<CompiledArtifact>>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = prepared
-                    .iter()
-                    .map(|p| match p {
-                        Ok(Prepared::Compile(c)) => {
-                            let (job, budget) = (c.job.clone(), c.budget);
-                            Some(scope.spawn(move || compile::compile_under(job, budget, memory, execution)))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.map(|h| {
-                            h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked")))
-                        })
-                    })
-                    .collect()
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut next = 0;
+        loop {
+            self.start_jobs(&queue, &mut next, &mut in_flight, progress);
+            let Some(front) = in_flight.pop_front() else { break };
+            let compiled = front.compile.map(|c| {
+                c.and_then(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked"))))
             });
-            for (i, ((job, prepared), compiled)) in batch.iter().zip(prepared).zip(compiled).enumerate() {
-                let report = self.finish(job, prepared, compiled);
-                progress(Progress::Finished(position + i, total, &report));
-                reports.push(report);
-            }
-            position += width;
+            // The next job starts compiling before this one is stored.
+            self.start_jobs(&queue, &mut next, &mut in_flight, progress);
+            let report = self.finish(&queue[front.position], front.prepared, compiled);
+            progress(Progress::Finished(front.position, total, &report));
+            reports.push(report);
         }
         reports
+    }
+
+    /// Starts queued jobs, in order, while fewer than `effective_concurrency`
+    /// compile (none once shutting down).
+    fn start_jobs(&mut self, queue: &[Job], next: &mut usize, in_flight: &mut VecDeque<InFlight>, progress: &mut dyn FnMut(Progress<'_>)) {
+        let total = queue.len();
+        while *next < total && !self.shutdown.load(Ordering::Acquire) {
+            let width = (self.effective_concurrency() as usize).max(1);
+            if in_flight.iter().filter(|f| matches!(f.compile, Some(Ok(_)))).count() >= width {
+                return;
+            }
+            let job = &queue[*next];
+            progress(Progress::Started(*next, total, &job.blueprint_id));
+            let prepared = self.prepare(job, progress);
+            let compile = match &prepared {
+                Ok(Prepared::Compile(c)) => {
+                    let execution = self.execution(width.min(total - *next));
+                    let (job, budget, memory) = (c.job.clone(), c.budget, self.config.memory_budget_bytes);
+                    let spawned = std::thread::Builder::new()
+                        .name("tz-wait".into())
+                        .spawn(move || compile::compile_under(job, budget, memory, execution));
+                    Some(spawned.map_err(|e| Error::io("start a compile", e)))
+                }
+                _ => None,
+            };
+            // Recorded once the compile is under way, so that the msync
+            // overlaps it rather than delaying it.
+            let prepared = match (prepared, self.record_start(job)) {
+                (Ok(prepared), Ok(())) => Ok(prepared),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
+            in_flight.push_back(InFlight { position: *next, prepared, compile });
+            *next += 1;
+        }
     }
 
     /// Enumerates the host's descriptors again (SPEC R1): new or changed
@@ -1181,7 +1212,7 @@ impl Forge {
     /// committing it), else compiles; then commits, updates the guard table
     /// and announces — or records the failure.
     fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
-        let prepared = self.prepare(job, progress);
+        let prepared = self.record_start(job).and_then(|_| self.prepare(job, progress));
         let compiled = match &prepared {
             Ok(Prepared::Compile(c)) => Some(compile::compile_under(
                 c.job.clone(),
@@ -1203,7 +1234,10 @@ impl Forge {
             Ok(Prepared::Adopted(record)) => self.commit(job, record.clone(), None).map(|_| (JobStatus::Cached, record)),
             Ok(Prepared::Compile(c)) => match compiled.expect("a compile result for a compile job") {
                 Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, c.job.descriptor.name))),
-                Ok(artifact) => self.store_compiled(job, &c, artifact),
+                Ok(artifact) => {
+                    self.counters.compile_us_total += (artifact.job_ms * 1e3) as u64;
+                    self.store_compiled(job, &c, artifact)
+                }
             },
         };
         if self.shutdown.load(Ordering::Acquire) {
@@ -1252,17 +1286,22 @@ impl Forge {
         }
     }
 
-    /// Starts a job: records it started and either adopts a durable
-    /// artifact of its cache key (a crash came between storing and
-    /// committing it) or sets up its compile.
-    fn prepare(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Prepared> {
-        let descriptor = Descriptor::decode(&unhex(&job.descriptor_hex))?;
-        let id = job.blueprint_id.clone();
+    /// Records durably that a job started (a crash from here on makes its
+    /// next run a retry).
+    fn record_start(&mut self, job: &Job) -> Result<()> {
         if self.journal.state().started.contains(&job.seq) {
             // In flight when the last forge stopped: this is a retry.
             self.counters.retried += 1;
         }
-        self.journal.append(vec![vec![Record::Start { seq: job.seq }]])?;
+        self.journal.append(vec![vec![Record::Start { seq: job.seq }]])
+    }
+
+    /// Sets a job up: either adopts a durable artifact of its cache key (a
+    /// crash came between storing and committing it) or prepares its
+    /// compile. The caller records the start ([`Self::record_start`]).
+    fn prepare(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Prepared> {
+        let descriptor = Descriptor::decode(&unhex(&job.descriptor_hex))?;
+        let id = job.blueprint_id.clone();
         if let Some(record) = self.store.manifest(&job.cache_key) {
             if record.blueprint_id == id && self.usable(&record) {
                 self.cache.hits += 1;
@@ -1366,6 +1405,15 @@ impl Forge {
         let packet = telemetry::packet(metrics, events, self.conservative);
         self.host.telemetry(&leyline::encode(&packet));
     }
+}
+
+/// A queued job started by `drain` and not finished yet.
+struct InFlight {
+    /// Its index in the drained queue.
+    position: usize,
+    prepared: Result<Prepared>,
+    /// Its compile, when it needs one (or why it could not start).
+    compile: Option<Result<std::thread::JoinHandle<Result<CompiledArtifact>>>>,
 }
 
 /// A job ready to compile.

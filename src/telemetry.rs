@@ -99,6 +99,9 @@ pub struct JobCounters {
     pub abandoned: u64,
     /// Queued jobs that expired unrun (descriptor removed or changed).
     pub expired: u64,
+    /// Wall time spent compiling, validating and pre-warming on workers, µs
+    /// (with the forge's wall time, it shows what the forge adds).
+    pub compile_us_total: u64,
 }
 
 impl JobCounters {
@@ -115,6 +118,7 @@ impl JobCounters {
         ]
         .into_iter()
         .map(|(name, v)| metric(name, v as f64, "count", &[]))
+        .chain([metric("tezzeret.jobs.compile_ms_total", self.compile_us_total as f64 / 1e3, "ms", &[])])
         .collect()
     }
 }

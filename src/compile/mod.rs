@@ -9,6 +9,7 @@ mod strategy;
 mod workers;
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -24,7 +25,7 @@ pub use control::{run_with_budget, CancelToken, JobLimits};
 pub use script::{set_graph_executor_optimize, shim_exception_self_test, ScriptModule};
 pub use stats::percentile;
 pub use strategy::Strategy;
-pub use workers::WorkerPool;
+pub use workers::{shared_pool, WorkerPool};
 
 /// Relative tolerance of numeric validation (SPEC §4).
 pub const RTOL: f64 = 1e-4;
@@ -91,6 +92,8 @@ pub struct CompiledArtifact {
     pub device: String,
     /// Wall time from start to a serialised artifact, ms.
     pub compile_ms: f64,
+    /// Wall time of the whole job (compile, validation, pre-warm), ms.
+    pub job_ms: f64,
     /// Pre-warm forward latencies of the stored artifact, ms.
     pub prewarm_samples_ms: Vec<f64>,
     /// Median pre-warm latency, ms.
@@ -148,13 +151,14 @@ pub fn compile_within(job: CompileJob, budget: Duration, memory_budget_bytes: Op
 }
 
 /// How a forge runs a compile: on which threads, with how many libtorch
-/// intra-op threads, and what abandons it early.
-#[derive(Clone, Copy, Default)]
-pub struct Execution<'a> {
+/// intra-op threads, and what abandons it early. Owns what it shares, so a
+/// compile can be waited for on a thread of its own.
+#[derive(Clone, Default)]
+pub struct Execution {
     /// Set at shutdown: the job is abandoned at once.
-    pub abort: Option<&'a AtomicBool>,
+    pub abort: Option<Arc<AtomicBool>>,
     /// Reusable worker threads (None: a new thread per job).
-    pub workers: Option<&'a WorkerPool>,
+    pub workers: Option<Arc<WorkerPool>>,
     /// libtorch intra-op threads for this job (None: leave as is).
     pub intra_op_threads: Option<i32>,
 }
@@ -164,13 +168,13 @@ pub fn compile_under(
     job: CompileJob,
     budget: Duration,
     memory_budget_bytes: Option<u64>,
-    execution: Execution<'_>,
+    execution: Execution,
 ) -> Result<CompiledArtifact> {
     let mut limits = JobLimits::new(memory_budget_bytes);
     let cancel = limits.cancel.clone();
     let what = job.descriptor.blueprint_id.clone();
     let threads = execution.intra_op_threads;
-    control::run_with_budget_or_abort(&what, budget, cancel, execution.abort, execution.workers, move || {
+    control::run_with_budget_or_abort(&what, budget, cancel, execution.abort.as_deref(), execution.workers.as_deref(), move || {
         if let Some(threads) = threads {
             // Per thread in libtorch (OpenMP, MKL): set where the job runs.
             tch::set_num_threads(threads.max(1));
@@ -216,6 +220,7 @@ pub fn compile(job: &CompileJob, limits: &mut JobLimits) -> Result<CompiledArtif
         variant,
         device: device_name(device),
         compile_ms,
+        job_ms: started.elapsed().as_secs_f64() * 1e3,
         prewarm_p50_ms: percentile(&samples, 50.0).unwrap_or(0.0),
         prewarm_p95_ms: percentile(&samples, 95.0).unwrap_or(0.0),
         prewarm_samples_ms: samples,

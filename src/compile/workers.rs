@@ -1,13 +1,14 @@
 //! Long-lived compile threads, reused from job to job.
 //!
 //! libtorch sets up a lot per thread on first use (the OpenMP team, MKL and
-//! oneDNN scratch, allocator caches): measured here, a job on a fresh thread
-//! took up to 1.8× as long as the same job on a thread that had compiled
-//! before. A forge therefore keeps its workers. A worker whose job is
-//! abandoned (over budget, shutdown) is never reused: it ends, freeing what
-//! the job held, as soon as the job returns.
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+//! oneDNN scratch, caches): measured here, the default catalog compiled on
+//! a fresh thread took 2.7× as long as on a thread that had compiled it
+//! before. Workers therefore live for the process and are shared by every
+//! forge in it ([`shared_pool`]), so a reopened forge starts warm. A worker
+//! whose job is abandoned (over budget, shutdown) is never reused: it ends,
+//! freeing what the job held, as soon as the job returns.
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::{Error, Result};
@@ -37,14 +38,27 @@ impl Worker {
 /// Idle workers, at most `keep` of them.
 pub struct WorkerPool {
     idle: Mutex<Vec<Worker>>,
-    keep: usize,
+    keep: AtomicUsize,
     spawned: AtomicU64,
+}
+
+/// The process's compile workers, shared by its forges. Idle ones (at most
+/// the largest `max_concurrency` of any forge opened) wait on a channel for
+/// the life of the process.
+pub fn shared_pool() -> Arc<WorkerPool> {
+    static POOL: OnceLock<Arc<WorkerPool>> = OnceLock::new();
+    POOL.get_or_init(|| Arc::new(WorkerPool::new(1))).clone()
 }
 
 impl WorkerPool {
     /// A pool that keeps up to `keep` idle workers.
     pub fn new(keep: usize) -> Self {
-        WorkerPool { idle: Mutex::new(Vec::new()), keep: keep.max(1), spawned: AtomicU64::new(0) }
+        WorkerPool { idle: Mutex::new(Vec::new()), keep: AtomicUsize::new(keep.max(1)), spawned: AtomicU64::new(0) }
+    }
+
+    /// Keeps at least `keep` idle workers from now on.
+    pub fn keep_at_least(&self, keep: usize) {
+        self.keep.fetch_max(keep, Ordering::Relaxed);
     }
 
     /// An idle worker, or a new one.
@@ -68,7 +82,7 @@ impl WorkerPool {
     /// Returns a worker whose task finished; beyond `keep` idle ones it ends.
     pub fn give_back(&self, worker: Worker) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.keep {
+        if idle.len() < self.keep.load(Ordering::Relaxed) {
             idle.push(worker);
         } else {
             drop(idle);

@@ -320,8 +320,9 @@ pub unsafe extern "C" fn tezzeret_forge_selftest_panic(forge: *mut tezzeret_forg
 /// Closes a forge: abandons a running compile (queued jobs stay queued,
 /// durably), waits for calls in progress on other threads to return,
 /// stops the background thread (waiting for a callback it is in, if any),
-/// releases the state directory's lock and calls the host's `release`
-/// once. No callback runs after this returns. NULL is accepted and
+/// sends a last `TelemetryPacket` (final metrics; `SystemHealth` indicator
+/// `closing` = `true`), releases the state directory's lock and calls the
+/// host's `release` once. No callback runs after this returns. NULL is accepted and
 /// ignored. No call on the handle may start once close has begun. Called
 /// from inside one of the forge's own callbacks it does nothing (the handle
 /// is in use by the call that runs the callback): close it afterwards.
@@ -344,7 +345,14 @@ pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
         if let Some(thread) = handle.service.take() {
             let _ = thread.join();
         }
-        let inner = handle.shared.forge.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut inner = handle.shared.forge.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The last packet (final metrics, health marked closing), unless a
+        // panic poisoned the handle.
+        if !handle.shared.poisoned.load(Ordering::Acquire) {
+            if let Some(forge) = inner.as_mut() {
+                let _ = catch_unwind(AssertUnwindSafe(|| forge.emit_closing_telemetry()));
+            }
+        }
         // Dropping may run the host's release callback.
         drop(inner);
     }));

@@ -327,7 +327,7 @@ fn runtime_calls_through_the_c_abi() {
 }
 
 #[test]
-fn jobs_compile_concurrently_up_to_the_limit_and_commit_in_queue_order() {
+fn jobs_compile_concurrently_up_to_the_limit_pipelined_and_commit_in_queue_order() {
     let run = |concurrency: u32| {
         let dir = TempDir::new(&format!("rt-workers-{concurrency}"));
         let names = ["relu_activation", "gelu_activation", "skip_connection", "layer_scaling"];
@@ -346,10 +346,11 @@ fn jobs_compile_concurrently_up_to_the_limit_and_commit_in_queue_order() {
         assert_eq!(*view.updates.lock().unwrap(), ["W0", "W1", "W2", "W3"], "commits in queue order");
         trace
     };
-    // Two at a time: both of a pair start before either is done.
-    assert_eq!(run(2), ["compile W0", "compile W1", "done W0", "done W1", "compile W2", "compile W3", "done W2", "done W3"]);
-    // One at a time (as in conservative mode).
-    assert_eq!(run(1), ["compile W0", "done W0", "compile W1", "done W1", "compile W2", "done W2", "compile W3", "done W3"]);
+    // Two at a time, pipelined: when W0's compile ends, W2 starts before W0
+    // is stored and announced; never more than two compile at once.
+    assert_eq!(run(2), ["compile W0", "compile W1", "compile W2", "done W0", "compile W3", "done W1", "done W2", "done W3"]);
+    // One at a time (as in conservative mode): W1 compiles while W0 is stored.
+    assert_eq!(run(1), ["compile W0", "compile W1", "done W0", "compile W2", "done W1", "compile W3", "done W2", "done W3"]);
 }
 
 mod background {
@@ -365,6 +366,8 @@ mod background {
         pub updates: AtomicUsize,
         pub packets: AtomicUsize,
         pub with_health: AtomicUsize,
+        /// Packets whose health snapshot says the forge is closing.
+        pub closing: AtomicUsize,
         pub releases: AtomicUsize,
         pub hang: bool,
     }
@@ -399,8 +402,11 @@ mod background {
         let seen = &*(user as *const Seen);
         seen.packets.fetch_add(1, Ordering::SeqCst);
         let packet = TelemetryPacket::decode(std::slice::from_raw_parts(bytes, len)).unwrap();
-        if packet.system_health.is_some() {
+        if let Some(health) = &packet.system_health {
             seen.with_health.fetch_add(1, Ordering::SeqCst);
+            if health.indicators.get("closing").map(String::as_str) == Some("true") {
+                seen.closing.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -437,7 +443,9 @@ mod background {
         seen.generation.store(1, Ordering::SeqCst);
         wait_for("B compiled after it appeared", || seen.updates.load(Ordering::SeqCst) >= 2);
         wait_for("periodic telemetry with a health snapshot", || seen.with_health.load(Ordering::SeqCst) >= 2);
+        assert_eq!(seen.closing.load(Ordering::SeqCst), 0);
         unsafe { tezzeret_forge_close(forge) };
+        assert_eq!(seen.closing.load(Ordering::SeqCst), 1, "close sends one last packet, marked closing");
         let (updates, packets) = (seen.updates.load(Ordering::SeqCst), seen.packets.load(Ordering::SeqCst));
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(seen.updates.load(Ordering::SeqCst), updates, "no callback after close returned");
