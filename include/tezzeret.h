@@ -530,10 +530,11 @@ struct tezzeret_status *tezzeret_forge_selftest_panic(struct tezzeret_forge *for
 // stops the background thread (waiting for a callback it is in, if any),
 // sends a last `TelemetryPacket` (final metrics; `SystemHealth` indicator
 // `closing` = `true`), releases the state directory's lock and calls the
-// host's `release` once. No callback runs after this returns. NULL is accepted and
-// ignored. No call on the handle may start once close has begun. Called
-// from inside one of the forge's own callbacks it does nothing (the handle
-// is in use by the call that runs the callback): close it afterwards.
+// host's `release` once. No callback runs after this returns. NULL is
+// accepted and ignored. No call on the handle may start once close has
+// begun. Called from inside one of the forge's own callbacks it does
+// nothing (the handle is in use by the call that runs the callback):
+// close it afterwards.
 void tezzeret_forge_close(struct tezzeret_forge *forge);
 
 // Opens a guard table file read-only (no forge needed; the forge may be

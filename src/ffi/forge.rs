@@ -322,10 +322,11 @@ pub unsafe extern "C" fn tezzeret_forge_selftest_panic(forge: *mut tezzeret_forg
 /// stops the background thread (waiting for a callback it is in, if any),
 /// sends a last `TelemetryPacket` (final metrics; `SystemHealth` indicator
 /// `closing` = `true`), releases the state directory's lock and calls the
-/// host's `release` once. No callback runs after this returns. NULL is accepted and
-/// ignored. No call on the handle may start once close has begun. Called
-/// from inside one of the forge's own callbacks it does nothing (the handle
-/// is in use by the call that runs the callback): close it afterwards.
+/// host's `release` once. No callback runs after this returns. NULL is
+/// accepted and ignored. No call on the handle may start once close has
+/// begun. Called from inside one of the forge's own callbacks it does
+/// nothing (the handle is in use by the call that runs the callback):
+/// close it afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
     if forge.is_null() {
@@ -348,6 +349,9 @@ pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
         let mut inner = handle.shared.forge.lock().unwrap_or_else(|p| p.into_inner()).take();
         // The last packet (final metrics, health marked closing), unless a
         // panic poisoned the handle.
+        // Calls back in from the callbacks below (close included) are
+        // re-entrant ones, refused like any other.
+        handle.shared.owner.store(THREAD_TOKEN.with(|t| *t), Ordering::Release);
         if !handle.shared.poisoned.load(Ordering::Acquire) {
             if let Some(forge) = inner.as_mut() {
                 let _ = catch_unwind(AssertUnwindSafe(|| forge.emit_closing_telemetry()));
@@ -355,5 +359,6 @@ pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
         }
         // Dropping may run the host's release callback.
         drop(inner);
+        handle.shared.owner.store(0, Ordering::Release);
     }));
 }

@@ -32,6 +32,8 @@ struct Host {
     forge: AtomicPtr<tezzeret_forge>,
     other: AtomicPtr<tezzeret_forge>,
     guards_path: Mutex<Option<CString>>,
+    /// When set, the release callback tries to close this forge (again).
+    close_on_release: AtomicPtr<tezzeret_forge>,
     from_callback: Mutex<Vec<String>>,
 }
 
@@ -119,7 +121,12 @@ unsafe extern "C" fn on_telemetry(user: *mut c_void, bytes: *const u8, len: usiz
 }
 
 unsafe extern "C" fn on_release(user: *mut c_void) {
-    (*(user as *const Host)).releases.fetch_add(1, Ordering::SeqCst);
+    let host = &*(user as *const Host);
+    host.releases.fetch_add(1, Ordering::SeqCst);
+    let forge = host.close_on_release.load(Ordering::SeqCst);
+    if !forge.is_null() {
+        tezzeret_forge_close(forge); // inside close's own callback: does nothing
+    }
 }
 
 fn open(dir: &std::path::Path, host: &Host, refresh_ms: u64, telemetry_ms: u64) -> *mut tezzeret_forge {
@@ -290,6 +297,9 @@ fn callbacks_may_call_other_forges_and_guard_tables_but_not_their_own_forge() {
     unsafe {
         ok(tezzeret_forge_health(forge, &mut buffer));
         tezzeret_buffer_free(buffer);
+        // Close's own callbacks (the last telemetry packet, release) may not
+        // close the handle a second time either.
+        host.close_on_release.store(forge, Ordering::SeqCst);
         tezzeret_forge_close(forge);
         tezzeret_forge_close(other);
     }
