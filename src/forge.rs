@@ -599,19 +599,21 @@ impl Forge {
     /// Sends the periodic `TelemetryPacket`: every metric and a
     /// `SystemHealth` snapshot.
     pub fn emit_periodic_telemetry(&mut self) {
-        let metrics = self.metrics();
-        let mut packet = telemetry::packet(metrics, Vec::new(), self.conservative);
-        packet.system_health = Some(self.health());
-        self.host.telemetry(&leyline::encode(&packet));
+        self.emit_health_packet(false);
     }
 
     /// Sends the last `TelemetryPacket` of a forge being closed: every
     /// metric and a `SystemHealth` whose indicator `closing` is `true`.
     pub fn emit_closing_telemetry(&mut self) {
-        let metrics = self.metrics();
-        let mut packet = telemetry::packet(metrics, Vec::new(), self.conservative);
+        self.emit_health_packet(true);
+    }
+
+    fn emit_health_packet(&mut self, closing: bool) {
+        let mut packet = telemetry::packet(self.metrics(), Vec::new(), self.conservative);
         let mut health = self.health();
-        health.indicators.insert("closing".to_string(), "true".to_string());
+        if closing {
+            health.indicators.insert("closing".to_string(), "true".to_string());
+        }
         packet.system_health = Some(health);
         self.host.telemetry(&leyline::encode(&packet));
     }
@@ -802,16 +804,13 @@ impl Forge {
                 Some(error) => Err(error),
                 None => Ok(None),
             },
-            Planned::AlreadyQueued => {
+            Planned::AlreadyQueued(seq) => {
                 // Submitted again: the job keeps its place in submission order
                 // and takes the priority asked now.
-                let queued = self.journal.state().queue().iter().find(|j| j.blueprint_id == blueprint_id).map(|j| (j.seq, j.priority));
-                if let Some((seq, old)) = queued {
-                    if old != priority as i32 {
-                        self.journal.append(vec![vec![Record::Reprioritize { seq, priority: priority as i32 }]])?;
-                    }
+                if self.journal.state().pending[&seq].priority != priority as i32 {
+                    self.journal.append(vec![vec![Record::Reprioritize { seq, priority: priority as i32 }]])?;
                 }
-                Ok(queued.map(|(seq, _)| seq))
+                Ok(Some(seq))
             }
             Planned::Submit(mut job) => {
                 job.priority = priority as i32;
@@ -1029,7 +1028,7 @@ impl Forge {
                     reports.insert(descriptor.blueprint_id.clone(), report);
                 }
                 Planned::Submit(job) => submissions.push(job),
-                Planned::AlreadyQueued => {}
+                Planned::AlreadyQueued(_) => {}
             }
         }
         if !submissions.is_empty() {
@@ -1080,15 +1079,8 @@ impl Forge {
                 let job = self.journal.state().pending[&seq].clone();
                 Ok(self.execute(&job, &mut |_| {}))
             }
-            Planned::AlreadyQueued => {
-                let job = self
-                    .journal
-                    .state()
-                    .queue()
-                    .into_iter()
-                    .find(|j| j.blueprint_id == blueprint_id)
-                    .cloned()
-                    .expect("queued");
+            Planned::AlreadyQueued(seq) => {
+                let job = self.journal.state().pending[&seq].clone();
                 Ok(self.execute(&job, &mut |_| {}))
             }
         }
@@ -1116,10 +1108,8 @@ impl Forge {
                 continue;
             }
             let Ok((job, _)) = self.job_for(descriptor) else { continue }; // reported when planned
-            let state = self.journal.state();
-            let current = state.artifacts.get(&job.blueprint_id).is_some_and(|a| a.cache_key == job.cache_key);
-            let queued = state.pending.values().any(|p| p.blueprint_id == job.blueprint_id && p.cache_key == job.cache_key);
-            if !current && !queued {
+            let current = self.journal.state().artifacts.get(&job.blueprint_id).is_some_and(|a| a.cache_key == job.cache_key);
+            if !current && self.queued_seq(&job).is_none() {
                 jobs.push(job);
             }
         }
@@ -1173,6 +1163,11 @@ impl Forge {
         Ok(MaintenanceReport { cache, expired_jobs, debris_removed })
     }
 
+    /// The queued job identical to `job` (same blueprint and cache key), if any.
+    fn queued_seq(&self, job: &Job) -> Option<u64> {
+        self.journal.state().pending.values().find(|p| p.blueprint_id == job.blueprint_id && p.cache_key == job.cache_key).map(|p| p.seq)
+    }
+
     fn plan(&mut self, descriptor: &Descriptor) -> Planned {
         let id = &descriptor.blueprint_id;
         self.counters.total += 1;
@@ -1201,10 +1196,10 @@ impl Forge {
                 return Planned::Done(self.report(id, &descriptor.name, JobStatus::Cached, Some(record), None));
             }
         }
-        if self.journal.state().pending.values().any(|p| p.blueprint_id == *id && p.cache_key == job.cache_key) {
-            return Planned::AlreadyQueued;
+        match self.queued_seq(&job) {
+            Some(seq) => Planned::AlreadyQueued(seq),
+            None => Planned::Submit(job),
         }
-        Planned::Submit(job)
     }
 
     /// Runs one queued job to its end: adopts a durable artifact of the same
@@ -1438,8 +1433,8 @@ enum Planned {
     Done(JobReport),
     /// A new job to enqueue.
     Submit(Job),
-    /// An identical job is already queued.
-    AlreadyQueued,
+    /// An identical job is already queued: its sequence number.
+    AlreadyQueued(u64),
 }
 
 /// The guard-table entry of a stored artifact.

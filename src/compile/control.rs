@@ -100,15 +100,16 @@ pub fn run_with_budget_or_abort<T: Send + 'static>(
     let (sender, receiver) = mpsc::sync_channel(1);
     let started = Instant::now();
     let name = format!("tz-{what}"); // short: Linux keeps 15 bytes of a thread name
-    let pooled = workers.is_some();
+    // A pooled worker takes the job's name while it runs it.
+    let rename = workers.is_some().then(|| name.clone());
     let task = move || {
-        if pooled {
-            name_current_thread(&name);
+        if let Some(name) = &rename {
+            name_current_thread(name);
         }
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|panic| {
             Err(Error::new(ErrorCode::Internal, format!("compile job panicked: {}", crate::panic_message(&panic))))
         });
-        if pooled {
+        if rename.is_some() {
             name_current_thread("tz-worker");
         }
         let _ = sender.send(outcome); // the receiver is gone when abandoned
@@ -121,7 +122,7 @@ pub fn run_with_budget_or_abort<T: Send + 'static>(
         }
         None => {
             std::thread::Builder::new()
-                .name(format!("tz-{what}"))
+                .name(name)
                 .spawn(task)
                 .map_err(|e| Error::io("spawn compile thread", e))?;
             None

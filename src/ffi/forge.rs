@@ -44,11 +44,16 @@ thread_local! {
     };
 }
 
+/// The calling thread's token (never 0).
+fn thread_token() -> u64 {
+    THREAD_TOKEN.with(|t| *t)
+}
+
 impl Shared {
     /// Runs `body` with exclusive access to the forge; a panic inside it
     /// poisons the handle and becomes an internal-error status.
     fn with<T>(&self, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
-        let token = THREAD_TOKEN.with(|t| *t);
+        let token = thread_token();
         if self.owner.load(Ordering::Acquire) == token {
             return Err(Error::invalid("re-entrant call on a forge from inside one of its own callbacks"));
         }
@@ -333,7 +338,7 @@ pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
         return;
     }
     let handle: &tezzeret_forge = &*forge;
-    if handle.shared.owner.load(Ordering::Acquire) == THREAD_TOKEN.with(|t| *t) {
+    if handle.shared.owner.load(Ordering::Acquire) == thread_token() {
         return; // re-entrant: freeing the handle here would pull it from under the running call
     }
     // SAFETY: made by Box::into_raw in open, closed once by contract.
@@ -351,7 +356,7 @@ pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
         // panic poisoned the handle.
         // Calls back in from the callbacks below (close included) are
         // re-entrant ones, refused like any other.
-        handle.shared.owner.store(THREAD_TOKEN.with(|t| *t), Ordering::Release);
+        handle.shared.owner.store(thread_token(), Ordering::Release);
         if !handle.shared.poisoned.load(Ordering::Acquire) {
             if let Some(forge) = inner.as_mut() {
                 let _ = catch_unwind(AssertUnwindSafe(|| forge.emit_closing_telemetry()));
