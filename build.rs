@@ -3,7 +3,7 @@
 use std::env;
 use std::path::{Path, PathBuf};
 
-include!("src/abi_version.rs");
+include!("src/base/abi_version.rs");
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -19,7 +19,7 @@ fn main() {
 
     println!("cargo:rustc-env=TEZZERET_LIBTORCH_LIB={}", lib_dir.display());
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/abi_version.rs");
+    println!("cargo:rerun-if-changed=src/base/abi_version.rs");
 }
 
 /// The C++ shim reaches torch::jit::freeze / optimize_for_inference.

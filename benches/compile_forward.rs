@@ -1,22 +1,26 @@
-//! Compile and forward benchmarks (issue: compilation pipeline). Prints tables;
+//! Compile and forward benchmarks . Prints tables;
 //! asserts nothing (these machines are shared and noisy: read the ratios).
 //!
 //! 1. Cold Standard compile of the default catalog through the forge:
 //!    total wall time and per-blueprint compile_ms.
 //! 2. Forward p50 of every blueprint: tch eager vs each strategy's artifact.
-//! 3. The five reference modules of SPEC §14 at batch 8 with 1 thread,
+//! 3. The five reference modules the Python prototype was measured on, at batch 8 with 1 thread,
 //!    side by side with the Python prototype's figures.
+#[path = "../src/bin/tezzeret/bench/measure.rs"]
+#[allow(dead_code)]
+mod measure;
+
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use tezzeret::blueprints::{self, Block, ResolvedParams};
-use tezzeret::catalog::Catalog;
-use tezzeret::compile::{self, JobLimits, ScriptModule, Strategy};
+use tezzeret::build::blueprints::{self, Block, ResolvedParams};
+use tezzeret::build::catalog::Catalog;
+use tezzeret::build::compile::{self, JobLimits, ScriptModule, Strategy};
 use tezzeret::forge::{DefaultHost, DevicePreference, Forge, ForgeConfig};
 
 /// p50 latency in µs of `f` (200 samples after warm-up).
 fn p50_us(f: impl FnMut()) -> f64 {
-    tezzeret::bench::p50(&tezzeret::bench::sample_us(200, f))
+    measure::p50(&measure::sample_us(200, f))
 }
 
 /// (eager p50, per-strategy p50 and variant) for a block.
@@ -81,7 +85,7 @@ fn catalog_forward() {
     println!();
 }
 
-/// The reference modules of SPEC §14 as blocks with fixed weights.
+/// The prototype's reference modules as blocks with fixed weights.
 fn reference_modules() -> Vec<(&'static str, Block, [f64; 3])> {
     let w = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.1;
     let (l_w, l_b) = (w(&[32, 32]), w(&[32]));
@@ -143,7 +147,7 @@ fn reference_modules() -> Vec<(&'static str, Block, [f64; 3])> {
 fn reference_table() {
     tch::set_num_threads(1);
     tch::manual_seed(0);
-    println!("## SPEC §14 reference modules, batch 8, 1 thread, forward p50 µs\n");
+    println!("## Prototype reference modules, batch 8, 1 thread, forward p50 µs\n");
     println!("| module | tch eager | standard | aggressive (variant) | python eager | torch.compile | python trace+freeze+ofi | ours best / best python |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (name, block, python) in reference_modules() {

@@ -1,14 +1,18 @@
-//! Durability benchmarks (issue: durable state). Prints a table; asserts
+//! Durability benchmarks . Prints a table; asserts
 //! nothing. All files live in one directory (same disk), measured side by
 //! side in one run.
 use std::time::Instant;
 
-use tezzeret::bench::{fdatasync_us, p50, sample_job};
-use tezzeret::compile::percentile;
-use tezzeret::guard::table::{GuardEntry, GuardTable};
-use tezzeret::guard::{GuardSpec, InputGuard};
-use tezzeret::wal::journal::{Job, Journal};
-use tezzeret::wal::Wal;
+#[path = "../src/bin/tezzeret/bench/measure.rs"]
+#[allow(dead_code)]
+mod measure;
+
+use measure::{fdatasync_us, p50, sample_job};
+use tezzeret::build::compile::percentile;
+use tezzeret::state::guard_table::{GuardEntry, GuardTable};
+use tezzeret::build::guard_spec::{GuardSpec, InputGuard};
+use tezzeret::state::wal::journal::{Job, Journal};
+use tezzeret::state::wal::Wal;
 
 fn job(i: u64) -> Job {
     sample_job(i)
@@ -29,7 +33,7 @@ fn main() {
     let n = 300;
     let mut journal = Journal::open(&dir.join("wal.log")).unwrap();
     journal.set_checkpoint_every(u64::MAX);
-    let record_bytes = serde_json::to_vec(&tezzeret::wal::Record::Enqueue { job: job(0) }).unwrap().len();
+    let record_bytes = serde_json::to_vec(&tezzeret::state::wal::Record::Enqueue { job: job(0) }).unwrap().len();
     let entry_bytes = 3 * 256 + record_bytes + 32;
     let mut ours: Vec<f64> = (0..n)
         .map(|i| {
@@ -44,7 +48,7 @@ fn main() {
     println!("| durable submit p50 ({entry_bytes} B: 3 headers + record), vs write+fdatasync of as many bytes | {o50:.1} | {b50:.1} | µs |");
     println!("| durable submit p99 | {o99:.1} | {b99:.1} | µs |");
     println!("| ratio p50 ours / fdatasync (goal ≤ 1.5) | {:.2} | 1.00 | × |", o50 / b50);
-    println!("| prototype: JSON queue rewrite per job, no fsync (SPEC §14) | {o50:.1} | 182–227 | µs |");
+    println!("| prototype: JSON queue rewrite per job, no fsync | {o50:.1} | 182–227 | µs |");
 
     // 2. 1000 submits: one sync each vs one group commit.
     let t = Instant::now();
@@ -88,7 +92,7 @@ fn main() {
     // 4. Guard lookups (lock-free, from a read-only mapping).
     let table = GuardTable::create(&dir.join("guards.tbl"), 4096).unwrap();
     for i in 0..50 {
-        let spec = GuardSpec(vec![InputGuard { index: 0, shape: vec![8, 32], dtype: "float32".into(), stride: vec![32, 1], requires_grad: false }]);
+        let spec = GuardSpec(vec![InputGuard { index: 0, shape: vec![8, 32], dtype: tezzeret::base::dtype::Dtype::Float32, stride: vec![32, 1], requires_grad: false }]);
         table.put(&GuardEntry::new(&format!("BP{i:03}"), &"ab".repeat(32), &spec.digest(), "cpu", true, &spec).unwrap()).unwrap();
     }
     let reader = GuardTable::open_read_only(&dir.join("guards.tbl")).unwrap();
@@ -106,12 +110,12 @@ fn main() {
     println!("| guard table lookup (decoded entry) p50 / p99 | {g50:.0} / {g99:.0} | — | ns |");
 
     // 5. Signature verification per artifact load, beside the load itself.
-    let catalog = tezzeret::catalog::Catalog::default_catalog();
-    let job = tezzeret::compile::CompileJob::new(catalog.get("BP016").unwrap().clone(), tezzeret::compile::Strategy::Standard);
-    let artifact = tezzeret::compile::compile(&job, &mut tezzeret::compile::JobLimits::new(None)).unwrap();
-    let store = tezzeret::store::ArtifactStore::open(&dir).unwrap();
-    let keys = tezzeret::signing::KeyRing::new(Some([7u8; 32]), &[]).unwrap();
-    let record = tezzeret::store::ArtifactRecord {
+    let catalog = tezzeret::build::catalog::Catalog::default_catalog();
+    let job = tezzeret::build::compile::CompileJob::new(catalog.get("BP016").unwrap().clone(), tezzeret::build::compile::Strategy::Standard);
+    let artifact = tezzeret::build::compile::compile(&job, &mut tezzeret::build::compile::JobLimits::new(None)).unwrap();
+    let store = tezzeret::state::store::ArtifactStore::open(&tezzeret::state::layout::StateLayout::new(&dir)).unwrap();
+    let keys = tezzeret::state::signing::KeyRing::new(Some([7u8; 32]), &[]).unwrap();
+    let mut record = tezzeret::state::artifact::ArtifactRecord {
         blueprint_id: "BP016".into(),
         name: "squeeze_excitation".into(),
         descriptor_hash: String::new(),
@@ -135,9 +139,11 @@ fn main() {
         revision: 1,
         signature: None,
     };
-    let record = store.put(record, &artifact.bytes, &keys).unwrap();
+    record.describe_bytes(&artifact.bytes);
+    keys.sign_record(&mut record);
+    store.put(&record, &artifact.bytes).unwrap();
     let public = *ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key().as_bytes();
-    let verifier = tezzeret::signing::KeyRing::new(None, &[public]).unwrap();
+    let verifier = tezzeret::state::signing::KeyRing::new(None, &[public]).unwrap();
     let mut verify_us: Vec<f64> = (0..2000)
         .map(|_| {
             let t = Instant::now();
@@ -150,7 +156,7 @@ fn main() {
         .map(|_| {
             let t = Instant::now();
             let bytes = std::fs::read(&path).unwrap();
-            let module = tezzeret::compile::ScriptModule::load(&bytes, tch::Device::Cpu).unwrap();
+            let module = tezzeret::build::compile::ScriptModule::load(&bytes, tch::Device::Cpu).unwrap();
             std::hint::black_box(module);
             t.elapsed().as_secs_f64() * 1e6
         })

@@ -368,7 +368,7 @@ typedef struct tezzeret_guard_entry {
   char blueprint_id[128];
   // NUL-terminated sha256 hex of the artifact file.
   char checksum[65];
-  // NUL-terminated guard digest (SPEC §7).
+  // NUL-terminated guard digest.
   char guard_digest[65];
   // NUL-terminated device name (`cpu`, `cuda:0`).
   char device[16];
@@ -643,7 +643,7 @@ struct tezzeret_status *tezzeret_forge_refresh(struct tezzeret_forge *forge,
 struct tezzeret_status *tezzeret_forge_report_resources(struct tezzeret_forge *forge,
                                                         const struct tezzeret_resource_reading *reading);
 
-// The forge's metrics (SPEC §9) in Prometheus text exposition format.
+// The forge's metrics in Prometheus text exposition format.
 struct tezzeret_status *tezzeret_forge_metrics_prometheus(struct tezzeret_forge *forge,
                                                           struct tezzeret_buffer **out_text);
 

@@ -19,5 +19,5 @@ target_dir="$CARGO_TARGET_DIR/tsan"
 RUSTC_BOOTSTRAP=1 \
 RUSTFLAGS="-Zsanitizer=thread -Cllvm-args=-tsan-instrument-memintrinsics=0" \
 CARGO_TARGET_DIR="$target_dir" \
-    cargo build -Zbuild-std --lib --target "$triple" >&2
+    cargo build -Zbuild-std --lib --no-default-features --target "$triple" >&2
 echo "$target_dir/$triple/debug"

@@ -31,7 +31,7 @@ fi
 out_dir="${lib_dir:-$CARGO_TARGET_DIR/$([ "$profile" = release ] && echo release || echo debug)}"
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
-abi_major="$(sed -n 's/^pub const ABI_MAJOR: u32 = \([0-9]*\);/\1/p' src/abi_version.rs)"
+abi_major="$(sed -n 's/^pub const ABI_MAJOR: u32 = \([0-9]*\);/\1/p' src/base/abi_version.rs)"
 torch_lib="$LIBTORCH/lib"
 
 mkdir -p "$prefix/lib/cmake/Tezzeret" "$prefix/lib/pkgconfig" "$prefix/include"

@@ -1,42 +1,25 @@
 //! Tezzeret: the embeddable compilation forge of Esper.
 //!
-//! A pure-Rust core — [`catalog`], [`blueprints`], [`compile`], [`store`],
-//! [`guard`], [`forge`], [`telemetry`] — behind a thin C ABI ([`ffi`]).
+//! The layers, bottom to top (each may use only those below it):
+//! - [`base`]: errors and failure reasons, Leyline messages, versions, and
+//!   small shared types;
+//! - [`sys`]: the operating system — durable writes, directory syncs, space
+//!   reservation, the state-directory lock, randomness, failpoints, readings;
+//! - [`build`]: catalog, blueprints, compilation, guard specs (libtorch);
+//! - [`state`]: the state directory — WAL and journal, artifact store,
+//!   manifests and signing, guard table, offline verification;
+//! - [`forge`]: the forge that ties them together, and its service;
+//! - [`ffi`]: the C ABI, which only converts and delegates.
+//!
 //! Hosts link the cdylib through `include/tezzeret.h`; Rust users (the
-//! `tezzeret` CLI among them) use this crate directly.
+//! `tezzeret` CLI among them) use this crate directly. See ARCHITECTURE.md.
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod blueprints;
-pub mod breakers;
-pub mod catalog;
-pub mod compile;
-pub mod error;
-pub mod failpoint;
+pub mod base;
+pub mod build;
 pub mod ffi;
 pub mod forge;
-pub mod guard;
-pub mod kernel;
-pub mod leyline;
-pub mod lock;
-pub mod report;
-pub mod resources;
-pub mod signing;
-pub mod store;
-pub mod telemetry;
-pub mod verify;
-pub mod version;
-pub mod wal;
+pub mod state;
+pub mod sys;
 
-pub use error::{Error, ErrorCode, Result};
-
-/// The text of a caught panic payload.
-pub fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
-}
+pub use base::error::{Error, ErrorCode, FailureReason, Result};

@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use libfuzzer_sys::fuzz_target;
-use tezzeret::guard::table::{GuardTable, Lookup};
+use tezzeret::state::guard_table::{GuardTable, Lookup};
 
 fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("tezzeret-fuzz-guards-{}", std::process::id()));

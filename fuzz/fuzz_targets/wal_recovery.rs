@@ -5,10 +5,10 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(recovery) = tezzeret::wal::scan(data) {
+    if let Ok(recovery) = tezzeret::state::wal::log::scan(data) {
         let kept = &data[..recovery.end as usize];
-        let again = tezzeret::wal::scan(kept).expect("a recovered prefix recovers");
+        let again = tezzeret::state::wal::log::scan(kept).expect("a recovered prefix recovers");
         assert_eq!(again.transactions, recovery.transactions);
-        let _ = tezzeret::wal::journal::replay(&recovery);
+        let _ = tezzeret::state::wal::journal::replay(&recovery);
     }
 });

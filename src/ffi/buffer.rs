@@ -1,5 +1,6 @@
 //! Byte buffers handed out by the library.
-use super::ffi_value;
+use super::args::{free_handle, into_handle};
+use super::status::ffi_value;
 
 /// Bytes owned by the library (e.g. a JSON document); read them with
 /// `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -9,7 +10,7 @@ pub struct tezzeret_buffer {
 
 impl tezzeret_buffer {
     pub(crate) fn boxed(bytes: Vec<u8>) -> *mut tezzeret_buffer {
-        Box::into_raw(Box::new(tezzeret_buffer { bytes }))
+        into_handle(tezzeret_buffer { bytes })
     }
 }
 
@@ -30,8 +31,6 @@ pub extern "C" fn tezzeret_buffer_len(buffer: *const tezzeret_buffer) -> usize {
 /// Frees a buffer. NULL is accepted and ignored.
 #[no_mangle]
 pub extern "C" fn tezzeret_buffer_free(buffer: *mut tezzeret_buffer) {
-    if !buffer.is_null() {
-        // SAFETY: made by Box::into_raw in `boxed`, freed once by contract.
-        ffi_value((), || drop(unsafe { Box::from_raw(buffer) }));
-    }
+    // SAFETY: NULL or a buffer made by `boxed`, freed once by contract.
+    unsafe { free_handle(buffer) }
 }

@@ -2,11 +2,12 @@
 use std::ffi::c_char;
 use std::mem::{offset_of, size_of};
 
-use super::{bytes_arg, ffi_status, init_sized, read_sized, str_arg, tezzeret_status};
-use crate::compile::Strategy;
+use super::args::{bytes_arg, init_sized, read_sized, str_arg};
+use super::status::{ffi_status, tezzeret_status};
+use crate::build::compile::Strategy;
 use crate::forge::{DevicePreference, ForgeConfig};
-use crate::signing::KeyRing;
-use crate::{Error, Result};
+use crate::state::signing::KeyRing;
+use crate::base::error::{Error, Result};
 
 /// Emergency strategy: CPU only, no optimisation passes, one validation run.
 pub const TEZZERET_STRATEGY_EMERGENCY: u32 = 0;
@@ -91,8 +92,10 @@ impl tezzeret_config {
     /// # Safety
     /// `ptr` is NULL or a readable config of at least its `struct_size` bytes.
     pub(crate) unsafe fn read(ptr: *const tezzeret_config) -> Result<ForgeConfig> {
-        let raw = read_sized(ptr, Self::defaults(), MIN_CONFIG_SIZE, "config")?;
-        let state_dir = str_arg(raw.state_dir, "config.state_dir")?;
+        // SAFETY: NULL or a readable config of its struct_size, by contract.
+        let raw = unsafe { read_sized(ptr, Self::defaults(), MIN_CONFIG_SIZE, "config") }?;
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let state_dir = unsafe { str_arg(raw.state_dir, "config.state_dir") }?;
         if state_dir.is_empty() {
             return Err(Error::invalid("config.state_dir is empty"));
         }
@@ -116,13 +119,14 @@ impl tezzeret_config {
         let signing = (!raw.signing_key.is_null()).then(|| {
             let mut seed = [0u8; 32];
             // SAFETY: the caller provides 32 readable bytes at signing_key.
-            seed.copy_from_slice(std::slice::from_raw_parts(raw.signing_key, 32));
+            seed.copy_from_slice(unsafe { std::slice::from_raw_parts(raw.signing_key, 32) });
             seed
         });
         if raw.trusted_key_count > 4096 {
             return Err(Error::invalid(format!("config.trusted_key_count {} is implausibly large", raw.trusted_key_count)));
         }
-        let trusted_bytes = bytes_arg(raw.trusted_keys, raw.trusted_key_count * 32, "config.trusted_keys")?;
+        // SAFETY: the caller provides trusted_key_count * 32 readable bytes.
+        let trusted_bytes = unsafe { bytes_arg(raw.trusted_keys, raw.trusted_key_count * 32, "config.trusted_keys") }?;
         let trusted: Vec<[u8; 32]> = trusted_bytes.chunks(32).map(|c| c.try_into().expect("32-byte chunks")).collect();
         config.keys = KeyRing::new(signing, &trusted).map_err(|e| e.context("config.trusted_keys"))?;
         if raw.budget_ms > 0 {
@@ -136,5 +140,6 @@ impl tezzeret_config {
 /// `sizeof(tezzeret_config)`); never writes past `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_config_init(config: *mut tezzeret_config, struct_size: usize) -> *mut tezzeret_status {
-    ffi_status(|| init_sized(config, tezzeret_config::defaults(), struct_size, MIN_CONFIG_SIZE, "tezzeret_config"))
+    // SAFETY: NULL or struct_size writable bytes, by contract.
+    ffi_status(|| unsafe { init_sized(config, tezzeret_config::defaults(), struct_size, MIN_CONFIG_SIZE, "tezzeret_config") })
 }

@@ -1,80 +1,21 @@
-//! The forge handle.
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
+//! The forge handle: a [`ForgeService`] behind an opaque pointer.
+use super::args::{bytes_arg, free_handle, handle_ref, into_handle, out_arg, write_sized};
 use super::host::CallbackHost;
-use super::{
-    ffi_status, out_arg, panic_error, tezzeret_buffer, tezzeret_config, tezzeret_host_callbacks, tezzeret_status,
-    write_sized,
-};
-use crate::forge::{Forge, JobStatus, PrefetchAnswer};
-use crate::leyline;
-use crate::{report, Error, ErrorCode, Result};
+use super::status::ffi_status;
+use super::buffer::tezzeret_buffer;
+use super::config::tezzeret_config;
+use super::guards::tezzeret_guard_table;
+use super::host::tezzeret_host_callbacks;
+use super::status::tezzeret_status;
+use crate::base::error::Result;
+use crate::base::leyline;
+use crate::forge::report;
+use crate::forge::{Forge, ForgeService, JobStatus, PrefetchAnswer};
 
 /// An open forge over a state directory. Thread-safe: calls from several
 /// host threads are serialised.
 pub struct tezzeret_forge {
-    shared: Arc<Shared>,
-    /// The background thread of periodic work (refresh, telemetry,
-    /// maintenance), when any interval is configured.
-    service: Option<JoinHandle<()>>,
-}
-
-/// What the handle and its background thread share.
-struct Shared {
-    forge: Mutex<Option<Forge>>,
-    poisoned: AtomicBool,
-    /// Token of the thread currently inside a call (0 = none); detects
-    /// re-entrant calls from callbacks, which would otherwise deadlock.
-    owner: AtomicU64,
-    /// Set at close; wakes the background thread.
-    stop: Mutex<bool>,
-    wake: Condvar,
-    /// The forge's shutdown flag, reachable without its lock.
-    shutdown: Arc<AtomicBool>,
-}
-
-thread_local! {
-    static THREAD_TOKEN: u64 = {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    };
-}
-
-/// The calling thread's token (never 0).
-fn thread_token() -> u64 {
-    THREAD_TOKEN.with(|t| *t)
-}
-
-impl Shared {
-    /// Runs `body` with exclusive access to the forge; a panic inside it
-    /// poisons the handle and becomes an internal-error status.
-    fn with<T>(&self, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
-        let token = thread_token();
-        if self.owner.load(Ordering::Acquire) == token {
-            return Err(Error::invalid("re-entrant call on a forge from inside one of its own callbacks"));
-        }
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::new(ErrorCode::Poisoned, "forge handle is poisoned by an earlier internal error; close it"));
-        }
-        let mut guard = self.forge.lock().unwrap_or_else(|p| p.into_inner());
-        self.owner.store(token, Ordering::Release);
-        let outcome = match guard.as_mut() {
-            Some(forge) => catch_unwind(AssertUnwindSafe(|| body(forge))),
-            None => Ok(Err(Error::new(ErrorCode::Internal, "forge is closed"))),
-        };
-        self.owner.store(0, Ordering::Release);
-        match outcome {
-            Ok(result) => result,
-            Err(panic) => {
-                self.poisoned.store(true, Ordering::Release);
-                Err(panic_error(&panic))
-            }
-        }
-    }
+    service: ForgeService,
 }
 
 impl tezzeret_forge {
@@ -83,67 +24,10 @@ impl tezzeret_forge {
     /// # Safety
     /// `handle` is NULL or a live handle from `tezzeret_forge_open`.
     pub(crate) unsafe fn with<T>(handle: *mut tezzeret_forge, body: impl FnOnce(&mut Forge) -> Result<T>) -> Result<T> {
-        let handle = handle.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "forge is NULL"))?;
-        // Our own reference: a close on another thread waits for this call
-        // (it needs the forge's lock) and cannot free what it still uses.
-        let shared = Arc::clone(&handle.shared);
-        shared.with(body)
-    }
-}
-
-/// How often the background thread runs TTL maintenance (SPEC R10).
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
-
-/// The background thread: re-enumerates and runs the queue every refresh
-/// interval, sends telemetry (with fresh resource readings) every telemetry
-/// interval, maintains the cache every 5 minutes — until close.
-fn service(shared: Arc<Shared>, refresh: Option<Duration>, telemetry: Option<Duration>) {
-    let start = Instant::now();
-    let mut next_refresh = refresh.map(|d| start + d);
-    let mut next_telemetry = telemetry.map(|d| start + d);
-    let mut next_maintenance = start + MAINTENANCE_EVERY;
-    loop {
-        let deadline = [next_refresh, next_telemetry, Some(next_maintenance)].into_iter().flatten().min().expect("one deadline");
-        {
-            let stop = shared.stop.lock().unwrap_or_else(|p| p.into_inner());
-            let wait = deadline.saturating_duration_since(Instant::now());
-            let (stop, _) = shared.wake.wait_timeout_while(stop, wait, |s| !*s).unwrap_or_else(|p| p.into_inner());
-            if *stop {
-                return;
-            }
-        }
-        let now = Instant::now();
-        if let (Some(due), Some(every)) = (next_refresh, refresh) {
-            if now >= due {
-                let _ = shared.with(|f| {
-                    if let Err(e) = f.refresh() {
-                        f.log_error("periodic refresh", &e);
-                    }
-                    f.drain(&mut |_| {});
-                    Ok(())
-                });
-                next_refresh = Some(Instant::now() + every);
-            }
-        }
-        if let (Some(due), Some(every)) = (next_telemetry, telemetry) {
-            if now >= due {
-                let _ = shared.with(|f| {
-                    f.sample_resources();
-                    f.emit_periodic_telemetry();
-                    Ok(())
-                });
-                next_telemetry = Some(due + every);
-            }
-        }
-        if now >= next_maintenance {
-            let _ = shared.with(|f| {
-                if let Err(e) = f.maintain() {
-                    f.log_error("maintenance", &e);
-                }
-                Ok(())
-            });
-            next_maintenance = now + MAINTENANCE_EVERY;
-        }
+        // SAFETY: NULL or live by this function's contract; close waits for
+        // calls in progress (it needs the forge's lock) before freeing.
+        let handle = unsafe { handle_ref(handle, "forge") }?;
+        handle.service.with(body)
     }
 }
 
@@ -165,32 +49,14 @@ pub unsafe extern "C" fn tezzeret_forge_open(
     out_forge: *mut *mut tezzeret_forge,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        let host = CallbackHost::read(callbacks)?;
+        // SAFETY: NULL or a readable callbacks struct of its struct_size.
+        let host = unsafe { CallbackHost::read(callbacks) }?;
         out_arg(out_forge, "out_forge")?;
-        let config = tezzeret_config::read(config)?;
-        let every = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
-        let (refresh, telemetry) = (every(config.refresh_interval_ms), every(config.telemetry_interval_ms));
-        let forge = Forge::open(config, Box::new(host))?;
-        let shutdown = forge.shutdown_flag();
-        let shared = Arc::new(Shared {
-            forge: Mutex::new(Some(forge)),
-            poisoned: AtomicBool::new(false),
-            owner: AtomicU64::new(0),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
-            shutdown,
-        });
-        let service = if refresh.is_some() || telemetry.is_some() {
-            let shared = shared.clone();
-            let thread = std::thread::Builder::new()
-                .name("tezzeret-service".into())
-                .spawn(move || service(shared, refresh, telemetry))
-                .map_err(|e| Error::io("start the forge's background thread", e))?;
-            Some(thread)
-        } else {
-            None
-        };
-        *out_forge = Box::into_raw(Box::new(tezzeret_forge { shared, service }));
+        // SAFETY: NULL or a readable config struct of its struct_size.
+        let config = unsafe { tezzeret_config::read(config) }?;
+        let service = ForgeService::open(config, Box::new(host))?;
+        // SAFETY: out_forge is non-NULL (checked) and writable by contract.
+        unsafe { *out_forge = into_handle(tezzeret_forge { service }) };
         Ok(())
     })
 }
@@ -226,12 +92,14 @@ pub unsafe extern "C" fn tezzeret_forge_run(
     ffi_status(|| {
         if !out_summary.is_null() {
             // Validate before doing work, so a bad struct_size changes nothing.
-            let size = std::ptr::read_unaligned(out_summary as *const usize);
+            // SAFETY: non-NULL, and starting with a readable size_t by contract.
+            let size = unsafe { std::ptr::read_unaligned(out_summary as *const usize) };
             if size < std::mem::size_of::<usize>() {
-                return Err(Error::invalid(format!("out_summary.struct_size is {size}")));
+                return Err(crate::base::error::Error::invalid(format!("out_summary.struct_size is {size}")));
             }
         }
-        let reports = tezzeret_forge::with(forge, |f| Ok(f.run(&mut |_| {})))?;
+        // SAFETY: NULL or a live forge handle.
+        let reports = unsafe { tezzeret_forge::with(forge, |f| Ok(f.run(&mut |_| {}))) }?;
         let mut summary = tezzeret_run_summary { total: reports.len() as u32, ..Default::default() };
         for r in &reports {
             match r.status {
@@ -242,7 +110,8 @@ pub unsafe extern "C" fn tezzeret_forge_run(
             }
         }
         if !out_summary.is_null() {
-            write_sized(out_summary, &summary, std::mem::size_of::<usize>(), "out_summary")?;
+            // SAFETY: non-NULL, writable for its struct_size by contract.
+            unsafe { write_sized(out_summary, &summary, std::mem::size_of::<usize>(), "out_summary") }?;
         }
         Ok(())
     })
@@ -257,8 +126,10 @@ pub unsafe extern "C" fn tezzeret_forge_catalog_json(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_json, "out_json")?;
-        let json = tezzeret_forge::with(forge, |f| Ok(report::stored_document(f.artifacts(), f.store()).to_string()))?;
-        *out_json = tezzeret_buffer::boxed(json.into_bytes());
+        // SAFETY: NULL or a live forge handle.
+        let json = unsafe { tezzeret_forge::with(forge, |f| Ok(report::stored_document(f.artifacts(), f.store()).to_string())) }?;
+        // SAFETY: out_json is non-NULL (checked) and writable by contract.
+        unsafe { *out_json = tezzeret_buffer::boxed(json.into_bytes()) };
         Ok(())
     })
 }
@@ -286,13 +157,19 @@ pub unsafe extern "C" fn tezzeret_forge_prefetch(
     ffi_status(|| {
         out_arg(out_type, "out_type")?;
         out_arg(out_answer, "out_answer")?;
-        let request = leyline::decode::<leyline::KernelPrefetchRequest>(super::bytes_arg(request, request_len, "request")?)?;
-        let (kind, bytes) = match tezzeret_forge::with(forge, |f| Ok(f.prefetch(&request)))? {
+        // SAFETY: NULL with length 0, or request_len readable bytes.
+        let request = leyline::decode::<leyline::KernelPrefetchRequest>(unsafe { bytes_arg(request, request_len, "request") }?)?;
+        // SAFETY: NULL or a live forge handle.
+        let answer = unsafe { tezzeret_forge::with(forge, |f| Ok(f.prefetch(&request))) }?;
+        let (kind, bytes) = match answer {
             PrefetchAnswer::Ready(ready) => (TEZZERET_PREFETCH_READY, leyline::encode(&ready)),
             PrefetchAnswer::Error(error) => (TEZZERET_PREFETCH_ERROR, leyline::encode(&error)),
         };
-        *out_type = kind;
-        *out_answer = tezzeret_buffer::boxed(bytes);
+        // SAFETY: both out-parameters are non-NULL (checked) and writable.
+        unsafe {
+            *out_type = kind;
+            *out_answer = tezzeret_buffer::boxed(bytes);
+        }
         Ok(())
     })
 }
@@ -302,13 +179,15 @@ pub unsafe extern "C" fn tezzeret_forge_prefetch(
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_guard_table(
     forge: *mut tezzeret_forge,
-    out_table: *mut *mut super::tezzeret_guard_table,
+    out_table: *mut *mut tezzeret_guard_table,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_table, "out_table")?;
-        let path = tezzeret_forge::with(forge, |f| Ok(f.guards().path().to_path_buf()))?;
-        let table = crate::guard::table::GuardTable::open_read_only(&path)?;
-        *out_table = Box::into_raw(Box::new(super::tezzeret_guard_table { table }));
+        // SAFETY: NULL or a live forge handle.
+        let path = unsafe { tezzeret_forge::with(forge, |f| Ok(f.guards().path().to_path_buf())) }?;
+        let table = crate::state::guard_table::GuardTable::open_read_only(&path)?;
+        // SAFETY: out_table is non-NULL (checked) and writable by contract.
+        unsafe { *out_table = into_handle(tezzeret_guard_table { table }) };
         Ok(())
     })
 }
@@ -319,7 +198,8 @@ pub unsafe extern "C" fn tezzeret_forge_guard_table(
 /// `TEZZERET_CODE_POISONED`; close still works).
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_selftest_panic(forge: *mut tezzeret_forge) -> *mut tezzeret_status {
-    ffi_status(|| tezzeret_forge::with(forge, |_| -> Result<()> { panic!("tezzeret_forge_selftest_panic") }))
+    // SAFETY: NULL or a live forge handle.
+    ffi_status(|| unsafe { tezzeret_forge::with(forge, |_| -> Result<()> { panic!("tezzeret_forge_selftest_panic") }) })
 }
 
 /// Closes a forge: abandons a running compile (queued jobs stay queued,
@@ -334,36 +214,12 @@ pub unsafe extern "C" fn tezzeret_forge_selftest_panic(forge: *mut tezzeret_forg
 /// close it afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_close(forge: *mut tezzeret_forge) {
-    if forge.is_null() {
-        return;
-    }
-    let handle: &tezzeret_forge = &*forge;
-    if handle.shared.owner.load(Ordering::Acquire) == thread_token() {
+    // SAFETY: NULL or a live handle from open, closed once by contract.
+    let Ok(handle) = (unsafe { handle_ref(forge, "forge") }) else { return };
+    if handle.service.called_from_inside() {
         return; // re-entrant: freeing the handle here would pull it from under the running call
     }
-    // SAFETY: made by Box::into_raw in open, closed once by contract.
-    let mut handle = Box::from_raw(forge);
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        // Abandon work in progress without taking the forge's lock (a job may hold it).
-        handle.shared.shutdown.store(true, Ordering::Release);
-        *handle.shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        handle.shared.wake.notify_all();
-        if let Some(thread) = handle.service.take() {
-            let _ = thread.join();
-        }
-        let mut inner = handle.shared.forge.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // The last packet (final metrics, health marked closing), unless a
-        // panic poisoned the handle.
-        // Calls back in from the callbacks below (close included) are
-        // re-entrant ones, refused like any other.
-        handle.shared.owner.store(thread_token(), Ordering::Release);
-        if !handle.shared.poisoned.load(Ordering::Acquire) {
-            if let Some(forge) = inner.as_mut() {
-                let _ = catch_unwind(AssertUnwindSafe(|| forge.emit_closing_telemetry()));
-            }
-        }
-        // Dropping may run the host's release callback.
-        drop(inner);
-        handle.shared.owner.store(0, Ordering::Release);
-    }));
+    // SAFETY: made by into_handle in open; this is its one close. Dropping
+    // the service shuts the forge down (see ForgeService::close).
+    unsafe { free_handle(forge) }
 }

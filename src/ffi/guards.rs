@@ -2,10 +2,11 @@
 //! forge: the file is `<state_dir>/guards.tbl`.
 use std::ffi::c_char;
 
-use super::{ffi_status, out_arg, str_arg, tezzeret_status, write_sized};
-use crate::guard::table::{GuardTable, Lookup, TensorMeta, Verdict, MAX_INPUTS, MAX_RANK};
-use crate::guard::hex;
-use crate::{Error, ErrorCode};
+use super::args::{free_handle, handle_ref, into_handle, out_arg, str_arg, write_sized};
+use super::status::{ffi_status, ffi_value, tezzeret_status};
+use crate::state::guard_table::{GuardTable, Lookup, TensorMeta, Verdict, MAX_INPUTS, MAX_RANK};
+use crate::base::hex;
+use crate::base::error::{Error, ErrorCode};
 
 /// dtype code: float32.
 pub const TEZZERET_DTYPE_FLOAT32: u32 = 0;
@@ -66,7 +67,7 @@ pub struct tezzeret_guard_entry {
     pub blueprint_id: [c_char; 128],
     /// NUL-terminated sha256 hex of the artifact file.
     pub checksum: [c_char; 65],
-    /// NUL-terminated guard digest (SPEC §7).
+    /// NUL-terminated guard digest.
     pub guard_digest: [c_char; 65],
     /// NUL-terminated device name (`cpu`, `cuda:0`).
     pub device: [c_char; 16],
@@ -94,9 +95,11 @@ pub unsafe extern "C" fn tezzeret_guard_table_open(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_table, "out_table")?;
-        let path = str_arg(path, "path")?;
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let path = unsafe { str_arg(path, "path") }?;
         let table = GuardTable::open_read_only(std::path::Path::new(path))?;
-        *out_table = Box::into_raw(Box::new(tezzeret_guard_table { table }));
+        // SAFETY: out_table is non-NULL (checked) and writable by contract.
+        unsafe { *out_table = into_handle(tezzeret_guard_table { table }) };
         Ok(())
     })
 }
@@ -111,39 +114,41 @@ pub unsafe extern "C" fn tezzeret_guard_table_lookup(
     out_entry: *mut tezzeret_guard_entry,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        let table = table.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "table is NULL"))?;
-        let id = str_arg(blueprint_id, "blueprint_id")?;
+        // SAFETY: NULL or a live table handle.
+        let table = unsafe { handle_ref(table, "table") }?;
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
         out_arg(out_entry, "out_entry")?;
         let entry = match table.table.lookup(id)? {
             Lookup::Found(entry) => entry,
             Lookup::Missing => return Err(Error::new(ErrorCode::NotFound, format!("no guard entry for blueprint {id:?}"))),
         };
-        let mut out: tezzeret_guard_entry = std::mem::zeroed();
+        // SAFETY: every field is an integer, bool, char array or such a struct: all-zero is valid.
+        let mut out: tezzeret_guard_entry = unsafe { std::mem::zeroed() };
         out.struct_size = std::mem::size_of::<tezzeret_guard_entry>();
         copy_str(&mut out.blueprint_id, &entry.blueprint_id);
-        copy_str(&mut out.checksum, &hex(&entry.checksum));
-        copy_str(&mut out.guard_digest, &hex(&entry.guard_digest));
+        copy_str(&mut out.checksum, &hex::encode(&entry.checksum));
+        copy_str(&mut out.guard_digest, &hex::encode(&entry.guard_digest));
         copy_str(&mut out.device, &entry.device);
         out.dynamic_batch = entry.dynamic_batch;
         out.input_count = entry.spec.inputs().len() as u32;
         for (slot, g) in out.inputs.iter_mut().zip(entry.spec.inputs()) {
-            slot.dtype = crate::guard::table::dtype_code(&g.dtype).unwrap_or(u32::MAX);
+            slot.dtype = g.dtype.code();
             slot.rank = g.shape.len() as u32;
             slot.shape[..g.shape.len()].copy_from_slice(&g.shape);
             slot.stride[..g.stride.len()].copy_from_slice(&g.stride);
             slot.requires_grad = g.requires_grad;
         }
-        write_sized(out_entry, &out, std::mem::size_of::<usize>(), "out_entry")
+        // SAFETY: non-NULL (checked), writable for its struct_size by contract.
+        unsafe { write_sized(out_entry, &out, std::mem::size_of::<usize>(), "out_entry") }
     })
 }
 
 /// Closes a guard table. NULL is accepted and ignored.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_guard_table_close(table: *mut tezzeret_guard_table) {
-    if !table.is_null() {
-        // SAFETY: made by Box::into_raw in open, closed once by contract.
-        super::ffi_value((), || drop(Box::from_raw(table)));
-    }
+    // SAFETY: NULL or a table made by open, closed once by contract.
+    unsafe { free_handle(table) }
 }
 
 /// Guard check result: the inputs match.
@@ -246,18 +251,23 @@ pub unsafe extern "C" fn tezzeret_guard_check(
     input_count: usize,
     out_verdict: *mut tezzeret_guard_verdict,
 ) -> u32 {
-    super::ffi_value(TEZZERET_GUARD_INVALID_ARGUMENT, || {
-        let Some(table) = table.as_ref() else { return TEZZERET_GUARD_INVALID_ARGUMENT };
+    ffi_value(TEZZERET_GUARD_INVALID_ARGUMENT, || {
+        // SAFETY: NULL or a live table handle.
+        let Some(table) = (unsafe { table.as_ref() }) else { return TEZZERET_GUARD_INVALID_ARGUMENT };
         if blueprint_id.is_null() || (inputs.is_null() && input_count > 0) {
             return TEZZERET_GUARD_INVALID_ARGUMENT;
         }
-        let id = std::ffi::CStr::from_ptr(blueprint_id).to_bytes();
+        // SAFETY: non-NULL (checked) and NUL-terminated by contract.
+        let id = unsafe { std::ffi::CStr::from_ptr(blueprint_id) }.to_bytes();
         const MAX: usize = 8;
         let mut metas = [TensorMeta { dtype: 0, shape: &[], stride: &[] }; MAX];
         let verdict = if input_count > MAX {
             Verdict::InputCount { expected: MAX_INPUTS, actual: input_count }
         } else {
-            for (i, meta) in std::slice::from_raw_parts(inputs, input_count).iter().enumerate() {
+            // SAFETY: `input_count` readable metas at `inputs` (non-NULL when
+            // input_count > 0, checked above; unused when 0).
+            let given = if input_count == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(inputs, input_count) } };
+            for (i, meta) in given.iter().enumerate() {
                 let rank = meta.rank as usize;
                 if rank > MAX_RANK {
                     return TEZZERET_GUARD_INVALID_ARGUMENT;
@@ -267,15 +277,18 @@ pub unsafe extern "C" fn tezzeret_guard_check(
                 }
                 metas[i] = TensorMeta {
                     dtype: meta.dtype,
-                    shape: if rank == 0 { &[] } else { std::slice::from_raw_parts(meta.shape, rank) },
-                    stride: if rank == 0 { &[] } else { std::slice::from_raw_parts(meta.stride, rank) },
+                    // SAFETY: rank > 0 sizes and strides at non-NULL pointers (checked), by contract.
+                    shape: if rank == 0 { &[] } else { unsafe { std::slice::from_raw_parts(meta.shape, rank) } },
+                    // SAFETY: as above.
+                    stride: if rank == 0 { &[] } else { unsafe { std::slice::from_raw_parts(meta.stride, rank) } },
                 };
             }
             table.table.check(id, &metas[..input_count])
         };
         let out = verdict_of(verdict);
         if !out_verdict.is_null() {
-            let _ = write_sized(out_verdict, &out, std::mem::size_of::<usize>(), "out_verdict");
+            // SAFETY: non-NULL, writable for its struct_size by contract.
+            let _ = unsafe { write_sized(out_verdict, &out, std::mem::size_of::<usize>(), "out_verdict") };
         }
         out.result
     })

@@ -4,10 +4,11 @@ use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void, CString};
 use std::mem::{offset_of, size_of};
 
-use super::{bytes_arg, ffi_status, init_sized, out_arg, read_sized, tezzeret_status};
-use crate::catalog::{Catalog, Descriptor};
+use super::args::{bytes_arg, init_sized, out_arg, read_sized};
+use super::status::{ffi_status, tezzeret_status};
+use crate::build::catalog::{Catalog, Descriptor};
 use crate::forge::{Host, LogLevel};
-use crate::{Error, ErrorCode, Result};
+use crate::base::error::{Error, ErrorCode, Result};
 
 /// Log level: fine-grained progress.
 pub const TEZZERET_LOG_DEBUG: u32 = 0;
@@ -103,7 +104,8 @@ pub unsafe extern "C" fn tezzeret_host_callbacks_init(
     struct_size: usize,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        init_sized(callbacks, tezzeret_host_callbacks::defaults(), struct_size, MIN_CALLBACKS_SIZE, "tezzeret_host_callbacks")
+        // SAFETY: NULL or struct_size writable bytes, by contract.
+        unsafe { init_sized(callbacks, tezzeret_host_callbacks::defaults(), struct_size, MIN_CALLBACKS_SIZE, "tezzeret_host_callbacks") }
     })
 }
 
@@ -119,9 +121,11 @@ pub unsafe extern "C" fn tezzeret_descriptor_sink_push(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(sink, "sink")?;
-        // SAFETY: a sink is only handed out during `enumerate`.
-        let sink = &mut *sink;
-        let descriptor = Descriptor::decode(bytes_arg(bytes, len, "bytes")?)?;
+        // SAFETY: non-NULL (checked); a sink is only handed out during
+        // `enumerate`, which is when the host may push into it.
+        let sink = unsafe { &mut *sink };
+        // SAFETY: NULL with length 0, or len readable bytes for the call.
+        let descriptor = Descriptor::decode(unsafe { bytes_arg(bytes, len, "bytes") }?)?;
         if !sink.ids.insert(descriptor.blueprint_id.clone()) {
             return Err(Error::invalid(format!("duplicate blueprint_id {:?} in enumeration", descriptor.blueprint_id)));
         }
@@ -134,7 +138,8 @@ pub unsafe extern "C" fn tezzeret_descriptor_sink_push(
 /// valid, else a status naming the problem.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_descriptor_validate(bytes: *const u8, len: usize) -> *mut tezzeret_status {
-    ffi_status(|| Descriptor::decode(bytes_arg(bytes, len, "bytes")?).map(|_| ()))
+    // SAFETY: NULL with length 0, or len readable bytes for the call.
+    ffi_status(|| Descriptor::decode(unsafe { bytes_arg(bytes, len, "bytes") }?).map(|_| ()))
 }
 
 /// The forge's [`Host`] over C callbacks; releases `user_data` once on drop.
@@ -155,7 +160,8 @@ impl CallbackHost {
         let callbacks = if ptr.is_null() {
             tezzeret_host_callbacks::defaults()
         } else {
-            read_sized(ptr, tezzeret_host_callbacks::defaults(), MIN_CALLBACKS_SIZE, "callbacks")?
+            // SAFETY: non-NULL and readable for its struct_size by this function's contract.
+            unsafe { read_sized(ptr, tezzeret_host_callbacks::defaults(), MIN_CALLBACKS_SIZE, "callbacks") }?
         };
         Ok(CallbackHost { callbacks })
     }

@@ -1,12 +1,14 @@
-//! Running kernels through the C ABI, tensors as DLPack views (SPEC R13):
+//! Running kernels through the C ABI, tensors as DLPack views:
 //! for hosts that do not link libtorch themselves.
 use std::ffi::{c_char, c_void};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{ffi_status, ffi_value, out_arg, str_arg, tezzeret_forge, tezzeret_status};
-use crate::kernel::Kernel;
-use crate::{Error, ErrorCode, Result};
+use super::args::{free_handle, handle_ref, into_handle, out_arg, str_arg};
+use super::forge::tezzeret_forge;
+use super::status::{ffi_status, ffi_value, tezzeret_status};
+use crate::forge::kernel::Kernel;
+use crate::base::error::{Error, ErrorCode, Result};
 
 /// DLPack device type: CPU (`kDLCPU`).
 pub const TEZZERET_DL_CPU: i32 = 1;
@@ -134,17 +136,22 @@ unsafe fn view_of(t: &tezzeret_dltensor, index: usize) -> Result<Tensor> {
     };
     let kind = kind_of(t.dtype).map_err(|e| e.context(format!("inputs[{index}]")))?;
     let ndim = t.ndim as usize;
-    let shape = if ndim == 0 { &[][..] } else { std::slice::from_raw_parts(t.shape, ndim) };
+    // SAFETY: ndim sizes at a non-NULL shape (checked), valid for the call.
+    let shape = if ndim == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(t.shape, ndim) } };
     if shape.iter().any(|d| *d < 0) {
         return Err(what(&format!("negative size in shape {shape:?}")));
     }
     let strides = if t.strides.is_null() {
-        crate::guard::contiguous_strides(shape)
+        crate::build::guard_spec::contiguous_strides(shape)
     } else {
-        std::slice::from_raw_parts(t.strides, ndim).to_vec()
+        // SAFETY: ndim strides at a non-NULL strides pointer, valid for the call.
+        unsafe { std::slice::from_raw_parts(t.strides, ndim) }.to_vec()
     };
-    let data = (t.data as *const u8).add(t.byte_offset as usize);
-    Tensor::f_from_blob(data, shape, &strides, kind, device).map_err(|e| what(&e.to_string()))
+    // SAFETY: data + byte_offset is the tensor's first element, inside the
+    // caller's allocation, valid for the call; the view does not outlive it.
+    let data = unsafe { (t.data as *const u8).add(t.byte_offset as usize) };
+    // SAFETY: shape and strides describe memory the caller owns for the call.
+    unsafe { Tensor::f_from_blob(data, shape, &strides, kind, device) }.map_err(|e| what(&e.to_string()))
 }
 
 /// Loads a blueprint's current artifact as a kernel: the file is hashed and,
@@ -158,9 +165,12 @@ pub unsafe extern "C" fn tezzeret_forge_load_kernel(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_kernel, "out_kernel")?;
-        let id = str_arg(blueprint_id, "blueprint_id")?;
-        let kernel = tezzeret_forge::with(forge, |f| f.load_kernel(id))?;
-        *out_kernel = Box::into_raw(Box::new(tezzeret_kernel { kernel }));
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
+        // SAFETY: NULL or a live forge handle.
+        let kernel = unsafe { tezzeret_forge::with(forge, |f| f.load_kernel(id)) }?;
+        // SAFETY: out_kernel is non-NULL (checked) and writable by contract.
+        unsafe { *out_kernel = into_handle(tezzeret_kernel { kernel }) };
         Ok(())
     })
 }
@@ -177,15 +187,19 @@ pub unsafe extern "C" fn tezzeret_kernel_run(
     out_tensor: *mut *mut tezzeret_tensor,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        let kernel = kernel.as_ref().ok_or_else(|| Error::new(ErrorCode::NullArgument, "kernel is NULL"))?;
+        // SAFETY: NULL or a live kernel handle.
+        let kernel = unsafe { handle_ref(kernel, "kernel") }?;
         out_arg(out_tensor, "out_tensor")?;
         if inputs.is_null() && input_count > 0 {
             return Err(Error::new(ErrorCode::NullArgument, "inputs is NULL"));
         }
-        let views = std::slice::from_raw_parts(inputs, input_count)
+        // SAFETY: input_count readable tensors at inputs (non-NULL when input_count > 0).
+        let given = if input_count == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(inputs, input_count) } };
+        let views = given
             .iter()
             .enumerate()
-            .map(|(i, t)| view_of(t, i))
+            // SAFETY: each DLTensor's pointers are valid for the call, by contract.
+            .map(|(i, t)| unsafe { view_of(t, i) })
             .collect::<Result<Vec<Tensor>>>()?;
         let output = kernel.kernel.run(&views)?.contiguous();
         let mut shape = output.size();
@@ -202,7 +216,8 @@ pub unsafe extern "C" fn tezzeret_kernel_run(
             strides: strides.as_mut_ptr(),
             byte_offset: 0,
         };
-        *out_tensor = Box::into_raw(Box::new(tezzeret_tensor { _tensor: output, _shape: shape, _strides: strides, view }));
+        // SAFETY: out_tensor is non-NULL (checked) and writable by contract.
+        unsafe { *out_tensor = into_handle(tezzeret_tensor { _tensor: output, _shape: shape, _strides: strides, view }) };
         Ok(())
     })
 }
@@ -210,21 +225,20 @@ pub unsafe extern "C" fn tezzeret_kernel_run(
 /// The DLPack view of a result tensor (valid until `tezzeret_tensor_free`); NULL for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_tensor_dlpack(tensor: *const tezzeret_tensor) -> *const tezzeret_dltensor {
-    ffi_value(std::ptr::null(), || tensor.as_ref().map_or(std::ptr::null(), |t| &t.view as *const tezzeret_dltensor))
+    // SAFETY: NULL or a live tensor handle.
+    ffi_value(std::ptr::null(), || unsafe { tensor.as_ref() }.map_or(std::ptr::null(), |t| &t.view as *const tezzeret_dltensor))
 }
 
 /// Frees a result tensor. NULL is accepted and ignored.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_tensor_free(tensor: *mut tezzeret_tensor) {
-    if !tensor.is_null() {
-        ffi_value((), || drop(Box::from_raw(tensor)));
-    }
+    // SAFETY: NULL or a tensor made by a run, freed once by contract.
+    unsafe { free_handle(tensor) }
 }
 
 /// Frees a kernel. NULL is accepted and ignored.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_kernel_free(kernel: *mut tezzeret_kernel) {
-    if !kernel.is_null() {
-        ffi_value((), || drop(Box::from_raw(kernel)));
-    }
+    // SAFETY: NULL or a kernel made by load, freed once by contract.
+    unsafe { free_handle(kernel) }
 }

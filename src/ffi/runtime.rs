@@ -1,11 +1,14 @@
 //! Queueing, refresh, urgent compiles, resource readings, metrics and
-//! health through the C ABI (SPEC R1, R7, R8, R10).
+//! health through the C ABI.
 use std::ffi::c_char;
 
-use super::{ffi_status, out_arg, str_arg, tezzeret_buffer, tezzeret_forge, tezzeret_status};
+use super::args::{out_arg, read_sized, str_arg};
+use super::buffer::tezzeret_buffer;
+use super::forge::tezzeret_forge;
+use super::status::{ffi_status, tezzeret_status};
 use crate::forge::{JobStatus, ResourceReading};
-use crate::leyline::{self, MessagePriority};
-use crate::Error;
+use crate::base::leyline::{self, MessagePriority};
+use crate::base::error::Error;
 
 /// Job priority (Leyline `MessagePriority`): runs after every higher one.
 pub const TEZZERET_PRIORITY_LOW: u32 = 1;
@@ -31,16 +34,19 @@ pub unsafe extern "C" fn tezzeret_forge_submit(
     out_seq: *mut u64,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        let id = str_arg(blueprint_id, "blueprint_id")?;
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
         let priority = match MessagePriority::try_from(priority as i32) {
             Ok(MessagePriority::Unspecified) | Err(_) => {
                 return Err(Error::invalid(format!("priority {priority} is not a MessagePriority (1..=4)")))
             }
             Ok(p) => p,
         };
-        let seq = tezzeret_forge::with(forge, |f| f.submit(id, priority))?;
+        // SAFETY: NULL or a live forge handle.
+        let seq = unsafe { tezzeret_forge::with(forge, |f| f.submit(id, priority)) }?;
         if !out_seq.is_null() {
-            *out_seq = seq.unwrap_or(0);
+            // SAFETY: non-NULL (checked) and writable by contract.
+            unsafe { *out_seq = seq.unwrap_or(0) };
         }
         Ok(())
     })
@@ -55,13 +61,16 @@ pub unsafe extern "C" fn tezzeret_forge_drain(
     out_failed: *mut u32,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        let reports = tezzeret_forge::with(forge, |f| Ok(f.drain(&mut |_| {})))?;
+        // SAFETY: NULL or a live forge handle.
+        let reports = unsafe { tezzeret_forge::with(forge, |f| Ok(f.drain(&mut |_| {}))) }?;
         let failed = reports.iter().filter(|r| r.status == JobStatus::Failed).count() as u32;
         if !out_completed.is_null() {
-            *out_completed = reports.len() as u32 - failed;
+            // SAFETY: non-NULL (checked) and writable by contract.
+            unsafe { *out_completed = reports.len() as u32 - failed };
         }
         if !out_failed.is_null() {
-            *out_failed = failed;
+            // SAFETY: non-NULL (checked) and writable by contract.
+            unsafe { *out_failed = failed };
         }
         Ok(())
     })
@@ -72,8 +81,10 @@ pub unsafe extern "C" fn tezzeret_forge_drain(
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_compile_now(forge: *mut tezzeret_forge, blueprint_id: *const c_char) -> *mut tezzeret_status {
     ffi_status(|| {
-        let id = str_arg(blueprint_id, "blueprint_id")?;
-        let report = tezzeret_forge::with(forge, |f| f.compile_one(id))?;
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
+        // SAFETY: NULL or a live forge handle.
+        let report = unsafe { tezzeret_forge::with(forge, |f| f.compile_one(id)) }?;
         match report.error {
             Some(error) => Err(error),
             None => Ok(()),
@@ -91,12 +102,15 @@ pub unsafe extern "C" fn tezzeret_forge_refresh(
     out_removed: *mut u32,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        let report = tezzeret_forge::with(forge, |f| f.refresh())?;
+        // SAFETY: NULL or a live forge handle.
+        let report = unsafe { tezzeret_forge::with(forge, |f| f.refresh()) }?;
         if !out_queued.is_null() {
-            *out_queued = report.queued.len() as u32;
+            // SAFETY: non-NULL (checked) and writable by contract.
+            unsafe { *out_queued = report.queued.len() as u32 };
         }
         if !out_removed.is_null() {
-            *out_removed = report.removed.len() as u32;
+            // SAFETY: non-NULL (checked) and writable by contract.
+            unsafe { *out_removed = report.removed.len() as u32 };
         }
         Ok(())
     })
@@ -125,13 +139,17 @@ pub unsafe extern "C" fn tezzeret_forge_report_resources(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         if reading.is_null() {
-            tezzeret_forge::with(forge, |f| {
-                f.sample_resources();
-                Ok(())
-            })
+            // SAFETY: NULL or a live forge handle.
+            unsafe {
+                tezzeret_forge::with(forge, |f| {
+                    f.sample_resources();
+                    Ok(())
+                })
+            }
         } else {
             let defaults = tezzeret_resource_reading { struct_size: 0, gpu_utilisation_percent: -1.0, rss_bytes: 0 };
-            let raw = super::read_sized(reading, defaults, std::mem::size_of::<usize>(), "reading")?;
+            // SAFETY: non-NULL and readable for its struct_size by contract.
+            let raw = unsafe { read_sized(reading, defaults, std::mem::size_of::<usize>(), "reading") }?;
             if raw.gpu_utilisation_percent.is_nan() || raw.gpu_utilisation_percent > 100.0 {
                 return Err(Error::invalid(format!("reading.gpu_utilisation_percent {} is not a percentage", raw.gpu_utilisation_percent)));
             }
@@ -139,15 +157,18 @@ pub unsafe extern "C" fn tezzeret_forge_report_resources(
                 gpu_utilisation_percent: (raw.gpu_utilisation_percent >= 0.0).then_some(raw.gpu_utilisation_percent),
                 rss_bytes: (raw.rss_bytes > 0).then_some(raw.rss_bytes),
             };
-            tezzeret_forge::with(forge, |f| {
-                f.report_resources(reading);
-                Ok(())
-            })
+            // SAFETY: NULL or a live forge handle.
+            unsafe {
+                tezzeret_forge::with(forge, |f| {
+                    f.report_resources(reading);
+                    Ok(())
+                })
+            }
         }
     })
 }
 
-/// The forge's metrics (SPEC §9) in Prometheus text exposition format.
+/// The forge's metrics in Prometheus text exposition format.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_metrics_prometheus(
     forge: *mut tezzeret_forge,
@@ -155,8 +176,10 @@ pub unsafe extern "C" fn tezzeret_forge_metrics_prometheus(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_text, "out_text")?;
-        let text = tezzeret_forge::with(forge, |f| Ok(f.prometheus()))?;
-        *out_text = tezzeret_buffer::boxed(text.into_bytes());
+        // SAFETY: NULL or a live forge handle.
+        let text = unsafe { tezzeret_forge::with(forge, |f| Ok(f.prometheus())) }?;
+        // SAFETY: non-NULL (checked) and writable by contract.
+        unsafe { *out_text = tezzeret_buffer::boxed(text.into_bytes()) };
         Ok(())
     })
 }
@@ -170,8 +193,10 @@ pub unsafe extern "C" fn tezzeret_forge_health(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_health, "out_health")?;
-        let health = tezzeret_forge::with(forge, |f| Ok(f.health()))?;
-        *out_health = tezzeret_buffer::boxed(leyline::encode(&health));
+        // SAFETY: NULL or a live forge handle.
+        let health = unsafe { tezzeret_forge::with(forge, |f| Ok(f.health())) }?;
+        // SAFETY: non-NULL (checked) and writable by contract.
+        unsafe { *out_health = tezzeret_buffer::boxed(leyline::encode(&health)) };
         Ok(())
     })
 }

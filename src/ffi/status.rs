@@ -1,8 +1,27 @@
 //! Status objects: the result of every fallible C ABI call.
 use std::ffi::{c_char, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use super::ffi_value;
-use crate::{Error, ErrorCode};
+use super::args::{free_handle, into_handle};
+use crate::base::error::{Error, ErrorCode, Result};
+use crate::base::panic::quiet_panics;
+use crate::forge::service::panic_error;
+
+/// Runs a C ABI body: errors become a status, a panic becomes an
+/// internal-error status (never unwinding into the host, never printed on
+/// the host's stderr: the message is in the status).
+pub(crate) fn ffi_status(body: impl FnOnce() -> Result<()>) -> *mut tezzeret_status {
+    match quiet_panics(|| catch_unwind(AssertUnwindSafe(body))) {
+        Ok(Ok(())) => std::ptr::null_mut(),
+        Ok(Err(error)) => tezzeret_status::boxed(&error),
+        Err(panic) => tezzeret_status::boxed(&panic_error(&*panic)),
+    }
+}
+
+/// Runs an infallible C ABI body, returning `fallback` if it panics.
+pub(crate) fn ffi_value<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    quiet_panics(|| catch_unwind(AssertUnwindSafe(body))).unwrap_or(fallback)
+}
 
 /// Success (never carried by a status object: success is NULL).
 pub const TEZZERET_CODE_OK: u32 = 0;
@@ -68,7 +87,7 @@ impl tezzeret_status {
     /// Boxes an error into a status pointer for the caller.
     pub(crate) fn boxed(error: &Error) -> *mut tezzeret_status {
         let message = CString::new(error.message().replace('\0', "?")).expect("NULs replaced");
-        Box::into_raw(Box::new(tezzeret_status { code: error.code() as u32, message }))
+        into_handle(tezzeret_status { code: error.code() as u32, message })
     }
 }
 
@@ -92,8 +111,6 @@ pub extern "C" fn tezzeret_status_message(status: *const tezzeret_status) -> *co
 /// Frees a status. NULL is accepted and ignored.
 #[no_mangle]
 pub extern "C" fn tezzeret_status_free(status: *mut tezzeret_status) {
-    if !status.is_null() {
-        // SAFETY: made by Box::into_raw in `boxed`, freed once by contract.
-        ffi_value((), || drop(unsafe { Box::from_raw(status) }));
-    }
+    // SAFETY: NULL or a status made by `boxed`, freed once by contract.
+    unsafe { free_handle(status) }
 }

@@ -1,8 +1,8 @@
 //! Library and ABI versions.
 use std::ffi::c_char;
 
-use super::{ffi_status, tezzeret_status};
-use crate::version;
+use super::status::{ffi_status, tezzeret_status};
+use crate::base::version;
 
 /// The C ABI major this header speaks; must equal the library's.
 pub const TEZZERET_ABI_MAJOR: u32 = 0;

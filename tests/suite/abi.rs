@@ -1,10 +1,10 @@
-//! The C ABI, called exactly as a C host calls it (SPEC §11, §12).
+//! The C ABI, called exactly as a C host calls it.
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::mem::{offset_of, size_of};
 use std::ptr::{null, null_mut};
 
 use tezzeret::ffi::*;
-use tezzeret::leyline::{self, BlueprintDescriptor, BlueprintParameterBounds, BlueprintTier};
+use tezzeret::base::leyline::{self, BlueprintDescriptor, BlueprintParameterBounds, BlueprintTier};
 
 use crate::cabi::{ok, take};
 use crate::TempDir;
@@ -98,7 +98,7 @@ fn descriptor(id: &str, name: &str, tier: BlueprintTier, param: Option<(&str, f6
 #[test]
 fn version_and_abi_check() {
     let version = unsafe { CStr::from_ptr(tezzeret_version()) }.to_str().unwrap();
-    assert_eq!(version, tezzeret::version::LIBRARY_VERSION);
+    assert_eq!(version, tezzeret::base::version::LIBRARY_VERSION);
     assert_eq!((tezzeret_abi_major(), tezzeret_abi_minor()), (TEZZERET_ABI_MAJOR, TEZZERET_ABI_MINOR));
     ok(tezzeret_check_abi(TEZZERET_ABI_MAJOR, TEZZERET_ABI_MINOR));
     ok(tezzeret_check_abi(TEZZERET_ABI_MAJOR, 0)); // an older minor is fine
@@ -269,14 +269,14 @@ fn host_descriptors_updates_telemetry_and_release() {
     assert_eq!(ids, ["BP002", "BP028"]);
     for update in &rec.updates {
         let bytes = std::fs::read(&update.artifact_ref).expect("announced artifact exists");
-        assert_eq!(tezzeret::guard::hex(&sha2_digest(&bytes)), update.checksum);
+        assert_eq!(tezzeret::base::hex::encode(&sha2_digest(&bytes)), update.checksum);
         assert_eq!(update.guard_digest.len(), 64);
         assert!(update.compile_ms > 0.0);
     }
     // A callback calling back into its own forge gets an error, not a deadlock.
     assert_eq!(rec.reentrant.len(), 2);
     assert!(rec.reentrant[0].1.contains("re-entrant"), "{:?}", rec.reentrant);
-    // Telemetry: events named per SPEC §9; the failure carries a reason and makes the packet ERROR.
+    // Telemetry: events named tezzeret.*; the failure carries a reason and makes the packet ERROR.
     let events: Vec<&str> = rec.telemetry.iter().flat_map(|p| p.events.iter().map(|e| e.description.as_str())).collect();
     assert!(events.contains(&"tezzeret.compile_started") && events.contains(&"tezzeret.compile_succeeded"));
     let failed = rec
@@ -351,7 +351,7 @@ fn a_panic_is_contained_and_poisons_only_its_handle() {
 
 #[test]
 fn cpp_exceptions_in_the_shim_never_reach_rust() {
-    let err = tezzeret::compile::shim_exception_self_test().unwrap_err();
+    let err = tezzeret::build::compile::shim_exception_self_test().unwrap_err();
     assert!(err.message().contains("tezzeret shim self-test exception"), "{err}");
 }
 

@@ -1,8 +1,8 @@
-//! The embedded catalog and descriptor validation (SPEC §6, issue: validation).
+//! The embedded catalog and descriptor validation.
 use std::collections::BTreeMap;
 
-use tezzeret::catalog::{Catalog, Descriptor};
-use tezzeret::leyline::{self, BlueprintDescriptor, BlueprintParameterBounds, BlueprintTier};
+use tezzeret::build::catalog::{Catalog, Descriptor};
+use tezzeret::base::leyline::{self, BlueprintDescriptor, BlueprintParameterBounds, BlueprintTier};
 use tezzeret::ErrorCode;
 
 #[test]
@@ -18,7 +18,7 @@ fn default_catalog_has_fifty_descriptors_eight_quarantined() {
     assert_eq!(se.allowed_parameters["reduction"].midpoint(), 10.0);
     // Every non-quarantined name has a builder.
     for d in catalog.descriptors().iter().filter(|d| !d.is_quarantined()) {
-        assert!(tezzeret::blueprints::is_known(&d.name), "{} has no builder", d.name);
+        assert!(tezzeret::build::blueprints::is_known(&d.name), "{} has no builder", d.name);
     }
 }
 

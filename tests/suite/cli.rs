@@ -1,4 +1,4 @@
-//! The `tezzeret` CLI (SPEC §13).
+//! The `tezzeret` CLI.
 use std::process::{Command, Output};
 
 use crate::TempDir;
@@ -77,11 +77,13 @@ fn forge_table_and_exit_status() {
 #[test]
 fn bad_arguments_are_refused_clearly() {
     for (args, needle) in [
-        (vec!["forge"], "forge needs --state DIR"),
+        (vec!["forge"], "--state <DIR>"),
         (vec!["forge", "--state", "/tmp/x", "--strategy", "ludicrous"], "unknown strategy \"ludicrous\""),
-        (vec!["forge", "--state", "/tmp/x", "--jobs", "many"], "--jobs expects a number"),
+        (vec!["forge", "--state", "/tmp/x", "--jobs", "many"], "invalid value 'many' for '--jobs <N>'"),
+        (vec!["forge", "--state", "/tmp/x", "--jobs", "0"], "invalid value '0' for '--jobs <N>'"),
+        (vec!["forge", "--state", "/tmp/x", "--budget", "-1"], "positive number of seconds"),
         (vec!["forge", "--state", "/tmp/x", "--catalog", "/nonexistent.json"], "read catalog /nonexistent.json"),
-        (vec!["frobnicate"], "unknown command \"frobnicate\""),
+        (vec!["frobnicate"], "unrecognized subcommand 'frobnicate'"),
         (vec!["inspect", "--state", "/nonexistent-state"], "does not exist"),
     ] {
         let out = tezzeret(&args);
@@ -89,6 +91,24 @@ fn bad_arguments_are_refused_clearly() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn every_subcommand_prints_its_help_and_exits_zero() {
+    for command in ["forge", "inspect", "wal", "verify", "keygen", "bench", "version"] {
+        let out = tezzeret(&[command, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{command} --help");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("Usage: tezzeret") && stdout.contains(command), "{command}: {stdout}");
+    }
+    let out = tezzeret(&["forge", "--help"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for option in ["--state <DIR>", "--strategy", "--trusted-key", "--allow-quarantine", "--trace-events"] {
+        assert!(stdout.contains(option), "forge --help lacks {option}: {stdout}");
+    }
+    let out = tezzeret(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verify"));
 }
 
 #[test]

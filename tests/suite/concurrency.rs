@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tezzeret::ffi::*;
-use tezzeret::leyline::{self, KernelCatalogUpdate, SystemHealth, TelemetryPacket};
+use tezzeret::base::leyline::{self, KernelCatalogUpdate, SystemHealth, TelemetryPacket};
 
 use crate::cabi::{host_callbacks, ok, open_forge, take};
 use crate::TempDir;

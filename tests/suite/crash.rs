@@ -1,4 +1,4 @@
-//! Crash safety (SPEC §12), proven on a real child process: the forge CLI is
+//! Crash safety, proven on a real child process: the forge CLI is
 //! killed with SIGKILL at random instants, over and over, and after every
 //! kill the state directory must keep every promise:
 //! - every acknowledged submit is present (queued, or done);
@@ -16,9 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tezzeret::forge::{guard_entry, layout};
-use tezzeret::guard::table::{GuardTable, Lookup};
-use tezzeret::store::ArtifactStore;
+use tezzeret::state::verify::guard_entry;
+use tezzeret::state::guard_table::{GuardTable, Lookup};
+use tezzeret::state::store::ArtifactStore;
 
 use crate::{Rng, TempDir};
 
@@ -101,14 +101,14 @@ fn durable_keys(state: &Path) -> BTreeSet<String> {
 }
 
 fn catalog_of(state: &Path) -> BTreeMap<String, String> {
-    let (_, journal) = tezzeret::verify::read_journal(state).unwrap();
+    let (_, journal) = tezzeret::state::verify::read_journal(state).unwrap();
     journal.artifacts.iter().map(|(id, r)| (id.clone(), r.checksum.clone())).collect()
 }
 
 /// Checks the promises after a kill; returns violations.
 fn check_promises(state: &Path, acked: &BTreeMap<u64, String>, announced: &BTreeMap<String, String>) -> Vec<String> {
     let mut problems = Vec::new();
-    let journal = match tezzeret::verify::read_journal(state) {
+    let journal = match tezzeret::state::verify::read_journal(state) {
         Ok((_, j)) => j,
         Err(e) => return vec![format!("journal unreadable after a crash: {e}")],
     };
@@ -118,13 +118,13 @@ fn check_promises(state: &Path, acked: &BTreeMap<u64, String>, announced: &BTree
             problems.push(format!("acknowledged submit #{seq} ({id}) lost"));
         }
     }
-    let store = match ArtifactStore::open_existing(state) {
+    let store = match ArtifactStore::open_existing(&tezzeret::state::layout::StateLayout::new(state)) {
         Ok(store) => store,
         // Killed before the store existed: then nothing was announced.
         Err(_) if announced.is_empty() => return problems,
         Err(e) => return vec![format!("store missing although artifacts were announced: {e}")],
     };
-    let guards = GuardTable::open_read_only(&state.join(layout::GUARDS));
+    let guards = GuardTable::open_read_only(&tezzeret::state::layout::StateLayout::new(state).guards());
     for (id, checksum) in announced {
         let Some(record) = journal.artifacts.get(id) else {
             problems.push(format!("announced {id} is not in the stored catalog"));
@@ -202,7 +202,7 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
             assert_eq!(run.exit, Some(0), "an uncrashed run must succeed");
             // Completed: the catalog equals the uncrashed run's; start over.
             assert_eq!(catalog_of(&state), expected, "final catalog after {kills} kills");
-            let verification = tezzeret::verify::verify_state(&state).unwrap();
+            let verification = tezzeret::state::verify::verify_state(&state).unwrap();
             assert!(verification.problems.is_empty(), "{:?}", verification.problems);
             completions += 1;
             generation += 1;
@@ -217,13 +217,13 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
     let last = spawn_forge(&state, &catalog, None, None);
     assert_eq!(last.exit, Some(0));
     assert_eq!(catalog_of(&state), expected);
-    assert!(tezzeret::verify::verify_state(&state).unwrap().problems.is_empty());
+    assert!(tezzeret::state::verify::verify_state(&state).unwrap().problems.is_empty());
     // `tezzeret verify` passes after the crash-and-resume run, and fails
     // naming the artifact once one byte of it changes.
     let verify = || Command::new(env!("CARGO_BIN_EXE_tezzeret")).arg("verify").arg("--state").arg(&state).output().unwrap();
     let ok = verify();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
-    let (_, journal) = tezzeret::verify::read_journal(&state).unwrap();
+    let (_, journal) = tezzeret::state::verify::read_journal(&state).unwrap();
     let victim = &journal.artifacts["BP016"];
     let path = state.join("artifacts").join(&victim.artifact_file);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -245,7 +245,7 @@ fn failpoints_at_every_durable_write_error_and_crash() {
     let reference_dir = work.path().join("reference");
     assert_eq!(spawn_forge(&reference_dir, &catalog, None, None).exit, Some(0));
     let expected = catalog_of(&reference_dir);
-    for (i, point) in tezzeret::failpoint::ALL.iter().enumerate() {
+    for (i, point) in tezzeret::sys::failpoint::ALL.iter().enumerate() {
         for action in ["error", "crash"] {
             for hit in [1, 3] {
                 let state = work.path().join(format!("s-{i}-{action}-{hit}"));
@@ -265,7 +265,7 @@ fn failpoints_at_every_durable_write_error_and_crash() {
                 let after = spawn_forge(&state, &catalog, None, None);
                 assert_eq!(after.exit, Some(0), "{spec}: recovery run failed");
                 assert_eq!(catalog_of(&state), expected, "{spec}");
-                let verification = tezzeret::verify::verify_state(&state).unwrap();
+                let verification = tezzeret::state::verify::verify_state(&state).unwrap();
                 assert!(verification.problems.is_empty(), "{spec}: {:?}", verification.problems);
             }
         }
@@ -320,5 +320,5 @@ fn disk_full_is_an_error_never_sigbus_and_recovery_works_after() {
     let reference_dir = work.path().join("reference");
     assert_eq!(spawn_forge(&reference_dir, &catalog, None, None).exit, Some(0));
     assert_eq!(catalog_of(&state), catalog_of(&reference_dir));
-    assert!(tezzeret::verify::verify_state(&state).unwrap().problems.is_empty());
+    assert!(tezzeret::state::verify::verify_state(&state).unwrap().problems.is_empty());
 }

@@ -1,4 +1,4 @@
-//! The guard table (SPEC §8): lookups, torn slots never accepted, rebuild at
+//! The guard table: lookups, torn slots never accepted, rebuild at
 //! open, the read-only C ABI, and a reader process racing a writer process
 //! that is killed mid-update.
 use std::ffi::{CStr, CString};
@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tezzeret::ffi::*;
-use tezzeret::guard::table::{GuardEntry, GuardTable, Lookup, HEADER_SIZE, SLOT_SIZE};
-use tezzeret::guard::{GuardSpec, InputGuard};
+use tezzeret::state::guard_table::{GuardEntry, GuardTable, Lookup, HEADER_SIZE, SLOT_SIZE};
+use tezzeret::build::guard_spec::{GuardSpec, InputGuard};
 use tezzeret::ErrorCode;
 
 use crate::TempDir;
@@ -16,8 +16,8 @@ use crate::TempDir;
 fn entry(id: &str, variant: u8) -> GuardEntry {
     let dim = 8 + i64::from(variant);
     let spec = GuardSpec(vec![
-        InputGuard { index: 0, shape: vec![dim, 32], dtype: "float32".into(), stride: vec![32, 1], requires_grad: false },
-        InputGuard { index: 1, shape: vec![dim, 4, 4, 3], dtype: "float32".into(), stride: vec![48, 12, 3, 1], requires_grad: false },
+        InputGuard { index: 0, shape: vec![dim, 32], dtype: tezzeret::base::dtype::Dtype::Float32, stride: vec![32, 1], requires_grad: false },
+        InputGuard { index: 1, shape: vec![dim, 4, 4, 3], dtype: tezzeret::base::dtype::Dtype::Float32, stride: vec![48, 12, 3, 1], requires_grad: false },
     ]);
     let digest = spec.digest();
     GuardEntry::new(id, &format!("{:02x}", variant).repeat(32), &digest, "cpu", variant % 2 == 0, &spec).unwrap()
@@ -223,12 +223,12 @@ fn write_fuzz_seeds() {
     let dir = TempDir::new("seeds");
     let wal_path = dir.path().join("wal.log");
     {
-        let mut journal = tezzeret::wal::Journal::open(&wal_path).unwrap();
+        let mut journal = tezzeret::state::wal::Journal::open(&wal_path).unwrap();
         journal.submit(vec![]).unwrap();
-        let (mut wal, _) = tezzeret::wal::Wal::open(&dir.path().join("raw.log")).unwrap();
+        let (mut wal, _) = tezzeret::state::wal::Wal::open(&dir.path().join("raw.log")).unwrap();
         wal.commit(&[vec![b"{\"record\":\"fail\",\"seq\":1,\"reason\":\"r\",\"message\":\"m\"}".to_vec()], vec![]]).unwrap();
         drop(journal);
-        let end = tezzeret::wal::read_only(&dir.path().join("raw.log")).unwrap().end as usize;
+        let end = tezzeret::state::wal::log::read_only(&dir.path().join("raw.log")).unwrap().end as usize;
         std::fs::create_dir_all(seeds.join("wal_recovery")).unwrap();
         std::fs::write(seeds.join("wal_recovery/two-transactions"), &std::fs::read(dir.path().join("raw.log")).unwrap()[..end]).unwrap();
     }

@@ -6,8 +6,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tezzeret::catalog::Catalog;
-use tezzeret::compile::{self, CompileJob, Strategy};
+use tezzeret::build::catalog::Catalog;
+use tezzeret::build::compile::{self, CompileJob, Strategy};
 use tezzeret::ErrorCode;
 
 use crate::TempDir;

@@ -14,9 +14,9 @@ fn committed_header_matches_fresh_generation() {
 #[test]
 fn header_carries_the_library_versions() {
     let header = std::fs::read_to_string(crate::repo_root().join("include/tezzeret.h")).unwrap();
-    let version = tezzeret::version::LIBRARY_VERSION;
+    let version = tezzeret::base::version::LIBRARY_VERSION;
     assert!(header.contains(&format!("#define TEZZERET_VERSION \"{version}\"")));
-    assert!(header.contains(&format!("#define TEZZERET_ABI_MAJOR {}", tezzeret::version::ABI_MAJOR)));
-    assert!(header.contains(&format!("#define TEZZERET_ABI_MINOR {}", tezzeret::version::ABI_MINOR)));
+    assert!(header.contains(&format!("#define TEZZERET_ABI_MAJOR {}", tezzeret::base::version::ABI_MAJOR)));
+    assert!(header.contains(&format!("#define TEZZERET_ABI_MINOR {}", tezzeret::base::version::ABI_MINOR)));
     assert!(header.contains("static inline tezzeret_status *tezzeret_check_header_abi(void)"));
 }

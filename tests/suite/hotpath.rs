@@ -1,11 +1,11 @@
-//! The in-process hot path through the C ABI (SPEC R13): guard checks,
+//! The in-process hot path through the C ABI: guard checks,
 //! prefetch answers, kernel loads and DLPack runs, bad input included.
 use std::ffi::CString;
 use std::ptr::{null, null_mut};
 
 use prost::Message;
 use tezzeret::ffi::*;
-use tezzeret::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
+use tezzeret::base::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
 
 use crate::cabi::take;
 use crate::TempDir;
@@ -84,8 +84,11 @@ fn guard_checks_name_the_mismatch_and_honour_dynamic_batch() {
     let v = check(table, "BP016", &[meta(&s, &st)]);
     assert_eq!(v.result, TEZZERET_GUARD_MATCH);
     assert_ne!(v.checksum, [0u8; 32]);
-    // Dynamic batch: another batch size matches.
+    // Dynamic batch: another batch size matches; an empty batch never does
+    // (the same rule as tezzeret_kernel_run's).
     assert_eq!(check(table, "BP016", &[meta(&[3, 32, 16, 16], &st)]).result, TEZZERET_GUARD_MATCH);
+    let v = check(table, "BP016", &[meta(&[0, 32, 16, 16], &st)]);
+    assert_eq!((v.result, v.dimension, v.expected, v.actual), (TEZZERET_GUARD_SHAPE, 0, 8, 0));
     // Wrong size in dimension 2.
     let v = check(table, "BP016", &[meta(&[8, 32, 15, 16], &[7680, 240, 16, 1])]);
     assert_eq!((v.result, v.input, v.dimension, v.expected, v.actual), (TEZZERET_GUARD_SHAPE, 0, 2, 16, 15));
@@ -239,11 +242,11 @@ fn kernels_run_on_dlpack_views_after_their_guards() {
     assert_eq!(out_shape, [8, 32, 16, 16]);
     let values = unsafe { std::slice::from_raw_parts(view.data as *const f32, data.len()) };
     // The same as the eager block on the same input.
-    let record = tezzeret::verify::read_journal(&f.dir.path().join("s")).unwrap().1.artifacts["BP016"].clone();
-    let catalog = tezzeret::catalog::Catalog::from_json(CATALOG).unwrap();
+    let record = tezzeret::state::verify::read_journal(&f.dir.path().join("s")).unwrap().1.artifacts["BP016"].clone();
+    let catalog = tezzeret::build::catalog::Catalog::from_json(CATALOG).unwrap();
     let d = catalog.get("BP016").unwrap();
-    let params = tezzeret::blueprints::ResolvedParams::resolve(d, &record.params).unwrap();
-    let block = tezzeret::blueprints::build(d, &params, 8, tch::Device::Cpu, Default::default()).unwrap();
+    let params = tezzeret::build::blueprints::ResolvedParams::resolve(d, &record.params).unwrap();
+    let block = tezzeret::build::blueprints::build(d, &params, 8, tch::Device::Cpu, Default::default()).unwrap();
     let x = tch::Tensor::from_slice(&data).view([8, 32, 16, 16]);
     let eager = tch::no_grad(|| (block.forward)(&[x]));
     let got = tch::Tensor::from_slice(values).view([8, 32, 16, 16]);
@@ -254,6 +257,11 @@ fn kernels_run_on_dlpack_views_after_their_guards() {
     let input3 = dl(&mut data[..3 * 32 * 256], &mut shape3);
     assert_eq!(take(unsafe { tezzeret_kernel_run(kernel, &input3, 1, &mut out) }).0, 0);
     unsafe { tezzeret_tensor_free(out) };
+    // An empty batch is refused, as the guard check refuses it.
+    let mut shape0 = [0i64, 32, 16, 16];
+    let input0 = dl(&mut data, &mut shape0);
+    let (code, msg) = take(unsafe { tezzeret_kernel_run(kernel, &input0, 1, &mut out) });
+    assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && msg.contains("input 0 dimension 0 is 0, expected 8"), "{msg}");
     // Guard mismatches are named; bad views refused; nothing crashes.
     let mut wrong = [8i64, 32, 16, 15];
     let bad = dl(&mut data, &mut wrong);

@@ -1,8 +1,8 @@
-//! Leyline messages: round trips, wire facts of SPEC §10, malformed bytes.
+//! Leyline messages: round trips, wire facts of esper.leyline.v1, malformed bytes.
 use std::collections::BTreeMap;
 
 use prost::Message;
-use tezzeret::leyline::*;
+use tezzeret::base::leyline::*;
 use tezzeret::ErrorCode;
 
 fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(message: M) {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tch::{Device, Kind, Tensor};
-use tezzeret::blueprints::{self, ResolvedParams};
-use tezzeret::compile::Strategy;
+use tezzeret::build::blueprints::{self, ResolvedParams};
+use tezzeret::build::compile::Strategy;
 use tezzeret::forge::{DefaultHost, DevicePreference, Forge, ForgeConfig};
 
 use crate::{repo_root, TempDir};

@@ -10,8 +10,13 @@ mod hazards;
 mod guards;
 mod header;
 mod hotpath;
+mod integrity;
 mod leyline;
 mod loaders;
+/// Measurement helpers shared with `tezzeret bench` (sample jobs).
+#[path = "../../src/bin/tezzeret/bench/measure.rs"]
+#[allow(dead_code)]
+mod measure;
 mod pipeline;
 mod runtime;
 mod signing;

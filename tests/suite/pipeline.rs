@@ -3,15 +3,15 @@
 use std::collections::BTreeMap;
 
 use tch::Device;
-use tezzeret::blueprints::ParameterOverrides;
-use tezzeret::catalog::Catalog;
-use tezzeret::compile::{self, CompileJob, JobLimits, Strategy};
+use tezzeret::build::blueprints::ParameterOverrides;
+use tezzeret::build::catalog::Catalog;
+use tezzeret::build::compile::{self, CompileJob, JobLimits, Strategy};
 use tezzeret::forge::{DefaultHost, DevicePreference, Forge, ForgeConfig, JobStatus};
 use tezzeret::ErrorCode;
 
 use crate::TempDir;
 
-fn compile_job(d: &tezzeret::catalog::Descriptor, o: &ParameterOverrides, s: Strategy) -> tezzeret::Result<compile::CompiledArtifact> {
+fn compile_job(d: &tezzeret::build::catalog::Descriptor, o: &ParameterOverrides, s: Strategy) -> tezzeret::Result<compile::CompiledArtifact> {
     let mut job = CompileJob::new(d.clone(), s);
     job.overrides = o.clone();
     compile::compile(&job, &mut JobLimits::new(None))
@@ -73,8 +73,8 @@ fn compiled_artifact_reproduces_the_eager_block() {
     // Load the stored bytes independently (tch's own loader) and compare
     // with the eager block on fresh inputs of the guarded shape.
     let module = tch::CModule::load_data(&mut artifact.bytes.as_slice()).unwrap();
-    let params = tezzeret::blueprints::ResolvedParams::resolve(d, &none).unwrap();
-    let block = tezzeret::blueprints::build(d, &params, 8, Device::Cpu, Default::default()).unwrap();
+    let params = tezzeret::build::blueprints::ResolvedParams::resolve(d, &none).unwrap();
+    let block = tezzeret::build::blueprints::build(d, &params, 8, Device::Cpu, Default::default()).unwrap();
     let shape = &artifact.guard_spec.inputs()[0].shape;
     assert_eq!(shape, &vec![8, 32, 16, 16]);
     let x = tch::Tensor::randn(shape.as_slice(), (tch::Kind::Float, Device::Cpu));
@@ -174,8 +174,8 @@ fn store_reuses_artifacts_and_recompiles_changed_descriptors() {
     let third = run(Catalog::from_json(&json(4.0)).unwrap());
     assert_eq!(third, [("BP002".into(), JobStatus::Ok), ("BP005".into(), JobStatus::Cached)]);
     // A damaged artifact is not reused.
-    let store = tezzeret::store::ArtifactStore::open_existing(dir.path()).unwrap();
-    let (_, journal) = tezzeret::verify::read_journal(dir.path()).unwrap();
+    let store = tezzeret::state::store::ArtifactStore::open_existing(&tezzeret::state::layout::StateLayout::new(dir.path())).unwrap();
+    let (_, journal) = tezzeret::state::verify::read_journal(dir.path()).unwrap();
     let record = journal.artifacts["BP005"].clone();
     std::fs::write(store.artifact_path(&record), b"not a torchscript archive").unwrap();
     let err = store.verify(&record).unwrap_err();
@@ -281,7 +281,7 @@ fn cache_evicts_by_ttl_and_least_recent_use_within_its_cap() {
     assert_eq!((stats.hits, stats.evictions, stats.entries), (1, 1, 2));
     assert!(stats.bytes <= sizes["A"] + sizes["C"]);
     assert_eq!(forge.artifacts().keys().cloned().collect::<Vec<_>>(), ["A", "C"]);
-    assert_eq!(forge.guards().lookup("B").unwrap(), tezzeret::guard::table::Lookup::Missing);
+    assert_eq!(forge.guards().lookup("B").unwrap(), tezzeret::state::guard_table::Lookup::Missing);
     drop(forge);
     // A TTL of zero expires everything; the evicted artifacts compile again when next needed.
     let mut forge = open(&abc, u64::MAX, std::time::Duration::ZERO);
@@ -289,5 +289,5 @@ fn cache_evicts_by_ttl_and_least_recent_use_within_its_cap() {
     assert_eq!(reports.iter().filter(|r| r.status == JobStatus::Ok).count(), 1, "only B had to compile");
     assert_eq!(forge.cache_stats().evictions, 3);
     assert!(forge.artifacts().is_empty());
-    assert!(tezzeret::verify::verify_state(dir.path()).unwrap().problems.is_empty());
+    assert!(tezzeret::state::verify::verify_state(dir.path()).unwrap().problems.is_empty());
 }

@@ -7,12 +7,12 @@ use std::ptr::{null, null_mut};
 use std::time::Duration;
 
 use prost::Message;
-use tezzeret::breakers::BreakerConfig;
-use tezzeret::catalog::Catalog;
-use tezzeret::compile::Strategy;
+use tezzeret::forge::breakers::BreakerConfig;
+use tezzeret::build::catalog::Catalog;
+use tezzeret::build::compile::Strategy;
 use tezzeret::ffi::*;
 use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host, JobStatus, ResourceReading};
-use tezzeret::leyline::{self, HealthStatus, MessagePriority, TelemetryPacket};
+use tezzeret::base::leyline::{self, HealthStatus, MessagePriority, TelemetryPacket};
 
 use crate::cabi::{host_callbacks, open_forge, take};
 use crate::TempDir;
@@ -108,7 +108,7 @@ fn open_queues_what_is_not_compiled_and_a_second_submit_sets_the_priority() {
     {
         let (host, _) = recording(&catalog);
         let mut forge = Forge::open(config(dir.path()), Box::new(host)).unwrap();
-        let queue: Vec<(String, i32)> = forge.journal().state().queue().iter().map(|j| (j.blueprint_id.clone(), j.priority)).collect();
+        let queue: Vec<(String, i32)> = forge.journal().state().queue().iter().map(|j| (j.blueprint_id.clone(), j.priority as i32)).collect();
         assert_eq!(queue, [("A".into(), 2), ("B".into(), 2), ("C".into(), 2)], "open queued all three at NORMAL");
         let seq_c = forge.journal().state().queue()[2].seq;
         assert_eq!(forge.submit("C", MessagePriority::Critical).unwrap(), Some(seq_c), "the queued job, not a new one");
@@ -164,7 +164,7 @@ fn maintenance_removes_the_debris_of_interrupted_writes() {
     let left: Vec<String> = std::fs::read_dir(&artifacts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(left, [current], "only the current artifact is left");
     assert_eq!(forge.maintain().unwrap().debris_removed, 0);
-    assert!(tezzeret::verify::verify_state(dir.path()).unwrap().problems.is_empty());
+    assert!(tezzeret::state::verify::verify_state(dir.path()).unwrap().problems.is_empty());
 }
 
 #[test]
@@ -465,7 +465,7 @@ mod background {
         assert!(started.elapsed() < Duration::from_secs(10), "close took {:?}", started.elapsed());
         assert_eq!(seen.releases.load(Ordering::SeqCst), 1);
         // The job stays queued, durably: a new forge still has it.
-        let (_, journal) = tezzeret::verify::read_journal(dir.path()).unwrap();
+        let (_, journal) = tezzeret::state::verify::read_journal(dir.path()).unwrap();
         assert_eq!(journal.pending.len(), 1);
     }
 }

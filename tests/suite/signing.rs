@@ -1,4 +1,4 @@
-//! Signing and versioning (SPEC R11): every manifest field and the artifact
+//! Signing and versioning: every manifest field and the artifact
 //! bytes are covered, unknown keys are refused, keys rotate, revisions grow,
 //! and an independent ed25519 implementation (Python `cryptography`) agrees.
 use std::ffi::CString;
@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tezzeret::ffi::*;
-use tezzeret::signing::{read_key_file, KeyRing, ManifestSignature};
-use tezzeret::store::ArtifactRecord;
+use tezzeret::state::artifact::ManifestSignature;
+use tezzeret::state::signing::{read_key_file, KeyRing};
+use tezzeret::state::artifact::ArtifactRecord;
 
 use crate::{repo_root, TempDir};
 
@@ -30,7 +31,7 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn records(state: &Path) -> Vec<ArtifactRecord> {
-    tezzeret::verify::read_journal(state).unwrap().1.artifacts.into_values().collect()
+    tezzeret::state::verify::read_journal(state).unwrap().1.artifacts.into_values().collect()
 }
 
 #[test]
@@ -127,7 +128,7 @@ fn keys_rotate_and_a_removed_key_retires_its_artifacts() {
     assert_eq!(forge(&new_secret, &[&np]), ["ok", "ok"]);
     let new_key = read_key_file(&new_public).unwrap();
     for r in records(&state) {
-        assert_eq!(r.signature.as_ref().unwrap().public_key, tezzeret::guard::hex(&new_key));
+        assert_eq!(r.signature.as_ref().unwrap().public_key, tezzeret::base::hex::encode(&new_key));
         assert_eq!(r.revision, 2, "{}", r.blueprint_id);
     }
     let (code, _) = tezzeret(&["verify", "--state", &s, "--trusted-key", &np]);

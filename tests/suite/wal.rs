@@ -1,11 +1,12 @@
-//! The WAL file format and recovery (SPEC §5, §12): round trips, torn
+//! The WAL file format and recovery: round trips, torn
 //! tails at every byte, bit flips in every header field, stale epochs,
 //! mid-log corruption, idempotent recovery, checkpoints.
 use std::path::Path;
 
-use tezzeret::wal::format::HEADER_SIZE;
-use tezzeret::wal::journal::{replay, Job, Journal, Record};
-use tezzeret::wal::{Recovery, Wal};
+use tezzeret::state::wal::format::HEADER_SIZE;
+use tezzeret::state::wal::journal::{replay, Job, Journal, Record};
+use tezzeret::state::wal::{Recovery, Wal};
+use tezzeret::base::leyline::MessagePriority;
 use tezzeret::ErrorCode;
 
 use crate::TempDir;
@@ -53,7 +54,7 @@ fn truncation_at_every_byte_of_the_last_three_entries_recovers_a_prefix() {
     let dir = TempDir::new("wal-trunc");
     let path = dir.path().join("wal.log");
     write_log(&path, 6, 1);
-    let full = tezzeret::wal::read_only(&path).unwrap();
+    let full = tezzeret::state::wal::log::read_only(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let entries = &full.entries;
     let from = entries[entries.len() - 3].offset as usize;
@@ -81,7 +82,7 @@ fn every_header_bit_flip_is_dropped_at_the_tail_and_refused_mid_log() {
     let dir = TempDir::new("wal-flip");
     let path = dir.path().join("wal.log");
     write_log(&path, 8, 1);
-    let full = tezzeret::wal::read_only(&path).unwrap();
+    let full = tezzeret::state::wal::log::read_only(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let copy = dir.path().join("flip.log");
     let last = full.entries.last().unwrap().offset as usize;
@@ -102,7 +103,7 @@ fn every_header_bit_flip_is_dropped_at_the_tail_and_refused_mid_log() {
             assert_eq!(err.code(), ErrorCode::Corrupt, "{err}");
             assert!(err.message().contains("WAL corrupt"), "{err}");
             // Read-only recovery reports the same, and changes nothing.
-            assert!(tezzeret::wal::read_only(&copy).is_err());
+            assert!(tezzeret::state::wal::log::read_only(&copy).is_err());
             assert_eq!(std::fs::read(&copy).unwrap(), damaged);
         }
     }
@@ -113,11 +114,11 @@ fn damaged_payloads_and_huge_sizes_never_pass() {
     let dir = TempDir::new("wal-payload");
     let path = dir.path().join("wal.log");
     write_log(&path, 5, 1);
-    let full = tezzeret::wal::read_only(&path).unwrap();
+    let full = tezzeret::state::wal::log::read_only(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let copy = dir.path().join("p.log");
     // A payload byte of the last DATA entry: its transaction is dropped.
-    let data = full.entries.iter().rev().find(|e| e.header.payload_size > 0 && e.header.entry_type == tezzeret::wal::format::EntryType::Data).unwrap();
+    let data = full.entries.iter().rev().find(|e| e.header.payload_size > 0 && e.header.entry_type == tezzeret::state::wal::format::EntryType::Data).unwrap();
     let mut damaged = bytes.clone();
     damaged[data.offset as usize + HEADER_SIZE] ^= 0x40;
     std::fs::write(&copy, &damaged).unwrap();
@@ -147,7 +148,7 @@ fn an_entry_from_an_older_epoch_is_never_applied() {
         let (mut wal, _) = Wal::open(&path).unwrap(); // epoch 2
         wal.commit(&[tx(3)]).unwrap();
     }
-    let full = tezzeret::wal::read_only(&path).unwrap();
+    let full = tezzeret::state::wal::log::read_only(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     // Re-append a copy of an epoch-1 transaction (BEGIN/DATA/COMMIT) after
     // the epoch-2 one, with sequence numbers and the chain made to fit.
@@ -162,7 +163,7 @@ fn an_entry_from_an_older_epoch_is_never_applied() {
         seq += 1;
         h.sequence = seq;
         h.prev_header_crc = prev;
-        h.next_offset = tezzeret::wal::format::next_offset(offset, h.payload_size);
+        h.next_offset = tezzeret::state::wal::format::next_offset(offset, h.payload_size);
         h.batch = full.last_batch + 1;
         let (encoded, crc) = h.encode();
         prev = crc;
@@ -184,7 +185,7 @@ fn recovering_twice_changes_nothing() {
     let path = dir.path().join("wal.log");
     write_log(&path, 10, 3);
     let bytes = std::fs::read(&path).unwrap();
-    let end = tezzeret::wal::read_only(&path).unwrap().end as usize;
+    let end = tezzeret::state::wal::log::read_only(&path).unwrap().end as usize;
     std::fs::write(&path, &bytes[..end - 100]).unwrap(); // a torn tail
     let first = Wal::open(&path).map(|(_, r)| committed(&r)).unwrap();
     let after_first = std::fs::read(&path).unwrap();
@@ -194,18 +195,11 @@ fn recovering_twice_changes_nothing() {
 }
 
 fn job(id: &str, priority: i32) -> Job {
-    Job {
-        seq: 0,
-        priority,
-        blueprint_id: id.into(),
-        descriptor_hex: String::new(),
-        overrides: Default::default(),
-        input_shapes: None,
-        strategy: "standard".into(),
-        device: "cpu".into(),
-        batch: 8,
-        cache_key: format!("key-{id}"),
-    }
+    let mut job = crate::measure::sample_job(0);
+    job.priority = MessagePriority::try_from(priority).unwrap();
+    job.blueprint_id = id.into();
+    job.cache_key = format!("key-{id}");
+    job
 }
 
 #[test]
@@ -226,7 +220,7 @@ fn queue_order_is_priority_then_fifo_and_survives_reopen() {
         let batch: Vec<Job> = (0..(next() % 5 + 1)).map(|i| job(&format!("BP{round}-{i}"), (next() % 4 + 1) as i32)).collect();
         let seqs = journal.submit(batch.clone()).unwrap();
         for (j, seq) in batch.iter().zip(seqs) {
-            expected.push((j.priority, seq, j.blueprint_id.clone()));
+            expected.push((j.priority as i32, seq, j.blueprint_id.clone()));
         }
         // Sometimes finish the head of the queue.
         if next() % 3 == 0 {
@@ -257,7 +251,7 @@ fn checkpoints_keep_the_log_bounded() {
     let state = journal.state().clone();
     drop(journal);
     assert!(longest < 2 << 20, "log grew to {longest} bytes");
-    let recovered = replay(&tezzeret::wal::read_only(&path).unwrap()).unwrap();
+    let recovered = replay(&tezzeret::state::wal::log::read_only(&path).unwrap()).unwrap();
     assert_eq!(recovered.failures, state.failures);
     assert_eq!(recovered.next_seq, state.next_seq);
     assert!(recovered.pending.is_empty());
@@ -283,7 +277,7 @@ fn queue_order_survives_random_submissions_reprioritisations_completions_and_res
                     drop(journal);
                     journal = Journal::open(&path).unwrap();
                     journal.set_checkpoint_every(1 + rng.below(40));
-                    let queue: Vec<(i32, u64)> = journal.state().queue().iter().map(|j| (j.priority, j.seq)).collect();
+                    let queue: Vec<(i32, u64)> = journal.state().queue().iter().map(|j| (j.priority as i32, j.seq)).collect();
                     let mut expected = model.clone();
                     expected.sort_by_key(|(p, s)| (std::cmp::Reverse(*p), *s));
                     assert_eq!(queue, expected, "seed {seed}, step {step}: queue after a restart");
@@ -299,18 +293,19 @@ fn queue_order_survives_random_submissions_reprioritisations_completions_and_res
                     // Submitted again at another priority: same place in submission order.
                     let i = rng.below(model.len() as u64) as usize;
                     let priority = 1 + rng.below(4) as i32;
-                    journal.append(vec![vec![Record::Reprioritize { seq: model[i].1, priority }]]).unwrap();
+                    let typed = MessagePriority::try_from(priority).unwrap();
+                    journal.append(vec![vec![Record::Reprioritize { seq: model[i].1, priority: typed }]]).unwrap();
                     model[i].0 = priority;
                 }
                 _ => {
                     let jobs: Vec<Job> = (0..1 + rng.below(3))
                         .map(|_| {
-                            let mut job = tezzeret::bench::sample_job(rng.below(1000));
-                            job.priority = 1 + rng.below(4) as i32;
+                            let mut job = crate::measure::sample_job(rng.below(1000));
+                            job.priority = MessagePriority::try_from(1 + rng.below(4) as i32).unwrap();
                             job
                         })
                         .collect();
-                    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+                    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority as i32).collect();
                     let seqs = journal.submit(jobs).unwrap();
                     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence numbers grow");
                     assert!(model.iter().all(|(_, s)| *s < seqs[0]), "and never repeat, across restarts too");

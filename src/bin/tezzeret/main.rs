@@ -1,0 +1,477 @@
+//! `tezzeret`: the operator CLI, built on the library's public API (the
+//! same forge service the C ABI uses).
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use tezzeret::base::hex;
+use tezzeret::base::leyline::{self, KernelCatalogUpdate};
+use tezzeret::base::version::{ABI_MAJOR, ABI_MINOR, LIBRARY_VERSION, TORCH_VERSION};
+use tezzeret::build::catalog::Catalog;
+use tezzeret::build::compile::{self, Strategy};
+use tezzeret::forge::report;
+use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, Progress};
+use tezzeret::state::layout::StateLayout;
+use tezzeret::state::signing::{keygen, read_key_file, KeyRing};
+use tezzeret::state::store::ArtifactStore;
+use tezzeret::state::verify::{read_journal, verify_state_with_keys};
+use tezzeret::state::wal::format::EntryType;
+use tezzeret::state::wal::journal::Record;
+use tezzeret::{Error, Result};
+
+mod bench;
+
+/// The compilation forge of Esper: compiles blueprint descriptors into
+/// guarded, signed TorchScript artifacts in a crash-safe state directory.
+#[derive(Parser)]
+#[command(name = "tezzeret", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a catalog into a state directory, resuming whatever it holds.
+    Forge(ForgeArgs),
+    /// Print the stored catalog of a state directory.
+    Inspect {
+        #[command(flatten)]
+        state: StateArg,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dump the write-ahead log's entries and the records they carry.
+    Wal {
+        #[command(flatten)]
+        state: StateArg,
+    },
+    /// Re-check every artifact (file sha256, manifest, signature, guard slot);
+    /// exits 1 naming each failure.
+    Verify {
+        #[command(flatten)]
+        state: StateArg,
+        /// Also verify manifest signatures against this public key (repeatable).
+        #[arg(long = "trusted-key", value_name = "FILE")]
+        trusted_keys: Vec<PathBuf>,
+    },
+    /// Create an ed25519 key pair: FILE (secret, mode 0600) and FILE.pub.
+    Keygen {
+        /// Where the secret key goes.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the benchmark table, every row measured side by side in one run.
+    Bench {
+        /// Only sections whose name contains this (compile, serve, forward, wal, runtime).
+        #[arg(long, value_name = "SECTION")]
+        only: Option<String>,
+        /// One JSON array of rows instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the library, ABI and torch versions.
+    Version,
+}
+
+#[derive(Args)]
+struct StateArg {
+    /// The state directory.
+    #[arg(long = "state", value_name = "DIR")]
+    dir: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct ForgeArgs {
+    /// The state directory (created if missing).
+    #[arg(long = "state", value_name = "DIR")]
+    state: PathBuf,
+    /// A catalog file in the format of data/karn-default-catalog.json, or `default`.
+    #[arg(long, value_name = "FILE.json|default", default_value = "default")]
+    catalog: String,
+    /// Compilation strategy: emergency, fast, standard or aggressive.
+    #[arg(long, value_name = "STRATEGY", default_value = "standard", value_parser = parse_strategy)]
+    strategy: Strategy,
+    /// Jobs compiling at once.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: u32,
+    /// Where artifacts run.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Batch size of the representative inputs.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..))]
+    batch: i64,
+    /// Time budget of every job, seconds (default: the strategy's).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
+    budget: Option<Duration>,
+    /// Largest process-memory growth of one job, MiB (default 1024).
+    #[arg(long = "memory-budget", value_name = "MIB")]
+    memory_budget: Option<u64>,
+    /// Sign artifacts with this secret key.
+    #[arg(long = "signing-key", value_name = "FILE")]
+    signing_key: Option<PathBuf>,
+    /// Trust this public key (repeatable): artifacts are verified before use.
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    trusted_keys: Vec<PathBuf>,
+    /// Compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
+    #[arg(long)]
+    allow_quarantine: bool,
+    /// One JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Machine-readable `event queued|compiling|announced …` lines on stderr.
+    #[arg(long)]
+    trace_events: bool,
+}
+
+fn parse_strategy(value: &str) -> std::result::Result<Strategy, String> {
+    value.parse().map_err(|e: Error| e.message().to_string())
+}
+
+fn parse_seconds(value: &str) -> std::result::Result<Duration, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    // Behave like a Unix tool when the reader of stdout goes away (`| head`).
+    // SAFETY: restoring the default disposition of SIGPIPE at start-up.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // Usage errors exit 2 (clap's convention), --help and --version 0.
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forge(args) => forge(args),
+        Command::Inspect { state, json } => inspect(&state.dir, json),
+        Command::Wal { state } => wal(&state.dir),
+        Command::Verify { state, trusted_keys } => verify(&state.dir, &trusted_keys),
+        Command::Keygen { out } => keygen_command(&out),
+        Command::Bench { only, json } => bench_command(only.as_deref(), json),
+        Command::Version => {
+            println!("tezzeret {LIBRARY_VERSION} (ABI {ABI_MAJOR}.{ABI_MINOR}, torch {TORCH_VERSION})");
+            Ok(true)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tezzeret: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The CLI's host: a fixed catalog; with `--trace-events`, catalog updates
+/// are printed to stderr as `announced <id> <checksum>` lines.
+struct CliHost {
+    catalog: Option<Catalog>,
+    trace: bool,
+}
+
+impl Host for CliHost {
+    fn enumerate(&mut self) -> Result<Option<Catalog>> {
+        Ok(self.catalog.take())
+    }
+
+    fn catalog_update(&mut self, bytes: &[u8]) {
+        if self.trace {
+            if let Ok(update) = leyline::decode::<KernelCatalogUpdate>(bytes) {
+                trace_line(&format!("announced {} {}", update.blueprint_id, update.checksum));
+            }
+        }
+    }
+}
+
+/// One machine-readable event line on stderr, written at once.
+fn trace_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "event {line}");
+    let _ = err.flush();
+}
+
+fn keys(signing: Option<&Path>, trusted: &[PathBuf]) -> Result<KeyRing> {
+    let signing = signing.map(read_key_file).transpose()?;
+    let trusted = trusted.iter().map(|p| read_key_file(p)).collect::<Result<Vec<_>>>()?;
+    KeyRing::new(signing, &trusted)
+}
+
+fn forge(args: ForgeArgs) -> Result<bool> {
+    let catalog = match args.catalog.as_str() {
+        "default" => None,
+        file => {
+            let text = std::fs::read_to_string(file).map_err(|e| Error::io(format!("read catalog {file}"), e))?;
+            Some(Catalog::from_json(&text).map_err(|e| e.context(format!("catalog {file}")))?)
+        }
+    };
+    let mut config = ForgeConfig::new(&args.state);
+    config.strategy = args.strategy;
+    config.max_concurrency = args.jobs;
+    config.batch = args.batch;
+    config.device = match args.device {
+        DeviceArg::Auto => DevicePreference::Auto,
+        DeviceArg::Cpu => DevicePreference::Cpu,
+        DeviceArg::Cuda => DevicePreference::Cuda,
+    };
+    if let Some(budget) = args.budget {
+        config.budgets = [budget; 4];
+    }
+    if let Some(mib) = args.memory_budget {
+        config.memory_budget_bytes = Some(mib << 20);
+    }
+    config.allow_quarantine = args.allow_quarantine;
+    config.keys = keys(args.signing_key.as_deref(), &args.trusted_keys)?;
+    // Nobody listens to periodic telemetry here: no background thread.
+    config.telemetry_interval_ms = 0;
+
+    let started = Instant::now();
+    let service = ForgeService::open(config, Box::new(CliHost { catalog, trace: args.trace_events }))?;
+    let mut progress = ProgressView::new(args.trace_events);
+    let reports = service.with(|forge| Ok(forge.run(&mut |event| progress.show(event))))?;
+    progress.finish();
+    let elapsed = started.elapsed();
+
+    if args.json {
+        let document = service.with(|forge| Ok(report::run_document(&reports, forge.store())))?;
+        println!("{}", serde_json::to_string_pretty(&document).expect("json"));
+    } else {
+        print_table(&reports);
+        let count = |s: JobStatus| reports.iter().filter(|r| r.status == s).count();
+        let (strategy, device) = service.with(|forge| Ok((forge.config().strategy, compile::device_name(forge.device()))))?;
+        println!(
+            "{} ok, {} cached, {} failed, {} refused in {:.2} s ({strategy} on {device})",
+            count(JobStatus::Ok),
+            count(JobStatus::Cached),
+            count(JobStatus::Failed),
+            count(JobStatus::Refused),
+            elapsed.as_secs_f64(),
+        );
+    }
+    service.close();
+    // Refusals are "as asked" only while quarantine compilation is off.
+    Ok(reports.iter().all(|r| match r.status {
+        JobStatus::Ok | JobStatus::Cached => true,
+        JobStatus::Refused => !args.allow_quarantine,
+        JobStatus::Failed => false,
+    }))
+}
+
+fn existing_state(dir: &Path) -> Result<StateLayout> {
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!("state directory {} does not exist", dir.display())));
+    }
+    Ok(StateLayout::new(dir))
+}
+
+fn inspect(dir: &Path, json: bool) -> Result<bool> {
+    let layout = existing_state(dir)?;
+    let store = ArtifactStore::open_existing(&layout)?;
+    let (_, journal) = read_journal(dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report::stored_document(&journal.artifacts, &store)).expect("json"));
+        return Ok(true);
+    }
+    println!("{:<7} {:<24} {:<10} {:<8} {:>10} {:>9} {:>9}  {}", "ID", "NAME", "STRATEGY", "DEVICE", "COMPILE ms", "P50 ms", "P95 ms", "CHECKSUM");
+    for r in journal.artifacts.values() {
+        println!(
+            "{:<7} {:<24} {:<10} {:<8} {:>10.1} {:>9.3} {:>9.3}  {}",
+            r.blueprint_id, r.name, r.strategy, r.device, r.compile_ms, r.prewarm_p50_ms, r.prewarm_p95_ms, &r.checksum[..16]
+        );
+    }
+    println!("{} stored artifacts, {} jobs queued", journal.artifacts.len(), journal.pending.len());
+    Ok(true)
+}
+
+fn wal(dir: &Path) -> Result<bool> {
+    existing_state(dir)?;
+    let (recovery, journal) = read_journal(dir)?;
+    println!("{:>10} {:>8} {:>6} {:>6} {:<7} {:<16} {:>8}  {}", "OFFSET", "SEQ", "EPOCH", "BATCH", "TYPE", "TXID", "BYTES", "RECORD");
+    let mut payloads = recovery.transactions.iter().flat_map(|t| t.records.iter());
+    for e in &recovery.entries {
+        let h = &e.header;
+        let record = if h.entry_type == EntryType::Data {
+            payloads.next().map(|p| describe_record(p)).unwrap_or_else(|| "(uncommitted)".into())
+        } else {
+            String::new()
+        };
+        println!(
+            "{:>10} {:>8} {:>6} {:>6} {:<7} {:<16} {:>8}  {}",
+            e.offset,
+            h.sequence,
+            h.epoch,
+            h.batch,
+            h.entry_type.name(),
+            hex::encode(&h.txid[..8]),
+            h.payload_size,
+            record
+        );
+    }
+    println!(
+        "{} entries, {} committed transactions, {} incomplete, {} bytes; {} artifacts current, {} jobs queued",
+        recovery.entries.len(),
+        recovery.transactions.len(),
+        recovery.incomplete,
+        recovery.end,
+        journal.artifacts.len(),
+        journal.pending.len()
+    );
+    if let Some(reason) = &recovery.torn_reason {
+        println!("torn tail of {} bytes would be dropped at the next open: {reason}", recovery.torn_bytes);
+    }
+    Ok(true)
+}
+
+/// One line about a journal record.
+fn describe_record(payload: &[u8]) -> String {
+    let short = |key: &str| key[..16.min(key.len())].to_string();
+    match serde_json::from_slice::<Record>(payload) {
+        Ok(Record::Enqueue { job }) => {
+            format!("enqueue #{} {} ({}, priority {})", job.seq, job.blueprint_id, job.strategy, job.priority as i32)
+        }
+        Ok(Record::Start { seq }) => format!("start #{seq}"),
+        Ok(Record::Commit { seq, artifact }) => format!("commit #{seq} {} {}", artifact.blueprint_id, short(&artifact.checksum)),
+        Ok(Record::Fail { seq, reason, .. }) => format!("fail #{seq} {reason}"),
+        Ok(Record::Reprioritize { seq, priority }) => format!("reprioritize #{seq} priority {}", priority as i32),
+        Ok(Record::Expire { seq, reason }) => format!("expire #{seq} {reason}"),
+        Ok(Record::Evict { blueprint_id, cache_key }) => format!("evict {} {}", blueprint_id.unwrap_or_default(), short(&cache_key)),
+        Ok(Record::Checkpoint { state }) => {
+            format!("checkpoint: {} artifacts, {} jobs queued, next #{}", state.artifacts.len(), state.pending.len(), state.next_seq)
+        }
+        Err(e) => format!("(unreadable record: {e})"),
+    }
+}
+
+fn verify(dir: &Path, trusted: &[PathBuf]) -> Result<bool> {
+    existing_state(dir)?;
+    let keys = keys(None, trusted)?;
+    let verification = verify_state_with_keys(dir, &keys)?;
+    for problem in &verification.problems {
+        println!("FAIL {problem}");
+    }
+    println!(
+        "{} artifacts checked{}, {} problems",
+        verification.checked,
+        if keys.verifies() { " (signatures included)" } else { "" },
+        verification.problems.len()
+    );
+    Ok(verification.problems.is_empty())
+}
+
+fn bench_command(only: Option<&str>, json: bool) -> Result<bool> {
+    let work = std::env::temp_dir().join(format!("tezzeret-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(format!("create {}", work.display()), e))?;
+    let rows = bench::run(&work, only, &mut |section| eprintln!("measuring {section}…"));
+    let _ = std::fs::remove_dir_all(&work);
+    let rows = rows?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+    } else {
+        println!("| what | ours | reference | unit |\n| --- | ---: | ---: | --- |");
+        for r in &rows {
+            println!("| {} | {:.2} | {} | {} |", r.name, r.ours, r.reference.as_deref().unwrap_or("—"), r.unit);
+        }
+    }
+    Ok(true)
+}
+
+fn keygen_command(out: &Path) -> Result<bool> {
+    let public = keygen(out)?;
+    println!("secret key: {} (keep it private)\npublic key: {}.pub {}", out.display(), out.display(), hex::encode(&public));
+    Ok(true)
+}
+
+fn print_table(reports: &[JobReport]) {
+    println!(
+        "{:<7} {:<24} {:<8} {:<28} {:>10} {:>9} {:>9}  {}",
+        "ID", "NAME", "STATUS", "VARIANT", "COMPILE ms", "P50 ms", "P95 ms", "CHECKSUM / ERROR"
+    );
+    for r in reports {
+        let detail = match (&r.record, &r.error) {
+            (_, Some(e)) => e.to_string(),
+            (Some(rec), None) => rec.checksum[..16].to_string(),
+            (None, None) => String::new(),
+        };
+        let (variant, compile, p50, p95) = match &r.record {
+            Some(rec) => (
+                rec.variant.as_str(),
+                format!("{:.1}", rec.compile_ms),
+                format!("{:.3}", rec.prewarm_p50_ms),
+                format!("{:.3}", rec.prewarm_p95_ms),
+            ),
+            None => ("-", "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<7} {:<24} {:<8} {:<28} {:>10} {:>9} {:>9}  {}",
+            r.blueprint_id,
+            r.name,
+            r.status.name(),
+            variant,
+            compile,
+            p50,
+            p95,
+            detail
+        );
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, plain lines otherwise; with
+/// `--trace-events` also `event queued|compiling …` lines for tooling.
+struct ProgressView {
+    bar: Option<ProgressBar>,
+    trace: bool,
+}
+
+impl ProgressView {
+    fn new(trace: bool) -> Self {
+        let bar = (std::io::stderr().is_terminal() && !trace).then(|| {
+            let bar = ProgressBar::new(0);
+            let style = ProgressStyle::with_template("[{bar:30}] {pos:>3}/{len} {msg}").expect("a valid template");
+            bar.set_style(style.progress_chars("#>."));
+            bar
+        });
+        ProgressView { bar, trace }
+    }
+
+    fn show(&mut self, event: Progress<'_>) {
+        if self.trace {
+            match &event {
+                Progress::Queued(jobs) => jobs.iter().for_each(|(id, seq)| trace_line(&format!("queued {id} {seq}"))),
+                Progress::Compiling(id, key) => trace_line(&format!("compiling {id} {key}")),
+                _ => {}
+            }
+        }
+        match (&self.bar, event) {
+            (Some(bar), Progress::Started(i, total, id)) => {
+                bar.set_length(total as u64);
+                bar.set_position(i as u64);
+                bar.set_message(id.to_string());
+            }
+            (Some(bar), Progress::Finished(i, _, _)) => bar.set_position(i as u64 + 1),
+            (None, Progress::Finished(i, total, report)) => {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "[{:>3}/{}] {} {}", i + 1, total, report.blueprint_id, report.status.name());
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

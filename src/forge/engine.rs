@@ -1,0 +1,326 @@
+//! The forge: ties the parts together. It owns the state directory's lock,
+//! the [`Ledger`] (journal, store, guard table), the [`Governor`] (breakers,
+//! conservative mode), the [`Observer`] (counters), the [`Prefetcher`] and
+//! the host, and is what callers hold. Queueing lives in `queue.rs`, the
+//! compile pipeline in `pipeline.rs`, cache maintenance in `cache.rs`.
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tch::Device;
+
+use super::config::ForgeConfig;
+use super::governor::{Governor, ModeChange, ResourceReading};
+use super::host::{Host, LogLevel};
+use super::kernel::Kernel;
+use super::ledger::Ledger;
+use super::observe::{CacheStats, Observer, Situation};
+use super::prefetch::{PrefetchAnswer, Prefetcher};
+use super::telemetry::{self, events, JobCounters};
+use crate::base::error::{Error, ErrorCode, FailureReason, Result};
+use crate::base::leyline::{self, KernelPrefetchRequest, MetricPoint, SystemHealth, TelemetryEvent, TelemetryLevel};
+use crate::base::version::LIBRARY_VERSION;
+use crate::build::blueprints::ResolvedParams;
+use crate::build::catalog::Catalog;
+use crate::build::compile::{self, Strategy, WorkerPool};
+use crate::state::artifact::ArtifactRecord;
+use crate::state::guard_table::GuardTable;
+use crate::state::layout::StateLayout;
+use crate::state::store::ArtifactStore;
+use crate::state::wal::journal::Journal;
+use crate::sys::lock::StateLock;
+use crate::sys::resources;
+
+/// An open forge over a state directory (exclusively locked).
+pub struct Forge {
+    pub(super) config: ForgeConfig,
+    pub(super) device: Device,
+    pub(super) catalog: Catalog,
+    pub(super) host: Box<dyn Host>,
+    pub(super) ledger: Ledger,
+    pub(super) governor: Governor,
+    pub(super) observer: Observer,
+    pub(super) prefetcher: Prefetcher,
+    /// Set at shutdown: running compiles are abandoned, queued jobs stay queued.
+    pub(super) shutdown: Arc<AtomicBool>,
+    /// Compile threads kept from job to job (the process's, shared).
+    pub(super) workers: Arc<WorkerPool>,
+    /// Jobs queued by `open` not yet reported through `run`'s progress.
+    pub(super) queued_at_open: Vec<(String, u64)>,
+    _lock: StateLock,
+}
+
+impl Forge {
+    /// Opens the state directory (refusing one held by another forge),
+    /// recovers the journal, verifies (or rebuilds) the guard table against
+    /// the stored catalog, enumerates descriptors from the host and durably
+    /// queues those not compiled yet.
+    pub fn open(config: ForgeConfig, mut host: Box<dyn Host>) -> Result<Forge> {
+        if config.batch < 1 {
+            return Err(Error::invalid(format!("batch size must be >= 1, got {}", config.batch)));
+        }
+        if config.max_concurrency < 1 {
+            return Err(Error::invalid("max_concurrency must be >= 1"));
+        }
+        let device = config.device.resolve()?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| Error::io(format!("create state directory {}", config.state_dir.display()), e))?;
+        let layout = StateLayout::new(&config.state_dir);
+        let lock = StateLock::acquire(&layout.lock())?;
+        let ledger = Ledger::open(&layout, &config)?;
+        let catalog = host.enumerate()?.unwrap_or_else(Catalog::default_catalog);
+        for (id, overrides) in &config.parameter_overrides {
+            let descriptor = catalog
+                .get(id)
+                .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("parameter values given for unknown blueprint {id:?}")))?;
+            ResolvedParams::resolve(descriptor, overrides)?;
+        }
+        let workers = compile::shared_pool();
+        workers.keep_at_least(config.max_concurrency.max(1) as usize);
+        let mut forge = Forge {
+            governor: Governor::new(&config),
+            config,
+            device,
+            catalog,
+            host,
+            ledger,
+            observer: Observer::default(),
+            prefetcher: Prefetcher::default(),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            workers,
+            queued_at_open: Vec::new(),
+            _lock: lock,
+        };
+        for (_, error) in forge.ledger.retire_unverified()? {
+            forge.host.log(LogLevel::Error, &format!("{error}; removed from the catalog"));
+        }
+        let repaired = forge.ledger.sync_guard_table()?;
+        // What the host enumerates and is not compiled yet is queued now
+        // (jobs whose descriptor went away or changed leave the queue). A
+        // forge that cannot write (disk full) still opens and serves what it
+        // has; run and refresh queue again and report their own errors.
+        let queue_at_open = forge.config.queue_at_open;
+        match forge.expire_stale_jobs().and_then(|_| if queue_at_open { forge.enqueue_catalog() } else { Ok(Vec::new()) }) {
+            Ok(queued) => forge.queued_at_open = queued,
+            Err(error) => forge.log_error("queueing the catalog at open (run or refresh will try again)", &error),
+        }
+        let recovery = forge.ledger.journal().recovery();
+        let message = format!(
+            "tezzeret {LIBRARY_VERSION}: opened {} with {} descriptors; WAL: {} transactions{}, {} stored artifacts, \
+             {} jobs to resume; {repaired} guard slots repaired; device {}",
+            forge.config.state_dir.display(),
+            forge.catalog.len(),
+            recovery.transactions.len(),
+            if recovery.torn_bytes > 0 { format!(" ({} torn bytes dropped)", recovery.torn_bytes) } else { String::new() },
+            forge.ledger.artifacts().len(),
+            forge.ledger.state().pending.len(),
+            compile::device_name(device)
+        );
+        forge.host.log(LogLevel::Info, &message);
+        Ok(forge)
+    }
+
+    /// The descriptors the forge works on.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The artifact store.
+    pub fn store(&self) -> &ArtifactStore {
+        self.ledger.store()
+    }
+
+    /// The journal (WAL and replayed state).
+    pub fn journal(&self) -> &Journal {
+        self.ledger.journal()
+    }
+
+    /// The current artifact of every blueprint, by id.
+    pub fn artifacts(&self) -> &std::collections::BTreeMap<String, ArtifactRecord> {
+        self.ledger.artifacts()
+    }
+
+    /// The guard table.
+    pub fn guards(&self) -> &GuardTable {
+        self.ledger.guards()
+    }
+
+    /// Sets how many journal transactions trigger a checkpoint (the default
+    /// keeps the log short while jobs flow; tests make it small).
+    pub fn set_checkpoint_every(&mut self, transactions: u64) {
+        self.ledger.journal_mut().set_checkpoint_every(transactions);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ForgeConfig {
+        &self.config
+    }
+
+    /// The device artifacts are compiled for.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Job counters since open.
+    pub fn counters(&self) -> JobCounters {
+        self.observer.counters
+    }
+
+    /// Cache metrics since open.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.observer.cache
+    }
+
+    /// A flag that, once set, makes running and queued work stop at once
+    /// (jobs running are abandoned, queued ones stay queued): for shutdown.
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// The strategy jobs get now: one level lower in conservative mode.
+    pub fn effective_strategy(&self) -> Strategy {
+        self.governor.strategy(self.config.strategy)
+    }
+
+    /// A strategy's budget now: ×1.5 in conservative mode.
+    pub fn effective_budget(&self, strategy: Strategy) -> Duration {
+        self.governor.budget(self.config.budget(strategy))
+    }
+
+    /// Maximum concurrent jobs now: 1 in conservative mode.
+    pub fn effective_concurrency(&self) -> u32 {
+        self.governor.concurrency(self.config.max_concurrency)
+    }
+
+    /// Whether conservative mode is on.
+    pub fn conservative(&self) -> bool {
+        self.governor.conservative()
+    }
+
+    /// The GPU utilisation limit now (15 % in conservative mode).
+    pub fn effective_gpu_limit_percent(&self) -> f64 {
+        self.governor.gpu_limit_percent()
+    }
+
+    /// Applies resource readings: GPU utilisation above the limit (15 % in
+    /// conservative mode) for the whole window counts a gpu-breaker
+    /// failure (one per window); RSS above its budget a memory-breaker failure.
+    pub fn report_resources(&mut self, reading: ResourceReading) {
+        let changes = self.governor.report_resources(reading);
+        self.announce(changes);
+    }
+
+    /// Takes readings itself (NVML for the GPU, /proc for memory) and applies them.
+    pub fn sample_resources(&mut self) -> ResourceReading {
+        let reading = ResourceReading {
+            gpu_utilisation_percent: resources::gpu_reading().map(|g| g.utilisation_percent),
+            rss_bytes: resources::process_rss_bytes(),
+        };
+        self.report_resources(reading);
+        reading
+    }
+
+    /// Every metric, now.
+    pub fn metrics(&mut self) -> Vec<MetricPoint> {
+        self.observer.metrics(&mut self.governor, self.ledger.state())
+    }
+
+    /// The metrics in Prometheus text exposition format (dots become
+    /// underscores; labels kept).
+    pub fn prometheus(&mut self) -> String {
+        telemetry::prometheus(&self.metrics())
+    }
+
+    /// A Leyline `SystemHealth` snapshot: HEALTHY, DEGRADED in conservative
+    /// mode, UNHEALTHY while the WAL is poisoned.
+    pub fn health(&mut self) -> SystemHealth {
+        let situation = Situation {
+            state: self.ledger.state(),
+            wal: self.ledger.journal().wal(),
+            concurrency: self.effective_concurrency(),
+            strategy: self.effective_strategy(),
+        };
+        self.observer.health(&mut self.governor, situation)
+    }
+
+    /// Sends the periodic `TelemetryPacket`: every metric and a
+    /// `SystemHealth` snapshot.
+    pub fn emit_periodic_telemetry(&mut self) {
+        self.emit_health_packet(false);
+    }
+
+    /// Sends the last `TelemetryPacket` of a forge being closed: every
+    /// metric and a `SystemHealth` whose indicator `closing` is `true`.
+    pub fn emit_closing_telemetry(&mut self) {
+        self.emit_health_packet(true);
+    }
+
+    fn emit_health_packet(&mut self, closing: bool) {
+        let mut packet = telemetry::packet(self.metrics(), Vec::new(), self.conservative());
+        let mut health = self.health();
+        if closing {
+            health.indicators.insert("closing".to_string(), "true".to_string());
+        }
+        packet.system_health = Some(health);
+        self.host.telemetry(&leyline::encode(&packet));
+    }
+
+    /// Sends a packet of metrics and events to the host.
+    pub(super) fn emit_telemetry(&mut self, metrics: Vec<MetricPoint>, events: Vec<TelemetryEvent>) {
+        let packet = telemetry::packet(metrics, events, self.conservative());
+        self.host.telemetry(&leyline::encode(&packet));
+    }
+
+    /// Tells the host, at once, about mode changes (events `breaker_open`,
+    /// `conservative_mode_*`, and a log line).
+    pub(super) fn announce(&mut self, changes: Vec<ModeChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut events_out = Vec::new();
+        for change in changes {
+            match change {
+                ModeChange::BreakerOpened(kind) => events_out.push(telemetry::event(
+                    events::BREAKER_OPEN,
+                    TelemetryLevel::Warning,
+                    &[("breaker", kind.name().to_string())],
+                )),
+                ModeChange::ConservativeEntered | ModeChange::ConservativeLeft => {
+                    let entered = change == ModeChange::ConservativeEntered;
+                    let name = if entered { events::CONSERVATIVE_MODE_ENABLED } else { events::CONSERVATIVE_MODE_DISABLED };
+                    events_out.push(telemetry::event(name, TelemetryLevel::Warning, &[]));
+                    self.host.log(LogLevel::Warn, &format!("conservative mode {}", if entered { "entered" } else { "left" }));
+                }
+            }
+        }
+        let metrics = self.metrics();
+        self.emit_telemetry(metrics, events_out);
+    }
+
+    /// Tells the host about an error of background work.
+    pub fn log_error(&mut self, context: &str, error: &Error) {
+        self.host.log(LogLevel::Error, &format!("{context}: {error}"));
+    }
+
+    /// Answers a Leyline `KernelPrefetchRequest` with `KernelArtifactReady`
+    /// or `KernelArtifactError`. The artifact file is hashed (and its
+    /// signature checked) the first time and whenever it may have changed
+    /// since; otherwise one `stat` proves it is the file that was verified.
+    pub fn prefetch(&mut self, request: &KernelPrefetchRequest) -> PrefetchAnswer {
+        self.prefetcher.answer(request, &self.ledger)
+    }
+
+    /// Loads a blueprint's current artifact for running in-process (hashed
+    /// and signature-checked on load).
+    pub fn load_kernel(&self, blueprint_id: &str) -> Result<Kernel> {
+        let record = self.ledger.artifacts().get(blueprint_id).ok_or_else(|| {
+            Error::failure(
+                ErrorCode::NotFound,
+                FailureReason::MissingArtifact,
+                format!("no current artifact for blueprint {blueprint_id:?}"),
+            )
+        })?;
+        self.ledger.store().touch(&record.cache_key);
+        Kernel::load(self.ledger.store(), record, self.ledger.keys())
+    }
+}

@@ -1,0 +1,210 @@
+//! The ledger: the journal, the artifact store and the guard table of one
+//! state directory, and the one rule that binds them — they agree. Every
+//! change that touches more than one of them goes through here, in the
+//! order that keeps the rule true across a crash at any instant:
+//! artifact file, manifest, journal commit, guard slot.
+use std::collections::BTreeMap;
+
+use super::config::ForgeConfig;
+use crate::base::error::{Error, Result};
+use crate::base::leyline::{KernelCatalogUpdate, MessagePriority};
+use crate::state::artifact::ArtifactRecord;
+use crate::state::guard_table::{GuardTable, Lookup, DEFAULT_SLOTS};
+use crate::state::layout::StateLayout;
+use crate::state::signing::KeyRing;
+use crate::state::store::ArtifactStore;
+use crate::state::verify::guard_entry;
+use crate::state::wal::journal::{Job, Journal, JournalState, Record};
+
+/// The durable state of a forge.
+pub struct Ledger {
+    layout: StateLayout,
+    store: ArtifactStore,
+    journal: Journal,
+    guards: GuardTable,
+    keys: KeyRing,
+}
+
+impl Ledger {
+    /// Opens the store, recovers the journal and maps the guard table of a
+    /// state directory the caller has locked.
+    pub fn open(layout: &StateLayout, config: &ForgeConfig) -> Result<Ledger> {
+        let store = ArtifactStore::open(layout)?;
+        let journal = Journal::open(&layout.wal())?;
+        let guards = GuardTable::open_writable(&layout.guards(), DEFAULT_SLOTS)?;
+        Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone() })
+    }
+
+    /// The replayed journal state.
+    pub fn state(&self) -> &JournalState {
+        self.journal.state()
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The journal, to tune (checkpoint interval).
+    pub fn journal_mut(&mut self) -> &mut Journal {
+        &mut self.journal
+    }
+
+    /// The artifact store.
+    pub fn store(&self) -> &ArtifactStore {
+        &self.store
+    }
+
+    /// The guard table.
+    pub fn guards(&self) -> &GuardTable {
+        &self.guards
+    }
+
+    /// The state directory's layout.
+    pub fn layout(&self) -> &StateLayout {
+        &self.layout
+    }
+
+    /// The keys artifacts are signed and verified with.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// The current artifact of every blueprint, by id.
+    pub fn artifacts(&self) -> &BTreeMap<String, ArtifactRecord> {
+        &self.journal.state().artifacts
+    }
+
+    /// Whether a stored artifact may be used: its file verifies and, with
+    /// trusted keys configured, its signature does.
+    pub fn usable(&self, record: &ArtifactRecord) -> bool {
+        self.store.verify(record).is_ok() && self.keys.verify(record).is_ok()
+    }
+
+    /// With trusted keys configured, takes every current artifact whose
+    /// signature does not verify out of the catalog (it will be compiled and
+    /// signed again when needed); returns them with the reason.
+    pub fn retire_unverified(&mut self) -> Result<Vec<(ArtifactRecord, Error)>> {
+        if !self.keys.verifies() {
+            return Ok(Vec::new());
+        }
+        let failing: Vec<(ArtifactRecord, Error)> =
+            self.artifacts().values().filter_map(|r| self.keys.verify(r).err().map(|e| (r.clone(), e))).collect();
+        for (record, _) in &failing {
+            let evict = Record::Evict { blueprint_id: Some(record.blueprint_id.clone()), cache_key: record.cache_key.clone() };
+            self.journal.append(vec![vec![evict]])?;
+        }
+        Ok(failing)
+    }
+
+    /// Makes the guard table agree with the journal's catalog; returns how
+    /// many slots were rewritten or removed.
+    pub fn sync_guard_table(&mut self) -> Result<usize> {
+        let (entries, damaged) = self.guards.entries();
+        if damaged > 0 {
+            self.guards = GuardTable::create(self.guards.path(), self.guards.slots())?;
+        }
+        let mut repaired = damaged;
+        let expected = &self.journal.state().artifacts;
+        for entry in &entries {
+            if !expected.contains_key(&entry.blueprint_id) {
+                self.guards.remove(&entry.blueprint_id)?;
+                repaired += 1;
+            }
+        }
+        for record in expected.values() {
+            let wanted = guard_entry(record)?;
+            if self.guards.lookup(&record.blueprint_id).ok() != Some(Lookup::Found(wanted.clone())) {
+                self.guards.put(&wanted)?;
+                repaired += 1;
+            }
+        }
+        Ok(repaired)
+    }
+
+    /// A durable artifact of the job's cache key that can be adopted instead
+    /// of compiling (a crash came between storing and committing it).
+    pub fn adoptable(&self, job: &Job) -> Option<ArtifactRecord> {
+        self.store.manifest(&job.cache_key).filter(|r| r.blueprint_id == job.blueprint_id && self.usable(r))
+    }
+
+    /// Durably accepts jobs in one sync; returns their sequence numbers.
+    pub fn submit(&mut self, jobs: Vec<Job>) -> Result<Vec<u64>> {
+        self.journal.submit(jobs)
+    }
+
+    /// Durably changes a queued job's priority.
+    pub fn reprioritize(&mut self, seq: u64, priority: MessagePriority) -> Result<()> {
+        self.journal.append(vec![vec![Record::Reprioritize { seq, priority }]])
+    }
+
+    /// Durably takes queued jobs out of the queue unrun, with their reasons.
+    pub fn expire(&mut self, stale: &[(u64, &str)]) -> Result<()> {
+        let records = stale.iter().map(|(seq, reason)| Record::Expire { seq: *seq, reason: reason.to_string() }).collect();
+        self.journal.append(vec![records])
+    }
+
+    /// Durably records that a job started; returns whether it had started
+    /// before (it was in flight when the last forge stopped: a retry).
+    pub fn record_start(&mut self, seq: u64) -> Result<bool> {
+        let retry = self.journal.state().started.contains(&seq);
+        self.journal.append(vec![vec![Record::Start { seq }]])?;
+        Ok(retry)
+    }
+
+    /// Durably records that a job failed and left the queue.
+    pub fn record_failure(&mut self, seq: u64, reason: &str, message: &str) -> Result<()> {
+        self.journal.append(vec![vec![Record::Fail { seq, reason: reason.to_string(), message: message.to_string() }]])
+    }
+
+    /// The revision a new artifact of the blueprint gets.
+    pub fn next_revision(&self, blueprint_id: &str) -> u64 {
+        self.journal.state().revisions.get(blueprint_id).copied().unwrap_or(0) + 1
+    }
+
+    /// Stores a compiled artifact durably — file, then signed manifest —
+    /// and returns its complete record (not yet current: see [`Self::commit`]).
+    pub fn store_artifact(&self, mut record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
+        record.describe_bytes(bytes);
+        self.keys.sign_record(&mut record);
+        self.store.put(&record, bytes)?;
+        Ok(record)
+    }
+
+    /// Makes a stored artifact current: journal commit, then guard slot.
+    /// Returns the catalog update to announce (only now is it durable
+    /// everywhere).
+    pub fn commit(&mut self, seq: u64, record: &ArtifactRecord) -> Result<KernelCatalogUpdate> {
+        self.journal.append(vec![vec![Record::Commit { seq, artifact: record.clone() }]])?;
+        self.guards.put(&guard_entry(record)?)?;
+        Ok(KernelCatalogUpdate {
+            blueprint_id: record.blueprint_id.clone(),
+            artifact_ref: self.store.artifact_path(record).display().to_string(),
+            checksum: record.checksum.clone(),
+            guard_digest: record.guard_digest.clone(),
+            compile_ms: record.compile_ms as f32,
+            prewarm_ms: record.prewarm_p50_ms as f32,
+        })
+    }
+
+    /// Evicts a cached artifact: if it is current, it leaves the catalog
+    /// (journal record, guard slot) first; then its files go. Returns
+    /// whether it was current.
+    pub fn evict(&mut self, record: &ArtifactRecord) -> Result<bool> {
+        let current = self.artifacts().get(&record.blueprint_id).is_some_and(|a| a.cache_key == record.cache_key);
+        if current {
+            let evict = Record::Evict { blueprint_id: Some(record.blueprint_id.clone()), cache_key: record.cache_key.clone() };
+            self.journal.append(vec![vec![evict]])?;
+            self.guards.remove(&record.blueprint_id)?;
+        }
+        self.store.remove(record)?;
+        Ok(current)
+    }
+
+    /// Removes the files interrupted writes left (temp files, artifacts no
+    /// manifest and no current record names); returns how many.
+    pub fn remove_debris(&self) -> Result<usize> {
+        let referenced = self.artifacts().values().map(|r| r.artifact_file.clone()).collect();
+        self.store.remove_debris(&referenced)
+    }
+}

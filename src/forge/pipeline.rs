@@ -1,0 +1,285 @@
+//! The compile pipeline of queued jobs: prepare (adopt a durable artifact
+//! or set up a compile) → compile on a worker under the job's budgets →
+//! finish (store, commit, announce — or record the failure). Draining the
+//! queue overlaps them: the next job compiles while the last is stored.
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::engine::Forge;
+use super::host::LogLevel;
+use super::report::{JobReport, JobStatus, Progress};
+use super::telemetry::{self, events};
+use crate::base::error::{Error, ErrorCode, Result};
+use crate::base::hex;
+use crate::base::leyline::{self, TelemetryEvent, TelemetryLevel};
+use crate::base::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
+use crate::build::compile::{self, CompileJob, CompiledArtifact};
+use crate::state::artifact::ArtifactRecord;
+use crate::state::wal::journal::Job;
+
+/// A queued job started by `drain` and not finished yet.
+struct InFlight {
+    /// Its index in the drained queue.
+    position: usize,
+    prepared: Result<Prepared>,
+    /// Its compile, when it needs one (or why it could not start).
+    compile: Option<Result<JoinHandle<Result<CompiledArtifact>>>>,
+}
+
+/// A job ready to compile.
+pub(super) struct PendingCompile {
+    job: CompileJob,
+    budget: Duration,
+    started: TelemetryEvent,
+    begun: Instant,
+}
+
+/// What starting a job decided.
+pub(super) enum Prepared {
+    /// A durable artifact of its cache key exists: commit it, no compile.
+    Adopted(ArtifactRecord),
+    /// It must compile.
+    Compile(PendingCompile),
+}
+
+impl Forge {
+    /// Runs every queued job (priority, then FIFO) and returns their reports.
+    ///
+    /// Up to `effective_concurrency` jobs compile at once, started and
+    /// committed in queue order. The queue is pipelined: as soon as a
+    /// job's compile ends the next one starts, and the finished job is
+    /// stored, committed and announced while it compiles — the forge's
+    /// durable work hides behind the next compile instead of adding to it.
+    pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
+        let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
+        let total = queue.len();
+        let mut reports = Vec::with_capacity(total);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut next = 0;
+        loop {
+            self.start_jobs(&queue, &mut next, &mut in_flight, progress);
+            let Some(front) = in_flight.pop_front() else { break };
+            let compiled = front.compile.map(|c| {
+                c.and_then(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked"))))
+            });
+            // The next job starts compiling before this one is stored.
+            self.start_jobs(&queue, &mut next, &mut in_flight, progress);
+            let report = self.finish(&queue[front.position], front.prepared, compiled);
+            progress(Progress::Finished(front.position, total, &report));
+            reports.push(report);
+        }
+        reports
+    }
+
+    /// Runs one queued job to its end on the calling thread's watch.
+    pub(super) fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
+        let prepared = self.record_start(job).and_then(|_| self.prepare(job, progress));
+        let compiled = match &prepared {
+            Ok(Prepared::Compile(c)) => {
+                Some(compile::compile_under(c.job.clone(), c.budget, self.config.memory_budget_bytes, self.execution(1)))
+            }
+            _ => None,
+        };
+        self.finish(job, prepared, compiled)
+    }
+
+    /// How a compile runs when `concurrent` compile at once: on the forge's
+    /// workers, abandoned at shutdown, sharing the caller's libtorch
+    /// intra-op threads among them so that they do not oversubscribe the cores.
+    fn execution(&self, concurrent: usize) -> compile::Execution {
+        let threads = tch::get_num_threads().max(1);
+        compile::Execution {
+            abort: Some(self.shutdown.clone()),
+            workers: Some(self.workers.clone()),
+            intra_op_threads: Some((threads / concurrent.max(1) as i32).max(1)),
+        }
+    }
+
+    /// Starts queued jobs, in order, while fewer than `effective_concurrency`
+    /// compile (none once shutting down).
+    fn start_jobs(&mut self, queue: &[Job], next: &mut usize, in_flight: &mut VecDeque<InFlight>, progress: &mut dyn FnMut(Progress<'_>)) {
+        let total = queue.len();
+        while *next < total && !self.shutdown.load(Ordering::Acquire) {
+            let width = (self.effective_concurrency() as usize).max(1);
+            if in_flight.iter().filter(|f| matches!(f.compile, Some(Ok(_)))).count() >= width {
+                return;
+            }
+            let job = &queue[*next];
+            progress(Progress::Started(*next, total, &job.blueprint_id));
+            let prepared = self.prepare(job, progress);
+            let compile = match &prepared {
+                Ok(Prepared::Compile(c)) => {
+                    let execution = self.execution(width.min(total - *next));
+                    let (job, budget, memory) = (c.job.clone(), c.budget, self.config.memory_budget_bytes);
+                    let spawned = std::thread::Builder::new()
+                        .name("tz-wait".into())
+                        .spawn(move || compile::compile_under(job, budget, memory, execution));
+                    Some(spawned.map_err(|e| Error::io("start a compile", e)))
+                }
+                _ => None,
+            };
+            // Recorded once the compile is under way, so that the msync
+            // overlaps it rather than delaying it.
+            let prepared = match (prepared, self.record_start(job)) {
+                (Ok(prepared), Ok(())) => Ok(prepared),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            };
+            in_flight.push_back(InFlight { position: *next, prepared, compile });
+            *next += 1;
+        }
+    }
+
+    /// Records durably that a job started (a crash from here on makes its
+    /// next run a retry).
+    fn record_start(&mut self, job: &Job) -> Result<()> {
+        if self.ledger.record_start(job.seq)? {
+            self.observer.counters.retried += 1;
+        }
+        Ok(())
+    }
+
+    /// Sets a job up: either adopts a durable artifact of its cache key (a
+    /// crash came between storing and committing it) or prepares its
+    /// compile.
+    fn prepare(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Prepared> {
+        if let Some(record) = self.ledger.adoptable(job) {
+            self.observer.cache.hits += 1;
+            self.ledger.store().touch(&record.cache_key);
+            return Ok(Prepared::Adopted(record));
+        }
+        let compile_job = CompileJob {
+            descriptor: job.descriptor.clone(),
+            overrides: job.overrides.clone(),
+            strategy: job.strategy,
+            device: job.device.to_tch(),
+            batch: job.batch,
+            input_shapes: job.input_shapes.clone(),
+        };
+        self.observer.counters.started += 1;
+        self.observer.cache.misses += 1;
+        progress(Progress::Compiling(&job.blueprint_id, &job.cache_key));
+        let started = telemetry::event(
+            events::COMPILE_STARTED,
+            TelemetryLevel::Info,
+            &[("blueprint_id", job.blueprint_id.clone()), ("strategy", job.strategy.name().to_string())],
+        );
+        let budget = self.effective_budget(job.strategy);
+        Ok(Prepared::Compile(PendingCompile { job: compile_job, budget, started, begun: Instant::now() }))
+    }
+
+    /// Ends a job whose compile (if it needed one) is done: stores and
+    /// commits, feeds the governor, records a failure, reports.
+    fn finish(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> JobReport {
+        let name = job.descriptor.name.clone();
+        let outcome = match prepared {
+            Err(e) => Err(e),
+            Ok(Prepared::Adopted(record)) => self.commit(job, &record, None).map(|_| (JobStatus::Cached, record)),
+            Ok(Prepared::Compile(c)) => match compiled.expect("a compile result for a compile job") {
+                Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, name))),
+                Ok(artifact) => {
+                    self.observer.counters.compile_us_total += (artifact.job_ms * 1e3) as u64;
+                    self.store_compiled(job, &c, artifact).map(|record| (JobStatus::Ok, record))
+                }
+            },
+        };
+        if self.shutdown.load(Ordering::Acquire) {
+            if let Err(error) = outcome {
+                // Abandoned by shutdown: not a failure of the job, which stays
+                // queued (durably) and resumes at the next open.
+                return self.report(&job.blueprint_id, &name, JobStatus::Failed, None, Some(error));
+            }
+        }
+        let changes = match &outcome {
+            Ok((JobStatus::Ok, _)) => self.governor.job_succeeded(),
+            Ok(_) => self.governor.refresh(),
+            Err(e) => self.governor.job_failed(e.reason()),
+        };
+        self.announce(changes);
+        match outcome {
+            Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
+            Err(error) => {
+                self.observer.counters.failed += 1;
+                if error.code() == ErrorCode::BudgetExceeded {
+                    self.observer.counters.abandoned += 1;
+                }
+                let reason = error.reason_name();
+                self.host.log(LogLevel::Error, &format!("{} failed: {error}", job.blueprint_id));
+                if let Err(e) = self.ledger.record_failure(job.seq, reason, error.message()) {
+                    self.host.log(LogLevel::Error, &format!("could not record the failure of {}: {e}", job.blueprint_id));
+                }
+                let failed = telemetry::event(
+                    events::COMPILE_FAILED,
+                    TelemetryLevel::Error,
+                    &[("blueprint_id", job.blueprint_id.clone()), ("reason", reason.to_string())],
+                );
+                let metrics = self.observer.counters.metrics();
+                self.emit_telemetry(metrics, vec![failed]);
+                self.report(&job.blueprint_id, &name, JobStatus::Failed, None, Some(error))
+            }
+        }
+    }
+
+    /// Stores a compiled artifact durably and commits it.
+    fn store_compiled(&mut self, job: &Job, c: &PendingCompile, artifact: CompiledArtifact) -> Result<ArtifactRecord> {
+        let descriptor = &c.job.descriptor;
+        let record = ArtifactRecord {
+            blueprint_id: job.blueprint_id.clone(),
+            name: descriptor.name.clone(),
+            descriptor_hash: hex::encode(&descriptor.content_hash()),
+            params: artifact.params.values().clone(),
+            strategy: artifact.strategy.name().to_string(),
+            variant: artifact.variant.clone(),
+            device: artifact.device.clone(),
+            cache_key: artifact.cache_key.clone(),
+            artifact_file: String::new(),
+            checksum: String::new(),
+            size_bytes: 0,
+            guard_digest: artifact.guard_digest.clone(),
+            guard_spec: artifact.guard_spec.clone(),
+            dynamic_batch: artifact.dynamic_batch,
+            compile_ms: artifact.compile_ms,
+            prewarm_p50_ms: artifact.prewarm_p50_ms,
+            prewarm_p95_ms: artifact.prewarm_p95_ms,
+            tezzeret_version: LIBRARY_VERSION.to_string(),
+            torch_version: TORCH_VERSION.to_string(),
+            format_version: ARTIFACT_FORMAT_VERSION,
+            revision: self.ledger.next_revision(&job.blueprint_id),
+            signature: None,
+        };
+        let record = self.ledger.store_artifact(record, &artifact.bytes)?;
+        self.commit(job, &record, Some((c.started.clone(), c.begun)))?;
+        Ok(record)
+    }
+
+    /// Makes a stored artifact current (journal, guard slot), then tells
+    /// the host: the catalog update only once it is durable everywhere.
+    fn commit(&mut self, job: &Job, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>) -> Result<()> {
+        let update = self.ledger.commit(job.seq, record)?;
+        self.prefetcher.forget(&record.blueprint_id);
+        self.observer.counters.completed += 1;
+        self.host.catalog_update(&leyline::encode(&update));
+
+        let strategy = record.strategy.as_str();
+        let mut metrics = self.observer.counters.metrics();
+        metrics.push(telemetry::metric("tezzeret.compilation.duration_ms", record.compile_ms, "ms", &[("strategy", strategy)]));
+        for (quantile, value) in [("p50", record.prewarm_p50_ms), ("p95", record.prewarm_p95_ms)] {
+            metrics.push(telemetry::metric("tezzeret.prewarm.ms", value, "ms", &[("strategy", strategy), ("quantile", quantile)]));
+        }
+        let id = record.blueprint_id.clone();
+        let mut events_out = Vec::new();
+        if let Some((started, begun)) = compiled {
+            events_out.push(started);
+            events_out.push(telemetry::event(events::PREWARM_COMPLETED, TelemetryLevel::Info, &[("blueprint_id", id.clone())]));
+            events_out.push(telemetry::event(
+                events::COMPILE_SUCCEEDED,
+                TelemetryLevel::Info,
+                &[("blueprint_id", id.clone()), ("job_ms", format!("{:.3}", begun.elapsed().as_secs_f64() * 1e3))],
+            ));
+        }
+        self.emit_telemetry(metrics, events_out);
+        self.host.log(LogLevel::Debug, &format!("{id} committed ({:.1} ms compile)", record.compile_ms));
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Prefetch answers: whether a blueprint's current artifact is ready, and
+//! proof that the file is the one that was verified, without re-hashing it
+//! on every request.
+//!
+//! When an artifact is hashed (and its signature checked) the file's
+//! identity — device, inode, size, mtime and ctime — is recorded with the
+//! time of the check. Later answers trust that record only while a `stat`
+//! returns the same identity *and* the file's timestamps are older than the
+//! check by more than the file system's timestamp granularity. The second
+//! condition is git's rule for "racily clean" index entries: timestamps
+//! advance in ticks, so a write in the same tick as the check could leave
+//! every timestamp unchanged; such a file is hashed again on its next use.
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::ledger::Ledger;
+use crate::base::error::{ErrorCode, FailureReason};
+use crate::base::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
+
+/// How much older than its verification a file's timestamps must be for
+/// the verification to be trusted later. Larger than any local file
+/// system's timestamp tick (ext4 and xfs use the kernel's coarse clock, a
+/// few ms; some file systems keep whole seconds).
+pub const TIMESTAMP_GRANULARITY: Duration = Duration::from_secs(2);
+
+/// The answer to a prefetch request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrefetchAnswer {
+    /// The kernel is ready.
+    Ready(KernelArtifactReady),
+    /// It is not (reason: `missing_artifact`, `artifact_not_found`,
+    /// `checksum_mismatch`, `signature_invalid`).
+    Error(KernelArtifactError),
+}
+
+/// Identity of a file's content as the kernel reports it: any write to it
+/// changes its mtime and ctime (ctime cannot be set from user space) and a
+/// replacement by rename changes its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+
+    /// Whether both timestamps are older than `checked_ns` by more than the
+    /// granularity: only then can no later write hide behind them.
+    fn settled_before(&self, checked_ns: i128) -> bool {
+        let margin = TIMESTAMP_GRANULARITY.as_nanos() as i128;
+        self.mtime_ns + margin < checked_ns && self.ctime_ns + margin < checked_ns
+    }
+}
+
+/// What was true of an artifact file when it was last hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VerifiedFile {
+    checksum: String,
+    identity: FileIdentity,
+    checked_ns: i128,
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// The verifications prefetch answers from.
+#[derive(Debug, Default)]
+pub struct Prefetcher {
+    verified: HashMap<String, VerifiedFile>,
+}
+
+impl Prefetcher {
+    /// Forgets what was verified of a blueprint (its artifact changed).
+    pub fn forget(&mut self, blueprint_id: &str) {
+        self.verified.remove(blueprint_id);
+    }
+
+    /// Answers a request from the ledger's current catalog. The file is
+    /// hashed (and its signature checked) unless a settled verification of
+    /// the same file identity exists.
+    pub fn answer(&mut self, request: &KernelPrefetchRequest, ledger: &Ledger) -> PrefetchAnswer {
+        let id = &request.blueprint_id;
+        let error = |reason: FailureReason| {
+            PrefetchAnswer::Error(KernelArtifactError {
+                request_id: request.request_id.clone(),
+                blueprint_id: id.clone(),
+                reason: reason.as_str().to_string(),
+            })
+        };
+        let Some(record) = ledger.artifacts().get(id) else { return error(FailureReason::MissingArtifact) };
+        let path = ledger.store().artifact_path(record);
+        let Ok(identity) = FileIdentity::of(&path) else { return error(FailureReason::ArtifactNotFound) };
+        let known = self.verified.get(id).is_some_and(|v| {
+            v.checksum == record.checksum && v.identity == identity && identity.settled_before(v.checked_ns)
+        });
+        if !known {
+            self.verified.remove(id);
+            let checked_ns = now_ns();
+            if let Err(e) = ledger.store().verify(record) {
+                let not_found = e.code() == ErrorCode::NotFound;
+                return error(if not_found { FailureReason::ArtifactNotFound } else { FailureReason::ChecksumMismatch });
+            }
+            if ledger.keys().verify(record).is_err() {
+                return error(FailureReason::SignatureInvalid);
+            }
+            // The identity is taken again after hashing: a change during the hash shows next time.
+            match FileIdentity::of(&path) {
+                Ok(after) if after == identity => {
+                    self.verified.insert(id.clone(), VerifiedFile { checksum: record.checksum.clone(), identity, checked_ns });
+                }
+                _ => return error(FailureReason::ChecksumMismatch),
+            }
+        }
+        ledger.store().touch(&record.cache_key);
+        PrefetchAnswer::Ready(KernelArtifactReady {
+            request_id: request.request_id.clone(),
+            blueprint_id: id.clone(),
+            artifact_ref: path.display().to_string(),
+            checksum: record.checksum.clone(),
+            guard_digest: record.guard_digest.clone(),
+            prewarm_p50_ms: record.prewarm_p50_ms as f32,
+            prewarm_p95_ms: record.prewarm_p95_ms as f32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FileIdentity, TIMESTAMP_GRANULARITY};
+
+    #[test]
+    fn a_verification_in_the_files_own_tick_is_not_trusted() {
+        let path = std::env::temp_dir().join(format!("tezzeret-racy-{}", std::process::id()));
+        std::fs::write(&path, b"artifact").unwrap();
+        let identity = FileIdentity::of(&path).unwrap();
+        let newest = identity.mtime_ns.max(identity.ctime_ns);
+        // Checked in the same tick as the last change (or a little later, but
+        // within the granularity): a later write could hide behind the same
+        // timestamps, so the file must be hashed again.
+        assert!(!identity.settled_before(newest));
+        assert!(!identity.settled_before(newest + TIMESTAMP_GRANULARITY.as_nanos() as i128));
+        // Checked well after the last change: the identity proves the content.
+        assert!(identity.settled_before(newest + 2 * TIMESTAMP_GRANULARITY.as_nanos() as i128));
+        std::fs::remove_file(&path).unwrap();
+    }
+}

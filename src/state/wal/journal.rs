@@ -1,0 +1,364 @@
+//! The job journal: what the WAL's records mean, and the state they replay
+//! into (the job queue and the stored catalog).
+//!
+//! Each WAL transaction carries JSON records. Submitting jobs, committing an
+//! artifact and recording a failure are each one durable transaction; a
+//! checkpoint replaces the whole log with one snapshot transaction.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::log::{Recovery, Wal};
+use crate::base::device::ComputeDevice;
+use crate::base::error::{Error, ErrorCode, Result};
+use crate::base::leyline::MessagePriority;
+use crate::build::catalog::Descriptor;
+use crate::build::compile::strategy::Strategy;
+use crate::state::artifact::ArtifactRecord;
+
+/// A compile job as submitted: everything needed to run it again, typed.
+/// In the log the descriptor is its Leyline bytes in hex (`descriptor_hex`),
+/// the priority a Leyline `MessagePriority` number, strategy and device
+/// their names; decoding any of them wrongly is corruption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Submission sequence number (FIFO order within a priority).
+    pub seq: u64,
+    /// Priority (higher first).
+    #[serde(with = "priority_number")]
+    pub priority: MessagePriority,
+    /// The blueprint.
+    pub blueprint_id: String,
+    /// The descriptor as submitted.
+    #[serde(rename = "descriptor_hex", with = "descriptor_hex")]
+    pub descriptor: Descriptor,
+    /// Host parameter values.
+    pub overrides: BTreeMap<String, f64>,
+    /// Host input shapes.
+    pub input_shapes: Option<Vec<Vec<i64>>>,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Target device.
+    pub device: ComputeDevice,
+    /// Batch size of the representative inputs.
+    pub batch: i64,
+    /// Cache key the job will produce.
+    pub cache_key: String,
+}
+
+/// A descriptor as the hex of its Leyline bytes.
+mod descriptor_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::base::{hex, leyline};
+    use crate::build::catalog::Descriptor;
+
+    pub fn serialize<S: Serializer>(descriptor: &Descriptor, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(&leyline::encode(&descriptor.to_leyline())))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Descriptor, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(&text, "descriptor_hex").map_err(serde::de::Error::custom)?;
+        Descriptor::decode(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A priority as its Leyline number.
+mod priority_number {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::base::leyline::MessagePriority;
+
+    pub fn serialize<S: Serializer>(priority: &MessagePriority, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(*priority as i32)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MessagePriority, D::Error> {
+        let value = i32::deserialize(d)?;
+        MessagePriority::try_from(value).map_err(|_| serde::de::Error::custom(format!("unknown priority {value}")))
+    }
+}
+
+/// One journal record (a DATA payload).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// A job was accepted.
+    Enqueue {
+        /// The job.
+        job: Job,
+    },
+    /// A job started running (compiling or adopting).
+    Start {
+        /// The job's sequence number.
+        seq: u64,
+    },
+    /// A job produced a durable artifact, now current for its blueprint.
+    Commit {
+        /// The job's sequence number (0: adopted or not from a job).
+        seq: u64,
+        /// The stored artifact.
+        artifact: ArtifactRecord,
+    },
+    /// A job failed and left the queue.
+    Fail {
+        /// The job's sequence number.
+        seq: u64,
+        /// Machine-readable reason.
+        reason: String,
+        /// Message.
+        message: String,
+    },
+    /// A queued job's priority changed (a host submitted it again).
+    Reprioritize {
+        /// The job's sequence number.
+        seq: u64,
+        /// The new priority.
+        #[serde(with = "priority_number")]
+        priority: MessagePriority,
+    },
+    /// A queued job left the queue unrun because it can no longer be useful
+    /// (its descriptor was removed or changed): not a failure.
+    Expire {
+        /// The job's sequence number.
+        seq: u64,
+        /// Why (`descriptor_removed`, `descriptor_changed`).
+        reason: String,
+    },
+    /// A cached artifact was evicted (it is no longer current).
+    Evict {
+        /// The blueprint whose current artifact it was, if it was current.
+        blueprint_id: Option<String>,
+        /// The evicted cache key.
+        cache_key: String,
+    },
+    /// The whole state, replacing everything before it.
+    Checkpoint {
+        /// The snapshot.
+        state: JournalState,
+    },
+}
+
+/// The state the journal replays into.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JournalState {
+    /// Next submission sequence number.
+    pub next_seq: u64,
+    /// Jobs accepted and not finished, by sequence number.
+    #[serde(with = "jobs_as_list")]
+    pub pending: BTreeMap<u64, Job>,
+    /// Pending jobs that had started (at recovery: in flight at the crash).
+    #[serde(default)]
+    pub started: BTreeSet<u64>,
+    /// The current artifact of each blueprint.
+    pub artifacts: BTreeMap<String, ArtifactRecord>,
+    /// The last failure of each blueprint (reason, message).
+    pub failures: BTreeMap<String, (String, String)>,
+    /// The highest revision committed per blueprint (revisions only grow,
+    /// eviction included).
+    #[serde(default)]
+    pub revisions: BTreeMap<String, u64>,
+    /// Transactions applied since the last checkpoint.
+    #[serde(default)]
+    pub transactions_since_checkpoint: u64,
+}
+
+impl JournalState {
+    fn apply(&mut self, record: Record) {
+        match record {
+            Record::Enqueue { job } => {
+                self.next_seq = self.next_seq.max(job.seq + 1);
+                self.pending.insert(job.seq, job);
+            }
+            Record::Start { seq } => {
+                if self.pending.contains_key(&seq) {
+                    self.started.insert(seq);
+                }
+            }
+            Record::Commit { seq, artifact } => {
+                self.pending.remove(&seq);
+                self.started.remove(&seq);
+                self.failures.remove(&artifact.blueprint_id);
+                let revision = self.revisions.entry(artifact.blueprint_id.clone()).or_default();
+                *revision = (*revision).max(artifact.revision);
+                self.artifacts.insert(artifact.blueprint_id.clone(), artifact);
+            }
+            Record::Fail { seq, reason, message } => {
+                self.started.remove(&seq);
+                if let Some(job) = self.pending.remove(&seq) {
+                    self.failures.insert(job.blueprint_id, (reason, message));
+                }
+            }
+            Record::Reprioritize { seq, priority } => {
+                if let Some(job) = self.pending.get_mut(&seq) {
+                    job.priority = priority;
+                }
+            }
+            Record::Expire { seq, .. } => {
+                self.started.remove(&seq);
+                self.pending.remove(&seq);
+            }
+            Record::Evict { blueprint_id, cache_key } => {
+                if let Some(id) = blueprint_id {
+                    if self.artifacts.get(&id).is_some_and(|a| a.cache_key == cache_key) {
+                        self.artifacts.remove(&id);
+                    }
+                }
+            }
+            Record::Checkpoint { state } => *self = state,
+        }
+    }
+
+    /// Pending jobs in service order: priority descending, then FIFO.
+    pub fn queue(&self) -> Vec<&Job> {
+        let mut jobs: Vec<&Job> = self.pending.values().collect();
+        jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority as i32), j.seq));
+        jobs
+    }
+
+    /// Sequence numbers of pending jobs (for tests and dumps).
+    pub fn pending_seqs(&self) -> BTreeSet<u64> {
+        self.pending.keys().copied().collect()
+    }
+}
+
+/// Serialises the pending map as a list (each job carries its own
+/// sequence number): JSON maps inside tagged enums cannot have integer keys.
+mod jobs_as_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Job;
+
+    pub fn serialize<S: Serializer>(jobs: &BTreeMap<u64, Job>, s: S) -> Result<S::Ok, S::Error> {
+        jobs.values().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Job>, D::Error> {
+        Ok(Vec::<Job>::deserialize(d)?.into_iter().map(|j| (j.seq, j)).collect())
+    }
+}
+
+/// Decodes a recovered log into records.
+pub fn records(recovery: &Recovery) -> Result<Vec<(u64, Vec<Record>)>> {
+    recovery
+        .transactions
+        .iter()
+        .map(|tx| {
+            let records = tx
+                .records
+                .iter()
+                .map(|bytes| {
+                    serde_json::from_slice::<Record>(bytes).map_err(|e| {
+                        Error::new(ErrorCode::Corrupt, format!("WAL transaction {} has an unreadable record: {e}", tx.sequence))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((tx.sequence, records))
+        })
+        .collect()
+}
+
+/// Replays a recovered log.
+pub fn replay(recovery: &Recovery) -> Result<JournalState> {
+    let mut state = JournalState { next_seq: 1, ..Default::default() };
+    for (_, tx) in records(recovery)? {
+        for record in tx {
+            state.apply(record);
+        }
+        state.transactions_since_checkpoint += 1;
+    }
+    Ok(state)
+}
+
+/// Checkpoint once this many transactions accumulated.
+pub const CHECKPOINT_TRANSACTIONS: u64 = 4096;
+
+/// The WAL plus the state it replays into.
+pub struct Journal {
+    wal: Wal,
+    state: JournalState,
+    recovery: Recovery,
+    checkpoint_every: u64,
+}
+
+impl Journal {
+    /// Opens and recovers the journal at `path`.
+    pub fn open(path: &Path) -> Result<Journal> {
+        let (wal, recovery) = Wal::open(path)?;
+        let state = replay(&recovery)?;
+        Ok(Journal { wal, state, recovery, checkpoint_every: CHECKPOINT_TRANSACTIONS })
+    }
+
+    /// Sets how many transactions trigger a checkpoint.
+    pub fn set_checkpoint_every(&mut self, transactions: u64) {
+        self.checkpoint_every = transactions.max(1);
+    }
+
+    /// The replayed state.
+    pub fn state(&self) -> &JournalState {
+        &self.state
+    }
+
+    /// What recovery found at open.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The log.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// Durably appends transactions (each a list of records) in one sync
+    /// batch, then applies them. Nothing is applied if the write fails.
+    pub fn append(&mut self, transactions: Vec<Vec<Record>>) -> Result<()> {
+        let encoded: Vec<Vec<Vec<u8>>> = transactions
+            .iter()
+            .map(|tx| tx.iter().map(|r| serde_json::to_vec(r).expect("records serialise")).collect())
+            .collect();
+        self.wal.commit(&encoded)?;
+        for tx in transactions {
+            for record in tx {
+                self.state.apply(record);
+            }
+            self.state.transactions_since_checkpoint += 1;
+        }
+        if self.state.transactions_since_checkpoint >= self.checkpoint_every {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Accepts jobs (assigning sequence numbers) in one durable batch;
+    /// returns their sequence numbers once they are on stable storage.
+    pub fn submit(&mut self, jobs: Vec<Job>) -> Result<Vec<u64>> {
+        let mut seq = self.state.next_seq;
+        let mut seqs = Vec::with_capacity(jobs.len());
+        let transactions = jobs
+            .into_iter()
+            .map(|mut job| {
+                job.seq = seq;
+                seqs.push(seq);
+                seq += 1;
+                vec![Record::Enqueue { job }]
+            })
+            .collect();
+        self.append(transactions)?;
+        Ok(seqs)
+    }
+
+    /// Replaces the log with a single snapshot of the state.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let mut snapshot = self.state.clone();
+        snapshot.transactions_since_checkpoint = 0;
+        let bytes = serde_json::to_vec(&Record::Checkpoint { state: snapshot.clone() }).expect("serialises");
+        self.wal.rewrite(&[vec![bytes]])?;
+        self.state = snapshot;
+        self.state.transactions_since_checkpoint = 1;
+        Ok(())
+    }
+}
