@@ -218,7 +218,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 2
+#define TEZZERET_ABI_MINOR 3
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -628,6 +628,15 @@ struct tezzeret_status *tezzeret_forge_drain(struct tezzeret_forge *forge,
 // e.g. Tamiyo's), and returns when its artifact is durable and announced.
 struct tezzeret_status *tezzeret_forge_compile_now(struct tezzeret_forge *forge,
                                                    const char *blueprint_id);
+
+// As `tezzeret_forge_compile_now`, abandoning the compile if it runs longer
+// than `budget_ms` (a caller's deadline for this call, in place of the
+// strategy's budget; conservative mode does not stretch it). An overrun
+// returns `TEZZERET_CODE_BUDGET_EXCEEDED` and feeds the timeout breaker;
+// `budget_ms` 0 is refused.
+struct tezzeret_status *tezzeret_forge_compile_now_within(struct tezzeret_forge *forge,
+                                                          const char *blueprint_id,
+                                                          uint64_t budget_ms);
 
 // Enumerates the host's descriptors again: new or changed ones are queued
 // durably; ones no longer enumerated are logged (their artifacts stay).

@@ -92,6 +92,33 @@ pub unsafe extern "C" fn tezzeret_forge_compile_now(forge: *mut tezzeret_forge, 
     })
 }
 
+/// As `tezzeret_forge_compile_now`, abandoning the compile if it runs longer
+/// than `budget_ms` (a caller's deadline for this call, in place of the
+/// strategy's budget; conservative mode does not stretch it). An overrun
+/// returns `TEZZERET_CODE_BUDGET_EXCEEDED` and feeds the timeout breaker;
+/// `budget_ms` 0 is refused.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_compile_now_within(
+    forge: *mut tezzeret_forge,
+    blueprint_id: *const c_char,
+    budget_ms: u64,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        // SAFETY: NULL or a NUL-terminated string valid for the call.
+        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
+        if budget_ms == 0 {
+            return Err(Error::invalid("budget_ms must be > 0"));
+        }
+        let budget = std::time::Duration::from_millis(budget_ms);
+        // SAFETY: NULL or a live forge handle.
+        let report = unsafe { tezzeret_forge::with(forge, |f| f.compile_one_within(id, budget)) }?;
+        match report.error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    })
+}
+
 /// Enumerates the host's descriptors again: new or changed ones are queued
 /// durably; ones no longer enumerated are logged (their artifacts stay).
 /// `*out_queued` / `*out_removed` (nullable) receive the counts.

@@ -95,6 +95,9 @@ pub struct ForgeConfig {
     pub gpu_window: Duration,
     /// Process memory (RSS) above which the memory breaker counts a failure.
     pub rss_budget_bytes: Option<u64>,
+    /// Journal transactions after which the WAL is checkpointed (rewritten
+    /// as one snapshot); the default keeps it bounded while jobs flow.
+    pub checkpoint_every: u64,
 }
 
 impl ForgeConfig {
@@ -124,6 +127,7 @@ impl ForgeConfig {
             gpu_limit_percent: 25.0,
             gpu_window: Duration::from_secs(30),
             rss_budget_bytes: None,
+            checkpoint_every: crate::state::wal::journal::CHECKPOINT_TRANSACTIONS,
         }
     }
 

@@ -16,6 +16,17 @@ use crate::state::store::ArtifactStore;
 use crate::state::verify::guard_entry;
 use crate::state::wal::journal::{Job, Journal, JournalState, Record};
 
+/// What a durable artifact of a job's cache key allows.
+#[derive(Debug)]
+pub enum Adoption {
+    /// It verifies: commit it instead of compiling.
+    Adopt(ArtifactRecord),
+    /// It exists but does not verify (damaged file, bad signature): compile.
+    Refused(Error),
+    /// There is none.
+    Nothing,
+}
+
 /// The durable state of a forge.
 pub struct Ledger {
     layout: StateLayout,
@@ -30,7 +41,8 @@ impl Ledger {
     /// state directory the caller has locked.
     pub fn open(layout: &StateLayout, config: &ForgeConfig) -> Result<Ledger> {
         let store = ArtifactStore::open(layout)?;
-        let journal = Journal::open(&layout.wal())?;
+        let mut journal = Journal::open(&layout.wal())?;
+        journal.set_checkpoint_every(config.checkpoint_every);
         let guards = GuardTable::open_writable(&layout.guards(), DEFAULT_SLOTS)?;
         Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone() })
     }
@@ -122,10 +134,19 @@ impl Ledger {
         Ok(repaired)
     }
 
-    /// A durable artifact of the job's cache key that can be adopted instead
-    /// of compiling (a crash came between storing and committing it).
-    pub fn adoptable(&self, job: &Job) -> Option<ArtifactRecord> {
-        self.store.manifest(&job.cache_key).filter(|r| r.blueprint_id == job.blueprint_id && self.usable(r))
+    /// Whether a durable artifact of the job's cache key can be adopted
+    /// instead of compiling (a crash came between storing and committing
+    /// it): only if its file and signature verify.
+    pub fn adoption(&self, job: &Job) -> Adoption {
+        match self.store.manifest(&job.cache_key) {
+            Some(record) if record.blueprint_id == job.blueprint_id => {
+                match self.store.verify(&record).and_then(|_| self.keys.verify(&record)) {
+                    Ok(()) => Adoption::Adopt(record),
+                    Err(error) => Adoption::Refused(error),
+                }
+            }
+            _ => Adoption::Nothing,
+        }
     }
 
     /// Durably accepts jobs in one sync; returns their sequence numbers.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::Forge;
 use super::host::LogLevel;
+use super::ledger::Adoption;
 use super::report::{JobReport, JobStatus, Progress};
 use super::telemetry::{self, events};
 use crate::base::error::{Error, ErrorCode, Result};
@@ -73,9 +74,16 @@ impl Forge {
         reports
     }
 
-    /// Runs one queued job to its end on the calling thread's watch.
-    pub(super) fn execute(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> JobReport {
-        let prepared = self.record_start(job).and_then(|_| self.prepare(job, progress));
+    /// Runs one queued job to its end on the calling thread's watch, under
+    /// `budget` when given (else its strategy's).
+    pub(super) fn execute(&mut self, job: &Job, budget: Option<Duration>) -> JobReport {
+        let prepared = self.record_start(job).and_then(|_| self.prepare(job, &mut |_| {})).map(|prepared| match (prepared, budget) {
+            (Prepared::Compile(mut c), Some(budget)) => {
+                c.budget = budget;
+                Prepared::Compile(c)
+            }
+            (prepared, _) => prepared,
+        });
         let compiled = match &prepared {
             Ok(Prepared::Compile(c)) => {
                 Some(compile::compile_under(c.job.clone(), c.budget, self.config.memory_budget_bytes, self.execution(1)))
@@ -144,10 +152,17 @@ impl Forge {
     /// crash came between storing and committing it) or prepares its
     /// compile.
     fn prepare(&mut self, job: &Job, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Prepared> {
-        if let Some(record) = self.ledger.adoptable(job) {
-            self.observer.cache.hits += 1;
-            self.ledger.store().touch(&record.cache_key);
-            return Ok(Prepared::Adopted(record));
+        match self.ledger.adoption(job) {
+            Adoption::Adopt(record) => {
+                self.observer.cache.hits += 1;
+                self.ledger.store().touch(&record.cache_key);
+                return Ok(Prepared::Adopted(record));
+            }
+            Adoption::Refused(error) => {
+                let message = format!("{}: the durable artifact of its cache key is not adopted ({error}); compiling", job.blueprint_id);
+                self.host.log(LogLevel::Warn, &message);
+            }
+            Adoption::Nothing => {}
         }
         let compile_job = CompileJob {
             descriptor: job.descriptor.clone(),
@@ -173,6 +188,7 @@ impl Forge {
     /// commits, feeds the governor, records a failure, reports.
     fn finish(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> JobReport {
         let name = job.descriptor.name.clone();
+        let compiled_during = compiled.as_ref().and_then(|c| c.as_ref().ok()).map(|a| a.ran);
         let outcome = match prepared {
             Err(e) => Err(e),
             Ok(Prepared::Adopted(record)) => self.commit(job, &record, None).map(|_| (JobStatus::Cached, record)),
@@ -198,7 +214,11 @@ impl Forge {
         };
         self.announce(changes);
         match outcome {
-            Ok((status, record)) => self.report(&job.blueprint_id, &name, status, Some(record), None),
+            Ok((status, record)) => {
+                let mut report = self.report(&job.blueprint_id, &name, status, Some(record), None);
+                report.compiled_during = compiled_during;
+                report
+            }
             Err(error) => {
                 self.observer.counters.failed += 1;
                 if error.code() == ErrorCode::BudgetExceeded {

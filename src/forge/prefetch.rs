@@ -19,9 +19,12 @@ use crate::base::error::{ErrorCode, FailureReason};
 use crate::base::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
 
 /// How much older than its verification a file's timestamps must be for
-/// the verification to be trusted later. Larger than any local file
-/// system's timestamp tick (ext4 and xfs use the kernel's coarse clock, a
-/// few ms; some file systems keep whole seconds).
+/// the verification to be trusted later, on a file system that keeps
+/// sub-second timestamps: above the kernel's coarse clock tick (at most
+/// 10 ms, at HZ=100), which ext4, xfs, btrfs and tmpfs stamp files with.
+pub const FINE_TIMESTAMP_GRANULARITY: Duration = Duration::from_millis(20);
+/// The same on a file system that keeps whole seconds (ext3, FAT's 2 s),
+/// recognised by timestamps without a fraction.
 pub const TIMESTAMP_GRANULARITY: Duration = Duration::from_secs(2);
 
 /// The answer to a prefetch request.
@@ -59,10 +62,22 @@ impl FileIdentity {
         })
     }
 
+    /// The timestamp granularity this file's file system shows: whole
+    /// seconds when neither timestamp has a fraction (a fine-grained file
+    /// system shows that too, rarely: it then waits longer, never less).
+    fn granularity(&self) -> Duration {
+        let whole = |ns: i128| ns % 1_000_000_000 == 0;
+        if whole(self.mtime_ns) && whole(self.ctime_ns) {
+            TIMESTAMP_GRANULARITY
+        } else {
+            FINE_TIMESTAMP_GRANULARITY
+        }
+    }
+
     /// Whether both timestamps are older than `checked_ns` by more than the
     /// granularity: only then can no later write hide behind them.
     fn settled_before(&self, checked_ns: i128) -> bool {
-        let margin = TIMESTAMP_GRANULARITY.as_nanos() as i128;
+        let margin = self.granularity().as_nanos() as i128;
         self.mtime_ns + margin < checked_ns && self.ctime_ns + margin < checked_ns
     }
 }
@@ -142,7 +157,7 @@ impl Prefetcher {
 
 #[cfg(test)]
 mod tests {
-    use super::{FileIdentity, TIMESTAMP_GRANULARITY};
+    use super::FileIdentity;
 
     #[test]
     fn a_verification_in_the_files_own_tick_is_not_trusted() {
@@ -153,10 +168,14 @@ mod tests {
         // Checked in the same tick as the last change (or a little later, but
         // within the granularity): a later write could hide behind the same
         // timestamps, so the file must be hashed again.
+        let tick = identity.granularity().as_nanos() as i128;
         assert!(!identity.settled_before(newest));
-        assert!(!identity.settled_before(newest + TIMESTAMP_GRANULARITY.as_nanos() as i128));
+        assert!(!identity.settled_before(newest + tick));
         // Checked well after the last change: the identity proves the content.
-        assert!(identity.settled_before(newest + 2 * TIMESTAMP_GRANULARITY.as_nanos() as i128));
+        assert!(identity.settled_before(newest + 2 * tick));
+        // Whole-second timestamps (a coarse file system): two seconds of margin.
+        let coarse = FileIdentity { mtime_ns: 5_000_000_000, ctime_ns: 5_000_000_000, ..identity };
+        assert!(!coarse.settled_before(6_900_000_000) && coarse.settled_before(7_100_000_000));
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -3,6 +3,7 @@
 //! moment they are acknowledged; they run by priority, then in submission
 //! order, and that order survives restarts.
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::engine::Forge;
 use super::host::LogLevel;
@@ -113,8 +114,19 @@ impl Forge {
     }
 
     /// Compiles (or reuses) one descriptor of the catalog by id, now,
-    /// bypassing the queue order.
+    /// bypassing the queue order, under its strategy's budget.
     pub fn compile_one(&mut self, blueprint_id: &str) -> Result<JobReport> {
+        self.compile_urgently(blueprint_id, None)
+    }
+
+    /// As [`Self::compile_one`], abandoning the compile if it runs longer
+    /// than `budget` (a caller's deadline: it replaces the strategy's
+    /// budget for this call only, and conservative mode does not stretch it).
+    pub fn compile_one_within(&mut self, blueprint_id: &str, budget: Duration) -> Result<JobReport> {
+        self.compile_urgently(blueprint_id, Some(budget))
+    }
+
+    fn compile_urgently(&mut self, blueprint_id: &str, budget: Option<Duration>) -> Result<JobReport> {
         let descriptor = self.catalog_descriptor(blueprint_id)?;
         let seq = match self.plan(&descriptor) {
             Planned::Done(report) => return Ok(report),
@@ -122,7 +134,7 @@ impl Forge {
             Planned::AlreadyQueued(seq) => seq,
         };
         let job = self.ledger.state().pending[&seq].clone();
-        Ok(self.execute(&job, &mut |_| {}))
+        Ok(self.execute(&job, budget))
     }
 
     /// Enumerates the host's descriptors again: new or changed ones (by
@@ -225,6 +237,7 @@ impl Forge {
             artifact_path: record.as_ref().map(|r| self.ledger.store().artifact_path(r)),
             record,
             error,
+            compiled_during: None,
         }
     }
 

@@ -52,6 +52,8 @@ pub struct JobReport {
     pub artifact_path: Option<PathBuf>,
     /// Why it failed or was refused.
     pub error: Option<Error>,
+    /// When its compile ran on its worker (start, end), if it compiled.
+    pub compiled_during: Option<(std::time::Instant, std::time::Instant)>,
 }
 
 /// Progress notifications of [`Forge::run`].
@@ -90,7 +92,9 @@ pub struct RefreshReport {
 
 
 /// One entry: the fields `forge --json` and `inspect --json` print.
-pub fn entry(blueprint_id: &str, status: JobStatus, record: Option<&ArtifactRecord>, store: &ArtifactStore, error: Option<String>) -> Value {
+/// `error` is the error's text and `reason` its machine-readable reason
+/// (`budget_exceeded`, `checksum_mismatch`, …), both null without an error.
+pub fn entry(blueprint_id: &str, status: JobStatus, record: Option<&ArtifactRecord>, store: &ArtifactStore, error: Option<&Error>) -> Value {
     json!({
         "blueprint_id": blueprint_id,
         "status": status.name(),
@@ -104,7 +108,8 @@ pub fn entry(blueprint_id: &str, status: JobStatus, record: Option<&ArtifactReco
         "compile_ms": record.map(|r| r.compile_ms),
         "prewarm_p50_ms": record.map(|r| r.prewarm_p50_ms),
         "prewarm_p95_ms": record.map(|r| r.prewarm_p95_ms),
-        "error": error,
+        "error": error.map(|e| e.to_string()),
+        "reason": error.map(|e| e.reason_name()),
     })
 }
 
@@ -112,7 +117,7 @@ pub fn entry(blueprint_id: &str, status: JobStatus, record: Option<&ArtifactReco
 pub fn run_document(reports: &[JobReport], store: &ArtifactStore) -> Value {
     let artifacts: Vec<Value> = reports
         .iter()
-        .map(|r| entry(&r.blueprint_id, r.status, r.record.as_ref(), store, r.error.as_ref().map(|e| e.to_string())))
+        .map(|r| entry(&r.blueprint_id, r.status, r.record.as_ref(), store, r.error.as_ref()))
         .collect();
     json!({ "artifacts": artifacts })
 }

@@ -3,7 +3,10 @@
 //! `TEZZERET_FAILPOINTS="wal.msync=error@3,store.rename=crash@1"` makes the
 //! 3rd `wal.msync` return an I/O error and the 1st `store.rename` kill the
 //! process with SIGKILL (as `kill -9` would, mid-operation). Unset (the
-//! normal case), a failpoint costs one atomic load.
+//! normal case), a failpoint costs one atomic load. With
+//! `TEZZERET_FAILPOINTS_LOG=FILE`, every failpoint that fires appends a line
+//! `fired NAME ACTION HIT` to FILE first (before a crash, too), so a test can
+//! tell a failpoint that fired from one its run never reached.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -57,6 +60,20 @@ fn points() -> Option<&'static HashMap<String, Point>> {
         .as_ref()
 }
 
+/// Appends the firing to `TEZZERET_FAILPOINTS_LOG`, if set (one `write` of
+/// an O_APPEND file: it survives the SIGKILL that may follow).
+fn record_firing(name: &str, action: Action, hit: u64) {
+    let Some(path) = std::env::var_os("TEZZERET_FAILPOINTS_LOG") else { return };
+    let action = match action {
+        Action::Error => "error",
+        Action::Crash => "crash",
+    };
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        use std::io::Write;
+        let _ = file.write_all(format!("fired {name} {action} {hit}\n").as_bytes());
+    }
+}
+
 /// Passes through failpoint `name`: an injected I/O error, a SIGKILL of
 /// this process, or (normally) nothing.
 pub fn hit(name: &str) -> std::io::Result<()> {
@@ -64,6 +81,7 @@ pub fn hit(name: &str) -> std::io::Result<()> {
     if point.hits.fetch_add(1, Ordering::SeqCst) + 1 != point.at {
         return Ok(());
     }
+    record_firing(name, point.action, point.at);
     match point.action {
         Action::Error => Err(std::io::Error::other(format!("failpoint {name} injected an I/O error"))),
         Action::Crash => {

@@ -57,3 +57,17 @@ pub fn open_forge(dir: &Path, callbacks: &tezzeret_host_callbacks, tune: impl Fn
         forge
     }
 }
+
+/// A raw forge handle shared with scoped threads (the forge is thread-safe).
+#[derive(Clone, Copy)]
+pub struct Handle(pub *mut tezzeret_forge);
+// SAFETY: the C ABI allows a forge handle to be used from any thread.
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+impl Handle {
+    /// The pointer (a method, so that closures capture the whole handle).
+    pub fn ptr(self) -> *mut tezzeret_forge {
+        self.0
+    }
+}

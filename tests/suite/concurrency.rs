@@ -10,8 +10,8 @@ use prost::Message;
 use tezzeret::ffi::*;
 use tezzeret::base::leyline::{self, KernelCatalogUpdate, SystemHealth, TelemetryPacket};
 
-use crate::cabi::{host_callbacks, ok, open_forge, take};
-use crate::TempDir;
+use crate::cabi::{host_callbacks, ok, open_forge, take, Handle};
+use crate::{wait_for, TempDir};
 
 const BLOCKS: [(&str, &str); 4] =
     [("C0", "relu_activation"), ("C1", "gelu_activation"), ("C2", "layer_scaling"), ("C3", "skip_connection")];
@@ -136,25 +136,6 @@ fn open(dir: &std::path::Path, host: &Host, refresh_ms: u64, telemetry_ms: u64) 
         config.refresh_interval_ms = refresh_ms;
         config.telemetry_interval_ms = telemetry_ms;
     })
-}
-
-fn wait_for(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A raw handle shared with scoped threads (the forge is thread-safe).
-#[derive(Clone, Copy)]
-struct Handle(*mut tezzeret_forge);
-unsafe impl Send for Handle {}
-unsafe impl Sync for Handle {}
-impl Handle {
-    fn ptr(self) -> *mut tezzeret_forge {
-        self.0
-    }
 }
 
 #[test]

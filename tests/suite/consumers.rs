@@ -59,7 +59,7 @@ fn build_and_run(prefix: &Path, build: &Path, sanitize: &str) {
         "cmake configure",
     );
     run(Command::new("cmake").arg("--build").arg(build).arg("-j2"), "cmake build");
-    for host in ["host_c", "host_cpp", "host_kernel", "host_runtime"] {
+    for host in ["host_c", "host_cpp", "host_kernel", "host_runtime", "host_threads"] {
         // No LD_LIBRARY_PATH: the hosts find libtezzeret and libtorch by rpath.
         let output = run(Command::new(build.join(host)).env_remove("LD_LIBRARY_PATH"), host);
         assert!(output.contains(&format!("{host}: all expectations met")), "{output}");
@@ -112,7 +112,8 @@ fn threaded_hosts_run_clean_under_thread_sanitizer() {
             .arg("-DCMAKE_BUILD_TYPE=Debug"),
         "cmake configure (thread sanitizer)",
     );
-    let hosts = ["host_runtime", "host_cpp"];
+    // Hosts with threads of their own: several share one forge and one closes it.
+    let hosts = ["host_runtime", "host_cpp", "host_threads"];
     run(Command::new("cmake").arg("--build").arg(&build).arg("-j2").arg("--target").args(hosts), "cmake build (thread sanitizer)");
     let suppressions = repo_root().join("cpp-examples/tsan.supp");
     for host in hosts {

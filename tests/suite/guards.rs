@@ -4,7 +4,7 @@
 use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tezzeret::ffi::*;
 use tezzeret::state::guard_table::{GuardEntry, GuardTable, Lookup, HEADER_SIZE, SLOT_SIZE};
@@ -139,6 +139,16 @@ fn the_c_abi_reads_a_table_without_a_forge() {
 const ROLE: &str = "TEZZERET_GUARD_TEST_ROLE";
 const TABLE: &str = "TEZZERET_GUARD_TEST_TABLE";
 
+/// Beside the table: the reader stops once `stop` exists, and appends one
+/// byte to `refusals` at the start of every run of refused reads.
+fn stop_file(table: &Path) -> std::path::PathBuf {
+    table.with_extension("stop")
+}
+
+fn refusals_file(table: &Path) -> std::path::PathBuf {
+    table.with_extension("refusals")
+}
+
 #[test]
 #[ignore = "child process of guard_reader_never_accepts_a_torn_slot"]
 fn guard_child() {
@@ -148,25 +158,42 @@ fn guard_child() {
         "writer" => {
             let table = GuardTable::open_writable(&path, 16).unwrap();
             let (a, b) = (entry("BPX", 1), entry("BPX", 2));
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "ready").unwrap();
+                out.flush().unwrap();
+            }
             loop {
                 table.put(&a).unwrap();
                 table.put(&b).unwrap();
             }
         }
         "reader" => {
+            use std::io::Write;
             let table = GuardTable::open_read_only(&path).unwrap();
             let (a, b) = (entry("BPX", 1), entry("BPX", 2));
             let (mut seen_a, mut seen_b, mut refused) = (0u64, 0u64, 0u64);
-            let until = Instant::now() + Duration::from_secs(8);
-            while Instant::now() < until {
+            let mut refusals = std::fs::OpenOptions::new().create(true).append(true).open(refusals_file(&path)).unwrap();
+            let mut in_refusal = false;
+            for i in 0u64.. {
+                if i % 256 == 0 && stop_file(&path).exists() {
+                    break;
+                }
                 match table.lookup("BPX") {
-                    Ok(Lookup::Found(e)) if e == a => seen_a += 1,
-                    Ok(Lookup::Found(e)) if e == b => seen_b += 1,
+                    Ok(Lookup::Found(e)) if e == a => (seen_a, in_refusal) = (seen_a + 1, false),
+                    Ok(Lookup::Found(e)) if e == b => (seen_b, in_refusal) = (seen_b + 1, false),
                     Ok(other) => {
                         println!("TORN ACCEPTED {other:?}");
                         std::process::exit(3);
                     }
-                    Err(_) => refused += 1,
+                    Err(_) => {
+                        refused += 1;
+                        if !in_refusal {
+                            refusals.write_all(b"r").unwrap();
+                            in_refusal = true;
+                        }
+                    }
                 }
             }
             println!("reader a={seen_a} b={seen_b} refused={refused}");
@@ -175,15 +202,31 @@ fn guard_child() {
     }
 }
 
-fn child(role: &str, table: &Path) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
+fn child(role: &str, table: &Path, failpoints: Option<String>) -> std::process::Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args(["--exact", "guards::guard_child", "--ignored", "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .env(TABLE, table)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::null());
+    if let Some(failpoints) = failpoints {
+        command.env("TEZZERET_FAILPOINTS", failpoints);
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits for a writer's `ready` line (the table is open, writes begin).
+fn wait_ready(writer: &mut std::process::Child) {
+    use std::io::BufRead;
+    let stdout = writer.stdout.as_mut().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    while let Some(line) = lines.next() {
+        if line.unwrap().contains("ready") {
+            return;
+        }
+    }
+    panic!("the writer ended before it was ready");
 }
 
 #[test]
@@ -191,15 +234,39 @@ fn guard_reader_never_accepts_a_torn_slot() {
     let dir = TempDir::new("guards-race");
     let path = dir.path().join("guards.tbl");
     GuardTable::create(&path, 16).unwrap().put(&entry("BPX", 1)).unwrap();
-    let reader = child("reader", &path);
-    // Writers run and are killed with SIGKILL mid-update, again and again.
-    // (A child needs a few hundred ms to start: it loads libtorch.)
-    for round in 0..10u64 {
-        let mut writer = child("writer", &path);
-        std::thread::sleep(Duration::from_millis(500 + round * 37 % 200));
-        writer.kill().unwrap();
-        writer.wait().unwrap();
+    let reader = child("reader", &path, None);
+    let mut rng = crate::Rng(0x9e37_79b9_7f4a_7c15);
+    let mut torn_rounds = 0;
+    for round in 0..12u64 {
+        if round % 2 == 0 {
+            // Killed inside a slot update, at a random one of its writes:
+            // the slot is left mid-update, and must be refused until repaired.
+            let refused_before = std::fs::metadata(refusals_file(&path)).map_or(0, |m| m.len());
+            let at = 1 + rng.below(40);
+            let mut writer = child("writer", &path, Some(format!("guard.write=crash@{at}")));
+            writer.wait().unwrap();
+            let table = GuardTable::open_read_only(&path).unwrap();
+            assert!(table.lookup("BPX").is_err(), "a slot left mid-update reads as an error, never as data");
+            crate::wait_for("the reader to refuse the slot left mid-update", || {
+                std::fs::metadata(refusals_file(&path)).map_or(0, |m| m.len()) > refused_before
+            });
+            torn_rounds += 1;
+        } else {
+            // Killed at a random instant after it began writing.
+            let mut writer = child("writer", &path, None);
+            wait_ready(&mut writer);
+            std::thread::sleep(Duration::from_micros(rng.below(20_000)));
+            writer.kill().unwrap();
+            writer.wait().unwrap();
+        }
     }
+    // A last writer repairs the slot, so that both versions are seen again.
+    let mut writer = child("writer", &path, None);
+    wait_ready(&mut writer);
+    std::thread::sleep(Duration::from_millis(20));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    std::fs::write(stop_file(&path), b"").unwrap();
     let out = reader.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "reader failed: {text}");
@@ -212,6 +279,8 @@ fn guard_reader_never_accepts_a_torn_slot() {
         .map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap())
         .collect();
     assert!(counts[0] > 0 && counts[1] > 0, "the reader saw both versions: {text}");
+    assert!(counts[2] > 0, "torn slots were met and refused: {text}");
+    assert_eq!(torn_rounds, 6);
 }
 
 /// Writes the fuzz seed corpus (`fuzz/seeds/`): a small valid WAL and a

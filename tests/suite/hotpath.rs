@@ -7,7 +7,7 @@ use prost::Message;
 use tezzeret::ffi::*;
 use tezzeret::base::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
 
-use crate::cabi::take;
+use crate::cabi::{host_callbacks, open_forge, take};
 use crate::TempDir;
 
 const CATALOG: &str = r#"[
@@ -43,23 +43,15 @@ fn forged(tag: &str, trusted: Option<[u8; 32]>) -> Forged {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let path = CString::new(state.to_str().unwrap()).unwrap();
-    unsafe {
-        let mut config: tezzeret_config = std::mem::zeroed();
-        assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
-        config.state_dir = path.as_ptr();
-        config.device = TEZZERET_DEVICE_CPU;
-        let keys;
-        if let Some(key) = trusted {
-            keys = key;
-            config.trusted_keys = keys.as_ptr();
+    let callbacks = host_callbacks(null_mut(), None, None, None, None);
+    let forge = open_forge(&state, &callbacks, |config| {
+        config.strategy = TEZZERET_STRATEGY_STANDARD; // the strategy the CLI compiled with
+        if let Some(key) = &trusted {
+            config.trusted_keys = key.as_ptr();
             config.trusted_key_count = 1;
         }
-        let mut forge = null_mut();
-        let (code, msg) = take(tezzeret_forge_open(&config, null(), &mut forge));
-        assert_eq!(code, 0, "{msg}");
-        Forged { dir, forge }
-    }
+    });
+    Forged { dir, forge }
 }
 
 fn meta(shape: &[i64], stride: &[i64]) -> tezzeret_tensor_meta {
@@ -186,16 +178,13 @@ fn unsigned_artifacts_are_refused_when_keys_are_trusted() {
     let public = *ed25519_dalek::SigningKey::from_bytes(&key).verifying_key().as_bytes();
     let f = forged("hot-unsigned", None);
     unsafe { tezzeret_forge_close(f.forge) };
-    let path = CString::new(f.dir.path().join("s").to_str().unwrap()).unwrap();
-    unsafe {
-        let mut config: tezzeret_config = std::mem::zeroed();
-        assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
-        config.state_dir = path.as_ptr();
-        config.device = TEZZERET_DEVICE_CPU;
+    let callbacks = host_callbacks(null_mut(), None, None, None, None);
+    let forge = open_forge(&f.dir.path().join("s"), &callbacks, |config| {
+        config.strategy = TEZZERET_STRATEGY_STANDARD;
         config.trusted_keys = public.as_ptr();
         config.trusted_key_count = 1;
-        let mut forge = null_mut();
-        assert_eq!(take(tezzeret_forge_open(&config, null(), &mut forge)).0, 0);
+    });
+    unsafe {
         // Retired at open: nothing unsigned is served.
         assert_eq!(prefetch(forge, "BP016").unwrap_err().reason, "missing_artifact");
         let id = CString::new("BP016").unwrap();
@@ -262,7 +251,9 @@ fn kernels_run_on_dlpack_views_after_their_guards() {
     let input0 = dl(&mut data, &mut shape0);
     let (code, msg) = take(unsafe { tezzeret_kernel_run(kernel, &input0, 1, &mut out) });
     assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && msg.contains("input 0 dimension 0 is 0, expected 8"), "{msg}");
-    // Guard mismatches are named; bad views refused; nothing crashes.
+    // Guard mismatches are named; bad views refused; nothing crashes, and
+    // no failing run writes its out-parameter.
+    out = null_mut();
     let mut wrong = [8i64, 32, 16, 15];
     let bad = dl(&mut data, &mut wrong);
     let (code, msg) = take(unsafe { tezzeret_kernel_run(kernel, &bad, 1, &mut out) });
@@ -280,7 +271,7 @@ fn kernels_run_on_dlpack_views_after_their_guards() {
     assert_eq!(take(unsafe { tezzeret_kernel_run(kernel, &weird, 1, &mut out) }).0, TEZZERET_CODE_INVALID_ARGUMENT);
     assert_eq!(take(unsafe { tezzeret_kernel_run(kernel, &input, 2, &mut out) }).0, TEZZERET_CODE_INVALID_ARGUMENT);
     assert_eq!(take(unsafe { tezzeret_kernel_run(null(), &input, 1, &mut out) }).0, TEZZERET_CODE_NULL_ARGUMENT);
-    assert!(out.is_null() || true);
+    assert!(out.is_null(), "a failing run wrote *out_tensor");
     unsafe {
         tezzeret_kernel_free(kernel);
         tezzeret_kernel_free(null_mut());

@@ -3,7 +3,6 @@
 //! whose timestamps settled before it, keys come from the OS generator or
 //! not at all, one batch rule for guard checks and kernel runs, and
 //! contained panics stay off the host's stderr.
-use std::ffi::CString;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -12,12 +11,11 @@ use std::ptr::null_mut;
 use tezzeret::base::leyline::KernelPrefetchRequest;
 use tezzeret::build::catalog::Catalog;
 use tezzeret::ffi::*;
-use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host, PrefetchAnswer};
+use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, PrefetchAnswer};
 use tezzeret::state::verify::verify_state;
-use tezzeret::Result;
 
-use crate::cabi::take;
-use crate::TempDir;
+use crate::cabi::{host_callbacks, open_forge, take};
+use crate::{FixedCatalog, TempDir};
 
 const CATALOG: &str = r#"[
  {"blueprint_id": "BP003", "name": "layer_norm_basic", "tier": "SAFE", "allowed_parameters": {"epsilon": [1e-06, 0.001]}},
@@ -72,13 +70,6 @@ fn a_damaged_artifact_is_recompiled_repaired_and_verifies() {
     assert_eq!(forge_json(work.path())["artifacts"][0]["status"], "cached");
 }
 
-struct Fixed(Catalog);
-impl Host for Fixed {
-    fn enumerate(&mut self) -> Result<Option<Catalog>> {
-        Ok(Some(self.0.clone()))
-    }
-}
-
 fn ctime_ns(path: &Path) -> i128 {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).unwrap();
@@ -97,7 +88,7 @@ fn an_in_place_edit_right_after_verification_is_never_answered_ready() {
     let mut config = ForgeConfig::new(work.path().join("s"));
     config.device = DevicePreference::Cpu;
     config.strategy = tezzeret::build::compile::Strategy::Fast;
-    let mut forge = Forge::open(config, Box::new(Fixed(Catalog::from_json(CATALOG).unwrap()))).unwrap();
+    let mut forge = Forge::open(config, Box::new(FixedCatalog(Catalog::from_json(CATALOG).unwrap()))).unwrap();
     forge.compile_one("BP003").unwrap();
     let path = forge.store().artifact_path(&forge.artifacts()["BP003"]);
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
@@ -159,20 +150,12 @@ fn contained_panics_stay_off_the_hosts_stderr() {
     if std::env::var_os("TEZZERET_PANIC_CHILD").is_some() {
         // The child: a host that triggers a contained panic.
         let work = TempDir::new("integrity-panic");
-        let path = CString::new(work.path().to_str().unwrap()).unwrap();
-        unsafe {
-            let mut config: tezzeret_config = std::mem::zeroed();
-            assert!(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()).is_null());
-            config.state_dir = path.as_ptr();
-            config.device = TEZZERET_DEVICE_CPU;
-            config.telemetry_interval_ms = 0;
-            let mut forge = null_mut();
-            assert_eq!(take(tezzeret_forge_open(&config, std::ptr::null(), &mut forge)).0, 0);
-            let (code, message) = take(tezzeret_forge_selftest_panic(forge));
-            assert_eq!(code, TEZZERET_CODE_INTERNAL);
-            assert!(message.contains("tezzeret_forge_selftest_panic"), "the message is kept in the status: {message}");
-            tezzeret_forge_close(forge);
-        }
+        let callbacks = host_callbacks(null_mut(), None, None, None, None);
+        let forge = open_forge(work.path(), &callbacks, |config| config.telemetry_interval_ms = 0);
+        let (code, message) = take(unsafe { tezzeret_forge_selftest_panic(forge) });
+        assert_eq!(code, TEZZERET_CODE_INTERNAL);
+        assert!(message.contains("tezzeret_forge_selftest_panic"), "the message is kept in the status: {message}");
+        unsafe { tezzeret_forge_close(forge) };
         eprintln!("child done");
         return;
     }

@@ -13,11 +13,13 @@ mod hotpath;
 mod integrity;
 mod leyline;
 mod loaders;
+mod outparams;
 /// Measurement helpers shared with `tezzeret bench` (sample jobs).
 #[path = "../../src/bin/tezzeret/bench/measure.rs"]
 #[allow(dead_code)]
 mod measure;
 mod pipeline;
+mod promises;
 mod runtime;
 mod signing;
 mod wal;
@@ -62,6 +64,26 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n.max(1)
+    }
+}
+
+/// A host that enumerates a fixed catalog, the same at every call.
+pub struct FixedCatalog(pub tezzeret::build::catalog::Catalog);
+
+impl tezzeret::forge::Host for FixedCatalog {
+    fn enumerate(&mut self) -> tezzeret::Result<Option<tezzeret::build::catalog::Catalog>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
+/// Waits until `done` holds, polling; fails naming `what` if that takes
+/// longer than any healthy run could (the bound is not a budget: it only
+/// keeps a broken run from hanging the suite).
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

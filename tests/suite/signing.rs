@@ -86,13 +86,61 @@ fn every_manifest_field_and_the_artifact_are_covered() {
     let (code, text) = tezzeret(&["verify", "--state", s, "--trusted-key", public.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(text.contains(&format!("FAIL {}: checksum_mismatch", record.blueprint_id)), "{text}");
-    // A tampered manifest file is not adopted either: its signature fails.
+}
+
+/// A host that records log lines.
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+impl tezzeret::forge::Host for Logs {
+    fn enumerate(&mut self) -> tezzeret::Result<Option<tezzeret::build::catalog::Catalog>> {
+        Ok(Some(tezzeret::build::catalog::Catalog::from_json(CATALOG).unwrap()))
+    }
+    fn log(&mut self, _level: tezzeret::forge::LogLevel, message: &str) {
+        self.0.lock().unwrap().push(message.to_string());
+    }
+}
+
+#[test]
+fn a_durable_manifest_tampered_alone_is_refused_and_not_adopted() {
+    use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, JobStatus};
+    let work = TempDir::new("sign-adopt");
+    let (secret, public) = keygen(work.path(), "k.key");
+    let state = work.path().join("s");
+    let config = || {
+        let mut c = ForgeConfig::new(&state);
+        c.device = DevicePreference::Cpu;
+        c.strategy = tezzeret::build::compile::Strategy::Fast;
+        c.keys = KeyRing::new(Some(read_key_file(&secret).unwrap()), &[read_key_file(&public).unwrap()]).unwrap();
+        c
+    };
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut forge = Forge::open(config(), Box::new(Logs(logs.clone()))).unwrap();
+    assert_eq!(forge.compile_one("BP002").unwrap().status, JobStatus::Ok);
+    let record = forge.artifacts()["BP002"].clone();
+    drop(forge);
+    // Fresh state: only the store is left (no journal, no guard table), as if
+    // a crash came between storing the artifact and committing it; the
+    // manifest alone is changed (one signed field), the artifact file is intact.
+    std::fs::remove_file(state.join("wal.log")).unwrap();
+    std::fs::remove_file(state.join("guards.tbl")).unwrap();
     let manifest = state.join("manifests").join(format!("{}.json", record.cache_key));
-    let text_manifest = std::fs::read_to_string(&manifest).unwrap().replace(&record.variant, "trace");
-    std::fs::write(&manifest, text_manifest).unwrap();
-    let (code, text) = tezzeret(&["verify", "--state", s, "--trusted-key", public.to_str().unwrap()]);
-    assert_eq!(code, 1);
-    assert!(text.contains("manifest") && text.contains("differs"), "{text}");
+    let tampered = std::fs::read_to_string(&manifest).unwrap().replace(&format!("\"variant\": \"{}\"", record.variant), &format!("\"variant\": \"{}-edited\"", record.variant));
+    assert_ne!(tampered, std::fs::read_to_string(&manifest).unwrap(), "the manifest is changed");
+    std::fs::write(&manifest, tampered).unwrap();
+    let path = state.join("artifacts").join(&record.artifact_file);
+    assert_eq!(tezzeret::state::artifact::checksum_of(&std::fs::read(&path).unwrap()), record.checksum, "the artifact is intact");
+
+    let mut forge = Forge::open(config(), Box::new(Logs(logs.clone()))).unwrap();
+    let report = forge.compile_one("BP002").unwrap();
+    assert_eq!(report.status, JobStatus::Ok, "compiled again, not adopted (cached): {report:?}");
+    let refused: Vec<String> = logs.lock().unwrap().iter().filter(|l| l.contains("not adopted")).cloned().collect();
+    assert_eq!(refused.len(), 1, "{:?}", logs.lock().unwrap());
+    assert!(refused[0].contains("signature_invalid") && refused[0].contains("does not match its manifest"), "{refused:?}");
+    // What is current now verifies, signature included.
+    let keys = KeyRing::new(None, &[read_key_file(&public).unwrap()]).unwrap();
+    keys.verify(&forge.artifacts()["BP002"]).unwrap();
+    drop(forge);
+    let (code, text) = tezzeret(&["verify", "--state", state.to_str().unwrap(), "--trusted-key", public.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
 }
 
 #[test]

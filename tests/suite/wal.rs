@@ -208,13 +208,8 @@ fn queue_order_is_priority_then_fifo_and_survives_reopen() {
     let path = dir.path().join("wal.log");
     // A pseudo-random sequence of submissions and reopenings.
     let mut expected: Vec<(i32, u64, String)> = Vec::new();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = crate::Rng(0x2545_f491_4f6c_dd1d);
+    let mut next = || rng.below(u64::MAX);
     for round in 0..20 {
         let mut journal = Journal::open(&path).unwrap();
         let batch: Vec<Job> = (0..(next() % 5 + 1)).map(|i| job(&format!("BP{round}-{i}"), (next() % 4 + 1) as i32)).collect();

@@ -134,6 +134,9 @@ struct ForgeArgs {
     /// Machine-readable `event queued|compiling|announced …` lines on stderr.
     #[arg(long)]
     trace_events: bool,
+    /// Checkpoint the WAL every N journal transactions (default 4096).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_every: Option<u64>,
 }
 
 fn parse_strategy(value: &str) -> std::result::Result<Strategy, String> {
@@ -233,6 +236,9 @@ fn forge(args: ForgeArgs) -> Result<bool> {
         config.memory_budget_bytes = Some(mib << 20);
     }
     config.allow_quarantine = args.allow_quarantine;
+    if let Some(n) = args.checkpoint_every {
+        config.checkpoint_every = n;
+    }
     config.keys = keys(args.signing_key.as_deref(), &args.trusted_keys)?;
     // Nobody listens to periodic telemetry here: no background thread.
     config.telemetry_interval_ms = 0;

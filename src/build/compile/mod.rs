@@ -94,6 +94,8 @@ pub struct CompiledArtifact {
     pub compile_ms: f64,
     /// Wall time of the whole job (compile, validation, pre-warm), ms.
     pub job_ms: f64,
+    /// When the job began and ended on the thread that ran it.
+    pub ran: (Instant, Instant),
     /// Pre-warm forward latencies of the stored artifact, ms.
     pub prewarm_samples_ms: Vec<f64>,
     /// Median pre-warm latency, ms.
@@ -217,6 +219,7 @@ pub fn compile(job: &CompileJob, limits: &mut JobLimits) -> Result<CompiledArtif
         device: device_name(device),
         compile_ms,
         job_ms: started.elapsed().as_secs_f64() * 1e3,
+        ran: (started, Instant::now()),
         prewarm_p50_ms: percentile(&samples, 50.0).unwrap_or(0.0),
         prewarm_p95_ms: percentile(&samples, 95.0).unwrap_or(0.0),
         prewarm_samples_ms: samples,

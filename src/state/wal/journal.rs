@@ -49,10 +49,21 @@ pub struct Job {
 
 /// A descriptor as the hex of its Leyline bytes.
 mod descriptor_hex {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::base::{hex, leyline};
     use crate::build::catalog::Descriptor;
+
+    /// Descriptors decoded lately on this thread, by their text: a log
+    /// holds the same few descriptors in many records, and recovery should
+    /// not validate each of them again (decoding is pure, so this is safe).
+    const RECENT: usize = 512;
+    thread_local! {
+        static DECODED: RefCell<HashMap<String, Descriptor>> = RefCell::new(HashMap::new());
+    }
 
     pub fn serialize<S: Serializer>(descriptor: &Descriptor, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(&leyline::encode(&descriptor.to_leyline())))
@@ -60,8 +71,19 @@ mod descriptor_hex {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Descriptor, D::Error> {
         let text = String::deserialize(d)?;
+        if let Some(known) = DECODED.with(|c| c.borrow().get(&text).cloned()) {
+            return Ok(known);
+        }
         let bytes = hex::decode(&text, "descriptor_hex").map_err(serde::de::Error::custom)?;
-        Descriptor::decode(&bytes).map_err(serde::de::Error::custom)
+        let descriptor = Descriptor::decode(&bytes).map_err(serde::de::Error::custom)?;
+        DECODED.with(|c| {
+            let mut cache = c.borrow_mut();
+            if cache.len() >= RECENT {
+                cache.clear();
+            }
+            cache.insert(text, descriptor.clone());
+        });
+        Ok(descriptor)
     }
 }
 
