@@ -98,6 +98,8 @@ pub struct ForgeConfig {
     /// Journal transactions after which the WAL is checkpointed (rewritten
     /// as one snapshot); the default keeps it bounded while jobs flow.
     pub checkpoint_every: u64,
+    /// Slots of a new guard table; it grows (doubling) as blueprints come.
+    pub guard_slots: u32,
 }
 
 impl ForgeConfig {
@@ -128,6 +130,7 @@ impl ForgeConfig {
             gpu_window: Duration::from_secs(30),
             rss_budget_bytes: None,
             checkpoint_every: crate::state::wal::journal::CHECKPOINT_TRANSACTIONS,
+            guard_slots: crate::state::guard_table::DEFAULT_SLOTS,
         }
     }
 

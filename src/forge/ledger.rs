@@ -9,7 +9,7 @@ use super::config::ForgeConfig;
 use crate::base::error::{Error, Result};
 use crate::base::leyline::{KernelCatalogUpdate, MessagePriority};
 use crate::state::artifact::ArtifactRecord;
-use crate::state::guard_table::{GuardTable, Lookup, DEFAULT_SLOTS};
+use crate::state::guard_table::{GuardTable, Lookup};
 use crate::state::layout::StateLayout;
 use crate::state::signing::KeyRing;
 use crate::state::store::ArtifactStore;
@@ -43,7 +43,7 @@ impl Ledger {
         let store = ArtifactStore::open(layout)?;
         let mut journal = Journal::open(&layout.wal())?;
         journal.set_checkpoint_every(config.checkpoint_every);
-        let guards = GuardTable::open_writable(&layout.guards(), DEFAULT_SLOTS)?;
+        let guards = GuardTable::open_writable(&layout.guards(), config.guard_slots)?;
         Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone() })
     }
 
@@ -114,7 +114,7 @@ impl Ledger {
     pub fn sync_guard_table(&mut self) -> Result<usize> {
         let (entries, damaged) = self.guards.entries();
         if damaged > 0 {
-            self.guards = GuardTable::create(self.guards.path(), self.guards.slots())?;
+            self.guards.reset()?;
         }
         let mut repaired = damaged;
         let expected = &self.journal.state().artifacts;

@@ -172,6 +172,11 @@ fn guard_child() {
         "reader" => {
             use std::io::Write;
             let table = GuardTable::open_read_only(&path).unwrap();
+            {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "ready").unwrap();
+                out.flush().unwrap();
+            }
             let (a, b) = (entry("BPX", 1), entry("BPX", 2));
             let (mut seen_a, mut seen_b, mut refused) = (0u64, 0u64, 0u64);
             let mut refusals = std::fs::OpenOptions::new().create(true).append(true).open(refusals_file(&path)).unwrap();
@@ -234,7 +239,8 @@ fn guard_reader_never_accepts_a_torn_slot() {
     let dir = TempDir::new("guards-race");
     let path = dir.path().join("guards.tbl");
     GuardTable::create(&path, 16).unwrap().put(&entry("BPX", 1)).unwrap();
-    let reader = child("reader", &path, None);
+    let mut reader = child("reader", &path, None);
+    wait_ready(&mut reader);
     let mut rng = crate::Rng(0x9e37_79b9_7f4a_7c15);
     let mut torn_rounds = 0;
     for round in 0..12u64 {
@@ -281,6 +287,91 @@ fn guard_reader_never_accepts_a_torn_slot() {
     assert!(counts[0] > 0 && counts[1] > 0, "the reader saw both versions: {text}");
     assert!(counts[2] > 0, "torn slots were met and refused: {text}");
     assert_eq!(torn_rounds, 6);
+}
+
+#[test]
+fn a_table_grows_past_its_slots_and_readers_follow() {
+    let dir = TempDir::new("guards-grow");
+    let path = dir.path().join("guards.tbl");
+    let writer = GuardTable::create(&path, 4).unwrap();
+    writer.put(&entry("BP-first", 1)).unwrap();
+    // A reader opened before any growth, and one opened after.
+    let early = GuardTable::open_read_only(&path).unwrap();
+    for i in 0..5000 {
+        writer.put(&entry(&format!("BP{i}"), (i % 7) as u8)).unwrap();
+    }
+    assert!(writer.slots() >= 5001 * 4 / 3, "{} slots for 5001 entries", writer.slots());
+    let late = GuardTable::open_read_only(&path).unwrap();
+    for reader in [&early, &late] {
+        assert_eq!(reader.slots(), writer.slots(), "readers follow the table to its newest file");
+        for i in (0..5000).step_by(7) {
+            assert_eq!(reader.lookup(&format!("BP{i}")).unwrap(), Lookup::Found(entry(&format!("BP{i}"), (i % 7) as u8)));
+        }
+        assert_eq!(reader.lookup("BP-first").unwrap(), Lookup::Found(entry("BP-first", 1)));
+        assert_eq!(reader.entries(), (writer.entries().0, 0));
+    }
+    // Removals and replacements after growth are seen too.
+    writer.remove("BP7").unwrap();
+    writer.put(&entry("BP14", 3)).unwrap();
+    assert_eq!(early.lookup("BP7").unwrap(), Lookup::Missing);
+    assert_eq!(early.lookup("BP14").unwrap(), Lookup::Found(entry("BP14", 3)));
+    // The table reopens as it was left.
+    drop(writer);
+    let reopened = GuardTable::open_writable(&path, 4).unwrap();
+    assert_eq!(reopened.entries().0.len(), 5000);
+}
+
+#[test]
+fn a_reader_in_another_process_follows_a_growing_table_and_never_loses_an_entry() {
+    let dir = TempDir::new("guards-grow-race");
+    let path = dir.path().join("guards.tbl");
+    let writer = GuardTable::create(&path, 4).unwrap();
+    writer.put(&entry("BPX", 1)).unwrap();
+    let mut reader = child("reader", &path, None);
+    wait_ready(&mut reader);
+    // Grow from 4 slots to thousands while BPX flips between its two
+    // versions: the reader must find BPX, in one version or the other, at
+    // every read, across every replacement of the file.
+    let initial = writer.slots();
+    for i in 0..3000 {
+        writer.put(&entry(&format!("BP{i}"), 0)).unwrap();
+        if i % 10 == 0 {
+            writer.put(&entry("BPX", if i % 20 == 0 { 2 } else { 1 })).unwrap();
+        }
+    }
+    assert!(writer.slots() >= 1024 * initial, "the table grew: {} slots", writer.slots());
+    std::fs::write(stop_file(&path), b"").unwrap();
+    let out = reader.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "reader failed (a torn slot accepted, or an entry missing): {text}");
+    assert!(text.contains("reader a=") && !text.contains(" a=0 ") && !text.contains(" b=0 "), "the reader saw both versions: {text}");
+}
+
+#[test]
+fn a_forge_grows_its_guard_table_as_blueprints_come() {
+    use tezzeret::forge::{DevicePreference, Forge, ForgeConfig};
+    let dir = TempDir::new("guards-forge-grow");
+    let names = ["relu_activation", "gelu_activation", "skip_connection", "layer_scaling", "dropout_light", "linear_projection"];
+    let catalog: Vec<String> = (0..12).map(|i| format!(r#"{{"blueprint_id": "G{i}", "name": "{}", "tier": "SAFE"}}"#, names[i % names.len()])).collect();
+    let catalog = tezzeret::build::catalog::Catalog::from_json(&format!("[{}]", catalog.join(","))).unwrap();
+    let mut config = ForgeConfig::new(dir.path());
+    config.device = DevicePreference::Cpu;
+    config.strategy = tezzeret::build::compile::Strategy::Fast;
+    config.guard_slots = 2;
+    let mut forge = Forge::open(config.clone(), Box::new(crate::FixedCatalog(catalog.clone()))).unwrap();
+    forge.compile_one("G0").unwrap();
+    let reader = GuardTable::open_read_only(&dir.path().join("guards.tbl")).unwrap();
+    let reports = forge.run(&mut |_| {});
+    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:?}");
+    assert!(forge.guards().slots() >= 16, "{} slots for 12 blueprints", forge.guards().slots());
+    for i in 0..12 {
+        assert!(matches!(reader.lookup(&format!("G{i}")).unwrap(), Lookup::Found(_)), "G{i} seen by a reader opened early");
+    }
+    drop(forge);
+    assert!(tezzeret::state::verify::verify_state(dir.path()).unwrap().problems.is_empty());
+    // Reopened with the small initial size: the grown table is kept, nothing to repair.
+    let forge = Forge::open(config, Box::new(crate::FixedCatalog(catalog))).unwrap();
+    assert_eq!(forge.guards().entries().0.len(), 12);
 }
 
 /// Writes the fuzz seed corpus (`fuzz/seeds/`): a small valid WAL and a

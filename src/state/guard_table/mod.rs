@@ -1,11 +1,11 @@
-//! The guard table: a memory-mapped file of fixed-layout slots,
-//! one per blueprint's current artifact, that other processes (Kasmina)
-//! read without locks and without a forge.
+//! The guard table: a memory-mapped file of fixed-layout slots, one per
+//! blueprint's current artifact, that other processes (Kasmina) read
+//! without locks and without a forge.
 //!
 //! Layout (little-endian), format version [`LAYOUT_VERSION`] (distinct from
 //! the ABI version):
 //! - file header, 256 bytes: magic `TZGUARDS`, layout version (u32), slot
-//!   size (u32), slot count (u32);
+//!   size (u32), slot count (u32), superseded flag (u64);
 //! - `slot count` slots of [`SLOT_SIZE`] bytes, found by open addressing on
 //!   a hash of the blueprint id.
 //!
@@ -13,330 +13,237 @@
 //! words, stores a CRC32 of the content, then makes the generation even.
 //! Readers copy the slot between two reads of the generation and accept it
 //! only if both are equal and even and the CRC matches, so a torn slot (a
-//! writer killed mid-update included) is never accepted. The table is
-//! derived data: the forge verifies it against the store at open and
-//! rewrites whatever does not match.
+//! writer killed mid-update included) is never accepted.
+//!
+//! The table grows: when three quarters of its slots are taken (or a probe
+//! finds none free) the writer builds a table of twice the slots holding
+//! every entry, renames it over the old file and only then marks the old
+//! one superseded. Readers — in this process or any other — check that
+//! flag after each read: a read of a table not yet superseded is valid
+//! (until the flag is set, the old and new tables hold the same entries),
+//! and a read of a superseded one is retried on the new file. Old mappings
+//! are kept until the handle is dropped, so no reader ever touches an
+//! unmapped page. The table is derived data: the forge verifies it against
+//! the store at open and rewrites whatever does not match.
 pub mod check;
+pub mod mapping;
 pub mod slot;
 
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
-
-use memmap2::{MmapOptions, MmapRaw};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU32, Ordering};
+use std::sync::Mutex;
 
 pub use check::{TensorMeta, Verdict};
+pub use mapping::{Lookup, Mapping, Put};
 pub use slot::{GuardEntry, DEFAULT_SLOTS, HEADER_SIZE, LAYOUT_VERSION, MAGIC, MAX_ID_LEN, MAX_INPUTS, MAX_RANK, SLOT_SIZE};
 
-use check::check_inputs;
-use slot::{content_len, declared_inputs, offset, slot_hash, SlotBytes, STATE_DELETED, STATE_EMPTY, STATE_USED, WORDS};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::state::layout::replacement_of;
-use crate::sys::failpoint;
-use crate::sys::fs::{fallocate, sync_dir};
 
-/// Retries of a reader racing a writer before it reports the slot busy.
-const READ_RETRIES: usize = 1000;
+/// How many replacements a read follows before it reports the table unreadable.
+const FOLLOW_LIMIT: usize = 16;
 
-/// Why a slot could not be read consistently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotFault {
-    /// The CRC does not match (damaged or torn on disk).
-    Torn,
-    /// The generation stayed odd (a writer busy, or dead mid-update).
-    Busy,
-}
-
-/// What a lookup found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
-    /// A consistent slot for the blueprint.
-    Found(GuardEntry),
-    /// No slot for the blueprint.
-    Missing,
-}
-
-/// A mapped guard table (read-only or writable).
+/// A guard table at a path, following its replacements (read-only or the
+/// writer's).
 pub struct GuardTable {
     path: PathBuf,
-    map: MmapRaw,
-    slots: u32,
-    _file: File,
+    writable: bool,
+    /// The mapping reads and writes go to.
+    current: AtomicPtr<Mapping>,
+    /// Earlier mappings, kept alive for readers still inside them.
+    retired: Mutex<Vec<*mut Mapping>>,
+    /// Slots in use (the writer's count, for growth).
+    used: AtomicU32,
 }
 
-// SAFETY: all access to the mapping goes through atomic word operations.
+// SAFETY: mappings are reached through atomic pointers and freed only on
+// drop (which has exclusive access); their words are accessed atomically.
 unsafe impl Send for GuardTable {}
 unsafe impl Sync for GuardTable {}
 
 impl GuardTable {
+    fn over(path: &Path, writable: bool, mapping: Mapping) -> Self {
+        let used = if writable { mapping.entries().0.len() as u32 } else { 0 };
+        GuardTable {
+            path: path.to_path_buf(),
+            writable,
+            current: AtomicPtr::new(Box::into_raw(Box::new(mapping))),
+            retired: Mutex::new(Vec::new()),
+            used: AtomicU32::new(used),
+        }
+    }
+
     /// Opens the table at `path` read-only (no forge needed). Checks its header.
     pub fn open_read_only(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(format!("open guard table {}", path.display()), e))?;
-        Self::map(path, file, false)
+        Ok(Self::over(path, false, Mapping::open(path, false)?))
     }
 
     /// Opens (creating with `slots` slots if missing or unreadable) the
     /// table for writing. Space is reserved with `fallocate` before mapping.
     pub fn open_writable(path: &Path, slots: u32) -> Result<Self> {
-        if let Ok(file) = OpenOptions::new().read(true).write(true).open(path) {
-            if let Ok(table) = Self::map(path, file, true) {
-                return Ok(table);
-            }
+        match Mapping::open(path, true) {
+            Ok(mapping) if !mapping.superseded() => Ok(Self::over(path, true, mapping)),
+            _ => Self::create(path, slots),
         }
-        Self::create(path, slots)
     }
 
     /// Creates a fresh, empty table (replacing any file at `path`).
     pub fn create(path: &Path, slots: u32) -> Result<Self> {
-        let len = (HEADER_SIZE + slots as usize * SLOT_SIZE) as u64;
-        let temp = replacement_of(path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)
-            .map_err(|e| Error::io(format!("create guard table {}", temp.display()), e))?;
-        if let Err(err) = fallocate(&file, len) {
-            let _ = std::fs::remove_file(&temp);
-            return Err(Error::io(format!("reserve {len} bytes for guard table {}", temp.display()), err));
-        }
-        let mut header = [0u8; HEADER_SIZE];
-        header[slot::header::MAGIC..slot::header::MAGIC + 8].copy_from_slice(MAGIC);
-        header[slot::header::VERSION..slot::header::VERSION + 4].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
-        header[slot::header::SLOT_SIZE..slot::header::SLOT_SIZE + 4].copy_from_slice(&(SLOT_SIZE as u32).to_le_bytes());
-        header[slot::header::SLOTS..slot::header::SLOTS + 4].copy_from_slice(&slots.to_le_bytes());
-        use std::os::unix::fs::FileExt;
-        file.write_all_at(&header, 0).map_err(|e| Error::io("write guard table header", e))?;
-        file.sync_all().map_err(|e| Error::io("fsync guard table", e))?;
-        std::fs::rename(&temp, path).map_err(|e| Error::io(format!("rename guard table to {}", path.display()), e))?;
-        if let Some(dir) = path.parent() {
-            sync_dir(dir)?;
-        }
-        Self::map(path, file, true)
+        let mut mapping = Mapping::create(&replacement_of(path), slots.max(1))?;
+        mapping.publish(path)?;
+        Ok(Self::over(path, true, mapping))
     }
 
-    fn map(path: &Path, file: File, writable: bool) -> Result<Self> {
-        let len = file.metadata().map_err(|e| Error::io(format!("stat guard table {}", path.display()), e))?.len();
-        let corrupt = |what: String| Error::new(ErrorCode::Corrupt, format!("guard table {}: {what}", path.display()));
-        if len < HEADER_SIZE as u64 {
-            return Err(corrupt(format!("file of {len} bytes has no header")));
+    /// The mapping now in force, after following replacements; None when a
+    /// replacement cannot be opened.
+    fn mapping(&self) -> Option<&Mapping> {
+        // SAFETY: `current` always points to a live mapping, freed only on drop.
+        let mapping = unsafe { &*self.current.load(Ordering::Acquire) };
+        if !mapping.superseded() {
+            return Some(mapping);
         }
-        let options = MmapOptions::new();
-        // SAFETY: the mapping covers the file's current length, checked
-        // against the header below; the table never shrinks while mapped.
-        let map = if writable { options.map_raw(&file) } else { options.map_raw_read_only(&file) }
-            .map_err(|e| Error::io(format!("map guard table {}", path.display()), e))?;
-        // SAFETY: the header lies within the mapping (len >= HEADER_SIZE).
-        let header = unsafe { std::slice::from_raw_parts(map.as_ptr(), HEADER_SIZE) };
-        if &header[slot::header::MAGIC..slot::header::MAGIC + 8] != MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
-        let field = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-        let version = field(slot::header::VERSION);
-        let slot_size = field(slot::header::SLOT_SIZE);
-        let slots = field(slot::header::SLOTS);
-        if version != LAYOUT_VERSION || slot_size as usize != SLOT_SIZE {
-            return Err(corrupt(format!("layout version {version}, slot size {slot_size} (this library: {LAYOUT_VERSION}, {SLOT_SIZE})")));
-        }
-        if slots == 0 || len < (HEADER_SIZE + slots as usize * SLOT_SIZE) as u64 {
-            return Err(corrupt(format!("{slots} slots do not fit a file of {len} bytes")));
-        }
-        Ok(GuardTable { path: path.to_path_buf(), map, slots, _file: file })
+        self.follow()
     }
 
-    fn word(&self, slot: u32, word: usize) -> &AtomicU64 {
-        debug_assert!(slot < self.slots && word < WORDS);
-        // SAFETY: in bounds (checked at map time), 8-byte aligned (header and
-        // slot sizes are multiples of 8, mmap is page aligned); all access to
-        // table words is atomic.
-        unsafe { &*(self.map.as_ptr().add(HEADER_SIZE + slot as usize * SLOT_SIZE + word * 8) as *const AtomicU64) }
-    }
-
-    /// Copies a slot consistently: `Ok(None)` for an empty slot, an error
-    /// when it stays torn or busy.
-    fn read_slot(&self, slot: u32) -> Result<Option<SlotBytes>> {
-        let mut bytes = [0u8; SLOT_SIZE];
-        match self.copy_slot(slot, &mut bytes) {
-            Ok(true) => Ok(Some(bytes)),
-            Ok(false) => Ok(None),
-            Err(SlotFault::Torn) => Err(Error::new(ErrorCode::Corrupt, format!("guard slot {slot} is torn (CRC mismatch)"))),
-            Err(SlotFault::Busy) => {
-                Err(Error::new(ErrorCode::Corrupt, format!("guard slot {slot} stays mid-update (writer busy or died)")))
+    /// Moves to the file now at the path (readers only: the writer makes
+    /// the replacements itself).
+    fn follow(&self) -> Option<&Mapping> {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..FOLLOW_LIMIT {
+            let current = self.current.load(Ordering::Acquire);
+            // SAFETY: as in `mapping`.
+            let mapping = unsafe { &*current };
+            if !mapping.superseded() {
+                return Some(mapping);
             }
+            let next = Mapping::open(&self.path, self.writable).ok()?;
+            self.current.store(Box::into_raw(Box::new(next)), Ordering::Release);
+            retired.push(current);
         }
+        None
     }
 
-    /// The allocation-free core of a read: copies the slot into `bytes`
-    /// between two equal, even generations and checks its CRC. `Ok(false)`
-    /// for a never-written slot.
-    fn copy_slot(&self, slot: u32, bytes: &mut SlotBytes) -> std::result::Result<bool, SlotFault> {
-        for _ in 0..READ_RETRIES {
-            let before = self.word(slot, 0).load(Ordering::Acquire);
-            if before % 2 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            // The fixed part first, then only the declared inputs.
-            let copy = |bytes: &mut SlotBytes, words: std::ops::Range<usize>| {
-                for w in words {
-                    let v = self.word(slot, w).load(Ordering::Relaxed);
-                    bytes[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
-                }
-            };
-            bytes.fill(0);
-            copy(bytes, 1..offset::INPUTS / 8);
-            let end = content_len(declared_inputs(bytes)).div_ceil(8);
-            copy(bytes, offset::INPUTS / 8..end);
+    /// Runs a read on the mapping in force: a read that ends before the
+    /// mapping is marked superseded is valid; one that ends after is retried
+    /// on the replacement.
+    fn read<T>(&self, unreadable: impl FnOnce() -> T, read: impl Fn(&Mapping) -> T) -> T {
+        for _ in 0..FOLLOW_LIMIT {
+            let Some(mapping) = self.mapping() else { break };
+            let value = read(mapping);
             fence(Ordering::Acquire);
-            if self.word(slot, 0).load(Ordering::Relaxed) != before {
-                continue;
+            if !mapping.superseded() {
+                return value;
             }
-            if before == 0 && slot::state(bytes) == STATE_EMPTY {
-                return Ok(false);
-            }
-            if declared_inputs(bytes) > MAX_INPUTS {
-                return Err(SlotFault::Torn);
-            }
-            if slot::stored_crc(bytes) != slot::slot_crc(bytes) {
-                return Err(SlotFault::Torn);
-            }
-            return Ok(true);
         }
-        Err(SlotFault::Busy)
+        unreadable()
     }
 
     /// Checks input tensors against a blueprint's guards, without locks or
-    /// heap allocation (the hot path). With the dynamic-batch flag,
-    /// dim 0 may take any size, the same for every input.
+    /// heap allocation (the hot path). With the dynamic-batch flag, dim 0
+    /// may take any size of at least 1, the same for every input.
     pub fn check(&self, blueprint_id: &[u8], inputs: &[TensorMeta<'_>]) -> Verdict {
-        if blueprint_id.is_empty() || blueprint_id.len() > MAX_ID_LEN {
-            return Verdict::UnknownBlueprint;
-        }
-        let mut bytes = [0u8; SLOT_SIZE];
-        let start = (slot_hash(blueprint_id) % u64::from(self.slots)) as u32;
-        for i in 0..self.slots {
-            let slot = (start + i) % self.slots;
-            match self.copy_slot(slot, &mut bytes) {
-                Ok(false) => return Verdict::UnknownBlueprint,
-                Err(_) => return Verdict::Unreadable,
-                Ok(true) => {
-                    if slot::state(&bytes) == STATE_USED && slot::id_is(&bytes, blueprint_id) {
-                        return check_inputs(&bytes, inputs);
-                    }
-                }
-            }
-        }
-        Verdict::UnknownBlueprint
-    }
-
-    /// Finds a blueprint's slot: (slot index, decoded entry if present).
-    fn probe(&self, blueprint_id: &str) -> Result<(Option<u32>, Option<(u32, GuardEntry)>)> {
-        let start = (slot_hash(blueprint_id.as_bytes()) % u64::from(self.slots)) as u32;
-        let mut free = None;
-        for i in 0..self.slots {
-            let slot = (start + i) % self.slots;
-            match self.read_slot(slot) {
-                Ok(None) => return Ok((free.or(Some(slot)), None)),
-                Ok(Some(bytes)) => {
-                    if slot::state(&bytes) == STATE_DELETED {
-                        free.get_or_insert(slot);
-                        continue;
-                    }
-                    let entry = GuardEntry::decode(&bytes)?;
-                    if entry.blueprint_id == blueprint_id {
-                        return Ok((Some(slot), Some((slot, entry))));
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok((free, None))
+        self.read(|| Verdict::Unreadable, |m| m.check(blueprint_id, inputs))
     }
 
     /// Looks a blueprint up without locks. A torn or busy slot on its probe
     /// path is an error, never a wrong answer.
     pub fn lookup(&self, blueprint_id: &str) -> Result<Lookup> {
-        Ok(match self.probe(blueprint_id)?.1 {
-            Some((_, entry)) => Lookup::Found(entry),
-            None => Lookup::Missing,
-        })
-    }
-
-    /// Writes (or replaces) a blueprint's slot and syncs it to disk.
-    pub fn put(&self, entry: &GuardEntry) -> Result<()> {
-        let bytes = entry.encode()?;
-        let slot = match self.probe(&entry.blueprint_id) {
-            Ok((Some(slot), _)) => slot,
-            Ok((None, _)) => return Err(Error::new(ErrorCode::Io, format!("guard table {} is full", self.path.display()))),
-            Err(_) => self.repair_target(&entry.blueprint_id),
-        };
-        self.write_slot(slot, &bytes)
-    }
-
-    /// Marks a blueprint's slot deleted (tombstone), if it has one.
-    pub fn remove(&self, blueprint_id: &str) -> Result<()> {
-        if let (_, Some((slot, _))) = self.probe(blueprint_id)? {
-            self.write_slot(slot, &slot::tombstone())?;
-        }
-        Ok(())
-    }
-
-    /// The first slot on a blueprint's probe path that does not read
-    /// cleanly (it will be overwritten).
-    fn repair_target(&self, blueprint_id: &str) -> u32 {
-        let start = (slot_hash(blueprint_id.as_bytes()) % u64::from(self.slots)) as u32;
-        (0..self.slots).map(|i| (start + i) % self.slots).find(|s| self.read_slot(*s).is_err()).unwrap_or(start)
-    }
-
-    fn write_slot(&self, slot: u32, content: &SlotBytes) -> Result<()> {
-        let mut bytes = *content;
-        slot::seal(&mut bytes);
-        let generation = self.word(slot, 0).load(Ordering::Relaxed);
-        let odd = generation | 1;
-        let next = odd + 1;
-        self.word(slot, 0).store(odd, Ordering::Relaxed);
-        fence(Ordering::Release);
-        failpoint::hit("guard.write").map_err(|e| Error::io("write guard slot", e))?;
-        for w in 1..WORDS {
-            let v = u64::from_le_bytes(bytes[w * 8..w * 8 + 8].try_into().expect("8"));
-            self.word(slot, w).store(v, Ordering::Relaxed);
-        }
-        self.word(slot, 0).store(next, Ordering::Release);
-        let offset = HEADER_SIZE + slot as usize * SLOT_SIZE;
-        failpoint::hit("guard.msync")
-            .and_then(|_| self.map.flush_range(offset, SLOT_SIZE))
-            .map_err(|e| Error::io(format!("msync guard table {}", self.path.display()), e))
+        let unreadable = || Err(Error::new(ErrorCode::Corrupt, format!("guard table {} was replaced by one that cannot be read", self.path.display())));
+        self.read(unreadable, |m| m.lookup(blueprint_id))
     }
 
     /// Every readable entry, and the number of slots that do not read cleanly.
     pub fn entries(&self) -> (Vec<GuardEntry>, usize) {
-        let mut entries = Vec::new();
-        let mut damaged = 0;
-        for slot in 0..self.slots {
-            match self.read_slot(slot) {
-                Ok(Some(bytes)) => {
-                    if slot::state(&bytes) == STATE_USED {
-                        match GuardEntry::decode(&bytes) {
-                            Ok(e) => entries.push(e),
-                            Err(_) => damaged += 1,
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => damaged += 1,
-            }
-        }
-        (entries, damaged)
+        self.read(|| (Vec::new(), 0), |m| m.entries())
     }
 
-    /// Number of slots.
+    /// The writer's mapping (the writer never follows: it replaces).
+    fn own(&self) -> Result<&Mapping> {
+        if !self.writable {
+            return Err(Error::invalid(format!("guard table {} is open read-only", self.path.display())));
+        }
+        // SAFETY: as in `mapping`.
+        Ok(unsafe { &*self.current.load(Ordering::Acquire) })
+    }
+
+    /// Writes (or replaces) a blueprint's slot and syncs it to disk,
+    /// growing the table first when it is three quarters full.
+    pub fn put(&self, entry: &GuardEntry) -> Result<()> {
+        let mapping = self.own()?;
+        if u64::from(self.used.load(Ordering::Relaxed)) * 4 >= u64::from(mapping.slots()) * 3 {
+            self.grow()?;
+        }
+        loop {
+            match self.own()?.put(entry)? {
+                Put::Inserted => {
+                    self.used.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Put::Replaced => return Ok(()),
+                Put::Full => self.grow()?,
+            }
+        }
+    }
+
+    /// Marks a blueprint's slot deleted (tombstone), if it has one.
+    pub fn remove(&self, blueprint_id: &str) -> Result<()> {
+        if self.own()?.remove(blueprint_id)? {
+            self.used.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Replaces the table by one of twice the slots holding every entry.
+    pub fn grow(&self) -> Result<()> {
+        let old = self.own()?;
+        let slots = old.slots().checked_mul(2).ok_or_else(|| Error::invalid("guard table cannot grow past 2^32 slots"))?;
+        let (entries, _) = old.entries();
+        self.replace(Mapping::create(&replacement_of(&self.path), slots)?, &entries)
+    }
+
+    /// Replaces the table by an empty one of the same size (its slots were
+    /// damaged; the caller rewrites what it must hold).
+    pub fn reset(&self) -> Result<()> {
+        let slots = self.own()?.slots();
+        self.replace(Mapping::create(&replacement_of(&self.path), slots)?, &[])
+    }
+
+    /// Fills `fresh` with `entries`, renames it into place, then marks the
+    /// old table superseded and makes `fresh` current.
+    fn replace(&self, mut fresh: Mapping, entries: &[GuardEntry]) -> Result<()> {
+        for entry in entries {
+            if fresh.put(entry)? == Put::Full {
+                return Err(Error::new(ErrorCode::Internal, "a grown guard table cannot hold the old one's entries"));
+            }
+        }
+        fresh.publish(&self.path)?;
+        let old = self.current.load(Ordering::Acquire);
+        // SAFETY: `old` is the live current mapping.
+        unsafe { &*old }.mark_superseded()?;
+        self.current.store(Box::into_raw(Box::new(fresh)), Ordering::Release);
+        self.retired.lock().unwrap_or_else(|p| p.into_inner()).push(old);
+        self.used.store(entries.len() as u32, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Number of slots of the table in force.
     pub fn slots(&self) -> u32 {
-        self.slots
+        self.read(|| 0, |m| m.slots())
     }
 
     /// Path of the table file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for GuardTable {
+    fn drop(&mut self) {
+        let retired = std::mem::take(self.retired.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for mapping in retired.into_iter().chain([*self.current.get_mut()]) {
+            // SAFETY: every pointer came from Box::into_raw and is freed once,
+            // here, with exclusive access.
+            drop(unsafe { Box::from_raw(mapping) });
+        }
     }
 }

@@ -8,8 +8,9 @@ use crate::build::guard_spec::{GuardSpec, InputGuard};
 
 /// Magic at the start of the file.
 pub const MAGIC: &[u8; 8] = b"TZGUARDS";
-/// Version of this layout.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of this layout (2: tables grow, and a replaced table is marked
+/// superseded in its header).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Size of the file header.
 pub const HEADER_SIZE: usize = 256;
 /// Size of one slot.
@@ -33,6 +34,8 @@ pub mod header {
     pub const SLOT_SIZE: usize = 12;
     /// Slot count (u32).
     pub const SLOTS: usize = 16;
+    /// Superseded (u64): non-zero once a newer table file replaced this one.
+    pub const SUPERSEDED: usize = 24;
 }
 
 /// Byte offsets inside a slot.
