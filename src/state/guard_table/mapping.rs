@@ -117,6 +117,7 @@ impl Mapping {
         self.map.flush().map_err(|e| Error::io(format!("msync guard table {}", self.path.display()), e))
     }
 
+    #[inline]
     fn superseded_word(&self) -> &AtomicU64 {
         // SAFETY: the header lies within the mapping and the word is 8-byte
         // aligned (mmap is page aligned); all access to it is atomic.
@@ -124,6 +125,7 @@ impl Mapping {
     }
 
     /// Whether a newer table file has replaced this one at its path.
+    #[inline]
     pub fn superseded(&self) -> bool {
         self.superseded_word().load(Ordering::Acquire) != 0
     }

@@ -94,24 +94,14 @@ impl GuardTable {
         Ok(Self::over(path, true, mapping))
     }
 
-    /// The mapping now in force, after following replacements; None when a
-    /// replacement cannot be opened.
-    fn mapping(&self) -> Option<&Mapping> {
-        // SAFETY: `current` always points to a live mapping, freed only on drop.
-        let mapping = unsafe { &*self.current.load(Ordering::Acquire) };
-        if !mapping.superseded() {
-            return Some(mapping);
-        }
-        self.follow()
-    }
-
     /// Moves to the file now at the path (readers only: the writer makes
-    /// the replacements itself).
+    /// the replacements itself); None when a replacement cannot be opened.
+    #[cold]
     fn follow(&self) -> Option<&Mapping> {
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..FOLLOW_LIMIT {
             let current = self.current.load(Ordering::Acquire);
-            // SAFETY: as in `mapping`.
+            // SAFETY: `current` always points to a live mapping, freed only on drop.
             let mapping = unsafe { &*current };
             if !mapping.superseded() {
                 return Some(mapping);
@@ -126,13 +116,19 @@ impl GuardTable {
     /// Runs a read on the mapping in force: a read that ends before the
     /// mapping is marked superseded is valid; one that ends after is retried
     /// on the replacement.
+    #[inline]
     fn read<T>(&self, unreadable: impl FnOnce() -> T, read: impl Fn(&Mapping) -> T) -> T {
+        // SAFETY: `current` always points to a live mapping, freed only on drop.
+        let mut mapping = unsafe { &*self.current.load(Ordering::Acquire) };
         for _ in 0..FOLLOW_LIMIT {
-            let Some(mapping) = self.mapping() else { break };
             let value = read(mapping);
             fence(Ordering::Acquire);
             if !mapping.superseded() {
                 return value;
+            }
+            match self.follow() {
+                Some(next) => mapping = next,
+                None => break,
             }
         }
         unreadable()
@@ -141,6 +137,7 @@ impl GuardTable {
     /// Checks input tensors against a blueprint's guards, without locks or
     /// heap allocation (the hot path). With the dynamic-batch flag, dim 0
     /// may take any size of at least 1, the same for every input.
+    #[inline]
     pub fn check(&self, blueprint_id: &[u8], inputs: &[TensorMeta<'_>]) -> Verdict {
         self.read(|| Verdict::Unreadable, |m| m.check(blueprint_id, inputs))
     }
@@ -162,7 +159,7 @@ impl GuardTable {
         if !self.writable {
             return Err(Error::invalid(format!("guard table {} is open read-only", self.path.display())));
         }
-        // SAFETY: as in `mapping`.
+        // SAFETY: `current` always points to a live mapping, freed only on drop.
         Ok(unsafe { &*self.current.load(Ordering::Acquire) })
     }
 
