@@ -1,6 +1,6 @@
 //! Blueprint descriptors: the embedded default catalog, JSON
 //! catalogs in its format, and validation of descriptors from the host.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -160,18 +160,20 @@ impl Descriptor {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Catalog {
     descriptors: Vec<Descriptor>,
+    /// Position of each id in `descriptors`.
+    by_id: std::collections::HashMap<String, usize>,
 }
 
 impl Catalog {
     /// Builds a catalog, refusing duplicate ids.
     pub fn new(descriptors: Vec<Descriptor>) -> Result<Self> {
-        let mut seen = BTreeSet::new();
-        for d in &descriptors {
-            if !seen.insert(d.blueprint_id.as_str()) {
+        let mut by_id = std::collections::HashMap::with_capacity(descriptors.len());
+        for (i, d) in descriptors.iter().enumerate() {
+            if by_id.insert(d.blueprint_id.clone(), i).is_some() {
                 return Err(Error::invalid(format!("duplicate blueprint_id {:?} in catalog", d.blueprint_id)));
             }
         }
-        Ok(Catalog { descriptors })
+        Ok(Catalog { descriptors, by_id })
     }
 
     /// The embedded default catalog.
@@ -198,7 +200,7 @@ impl Catalog {
 
     /// Looks a descriptor up by id.
     pub fn get(&self, blueprint_id: &str) -> Option<&Descriptor> {
-        self.descriptors.iter().find(|d| d.blueprint_id == blueprint_id)
+        self.by_id.get(blueprint_id).map(|&i| &self.descriptors[i])
     }
 
     /// Number of descriptors.

@@ -93,8 +93,8 @@ impl Forge {
             }
         }
         for report in self.drain(progress) {
-            if !order.contains(&report.blueprint_id) {
-                order.push(report.blueprint_id.clone());
+            if !reports.contains_key(&report.blueprint_id) && self.catalog.get(&report.blueprint_id).is_none() {
+                order.push(report.blueprint_id.clone()); // resumed from before, no longer enumerated
             }
             reports.insert(report.blueprint_id.clone(), report);
         }
@@ -192,7 +192,8 @@ impl Forge {
 
     /// The queued job identical to `job` (same blueprint and cache key), if any.
     fn queued_seq(&self, job: &Job) -> Option<u64> {
-        self.ledger.state().pending.values().find(|p| p.blueprint_id == job.blueprint_id && p.cache_key == job.cache_key).map(|p| p.seq)
+        let state = self.ledger.state();
+        state.queued_with_key(&job.cache_key).filter(|seq| state.pending[seq].blueprint_id == job.blueprint_id)
     }
 
     pub(super) fn plan(&mut self, descriptor: &Descriptor) -> Planned {

@@ -76,15 +76,18 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
 }
 
-/// Reserves `len` bytes for `file` (`fallocate`, mode 0): space a mapping
-/// may then cover without risking SIGBUS on a full disk.
+/// Reserves `len` bytes for `file`: space a mapping may then cover without
+/// risking SIGBUS on a full disk. `posix_fallocate` reserves with the file
+/// system's `fallocate` where it has one and otherwise writes the blocks
+/// (ext2, ext3, some network file systems), so a full disk is an error here
+/// either way.
 pub fn fallocate(file: &File, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    // SAFETY: posix_fallocate on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
     if rc == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error())
+        Err(std::io::Error::from_raw_os_error(rc))
     }
 }
 

@@ -76,6 +76,35 @@ impl tezzeret::forge::Host for FixedCatalog {
     }
 }
 
+/// A loop-mounted file system, unmounted (and its image removed) on drop.
+pub struct Mounted {
+    /// Where it is mounted.
+    pub dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl Mounted {
+    /// Mounts a fresh 64 MiB ext2 image with 128-byte inodes — timestamps
+    /// in whole seconds, as a coarse file system keeps them — at `dir`.
+    /// None when this user may not mount (CI runs as root).
+    pub fn coarse_timestamps(dir: &std::path::Path) -> Option<Mounted> {
+        use std::process::Command;
+        std::fs::create_dir_all(dir).ok()?;
+        let image = dir.with_extension("img");
+        let made = std::fs::File::create(&image).and_then(|f| f.set_len(64 << 20)).is_ok()
+            && Command::new("mkfs.ext2").args(["-q", "-F", "-I", "128"]).arg(&image).status().is_ok_and(|s| s.success());
+        let mounted = made && Command::new("mount").args(["-o", "loop"]).arg(&image).arg(dir).status().is_ok_and(|s| s.success());
+        mounted.then(|| Mounted { dir: dir.to_path_buf(), image })
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
 /// Waits until `done` holds, polling; fails naming `what` if that takes
 /// longer than any healthy run could (the bound is not a budget: it only
 /// keeps a broken run from hanging the suite).

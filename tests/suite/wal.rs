@@ -252,6 +252,44 @@ fn checkpoints_keep_the_log_bounded() {
     assert!(recovered.pending.is_empty());
 }
 
+#[test]
+fn a_large_state_checkpoints_in_parts_and_recovers_whole() {
+    let dir = TempDir::new("wal-checkpoint-parts");
+    let path = dir.path().join("wal.log");
+    let mut journal = Journal::open(&path).unwrap();
+    journal.set_checkpoint_every(u64::MAX);
+    // 5000 queued jobs: a snapshot of them is split into several records.
+    for chunk in (0..5000).collect::<Vec<_>>().chunks(500) {
+        journal.submit(chunk.iter().map(|i| job(&format!("BP{i}"), 1 + (*i % 4) as i32)).collect()).unwrap();
+    }
+    let before = journal.state().clone();
+    journal.checkpoint().unwrap();
+    drop(journal);
+    let recovery = tezzeret::state::wal::log::read_only(&path).unwrap();
+    assert_eq!(recovery.transactions.len(), 1, "one checkpoint transaction");
+    assert!(recovery.transactions[0].records.len() >= 3, "the snapshot is split: {} records", recovery.transactions[0].records.len());
+    assert!(recovery.transactions[0].records.iter().all(|r| r.len() < 8 << 20), "every part is small");
+    let mut reopened = Journal::open(&path).unwrap();
+    assert_eq!(reopened.state().pending, before.pending, "every queued job is back");
+    assert_eq!(reopened.state().queue().len(), 5000);
+    // The queue index is rebuilt too: a finished job leaves it.
+    let first = reopened.state().queue()[0].clone();
+    assert_eq!(reopened.state().queued_with_key(&first.cache_key), Some(first.seq));
+    reopened.append(vec![vec![Record::Fail { seq: first.seq, reason: "r".into(), message: String::new() }]]).unwrap();
+    assert_eq!(reopened.state().queued_with_key(&first.cache_key), None);
+}
+
+#[test]
+fn a_record_recovery_would_refuse_is_never_written() {
+    let dir = TempDir::new("wal-too-big");
+    let (mut wal, _) = Wal::open(&dir.path().join("wal.log")).unwrap();
+    let huge = vec![b'x'; (tezzeret::state::wal::format::MAX_PAYLOAD + 1) as usize];
+    let err = wal.commit(&[vec![huge]]).unwrap_err();
+    assert!(err.message().contains("exceeds"), "{err}");
+    assert!(wal.is_empty(), "nothing was written");
+    wal.commit(&[vec![b"small".to_vec()]]).unwrap();
+}
+
 /// Property: whatever the submissions (random priorities, several per
 /// batch), priority changes, completions and restarts, the queue read back
 /// after every reopen runs by priority (higher first), then in submission

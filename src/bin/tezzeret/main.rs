@@ -68,7 +68,7 @@ enum Command {
     },
     /// Print the benchmark table, every row measured side by side in one run.
     Bench {
-        /// Only sections whose name contains this (compile, serve, forward, wal, runtime).
+        /// Only sections whose name contains this (compile, serve, forward, wal, runtime, scale).
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
         /// One JSON array of rows instead of a table.
@@ -356,6 +356,7 @@ fn describe_record(payload: &[u8]) -> String {
         Ok(Record::Checkpoint { state }) => {
             format!("checkpoint: {} artifacts, {} jobs queued, next #{}", state.artifacts.len(), state.pending.len(), state.next_seq)
         }
+        Ok(Record::CheckpointPart { jobs, artifacts }) => format!("checkpoint part: {} jobs, {} artifacts", jobs.len(), artifacts.len()),
         Err(e) => format!("(unreadable record: {e})"),
     }
 }

@@ -4,7 +4,7 @@
 //! Each WAL transaction carries JSON records. Submitting jobs, committing an
 //! artifact and recording a failure are each one durable transaction; a
 //! checkpoint replaces the whole log with one snapshot transaction.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -156,10 +156,22 @@ pub enum Record {
         /// The evicted cache key.
         cache_key: String,
     },
-    /// The whole state, replacing everything before it.
+    /// The whole state, replacing everything before it. Large states are
+    /// split: the first record of a checkpoint transaction carries the
+    /// state without its bulk, the `CheckpointPart`s after it the rest, so
+    /// that no payload exceeds the WAL's bound.
     Checkpoint {
         /// The snapshot.
         state: JournalState,
+    },
+    /// More of the state of the checkpoint this transaction began with.
+    CheckpointPart {
+        /// Queued jobs.
+        #[serde(default)]
+        jobs: Vec<Job>,
+        /// Current artifacts.
+        #[serde(default)]
+        artifacts: Vec<ArtifactRecord>,
     },
 }
 
@@ -185,6 +197,9 @@ pub struct JournalState {
     /// Transactions applied since the last checkpoint.
     #[serde(default)]
     pub transactions_since_checkpoint: u64,
+    /// Queued jobs by cache key (derived from `pending`; not stored).
+    #[serde(skip)]
+    queued_by_key: HashMap<String, u64>,
 }
 
 impl JournalState {
@@ -192,6 +207,7 @@ impl JournalState {
         match record {
             Record::Enqueue { job } => {
                 self.next_seq = self.next_seq.max(job.seq + 1);
+                self.queued_by_key.insert(job.cache_key.clone(), job.seq);
                 self.pending.insert(job.seq, job);
             }
             Record::Start { seq } => {
@@ -200,7 +216,7 @@ impl JournalState {
                 }
             }
             Record::Commit { seq, artifact } => {
-                self.pending.remove(&seq);
+                self.dequeue(seq);
                 self.started.remove(&seq);
                 self.failures.remove(&artifact.blueprint_id);
                 let revision = self.revisions.entry(artifact.blueprint_id.clone()).or_default();
@@ -209,7 +225,7 @@ impl JournalState {
             }
             Record::Fail { seq, reason, message } => {
                 self.started.remove(&seq);
-                if let Some(job) = self.pending.remove(&seq) {
+                if let Some(job) = self.dequeue(seq) {
                     self.failures.insert(job.blueprint_id, (reason, message));
                 }
             }
@@ -220,7 +236,7 @@ impl JournalState {
             }
             Record::Expire { seq, .. } => {
                 self.started.remove(&seq);
-                self.pending.remove(&seq);
+                self.dequeue(seq);
             }
             Record::Evict { blueprint_id, cache_key } => {
                 if let Some(id) = blueprint_id {
@@ -229,8 +245,39 @@ impl JournalState {
                     }
                 }
             }
-            Record::Checkpoint { state } => *self = state,
+            Record::Checkpoint { state } => {
+                *self = state;
+                self.queued_by_key = self.pending.values().map(|j| (j.cache_key.clone(), j.seq)).collect();
+            }
+            Record::CheckpointPart { jobs, artifacts } => {
+                for job in jobs {
+                    self.queued_by_key.insert(job.cache_key.clone(), job.seq);
+                    self.pending.insert(job.seq, job);
+                }
+                for artifact in artifacts {
+                    self.artifacts.insert(artifact.blueprint_id.clone(), artifact);
+                }
+            }
         }
+    }
+
+    /// Takes a job out of the queue.
+    fn dequeue(&mut self, seq: u64) -> Option<Job> {
+        let job = self.pending.remove(&seq)?;
+        if self.queued_by_key.get(&job.cache_key) == Some(&seq) {
+            self.queued_by_key.remove(&job.cache_key);
+        }
+        Some(job)
+    }
+
+    /// The queued job that will produce `cache_key`, if any.
+    pub fn queued_with_key(&self, cache_key: &str) -> Option<u64> {
+        self.queued_by_key.get(cache_key).copied().filter(|seq| self.pending.contains_key(seq))
+    }
+
+    /// Records a checkpoint would hold: queued jobs, artifacts, failures.
+    pub fn live_records(&self) -> u64 {
+        (self.pending.len() + self.artifacts.len() + self.failures.len()) as u64
     }
 
     /// Pending jobs in service order: priority descending, then FIFO.
@@ -296,6 +343,10 @@ pub fn replay(recovery: &Recovery) -> Result<JournalState> {
     Ok(state)
 }
 
+/// Jobs or artifacts per checkpoint part: a few MiB of JSON, far below the
+/// WAL's payload bound.
+const CHECKPOINT_PART_RECORDS: usize = 2048;
+
 /// Checkpoint once this many transactions accumulated.
 pub const CHECKPOINT_TRANSACTIONS: u64 = 4096;
 
@@ -349,7 +400,12 @@ impl Journal {
             }
             self.state.transactions_since_checkpoint += 1;
         }
-        if self.state.transactions_since_checkpoint >= self.checkpoint_every {
+        // The log is rewritten once it holds more transactions than the
+        // configured interval, and than a quarter of the records a
+        // checkpoint writes: the cost of checkpoints per transaction stays
+        // bounded however large the state grows.
+        let due = self.checkpoint_every.max(self.state.live_records() / 4);
+        if self.state.transactions_since_checkpoint >= due {
             self.checkpoint()?;
         }
         Ok(())
@@ -377,9 +433,21 @@ impl Journal {
     pub fn checkpoint(&mut self) -> Result<()> {
         let mut snapshot = self.state.clone();
         snapshot.transactions_since_checkpoint = 0;
-        let bytes = serde_json::to_vec(&Record::Checkpoint { state: snapshot.clone() }).expect("serialises");
-        self.wal.rewrite(&[vec![bytes]])?;
+        // The bulk (jobs, artifacts) goes in parts of bounded size.
+        let mut head = snapshot.clone();
+        let jobs: Vec<Job> = std::mem::take(&mut head.pending).into_values().collect();
+        let artifacts: Vec<ArtifactRecord> = std::mem::take(&mut head.artifacts).into_values().collect();
+        let encode = |record: &Record| serde_json::to_vec(record).expect("records serialise");
+        let mut payloads = vec![encode(&Record::Checkpoint { state: head })];
+        for chunk in jobs.chunks(CHECKPOINT_PART_RECORDS) {
+            payloads.push(encode(&Record::CheckpointPart { jobs: chunk.to_vec(), artifacts: Vec::new() }));
+        }
+        for chunk in artifacts.chunks(CHECKPOINT_PART_RECORDS) {
+            payloads.push(encode(&Record::CheckpointPart { jobs: Vec::new(), artifacts: chunk.to_vec() }));
+        }
+        self.wal.rewrite(&[payloads])?;
         self.state = snapshot;
+        self.state.queued_by_key = self.state.pending.values().map(|j| (j.cache_key.clone(), j.seq)).collect();
         self.state.transactions_since_checkpoint = 1;
         Ok(())
     }

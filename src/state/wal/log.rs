@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use memmap2::MmapMut;
 use sha2::{Digest, Sha256};
 
-use super::format::{next_offset, EntryType, Header, HEADER_SIZE};
+use super::format::{next_offset, EntryType, Header, HEADER_SIZE, MAX_PAYLOAD};
 pub use super::recovery::{read_only, scan, EntryInfo, Recovery, Transaction};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::state::layout::replacement_of;
@@ -156,6 +156,10 @@ impl Wal {
         }
         if transactions.is_empty() {
             return Ok(());
+        }
+        // What recovery would refuse is never written.
+        if let Some(big) = transactions.iter().flatten().find(|r| r.len() as u64 > MAX_PAYLOAD) {
+            return Err(Error::invalid(format!("WAL record of {} bytes exceeds the {MAX_PAYLOAD}-byte bound", big.len())));
         }
         let mut needed = self.tail;
         for tx in transactions {

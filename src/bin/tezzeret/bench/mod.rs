@@ -21,6 +21,7 @@ use tezzeret::{Error, Result};
 
 pub mod measure;
 mod runtime;
+mod scale;
 
 use measure::{fdatasync_us, p50, sample_job, sample_us};
 
@@ -65,6 +66,10 @@ pub fn run(work: &Path, filter: Option<&str>, progress: &mut dyn FnMut(&str)) ->
     if wants("runtime") {
         progress("runtime");
         rows.extend(runtime::rows(work)?);
+    }
+    if wants("scale") {
+        progress("scale");
+        rows.extend(scale::rows(work)?);
     }
     Ok(rows)
 }
