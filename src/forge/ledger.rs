@@ -20,7 +20,7 @@ use crate::state::wal::journal::{Job, Journal, JournalState, Record};
 #[derive(Debug)]
 pub enum Adoption {
     /// It verifies: commit it instead of compiling.
-    Adopt(ArtifactRecord),
+    Adopt(Box<ArtifactRecord>),
     /// It exists but does not verify (damaged file, bad signature): compile.
     Refused(Error),
     /// There is none.
@@ -141,7 +141,7 @@ impl Ledger {
         match self.store.manifest(&job.cache_key) {
             Some(record) if record.blueprint_id == job.blueprint_id => {
                 match self.store.verify(&record).and_then(|_| self.keys.verify(&record)) {
-                    Ok(()) => Adoption::Adopt(record),
+                    Ok(()) => Adoption::Adopt(Box::new(record)),
                     Err(error) => Adoption::Refused(error),
                 }
             }

@@ -156,7 +156,7 @@ impl Forge {
             Adoption::Adopt(record) => {
                 self.observer.cache.hits += 1;
                 self.ledger.store().touch(&record.cache_key);
-                return Ok(Prepared::Adopted(record));
+                return Ok(Prepared::Adopted(*record));
             }
             Adoption::Refused(error) => {
                 let message = format!("{}: the durable artifact of its cache key is not adopted ({error}); compiling", job.blueprint_id);

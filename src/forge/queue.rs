@@ -20,9 +20,9 @@ use crate::state::wal::journal::Job;
 /// What planning a descriptor decided.
 pub(super) enum Planned {
     /// Nothing to run (cached, refused, or invalid).
-    Done(JobReport),
+    Done(Box<JobReport>),
     /// A new job to enqueue.
-    Submit(Job),
+    Submit(Box<Job>),
     /// An identical job is already queued: its sequence number.
     AlreadyQueued(u64),
 }
@@ -47,7 +47,7 @@ impl Forge {
             }
             Planned::Submit(mut job) => {
                 job.priority = priority;
-                Ok(Some(self.ledger.submit(vec![job])?[0]))
+                Ok(Some(self.ledger.submit(vec![*job])?[0]))
             }
         }
     }
@@ -70,9 +70,9 @@ impl Forge {
             order.push(descriptor.blueprint_id.clone());
             match self.plan(descriptor) {
                 Planned::Done(report) => {
-                    reports.insert(descriptor.blueprint_id.clone(), report);
+                    reports.insert(descriptor.blueprint_id.clone(), *report);
                 }
-                Planned::Submit(job) => submissions.push(job),
+                Planned::Submit(job) => submissions.push(*job),
                 Planned::AlreadyQueued(_) => {}
             }
         }
@@ -129,8 +129,8 @@ impl Forge {
     fn compile_urgently(&mut self, blueprint_id: &str, budget: Option<Duration>) -> Result<JobReport> {
         let descriptor = self.catalog_descriptor(blueprint_id)?;
         let seq = match self.plan(&descriptor) {
-            Planned::Done(report) => return Ok(report),
-            Planned::Submit(job) => self.ledger.submit(vec![job])?[0],
+            Planned::Done(report) => return Ok(*report),
+            Planned::Submit(job) => self.ledger.submit(vec![*job])?[0],
             Planned::AlreadyQueued(seq) => seq,
         };
         let job = self.ledger.state().pending[&seq].clone();
@@ -207,13 +207,13 @@ impl Forge {
                     descriptor.name, descriptor.tier
                 ),
             );
-            return Planned::Done(self.report(id, &descriptor.name, JobStatus::Refused, None, Some(error)));
+            return Planned::Done(Box::new(self.report(id, &descriptor.name, JobStatus::Refused, None, Some(error))));
         }
         let job = match self.job_for(descriptor) {
             Ok(job) => job,
             Err(error) => {
                 self.observer.counters.failed += 1;
-                return Planned::Done(self.report(id, &descriptor.name, JobStatus::Failed, None, Some(error)));
+                return Planned::Done(Box::new(self.report(id, &descriptor.name, JobStatus::Failed, None, Some(error))));
             }
         };
         if let Some(record) = self.ledger.artifacts().get(id) {
@@ -221,12 +221,12 @@ impl Forge {
                 let record = record.clone();
                 self.observer.cache.hits += 1;
                 self.ledger.store().touch(&record.cache_key);
-                return Planned::Done(self.report(id, &descriptor.name, JobStatus::Cached, Some(record), None));
+                return Planned::Done(Box::new(self.report(id, &descriptor.name, JobStatus::Cached, Some(record), None)));
             }
         }
         match self.queued_seq(&job) {
             Some(seq) => Planned::AlreadyQueued(seq),
-            None => Planned::Submit(job),
+            None => Planned::Submit(Box::new(job)),
         }
     }
 

@@ -150,13 +150,19 @@ pub fn race_condition(ctx: &mut BuildContext<'_>) -> Result<Block> {
     Ok(Block {
         input_shapes: features(ctx),
         forward: Box::new(move |xs| {
+            // Long enough (about 10 ms a thread) that the threads overlap
+            // even on a busy machine, and started together by a barrier:
+            // otherwise each may finish within one time slice, in turn,
+            // and no update is lost.
             const THREADS: u64 = 4;
-            const INCREMENTS: u64 = 2000;
+            const INCREMENTS: u64 = 20_000;
             let counter = Arc::new(AtomicU64::new(0));
+            let start = Arc::new(std::sync::Barrier::new(THREADS as usize));
             let handles: Vec<_> = (0..THREADS)
                 .map(|_| {
-                    let counter = counter.clone();
+                    let (counter, start) = (counter.clone(), start.clone());
                     std::thread::spawn(move || {
+                        start.wait();
                         for _ in 0..INCREMENTS {
                             let seen = counter.load(Ordering::Relaxed);
                             let until = std::time::Instant::now() + window;

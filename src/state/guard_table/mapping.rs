@@ -38,6 +38,10 @@ pub enum Lookup {
     Missing,
 }
 
+/// What a probe found: the slot to write (the blueprint's, or the first
+/// free one on its path), and the blueprint's entry with its slot if it has one.
+type Probe = (Option<u32>, Option<(u32, GuardEntry)>);
+
 /// What a put did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
@@ -252,7 +256,7 @@ impl Mapping {
     }
 
     /// Finds a blueprint's slot: (slot index, decoded entry if present).
-    fn probe(&self, blueprint_id: &str) -> Result<(Option<u32>, Option<(u32, GuardEntry)>)> {
+    fn probe(&self, blueprint_id: &str) -> Result<Probe> {
         let start = (slot_hash(blueprint_id.as_bytes()) % u64::from(self.slots)) as u32;
         let mut free = None;
         for i in 0..self.slots {
