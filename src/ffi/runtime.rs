@@ -8,7 +8,7 @@ use super::forge::tezzeret_forge;
 use super::status::{ffi_status, tezzeret_status};
 use crate::forge::{JobStatus, ResourceReading};
 use crate::base::leyline::{self, MessagePriority};
-use crate::base::error::Error;
+use crate::base::error::{Error, Result};
 
 /// Job priority (Leyline `MessagePriority`): runs after every higher one.
 pub const TEZZERET_PRIORITY_LOW: u32 = 1;
@@ -80,16 +80,8 @@ pub unsafe extern "C" fn tezzeret_forge_drain(
 /// e.g. Tamiyo's), and returns when its artifact is durable and announced.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_compile_now(forge: *mut tezzeret_forge, blueprint_id: *const c_char) -> *mut tezzeret_status {
-    ffi_status(|| {
-        // SAFETY: NULL or a NUL-terminated string valid for the call.
-        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
-        // SAFETY: NULL or a live forge handle.
-        let report = unsafe { tezzeret_forge::with(forge, |f| f.compile_one(id)) }?;
-        match report.error {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
-    })
+    // SAFETY: the arguments as this function's contract states them.
+    ffi_status(|| unsafe { compile_now(forge, blueprint_id, None) })
 }
 
 /// As `tezzeret_forge_compile_now`, abandoning the compile if it runs longer
@@ -103,20 +95,33 @@ pub unsafe extern "C" fn tezzeret_forge_compile_now_within(
     blueprint_id: *const c_char,
     budget_ms: u64,
 ) -> *mut tezzeret_status {
-    ffi_status(|| {
-        // SAFETY: NULL or a NUL-terminated string valid for the call.
-        let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
-        if budget_ms == 0 {
-            return Err(Error::invalid("budget_ms must be > 0"));
-        }
-        let budget = std::time::Duration::from_millis(budget_ms);
-        // SAFETY: NULL or a live forge handle.
-        let report = unsafe { tezzeret_forge::with(forge, |f| f.compile_one_within(id, budget)) }?;
-        match report.error {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
-    })
+    // SAFETY: the arguments as this function's contract states them.
+    ffi_status(|| unsafe { compile_now(forge, blueprint_id, Some(budget_ms)) })
+}
+
+/// An urgent compile under a budget of `budget_ms` (None: the strategy's);
+/// its failure is the call's.
+///
+/// # Safety
+/// `forge` is NULL or a live handle; `blueprint_id` NULL or a NUL-terminated string.
+unsafe fn compile_now(forge: *mut tezzeret_forge, blueprint_id: *const c_char, budget_ms: Option<u64>) -> Result<()> {
+    // SAFETY: NULL or a NUL-terminated string valid for the call.
+    let id = unsafe { str_arg(blueprint_id, "blueprint_id") }?;
+    if budget_ms == Some(0) {
+        return Err(Error::invalid("budget_ms must be > 0"));
+    }
+    let budget = budget_ms.map(std::time::Duration::from_millis);
+    // SAFETY: NULL or a live forge handle.
+    let report = unsafe {
+        tezzeret_forge::with(forge, |f| match budget {
+            Some(budget) => f.compile_one_within(id, budget),
+            None => f.compile_one(id),
+        })
+    }?;
+    match report.error {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// Enumerates the host's descriptors again: new or changed ones are queued

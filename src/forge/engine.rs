@@ -145,12 +145,6 @@ impl Forge {
         self.ledger.guards()
     }
 
-    /// Sets how many journal transactions trigger a checkpoint (the default
-    /// keeps the log short while jobs flow; tests make it small).
-    pub fn set_checkpoint_every(&mut self, transactions: u64) {
-        self.ledger.journal_mut().set_checkpoint_every(transactions);
-    }
-
     /// The configuration.
     pub fn config(&self) -> &ForgeConfig {
         &self.config

@@ -57,11 +57,6 @@ impl Ledger {
         &self.journal
     }
 
-    /// The journal, to tune (checkpoint interval).
-    pub fn journal_mut(&mut self) -> &mut Journal {
-        &mut self.journal
-    }
-
     /// The artifact store.
     pub fn store(&self) -> &ArtifactStore {
         &self.store
@@ -90,7 +85,12 @@ impl Ledger {
     /// Whether a stored artifact may be used: its file verifies and, with
     /// trusted keys configured, its signature does.
     pub fn usable(&self, record: &ArtifactRecord) -> bool {
-        self.store.verify(record).is_ok() && self.keys.verify(record).is_ok()
+        self.check_usable(record).is_ok()
+    }
+
+    /// Why a stored artifact may not be used, if it may not.
+    fn check_usable(&self, record: &ArtifactRecord) -> Result<()> {
+        self.store.verify(record).and_then(|_| self.keys.verify(record))
     }
 
     /// With trusted keys configured, takes every current artifact whose
@@ -140,7 +140,7 @@ impl Ledger {
     pub fn adoption(&self, job: &Job) -> Adoption {
         match self.store.manifest(&job.cache_key) {
             Some(record) if record.blueprint_id == job.blueprint_id => {
-                match self.store.verify(&record).and_then(|_| self.keys.verify(&record)) {
+                match self.check_usable(&record) {
                     Ok(()) => Adoption::Adopt(Box::new(record)),
                     Err(error) => Adoption::Refused(error),
                 }

@@ -289,6 +289,13 @@ fn runtime_calls_through_the_c_abi() {
         assert_eq!((done, failed), (1, 0), "A, queued at open, is all that is left");
         assert_eq!(take(tezzeret_forge_compile_now(forge, b.as_ptr())).0, 0, "B is current: nothing to do");
         assert_eq!(take(tezzeret_forge_compile_now(forge, unknown.as_ptr())).0, TEZZERET_CODE_NOT_FOUND);
+        // With a deadline of its own (its overrun is tested by host_runtime.cpp).
+        assert_eq!(take(tezzeret_forge_compile_now_within(forge, b.as_ptr(), 60_000)).0, 0, "B is current: nothing to do");
+        assert_eq!(take(tezzeret_forge_compile_now_within(forge, unknown.as_ptr(), 60_000)).0, TEZZERET_CODE_NOT_FOUND);
+        let (code, msg) = take(tezzeret_forge_compile_now_within(forge, b.as_ptr(), 0));
+        assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && msg.contains("budget_ms"), "{msg}");
+        assert_eq!(take(tezzeret_forge_compile_now_within(forge, null(), 1000)).0, TEZZERET_CODE_NULL_ARGUMENT);
+        assert_eq!(take(tezzeret_forge_compile_now_within(null_mut(), b.as_ptr(), 1000)).0, TEZZERET_CODE_NULL_ARGUMENT);
         let (mut queued, mut removed) = (9u32, 9u32);
         assert_eq!(take(tezzeret_forge_refresh(forge, &mut queued, &mut removed)).0, 0);
         assert_eq!((queued, removed), (0, 0));

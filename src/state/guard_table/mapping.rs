@@ -79,18 +79,17 @@ impl Mapping {
     /// Creates a fresh, empty table file of `slots` slots at `path`, durably
     /// (space reserved with `fallocate`, header written and fsynced). The
     /// caller renames it into place.
-    pub fn create(path: &Path, slots: u32) -> Result<Self> {
+    pub fn create(temp: &Path, slots: u32) -> Result<Self> {
         let len = (HEADER_SIZE + slots as usize * SLOT_SIZE) as u64;
-        let temp = path.to_path_buf();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&temp)
+            .open(temp)
             .map_err(|e| Error::io(format!("create guard table {}", temp.display()), e))?;
         if let Err(err) = fallocate(&file, len) {
-            let _ = std::fs::remove_file(&temp);
+            let _ = std::fs::remove_file(temp);
             return Err(Error::io(format!("reserve {len} bytes for guard table {}", temp.display()), err));
         }
         let mut header = [0u8; HEADER_SIZE];
@@ -101,7 +100,7 @@ impl Mapping {
         use std::os::unix::fs::FileExt;
         file.write_all_at(&header, 0).map_err(|e| Error::io("write guard table header", e))?;
         file.sync_all().map_err(|e| Error::io("fsync guard table", e))?;
-        Self::map(path, file, true)
+        Self::map(temp, file, true)
     }
 
     /// Renames this (freshly created) file over `target`, durably; the

@@ -52,9 +52,13 @@ pub struct GuardTable {
     current: AtomicPtr<Mapping>,
     /// Earlier mappings, kept alive for readers still inside them.
     retired: Mutex<Vec<*mut Mapping>>,
-    /// Slots in use (the writer's count, for growth).
+    /// Slots in use (the writer's count, for growth); `UNCOUNTED` until the
+    /// first `entries` or `put` counts them.
     used: AtomicU32,
 }
+
+/// `used` before the slots were counted.
+const UNCOUNTED: u32 = u32::MAX;
 
 // SAFETY: mappings are reached through atomic pointers and freed only on
 // drop (which has exclusive access); their words are accessed atomically.
@@ -63,7 +67,9 @@ unsafe impl Sync for GuardTable {}
 
 impl GuardTable {
     fn over(path: &Path, writable: bool, mapping: Mapping) -> Self {
-        let used = if writable { mapping.entries().0.len() as u32 } else { 0 };
+        // A writer counts its entries when it first needs the count (the
+        // forge's open reads every entry anyway, to check them).
+        let used = if writable { UNCOUNTED } else { 0 };
         GuardTable {
             path: path.to_path_buf(),
             writable,
@@ -151,7 +157,11 @@ impl GuardTable {
 
     /// Every readable entry, and the number of slots that do not read cleanly.
     pub fn entries(&self) -> (Vec<GuardEntry>, usize) {
-        self.read(|| (Vec::new(), 0), |m| m.entries())
+        let entries = self.read(|| (Vec::new(), 0), |m| m.entries());
+        if self.writable {
+            self.used.store(entries.0.len() as u32, Ordering::Relaxed);
+        }
+        entries
     }
 
     /// The writer's mapping (the writer never follows: it replaces).
@@ -167,6 +177,9 @@ impl GuardTable {
     /// growing the table first when it is three quarters full.
     pub fn put(&self, entry: &GuardEntry) -> Result<()> {
         let mapping = self.own()?;
+        if self.used.load(Ordering::Relaxed) == UNCOUNTED {
+            self.entries();
+        }
         if u64::from(self.used.load(Ordering::Relaxed)) * 4 >= u64::from(mapping.slots()) * 3 {
             self.grow()?;
         }
@@ -185,7 +198,8 @@ impl GuardTable {
     /// Marks a blueprint's slot deleted (tombstone), if it has one.
     pub fn remove(&self, blueprint_id: &str) -> Result<()> {
         if self.own()?.remove(blueprint_id)? {
-            self.used.fetch_sub(1, Ordering::Relaxed);
+            // Uncounted stays uncounted: the first count will see the removal.
+            let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n != UNCOUNTED).then(|| n.saturating_sub(1)));
         }
         Ok(())
     }

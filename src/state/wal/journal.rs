@@ -247,7 +247,7 @@ impl JournalState {
             }
             Record::Checkpoint { state } => {
                 *self = state;
-                self.queued_by_key = self.pending.values().map(|j| (j.cache_key.clone(), j.seq)).collect();
+                self.reindex();
             }
             Record::CheckpointPart { jobs, artifacts } => {
                 for job in jobs {
@@ -259,6 +259,11 @@ impl JournalState {
                 }
             }
         }
+    }
+
+    /// Rebuilds the queue's index from the queued jobs.
+    fn reindex(&mut self) {
+        self.queued_by_key = self.pending.values().map(|j| (j.cache_key.clone(), j.seq)).collect();
     }
 
     /// Takes a job out of the queue.
@@ -447,7 +452,7 @@ impl Journal {
         }
         self.wal.rewrite(&[payloads])?;
         self.state = snapshot;
-        self.state.queued_by_key = self.state.pending.values().map(|j| (j.cache_key.clone(), j.seq)).collect();
+        self.state.reindex();
         self.state.transactions_since_checkpoint = 1;
         Ok(())
     }
