@@ -27,6 +27,12 @@
 #define TEZZERET_VERSION_PATCH 0
 
 
+// Bus flag: do not answer prefetch requests (publish only).
+#define TEZZERET_BUS_NO_PREFETCH 1
+
+// Bus flag: do not publish catalog updates and telemetry (answer only).
+#define TEZZERET_BUS_NO_PUBLISH 2
+
 // Emergency strategy: CPU only, no optimisation passes, one validation run.
 #define TEZZERET_STRATEGY_EMERGENCY 0
 
@@ -218,7 +224,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 3
+#define TEZZERET_ABI_MINOR 4
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -247,6 +253,48 @@ typedef struct tezzeret_status tezzeret_status;
 // A tensor produced by a kernel run, owned by the library; read it through
 // `tezzeret_tensor_dlpack`, free it with `tezzeret_tensor_free`.
 typedef struct tezzeret_tensor tezzeret_tensor;
+
+// How a forge joins the bus. Initialise with `tezzeret_bus_config_init`,
+// set `redis_url` (required), and point `tezzeret_config.bus` at it. Every
+// string is borrowed for the `tezzeret_forge_open` call; NULL stream,
+// group and consumer names keep their defaults. While Redis is
+// unreachable the forge keeps compiling and serving its host; catalog
+// updates wait in its durable outbox and are published once it is back.
+typedef struct tezzeret_bus_config {
+  // Size of this struct as the caller knows it (`sizeof(tezzeret_bus_config)`).
+  size_t struct_size;
+  // Redis URL, e.g. `redis://127.0.0.1:6379/0` (UTF-8, required).
+  const char *redis_url;
+  // Prefetch requests stream; default `oona.kernels.requests`.
+  const char *requests_stream;
+  // Ready answers and catalog updates; default `oona.kernels.ready`.
+  const char *ready_stream;
+  // Error answers; default `oona.kernels.errors`.
+  const char *errors_stream;
+  // Telemetry packets; default `oona.telemetry`.
+  const char *telemetry_stream;
+  // Telemetry of priority HIGH or CRITICAL; default `oona.emergency`.
+  const char *emergency_stream;
+  // Requests that kept failing; default `oona.kernels.requests.dead_letter`.
+  const char *dead_letter_stream;
+  // Consumer group shared by the forges that answer requests; default `tezzeret`.
+  const char *group;
+  // This forge's consumer name; default `tezzeret-<hostname>-<pid>`.
+  const char *consumer;
+  // Shared secret entries are signed (HMAC-SHA256) and checked with;
+  // NULL (default) = unsigned. Copied.
+  const uint8_t *secret;
+  // Bytes at `secret`.
+  size_t secret_len;
+  // Requests issued longer ago than this are dropped as stale, ms; default 60000.
+  uint64_t freshness_ms;
+  // Entries older than this are trimmed from the streams written, ms; default 900000.
+  uint64_t message_ttl_ms;
+  // Pending requests of a consumer idle this long are taken over, ms; default 30000.
+  uint64_t claim_idle_ms;
+  // Bitwise OR of `TEZZERET_BUS_*`; default 0 (answer and publish).
+  uint32_t flags;
+} tezzeret_bus_config;
 
 // How to open a forge. Initialise with `tezzeret_config_init`, then set
 // `state_dir` (required) and whatever else differs from the defaults.
@@ -280,6 +328,10 @@ typedef struct tezzeret_config {
   // Time budget of every job in ms; 0 (default) = the design budgets per
   // strategy (10 s, 65 s, 250 s, 960 s).
   uint64_t budget_ms;
+  // The Oona bus to join (answer prefetch requests, publish catalog
+  // updates and telemetry); NULL (default) = none. Borrowed for the call.
+  // Since ABI 0.4.
+  const struct tezzeret_bus_config *bus;
 } tezzeret_config;
 
 // Enumerates the host's descriptors: call `tezzeret_descriptor_sink_push`
@@ -471,6 +523,11 @@ size_t tezzeret_buffer_len(const struct tezzeret_buffer *buffer);
 void tezzeret_buffer_free(struct tezzeret_buffer *buffer);
 
 // Fills `config` with defaults for a struct of `struct_size` bytes (pass
+// `sizeof(tezzeret_bus_config)`); never writes past `struct_size`.
+struct tezzeret_status *tezzeret_bus_config_init(struct tezzeret_bus_config *config,
+                                                 size_t struct_size);
+
+// Fills `config` with defaults for a struct of `struct_size` bytes (pass
 // `sizeof(tezzeret_config)`); never writes past `struct_size`.
 struct tezzeret_status *tezzeret_config_init(struct tezzeret_config *config, size_t struct_size);
 
@@ -508,6 +565,8 @@ struct tezzeret_status *tezzeret_forge_catalog_json(struct tezzeret_forge *forge
 // `missing_artifact`, `artifact_not_found`, `checksum_mismatch` or
 // `signature_invalid`); free `*out_answer` with `tezzeret_buffer_free`. The
 // artifact is re-hashed only when its file changed since it was verified.
+// Answered at once, also while another thread's call (a compile) holds
+// the forge.
 struct tezzeret_status *tezzeret_forge_prefetch(struct tezzeret_forge *forge,
                                                 const uint8_t *request,
                                                 size_t request_len,

@@ -8,6 +8,8 @@
 //! - [`build`]: catalog, blueprints, compilation, guard specs (libtorch);
 //! - [`state`]: the state directory — WAL and journal, artifact store,
 //!   manifests and signing, guard table, offline verification;
+//! - [`bus`]: the Oona bus on Redis Streams — prefetch requests answered,
+//!   catalog updates and telemetry published;
 //! - [`forge`]: the forge that ties them together, and its service;
 //! - [`ffi`]: the C ABI, which only converts and delegates.
 //!
@@ -17,6 +19,7 @@
 
 pub mod base;
 pub mod build;
+pub mod bus;
 pub mod ffi;
 pub mod forge;
 pub mod state;

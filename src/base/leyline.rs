@@ -264,6 +264,18 @@ pub struct MetricPoint {
     pub attributes: BTreeMap<String, String>,
 }
 
+impl MetricPoint {
+    /// A sample with labels.
+    pub fn new(name: &str, value: f64, unit: &str, attributes: &[(&str, &str)]) -> Self {
+        MetricPoint {
+            name: name.to_string(),
+            value,
+            unit: unit.to_string(),
+            attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+}
+
 /// One event.
 #[derive(Clone, PartialEq, Message)]
 pub struct TelemetryEvent {
@@ -350,6 +362,16 @@ pub struct BusEnvelope {
     /// Routing attributes.
     #[prost(btree_map = "string, string", tag = "3")]
     pub attributes: BTreeMap<String, String>,
+}
+
+/// The answer to a prefetch request: one of two Leyline messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrefetchAnswer {
+    /// The kernel is ready.
+    Ready(KernelArtifactReady),
+    /// It is not (reason: `missing_artifact`, `artifact_not_found`,
+    /// `checksum_mismatch`, `signature_invalid`).
+    Error(KernelArtifactError),
 }
 
 /// Decodes a Leyline message, turning prost's error (which names the message

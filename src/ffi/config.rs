@@ -3,6 +3,7 @@ use std::ffi::c_char;
 use std::mem::{offset_of, size_of};
 
 use super::args::{bytes_arg, init_sized, read_sized, str_arg};
+use super::bus::tezzeret_bus_config;
 use super::status::{ffi_status, tezzeret_status};
 use crate::build::compile::Strategy;
 use crate::forge::{DevicePreference, ForgeConfig};
@@ -63,6 +64,10 @@ pub struct tezzeret_config {
     /// Time budget of every job in ms; 0 (default) = the design budgets per
     /// strategy (10 s, 65 s, 250 s, 960 s).
     pub budget_ms: u64,
+    /// The Oona bus to join (answer prefetch requests, publish catalog
+    /// updates and telemetry); NULL (default) = none. Borrowed for the call.
+    /// Since ABI 0.4.
+    pub bus: *const tezzeret_bus_config,
 }
 
 /// The oldest layout accepted: up to and including `state_dir`.
@@ -84,6 +89,7 @@ impl tezzeret_config {
             trusted_keys: std::ptr::null(),
             trusted_key_count: 0,
             budget_ms: 0,
+            bus: std::ptr::null(),
         }
     }
 
@@ -131,6 +137,10 @@ impl tezzeret_config {
         config.keys = KeyRing::new(signing, &trusted).map_err(|e| e.context("config.trusted_keys"))?;
         if raw.budget_ms > 0 {
             config.budgets = [std::time::Duration::from_millis(raw.budget_ms); 4];
+        }
+        if !raw.bus.is_null() {
+            // SAFETY: non-NULL: a readable bus config valid for the call, by contract.
+            config.bus = Some(unsafe { tezzeret_bus_config::read(raw.bus) }?);
         }
         Ok(config)
     }

@@ -146,6 +146,8 @@ pub const TEZZERET_PREFETCH_ERROR: u32 = 8;
 /// `missing_artifact`, `artifact_not_found`, `checksum_mismatch` or
 /// `signature_invalid`); free `*out_answer` with `tezzeret_buffer_free`. The
 /// artifact is re-hashed only when its file changed since it was verified.
+/// Answered at once, also while another thread's call (a compile) holds
+/// the forge.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_forge_prefetch(
     forge: *mut tezzeret_forge,
@@ -159,8 +161,9 @@ pub unsafe extern "C" fn tezzeret_forge_prefetch(
         out_arg(out_answer, "out_answer")?;
         // SAFETY: NULL with length 0, or request_len readable bytes.
         let request = leyline::decode::<leyline::KernelPrefetchRequest>(unsafe { bytes_arg(request, request_len, "request") }?)?;
-        // SAFETY: NULL or a live forge handle.
-        let answer = unsafe { tezzeret_forge::with(forge, |f| Ok(f.prefetch(&request))) }?;
+        // SAFETY: NULL or a live forge handle (close waits for no prefetch:
+        // the host must not close a handle another of its threads uses).
+        let answer = unsafe { handle_ref(forge, "forge") }?.service.prefetch(&request)?;
         let (kind, bytes) = match answer {
             PrefetchAnswer::Ready(ready) => (TEZZERET_PREFETCH_READY, leyline::encode(&ready)),
             PrefetchAnswer::Error(error) => (TEZZERET_PREFETCH_ERROR, leyline::encode(&error)),

@@ -17,6 +17,7 @@
 
 mod args;
 mod buffer;
+mod bus;
 mod config;
 mod forge;
 mod guards;
@@ -27,6 +28,7 @@ mod status;
 mod version;
 
 pub use buffer::*;
+pub use bus::*;
 pub use config::*;
 pub use forge::*;
 pub use guards::*;

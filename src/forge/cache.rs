@@ -40,8 +40,11 @@ impl Forge {
         let entries = self.ledger.store().cache_entries();
         let plan = eviction_plan(entries, SystemTime::now(), self.config.cache_ttl, self.config.cache_capacity_bytes);
         for record in &plan {
+            // Answers stop naming the artifact before its files go.
+            if self.ledger.artifacts().get(&record.blueprint_id).is_some_and(|a| a.cache_key == record.cache_key) {
+                self.prefetcher.withdraw(&record.blueprint_id);
+            }
             self.ledger.evict(record)?;
-            self.prefetcher.forget(&record.blueprint_id);
             self.observer.cache.evictions += 1;
             let key = &record.cache_key[..16.min(record.cache_key.len())];
             self.host.log(LogLevel::Info, &format!("evicted {} ({key}) from the cache", record.blueprint_id));

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tch::Device;
 
 use super::breakers::{BreakerConfig, BreakerKind};
+use crate::bus::BusConfig;
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::build::blueprints::{ParameterOverrides, DEFAULT_BATCH};
 use crate::build::compile::Strategy;
@@ -100,6 +101,9 @@ pub struct ForgeConfig {
     pub checkpoint_every: u64,
     /// Slots of a new guard table; it grows (doubling) as blueprints come.
     pub guard_slots: u32,
+    /// The Oona bus to answer prefetch requests on and publish catalog
+    /// updates and telemetry to; `None` (default): the host only.
+    pub bus: Option<BusConfig>,
 }
 
 impl ForgeConfig {
@@ -131,6 +135,7 @@ impl ForgeConfig {
             rss_budget_bytes: None,
             checkpoint_every: crate::state::wal::journal::CHECKPOINT_TRANSACTIONS,
             guard_slots: crate::state::guard_table::DEFAULT_SLOTS,
+            bus: None,
         }
     }
 

@@ -18,11 +18,14 @@ use super::observe::{CacheStats, Observer, Situation};
 use super::prefetch::{PrefetchAnswer, Prefetcher};
 use super::telemetry::{self, events, JobCounters};
 use crate::base::error::{Error, ErrorCode, FailureReason, Result};
-use crate::base::leyline::{self, KernelPrefetchRequest, MetricPoint, SystemHealth, TelemetryEvent, TelemetryLevel};
+use crate::base::leyline::{
+    self, HealthStatus, KernelPrefetchRequest, MetricPoint, SystemHealth, TelemetryEvent, TelemetryLevel, TelemetryPacket,
+};
 use crate::base::version::LIBRARY_VERSION;
 use crate::build::blueprints::ResolvedParams;
 use crate::build::catalog::Catalog;
 use crate::build::compile::{self, Strategy, WorkerPool};
+use crate::bus::Bus;
 use crate::state::artifact::ArtifactRecord;
 use crate::state::guard_table::GuardTable;
 use crate::state::layout::StateLayout;
@@ -47,7 +50,16 @@ pub struct Forge {
     pub(super) workers: Arc<WorkerPool>,
     /// Jobs queued by `open` not yet reported through `run`'s progress.
     pub(super) queued_at_open: Vec<(String, u64)>,
+    /// The Oona bus, when configured.
+    pub(super) bus: Option<Bus>,
     _lock: StateLock,
+}
+
+impl Drop for Forge {
+    /// Stops the bus (without waiting for Redis) and records what it published.
+    fn drop(&mut self) {
+        let _ = self.close_bus(Duration::ZERO);
+    }
 }
 
 impl Forge {
@@ -77,6 +89,7 @@ impl Forge {
         }
         let workers = compile::shared_pool();
         workers.keep_at_least(config.max_concurrency.max(1) as usize);
+        let prefetcher = Prefetcher::new(ledger.store().clone(), ledger.keys().clone(), ledger.artifacts().values());
         let mut forge = Forge {
             governor: Governor::new(&config),
             config,
@@ -85,16 +98,26 @@ impl Forge {
             host,
             ledger,
             observer: Observer::default(),
-            prefetcher: Prefetcher::default(),
+            prefetcher,
             shutdown: Arc::new(AtomicBool::new(false)),
             workers,
             queued_at_open: Vec::new(),
+            bus: None,
             _lock: lock,
         };
-        for (_, error) in forge.ledger.retire_unverified()? {
+        for (record, error) in forge.ledger.retire_unverified()? {
+            forge.prefetcher.withdraw(&record.blueprint_id);
             forge.host.log(LogLevel::Error, &format!("{error}; removed from the catalog"));
         }
         let repaired = forge.ledger.sync_guard_table()?;
+        if let Some(bus_config) = forge.config.bus.clone() {
+            let bus = Bus::start(bus_config, Arc::new(forge.prefetcher.clone()))?;
+            // What a crash or an outage left unpublished goes first.
+            for announcement in forge.ledger.outbox() {
+                bus.announce(announcement.seq, &announcement.message_id, &announcement.update);
+            }
+            forge.bus = Some(bus);
+        }
         // What the host enumerates and is not compiled yet is queued now
         // (jobs whose descriptor went away or changed leave the queue). A
         // forge that cannot write (disk full) still opens and serves what it
@@ -214,9 +237,13 @@ impl Forge {
         reading
     }
 
-    /// Every metric, now.
+    /// Every metric, now (with a bus, `tezzeret.bus.*` too).
     pub fn metrics(&mut self) -> Vec<MetricPoint> {
-        self.observer.metrics(&mut self.governor, self.ledger.state())
+        let mut metrics = self.observer.metrics(&mut self.governor, self.ledger.state());
+        if let Some(bus) = &self.bus {
+            metrics.extend(bus.stats().metrics(bus.config().publish, bus.config().serve_prefetch));
+        }
+        metrics
     }
 
     /// The metrics in Prometheus text exposition format (dots become
@@ -226,7 +253,8 @@ impl Forge {
     }
 
     /// A Leyline `SystemHealth` snapshot: HEALTHY, DEGRADED in conservative
-    /// mode, UNHEALTHY while the WAL is poisoned.
+    /// mode or while a configured bus is unreachable, UNHEALTHY while the
+    /// WAL is poisoned.
     pub fn health(&mut self) -> SystemHealth {
         let situation = Situation {
             state: self.ledger.state(),
@@ -234,7 +262,54 @@ impl Forge {
             concurrency: self.effective_concurrency(),
             strategy: self.effective_strategy(),
         };
-        self.observer.health(&mut self.governor, situation)
+        let mut health = self.observer.health(&mut self.governor, situation);
+        if let Some(bus) = &self.bus {
+            let connected = bus.connected();
+            health.indicators.insert("bus".into(), if connected { "connected" } else { "unreachable" }.into());
+            health.indicators.insert("bus.outbox".into(), self.ledger.state().outbox.len().to_string());
+            if !connected {
+                if let Some(error) = bus.stats().last_error() {
+                    health.indicators.insert("bus.last_error".into(), error);
+                }
+                if health.status == HealthStatus::Healthy as i32 {
+                    health.status = HealthStatus::Degraded as i32;
+                    health.summary = "bus unreachable: compiling and serving the host go on; catalog updates wait in the outbox".into();
+                }
+            }
+        }
+        health
+    }
+
+    /// The bus, when configured.
+    pub fn bus(&self) -> Option<&Bus> {
+        self.bus.as_ref()
+    }
+
+    /// Durably takes the catalog updates the bus has published out of the
+    /// outbox (also done, for free, with every commit).
+    pub fn record_published(&mut self) -> Result<()> {
+        match &self.bus {
+            Some(bus) => self.ledger.record_published(bus.take_published()),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the bus: for up to `flush`, while Redis is reachable, what is
+    /// queued is still published; what was published leaves the outbox and
+    /// the rest waits in it for the next open.
+    pub fn close_bus(&mut self, flush: Duration) -> Result<()> {
+        match self.bus.take() {
+            Some(mut bus) => self.ledger.record_published(bus.stop(flush)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a packet to the host and, with a bus, to the bus.
+    fn send_telemetry(&mut self, packet: &TelemetryPacket) {
+        self.host.telemetry(&leyline::encode(packet));
+        if let Some(bus) = &self.bus {
+            bus.telemetry(packet);
+        }
     }
 
     /// Sends the periodic `TelemetryPacket`: every metric and a
@@ -256,13 +331,13 @@ impl Forge {
             health.indicators.insert("closing".to_string(), "true".to_string());
         }
         packet.system_health = Some(health);
-        self.host.telemetry(&leyline::encode(&packet));
+        self.send_telemetry(&packet);
     }
 
-    /// Sends a packet of metrics and events to the host.
+    /// Sends a packet of metrics and events to the host (and the bus).
     pub(super) fn emit_telemetry(&mut self, metrics: Vec<MetricPoint>, events: Vec<TelemetryEvent>) {
         let packet = telemetry::packet(metrics, events, self.conservative());
-        self.host.telemetry(&leyline::encode(&packet));
+        self.send_telemetry(&packet);
     }
 
     /// Tells the host, at once, about mode changes (events `breaker_open`,
@@ -300,8 +375,15 @@ impl Forge {
     /// or `KernelArtifactError`. The artifact file is hashed (and its
     /// signature checked) the first time and whenever it may have changed
     /// since; otherwise one `stat` proves it is the file that was verified.
-    pub fn prefetch(&mut self, request: &KernelPrefetchRequest) -> PrefetchAnswer {
-        self.prefetcher.answer(request, &self.ledger)
+    pub fn prefetch(&self, request: &KernelPrefetchRequest) -> PrefetchAnswer {
+        self.prefetcher.answer(request)
+    }
+
+    /// A handle that answers prefetch requests like [`Self::prefetch`]
+    /// without this forge's lock (for threads that serve requests while
+    /// the forge compiles).
+    pub fn prefetcher(&self) -> Prefetcher {
+        self.prefetcher.clone()
     }
 
     /// Loads a blueprint's current artifact for running in-process (hashed

@@ -14,7 +14,7 @@ use crate::state::layout::StateLayout;
 use crate::state::signing::KeyRing;
 use crate::state::store::ArtifactStore;
 use crate::state::verify::guard_entry;
-use crate::state::wal::journal::{Job, Journal, JournalState, Record};
+use crate::state::wal::journal::{Announcement, Job, Journal, JournalState, Record};
 
 /// What a durable artifact of a job's cache key allows.
 #[derive(Debug)]
@@ -34,6 +34,9 @@ pub struct Ledger {
     journal: Journal,
     guards: GuardTable,
     keys: KeyRing,
+    /// With a bus: the prefix of this open's announcement ids (random, so
+    /// that ids from different state directories and opens never collide).
+    announcing: Option<String>,
 }
 
 impl Ledger {
@@ -44,7 +47,14 @@ impl Ledger {
         let mut journal = Journal::open(&layout.wal())?;
         journal.set_checkpoint_every(config.checkpoint_every);
         let guards = GuardTable::open_writable(&layout.guards(), config.guard_slots)?;
-        Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone() })
+        let announcing = match &config.bus {
+            Some(_) => {
+                let nonce = crate::sys::random::bytes::<8>().map_err(|e| Error::io("draw an announcement id prefix", e))?;
+                Some(format!("kcu-{}", crate::base::hex::encode(&nonce)))
+            }
+            None => None,
+        };
+        Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone(), announcing })
     }
 
     /// The replayed journal state.
@@ -194,18 +204,51 @@ impl Ledger {
 
     /// Makes a stored artifact current: journal commit, then guard slot.
     /// Returns the catalog update to announce (only now is it durable
-    /// everywhere).
-    pub fn commit(&mut self, seq: u64, record: &ArtifactRecord) -> Result<KernelCatalogUpdate> {
-        self.journal.append(vec![vec![Record::Commit { seq, artifact: record.clone() }]])?;
-        self.guards.put(&guard_entry(record)?)?;
-        Ok(KernelCatalogUpdate {
+    /// everywhere) and, with a bus, its outbox entry — written in the
+    /// commit's own transaction. Outbox entries the bus has published
+    /// (`published`) leave the outbox in the same sync.
+    pub fn commit(
+        &mut self,
+        seq: u64,
+        record: &ArtifactRecord,
+        published: Vec<u64>,
+    ) -> Result<(KernelCatalogUpdate, Option<Announcement>)> {
+        let update = KernelCatalogUpdate {
             blueprint_id: record.blueprint_id.clone(),
             artifact_ref: self.store.artifact_path(record).display().to_string(),
             checksum: record.checksum.clone(),
             guard_digest: record.guard_digest.clone(),
             compile_ms: record.compile_ms as f32,
             prewarm_ms: record.prewarm_p50_ms as f32,
-        })
+        };
+        let announcement = self.announcing.as_ref().map(|prefix| {
+            let seq = self.journal.state().next_announcement;
+            Announcement { seq, message_id: format!("{prefix}-{seq}"), update: update.clone() }
+        });
+        let mut transaction = vec![Record::Commit { seq, artifact: record.clone() }];
+        if let Some(announcement) = &announcement {
+            transaction.push(Record::Announce { announcement: announcement.clone() });
+        }
+        let mut transactions = vec![transaction];
+        if !published.is_empty() {
+            transactions.insert(0, vec![Record::Published { seqs: published }]);
+        }
+        self.journal.append(transactions)?;
+        self.guards.put(&guard_entry(record)?)?;
+        Ok((update, announcement))
+    }
+
+    /// Durably takes published announcements out of the outbox.
+    pub fn record_published(&mut self, seqs: Vec<u64>) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.journal.append(vec![vec![Record::Published { seqs }]])
+    }
+
+    /// Catalog updates not yet published on the bus, oldest first.
+    pub fn outbox(&self) -> impl Iterator<Item = &Announcement> {
+        self.journal.state().outbox.values()
     }
 
     /// Evicts a cached artifact: if it is current, it leaves the catalog

@@ -276,10 +276,14 @@ impl Forge {
     /// Makes a stored artifact current (journal, guard slot), then tells
     /// the host: the catalog update only once it is durable everywhere.
     fn commit(&mut self, job: &Job, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>) -> Result<()> {
-        let update = self.ledger.commit(job.seq, record)?;
-        self.prefetcher.forget(&record.blueprint_id);
+        let published = self.bus.as_ref().map(|b| b.take_published()).unwrap_or_default();
+        let (update, announcement) = self.ledger.commit(job.seq, record, published)?;
+        self.prefetcher.set_current(record);
         self.observer.counters.completed += 1;
         self.host.catalog_update(&leyline::encode(&update));
+        if let (Some(bus), Some(a)) = (&self.bus, &announcement) {
+            bus.announce(a.seq, &a.message_id, &a.update);
+        }
 
         let strategy = record.strategy.as_str();
         let mut metrics = self.observer.counters.metrics();

@@ -10,13 +10,22 @@
 //! condition is git's rule for "racily clean" index entries: timestamps
 //! advance in ticks, so a write in the same tick as the check could leave
 //! every timestamp unchanged; such a file is hashed again on its next use.
+//!
+//! The prefetcher keeps its own copy of the current catalog, which the
+//! forge updates as artifacts become current or leave, so that answers
+//! need no lock on the forge: a host's or the bus's prefetch is answered
+//! while a compile holds the forge.
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::ledger::Ledger;
 use crate::base::error::{ErrorCode, FailureReason};
+pub use crate::base::leyline::PrefetchAnswer;
 use crate::base::leyline::{KernelArtifactError, KernelArtifactReady, KernelPrefetchRequest};
+use crate::state::artifact::ArtifactRecord;
+use crate::state::signing::KeyRing;
+use crate::state::store::ArtifactStore;
 
 /// How much older than its verification a file's timestamps must be for
 /// the verification to be trusted later, on a file system that keeps
@@ -26,16 +35,6 @@ pub const FINE_TIMESTAMP_GRANULARITY: Duration = Duration::from_millis(20);
 /// The same on a file system that keeps whole seconds (ext3, FAT's 2 s),
 /// recognised by timestamps without a fraction.
 pub const TIMESTAMP_GRANULARITY: Duration = Duration::from_secs(2);
-
-/// The answer to a prefetch request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PrefetchAnswer {
-    /// The kernel is ready.
-    Ready(KernelArtifactReady),
-    /// It is not (reason: `missing_artifact`, `artifact_not_found`,
-    /// `checksum_mismatch`, `signature_invalid`).
-    Error(KernelArtifactError),
-}
 
 /// Identity of a file's content as the kernel reports it: any write to it
 /// changes its mtime and ctime (ctime cannot be set from user space) and a
@@ -94,22 +93,55 @@ fn now_ns() -> i128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
 }
 
-/// The verifications prefetch answers from.
-#[derive(Debug, Default)]
-pub struct Prefetcher {
+/// What the prefetcher answers from: the current artifact of each
+/// blueprint and what was verified of their files.
+#[derive(Debug)]
+struct Desk {
+    current: HashMap<String, ArtifactRecord>,
     verified: HashMap<String, VerifiedFile>,
 }
 
+/// Answers prefetch requests from the forge's current catalog. Cloning
+/// gives another handle on the same catalog and verifications: handles are
+/// shared with the threads that answer without the forge's lock.
+#[derive(Debug, Clone)]
+pub struct Prefetcher {
+    desk: Arc<Mutex<Desk>>,
+    store: ArtifactStore,
+    keys: KeyRing,
+}
+
 impl Prefetcher {
-    /// Forgets what was verified of a blueprint (its artifact changed).
-    pub fn forget(&mut self, blueprint_id: &str) {
-        self.verified.remove(blueprint_id);
+    /// A prefetcher over a store's artifacts, verified with `keys`, starting
+    /// from the catalog `current`.
+    pub fn new<'a>(store: ArtifactStore, keys: KeyRing, current: impl IntoIterator<Item = &'a ArtifactRecord>) -> Self {
+        let current = current.into_iter().map(|r| (r.blueprint_id.clone(), r.clone())).collect();
+        Prefetcher { desk: Arc::new(Mutex::new(Desk { current, verified: HashMap::new() })), store, keys }
     }
 
-    /// Answers a request from the ledger's current catalog. The file is
-    /// hashed (and its signature checked) unless a settled verification of
-    /// the same file identity exists.
-    pub fn answer(&mut self, request: &KernelPrefetchRequest, ledger: &Ledger) -> PrefetchAnswer {
+    fn desk(&self) -> std::sync::MutexGuard<'_, Desk> {
+        self.desk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A blueprint's artifact became current (committed).
+    pub fn set_current(&self, record: &ArtifactRecord) {
+        let mut desk = self.desk();
+        desk.verified.remove(&record.blueprint_id);
+        desk.current.insert(record.blueprint_id.clone(), record.clone());
+    }
+
+    /// A blueprint's artifact is leaving the catalog: requests are answered
+    /// `missing_artifact` from now on.
+    pub fn withdraw(&self, blueprint_id: &str) {
+        let mut desk = self.desk();
+        desk.verified.remove(blueprint_id);
+        desk.current.remove(blueprint_id);
+    }
+
+    /// Answers a request from the current catalog. The file is hashed (and
+    /// its signature checked) unless a settled verification of the same
+    /// file identity exists.
+    pub fn answer(&self, request: &KernelPrefetchRequest) -> PrefetchAnswer {
         let id = &request.blueprint_id;
         let error = |reason: FailureReason| {
             PrefetchAnswer::Error(KernelArtifactError {
@@ -118,40 +150,48 @@ impl Prefetcher {
                 reason: reason.as_str().to_string(),
             })
         };
-        let Some(record) = ledger.artifacts().get(id) else { return error(FailureReason::MissingArtifact) };
-        let path = ledger.store().artifact_path(record);
+        let mut desk = self.desk();
+        let Some(record) = desk.current.get(id).cloned() else { return error(FailureReason::MissingArtifact) };
+        let path = self.store.artifact_path(&record);
         let Ok(identity) = FileIdentity::of(&path) else { return error(FailureReason::ArtifactNotFound) };
-        let known = self.verified.get(id).is_some_and(|v| {
+        let known = desk.verified.get(id).is_some_and(|v| {
             v.checksum == record.checksum && v.identity == identity && identity.settled_before(v.checked_ns)
         });
         if !known {
-            self.verified.remove(id);
+            desk.verified.remove(id);
             let checked_ns = now_ns();
-            if let Err(e) = ledger.store().verify(record) {
+            if let Err(e) = self.store.verify(&record) {
                 let not_found = e.code() == ErrorCode::NotFound;
                 return error(if not_found { FailureReason::ArtifactNotFound } else { FailureReason::ChecksumMismatch });
             }
-            if ledger.keys().verify(record).is_err() {
+            if self.keys.verify(&record).is_err() {
                 return error(FailureReason::SignatureInvalid);
             }
             // The identity is taken again after hashing: a change during the hash shows next time.
             match FileIdentity::of(&path) {
                 Ok(after) if after == identity => {
-                    self.verified.insert(id.clone(), VerifiedFile { checksum: record.checksum.clone(), identity, checked_ns });
+                    desk.verified.insert(id.clone(), VerifiedFile { checksum: record.checksum.clone(), identity, checked_ns });
                 }
                 _ => return error(FailureReason::ChecksumMismatch),
             }
         }
-        ledger.store().touch(&record.cache_key);
+        drop(desk);
+        self.store.touch(&record.cache_key);
         PrefetchAnswer::Ready(KernelArtifactReady {
             request_id: request.request_id.clone(),
             blueprint_id: id.clone(),
             artifact_ref: path.display().to_string(),
-            checksum: record.checksum.clone(),
-            guard_digest: record.guard_digest.clone(),
+            checksum: record.checksum,
+            guard_digest: record.guard_digest,
             prewarm_p50_ms: record.prewarm_p50_ms as f32,
             prewarm_p95_ms: record.prewarm_p95_ms as f32,
         })
+    }
+}
+
+impl crate::bus::Answerer for Prefetcher {
+    fn answer(&self, request: &KernelPrefetchRequest) -> PrefetchAnswer {
+        Prefetcher::answer(self, request)
     }
 }
 

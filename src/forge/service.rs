@@ -6,17 +6,24 @@
 //! all use this one.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::config::ForgeConfig;
 use super::engine::Forge;
 use super::host::Host;
+use super::prefetch::{PrefetchAnswer, Prefetcher};
+use crate::base::leyline::KernelPrefetchRequest;
 use crate::base::error::{panic_message, Error, ErrorCode, Result};
 
 /// How often the background thread runs TTL maintenance.
 pub const MAINTENANCE_EVERY: Duration = Duration::from_secs(300);
+/// How often, with a bus, published catalog updates leave the outbox
+/// durably when no commit does it first.
+pub const OUTBOX_EVERY: Duration = Duration::from_millis(500);
+/// How long a close waits for queued bus messages to be published.
+pub const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// What the handle and its background thread share.
 struct Shared {
@@ -30,6 +37,10 @@ struct Shared {
     wake: Condvar,
     /// The forge's shutdown flag, reachable without its lock.
     shutdown: Arc<AtomicBool>,
+    /// Answers prefetch requests without the forge's lock; the flag (set
+    /// at close, under the write lock) refuses them once closing began, and
+    /// close waits for those in progress.
+    prefetch: RwLock<(Prefetcher, bool)>,
 }
 
 thread_local! {
@@ -89,8 +100,10 @@ impl ForgeService {
     pub fn open(config: ForgeConfig, host: Box<dyn Host>) -> Result<ForgeService> {
         let every = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
         let (refresh, telemetry) = (every(config.refresh_interval_ms), every(config.telemetry_interval_ms));
+        let outbox = config.bus.as_ref().map(|_| OUTBOX_EVERY);
         let forge = Forge::open(config, host)?;
         let shutdown = forge.shutdown_flag();
+        let prefetch = RwLock::new((forge.prefetcher(), false));
         let shared = Arc::new(Shared {
             forge: Mutex::new(Some(forge)),
             poisoned: AtomicBool::new(false),
@@ -98,12 +111,13 @@ impl ForgeService {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             shutdown,
+            prefetch,
         });
-        let background = if refresh.is_some() || telemetry.is_some() {
+        let background = if refresh.is_some() || telemetry.is_some() || outbox.is_some() {
             let shared = shared.clone();
             let thread = std::thread::Builder::new()
                 .name("tezzeret-service".into())
-                .spawn(move || background_loop(shared, refresh, telemetry))
+                .spawn(move || background_loop(shared, Periods { refresh, telemetry, outbox }))
                 .map_err(|e| Error::io("start the forge's background thread", e))?;
             Some(thread)
         } else {
@@ -123,6 +137,22 @@ impl ForgeService {
         shared.with(body)
     }
 
+    /// Answers a prefetch request like [`Forge::prefetch`], without waiting
+    /// for calls in progress (a compile does not delay it). Refused once a
+    /// panic poisoned the handle.
+    pub fn prefetch(&self, request: &KernelPrefetchRequest) -> Result<PrefetchAnswer> {
+        let shared = Arc::clone(&self.shared);
+        if shared.poisoned.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorCode::Poisoned, "forge handle is poisoned by an earlier internal error; close it"));
+        }
+        let gate = shared.prefetch.read().unwrap_or_else(|p| p.into_inner());
+        let (prefetcher, closed) = &*gate;
+        if *closed {
+            return Err(Error::new(ErrorCode::Internal, "forge is closed"));
+        }
+        catch_unwind(AssertUnwindSafe(|| prefetcher.answer(request))).map_err(|panic| panic_error(&*panic))
+    }
+
     /// Whether the calling thread is inside a call on this forge (that is,
     /// in one of its callbacks): closing from there must be refused.
     pub fn called_from_inside(&self) -> bool {
@@ -137,8 +167,9 @@ impl ForgeService {
     /// Closes the forge: abandons a running compile (queued jobs stay
     /// queued, durably), waits for calls in progress on other threads,
     /// stops the background thread, sends a last telemetry packet (unless
-    /// poisoned) and drops the forge (releasing the state lock and the
-    /// host). No callback runs after this returns.
+    /// poisoned), gives the bus a moment to publish what it has queued,
+    /// and drops the forge (releasing the state lock and the host). No
+    /// callback runs after this returns.
     pub fn close(self) {
         drop(self);
     }
@@ -148,6 +179,7 @@ impl ForgeService {
         let _ = catch_unwind(AssertUnwindSafe(|| {
             // Abandon work in progress without taking the forge's lock (a job may hold it).
             shared.shutdown.store(true, Ordering::Release);
+            shared.prefetch.write().unwrap_or_else(|p| p.into_inner()).1 = true;
             *shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
             shared.wake.notify_all();
             if let Some(thread) = self.background.take() {
@@ -159,7 +191,12 @@ impl ForgeService {
             shared.owner.store(thread_token(), Ordering::Release);
             if !shared.poisoned.load(Ordering::Acquire) {
                 if let Some(forge) = inner.as_mut() {
-                    let _ = catch_unwind(AssertUnwindSafe(|| forge.emit_closing_telemetry()));
+                    let _ = catch_unwind(AssertUnwindSafe(|| {
+                        forge.emit_closing_telemetry();
+                        if let Err(e) = forge.close_bus(CLOSE_FLUSH) {
+                            forge.log_error("closing the bus", &e);
+                        }
+                    }));
                 }
             }
             // Dropping may run the host's release callback.
@@ -175,16 +212,27 @@ impl Drop for ForgeService {
     }
 }
 
+/// How often the background thread does each of its jobs (None: never).
+struct Periods {
+    refresh: Option<Duration>,
+    telemetry: Option<Duration>,
+    outbox: Option<Duration>,
+}
+
 /// The background thread: re-enumerates and runs the queue every refresh
 /// interval, sends telemetry (with fresh resource readings) every telemetry
-/// interval, maintains the cache every 5 minutes — until close.
-fn background_loop(shared: Arc<Shared>, refresh: Option<Duration>, telemetry: Option<Duration>) {
+/// interval, records what the bus published, maintains the cache every 5
+/// minutes — until close.
+fn background_loop(shared: Arc<Shared>, periods: Periods) {
+    let Periods { refresh, telemetry, outbox } = periods;
     let start = Instant::now();
     let mut next_refresh = refresh.map(|d| start + d);
     let mut next_telemetry = telemetry.map(|d| start + d);
+    let mut next_outbox = outbox.map(|d| start + d);
     let mut next_maintenance = start + MAINTENANCE_EVERY;
     loop {
-        let deadline = [next_refresh, next_telemetry, Some(next_maintenance)].into_iter().flatten().min().expect("one deadline");
+        let deadline =
+            [next_refresh, next_telemetry, next_outbox, Some(next_maintenance)].into_iter().flatten().min().expect("one deadline");
         {
             let stop = shared.stop.lock().unwrap_or_else(|p| p.into_inner());
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -214,6 +262,17 @@ fn background_loop(shared: Arc<Shared>, refresh: Option<Duration>, telemetry: Op
                     Ok(())
                 });
                 next_telemetry = Some(due + every);
+            }
+        }
+        if let (Some(due), Some(every)) = (next_outbox, outbox) {
+            if now >= due {
+                let _ = shared.with(|f| {
+                    if let Err(e) = f.record_published() {
+                        f.log_error("recording published catalog updates", &e);
+                    }
+                    Ok(())
+                });
+                next_outbox = Some(Instant::now() + every);
             }
         }
         if now >= next_maintenance {

@@ -1,5 +1,4 @@
 //! Telemetry: events and metrics as Leyline `TelemetryPacket`s.
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::base::leyline::{MetricPoint, TelemetryEvent, TelemetryLevel, TelemetryPacket, Timestamp};
@@ -51,12 +50,7 @@ pub fn event(name: &str, level: TelemetryLevel, attributes: &[(&str, String)]) -
 
 /// Builds a metric sample.
 pub fn metric(name: &str, value: f64, unit: &str, attributes: &[(&str, &str)]) -> MetricPoint {
-    MetricPoint {
-        name: name.to_string(),
-        value,
-        unit: unit.to_string(),
-        attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-    }
+    MetricPoint::new(name, value, unit, attributes)
 }
 
 /// Builds a packet. Its level is ERROR if any event is an error, WARNING

@@ -13,7 +13,7 @@ use crate::sys::fs::{durable_write_all, remove_temp_files, sync_dir, touch};
 /// `artifacts/<sha256>.pt` (content-addressed) and
 /// `manifests/<cache key>.json` (the [`ArtifactRecord`]). Which artifact is
 /// current for each blueprint is the journal's business, not the store's.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ArtifactStore {
     layout: StateLayout,
 }

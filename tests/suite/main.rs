@@ -1,5 +1,6 @@
 //! Tezzeret's integration suite: one binary, one module per area.
 mod abi;
+mod bus;
 mod cabi;
 mod catalog;
 mod cli;
@@ -20,6 +21,9 @@ mod outparams;
 mod measure;
 mod pipeline;
 mod promises;
+/// A real redis-server for the bus tests (shared with `tezzeret bench`).
+#[path = "../../src/bin/tezzeret/bench/redis_server.rs"]
+mod redis_server;
 mod runtime;
 mod signing;
 mod wal;

@@ -3,20 +3,20 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use tezzeret::base::hex;
 use tezzeret::base::leyline::{self, KernelCatalogUpdate};
 use tezzeret::base::version::{ABI_MAJOR, ABI_MINOR, LIBRARY_VERSION, TORCH_VERSION};
 use tezzeret::build::catalog::Catalog;
-use tezzeret::build::compile::{self, Strategy};
+use tezzeret::build::compile;
 use tezzeret::forge::report;
-use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, Progress};
+use tezzeret::forge::{ForgeService, Host, JobReport, JobStatus, LogLevel, Progress};
 use tezzeret::state::layout::StateLayout;
-use tezzeret::state::signing::{keygen, read_key_file, KeyRing};
+use tezzeret::state::signing::keygen;
 use tezzeret::state::store::ArtifactStore;
 use tezzeret::state::verify::{read_journal, verify_state_with_keys};
 use tezzeret::state::wal::format::EntryType;
@@ -24,6 +24,8 @@ use tezzeret::state::wal::journal::Record;
 use tezzeret::{Error, Result};
 
 mod bench;
+mod options;
+mod serve;
 
 /// The compilation forge of Esper: compiles blueprint descriptors into
 /// guarded, signed TorchScript artifacts in a crash-safe state directory.
@@ -38,6 +40,10 @@ struct Cli {
 enum Command {
     /// Compile a catalog into a state directory, resuming whatever it holds.
     Forge(ForgeArgs),
+    /// Run as a long-lived service on the Oona bus: compile the catalog,
+    /// keep it fresh, answer prefetch requests, publish catalog updates and
+    /// telemetry; stop cleanly on SIGTERM or SIGINT.
+    Serve(serve::ServeArgs),
     /// Print the stored catalog of a state directory.
     Inspect {
         #[command(flatten)]
@@ -68,7 +74,7 @@ enum Command {
     },
     /// Print the benchmark table, every row measured side by side in one run.
     Bench {
-        /// Only sections whose name contains this (compile, serve, forward, wal, runtime, scale).
+        /// Only sections whose name contains this (compile, serve, forward, wal, runtime, bus, scale).
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
         /// One JSON array of rows instead of a table.
@@ -86,68 +92,18 @@ struct StateArg {
     dir: PathBuf,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
-}
-
 #[derive(Args)]
 struct ForgeArgs {
-    /// The state directory (created if missing).
-    #[arg(long = "state", value_name = "DIR")]
-    state: PathBuf,
-    /// A catalog file in the format of data/karn-default-catalog.json, or `default`.
-    #[arg(long, value_name = "FILE.json|default", default_value = "default")]
-    catalog: String,
-    /// Compilation strategy: emergency, fast, standard or aggressive.
-    #[arg(long, value_name = "STRATEGY", default_value = "standard", value_parser = parse_strategy)]
-    strategy: Strategy,
-    /// Jobs compiling at once.
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    jobs: u32,
-    /// Where artifacts run.
-    #[arg(long, value_enum, default_value = "auto")]
-    device: DeviceArg,
-    /// Batch size of the representative inputs.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..))]
-    batch: i64,
-    /// Time budget of every job, seconds (default: the strategy's).
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
-    budget: Option<Duration>,
-    /// Largest process-memory growth of one job, MiB (default 1024).
-    #[arg(long = "memory-budget", value_name = "MIB")]
-    memory_budget: Option<u64>,
-    /// Sign artifacts with this secret key.
-    #[arg(long = "signing-key", value_name = "FILE")]
-    signing_key: Option<PathBuf>,
-    /// Trust this public key (repeatable): artifacts are verified before use.
-    #[arg(long = "trusted-key", value_name = "FILE")]
-    trusted_keys: Vec<PathBuf>,
-    /// Compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
-    #[arg(long)]
-    allow_quarantine: bool,
+    #[command(flatten)]
+    open: options::OpenArgs,
+    #[command(flatten)]
+    bus: options::BusArgs,
     /// One JSON document instead of the table.
     #[arg(long)]
     json: bool,
     /// Machine-readable `event queued|compiling|announced …` lines on stderr.
     #[arg(long)]
     trace_events: bool,
-    /// Checkpoint the WAL every N journal transactions (default 4096).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    checkpoint_every: Option<u64>,
-}
-
-fn parse_strategy(value: &str) -> std::result::Result<Strategy, String> {
-    value.parse().map_err(|e: Error| e.message().to_string())
-}
-
-fn parse_seconds(value: &str) -> std::result::Result<Duration, String> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
-    }
 }
 
 fn main() -> ExitCode {
@@ -158,6 +114,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Forge(args) => forge(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Inspect { state, json } => inspect(&state.dir, json),
         Command::Wal { state } => wal(&state.dir),
         Command::Verify { state, trusted_keys } => verify(&state.dir, &trusted_keys),
@@ -179,13 +136,21 @@ fn main() -> ExitCode {
 }
 
 /// The CLI's host: a fixed catalog; with `--trace-events`, catalog updates
-/// are printed to stderr as `announced <id> <checksum>` lines.
+/// are printed to stderr as `announced <id> <checksum>` lines; with `log`,
+/// the forge's log lines (info and above) too.
 struct CliHost {
     catalog: Option<Catalog>,
     trace: bool,
+    log: bool,
 }
 
 impl Host for CliHost {
+    fn log(&mut self, level: LogLevel, message: &str) {
+        if self.log && level >= LogLevel::Info {
+            eprintln!("tezzeret: {level:?}: {message}");
+        }
+    }
+
     fn enumerate(&mut self) -> Result<Option<Catalog>> {
         Ok(self.catalog.take())
     }
@@ -206,45 +171,16 @@ fn trace_line(line: &str) {
     let _ = err.flush();
 }
 
-fn keys(signing: Option<&Path>, trusted: &[PathBuf]) -> Result<KeyRing> {
-    let signing = signing.map(read_key_file).transpose()?;
-    let trusted = trusted.iter().map(|p| read_key_file(p)).collect::<Result<Vec<_>>>()?;
-    KeyRing::new(signing, &trusted)
-}
-
 fn forge(args: ForgeArgs) -> Result<bool> {
-    let catalog = match args.catalog.as_str() {
-        "default" => None,
-        file => {
-            let text = std::fs::read_to_string(file).map_err(|e| Error::io(format!("read catalog {file}"), e))?;
-            Some(Catalog::from_json(&text).map_err(|e| e.context(format!("catalog {file}")))?)
-        }
-    };
-    let mut config = ForgeConfig::new(&args.state);
-    config.strategy = args.strategy;
-    config.max_concurrency = args.jobs;
-    config.batch = args.batch;
-    config.device = match args.device {
-        DeviceArg::Auto => DevicePreference::Auto,
-        DeviceArg::Cpu => DevicePreference::Cpu,
-        DeviceArg::Cuda => DevicePreference::Cuda,
-    };
-    if let Some(budget) = args.budget {
-        config.budgets = [budget; 4];
-    }
-    if let Some(mib) = args.memory_budget {
-        config.memory_budget_bytes = Some(mib << 20);
-    }
-    config.allow_quarantine = args.allow_quarantine;
-    if let Some(n) = args.checkpoint_every {
-        config.checkpoint_every = n;
-    }
-    config.keys = keys(args.signing_key.as_deref(), &args.trusted_keys)?;
+    let catalog = args.open.catalog()?;
+    let mut config = args.open.config()?;
+    config.bus = args.bus.config()?;
     // Nobody listens to periodic telemetry here: no background thread.
     config.telemetry_interval_ms = 0;
+    let allow_quarantine = config.allow_quarantine;
 
     let started = Instant::now();
-    let service = ForgeService::open(config, Box::new(CliHost { catalog, trace: args.trace_events }))?;
+    let service = ForgeService::open(config, Box::new(CliHost { catalog, trace: args.trace_events, log: false }))?;
     let mut progress = ProgressView::new(args.trace_events);
     let reports = service.with(|forge| Ok(forge.run(&mut |event| progress.show(event))))?;
     progress.finish();
@@ -270,7 +206,7 @@ fn forge(args: ForgeArgs) -> Result<bool> {
     // Refusals are "as asked" only while quarantine compilation is off.
     Ok(reports.iter().all(|r| match r.status {
         JobStatus::Ok | JobStatus::Cached => true,
-        JobStatus::Refused => !args.allow_quarantine,
+        JobStatus::Refused => !allow_quarantine,
         JobStatus::Failed => false,
     }))
 }
@@ -353,9 +289,17 @@ fn describe_record(payload: &[u8]) -> String {
         Ok(Record::Reprioritize { seq, priority }) => format!("reprioritize #{seq} priority {}", priority as i32),
         Ok(Record::Expire { seq, reason }) => format!("expire #{seq} {reason}"),
         Ok(Record::Evict { blueprint_id, cache_key }) => format!("evict {} {}", blueprint_id.unwrap_or_default(), short(&cache_key)),
-        Ok(Record::Checkpoint { state }) => {
-            format!("checkpoint: {} artifacts, {} jobs queued, next #{}", state.artifacts.len(), state.pending.len(), state.next_seq)
+        Ok(Record::Announce { announcement: a }) => {
+            format!("announce {} {} ({})", a.update.blueprint_id, short(&a.update.checksum), a.message_id)
         }
+        Ok(Record::Published { seqs }) => format!("published {} catalog updates", seqs.len()),
+        Ok(Record::Checkpoint { state }) => format!(
+            "checkpoint: {} artifacts, {} jobs queued, {} unpublished, next #{}",
+            state.artifacts.len(),
+            state.pending.len(),
+            state.outbox.len(),
+            state.next_seq
+        ),
         Ok(Record::CheckpointPart { jobs, artifacts }) => format!("checkpoint part: {} jobs, {} artifacts", jobs.len(), artifacts.len()),
         Err(e) => format!("(unreadable record: {e})"),
     }
@@ -363,7 +307,7 @@ fn describe_record(payload: &[u8]) -> String {
 
 fn verify(dir: &Path, trusted: &[PathBuf]) -> Result<bool> {
     existing_state(dir)?;
-    let keys = keys(None, trusted)?;
+    let keys = options::keys(None, trusted)?;
     let verification = verify_state_with_keys(dir, &keys)?;
     for problem in &verification.problems {
         println!("FAIL {problem}");

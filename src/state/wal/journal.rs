@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::log::{Recovery, Wal};
 use crate::base::device::ComputeDevice;
 use crate::base::error::{Error, ErrorCode, Result};
-use crate::base::leyline::MessagePriority;
+use crate::base::leyline::{KernelCatalogUpdate, MessagePriority};
 use crate::build::catalog::Descriptor;
 use crate::build::compile::strategy::Strategy;
 use crate::state::artifact::ArtifactRecord;
@@ -87,6 +87,39 @@ mod descriptor_hex {
     }
 }
 
+/// A catalog update waiting in the outbox to be published on the bus: it
+/// enters in the same transaction as the commit it announces and leaves
+/// once the bus has it, so that a crash or an outage in between loses none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// Outbox sequence number (publication order).
+    pub seq: u64,
+    /// Stable id, carried in the envelope's attributes: a consumer that
+    /// sees it twice knows the second is a duplicate.
+    pub message_id: String,
+    /// The update, as the Leyline bytes in hex (`update_hex`).
+    #[serde(rename = "update_hex", with = "leyline_hex")]
+    pub update: KernelCatalogUpdate,
+}
+
+/// A Leyline message as the hex of its bytes.
+mod leyline_hex {
+    use prost::Message;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::base::{hex, leyline};
+
+    pub fn serialize<S: Serializer, M: Message>(message: &M, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(&leyline::encode(message)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, M: Message + Default>(d: D) -> Result<M, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(&text, "update_hex").map_err(serde::de::Error::custom)?;
+        leyline::decode(&bytes).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A priority as its Leyline number.
 mod priority_number {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -156,6 +189,16 @@ pub enum Record {
         /// The evicted cache key.
         cache_key: String,
     },
+    /// A catalog update entered the outbox.
+    Announce {
+        /// The update and its id.
+        announcement: Announcement,
+    },
+    /// Outbox entries the bus has: they leave the outbox.
+    Published {
+        /// Their outbox sequence numbers.
+        seqs: Vec<u64>,
+    },
     /// The whole state, replacing everything before it. Large states are
     /// split: the first record of a checkpoint transaction carries the
     /// state without its bulk, the `CheckpointPart`s after it the rest, so
@@ -197,6 +240,12 @@ pub struct JournalState {
     /// Transactions applied since the last checkpoint.
     #[serde(default)]
     pub transactions_since_checkpoint: u64,
+    /// Catalog updates not yet published on the bus, by outbox sequence.
+    #[serde(default, with = "outbox_as_list")]
+    pub outbox: BTreeMap<u64, Announcement>,
+    /// Next outbox sequence number.
+    #[serde(default)]
+    pub next_announcement: u64,
     /// Queued jobs by cache key (derived from `pending`; not stored).
     #[serde(skip)]
     queued_by_key: HashMap<String, u64>,
@@ -245,6 +294,15 @@ impl JournalState {
                     }
                 }
             }
+            Record::Announce { announcement } => {
+                self.next_announcement = self.next_announcement.max(announcement.seq + 1);
+                self.outbox.insert(announcement.seq, announcement);
+            }
+            Record::Published { seqs } => {
+                for seq in seqs {
+                    self.outbox.remove(&seq);
+                }
+            }
             Record::Checkpoint { state } => {
                 *self = state;
                 self.reindex();
@@ -282,7 +340,7 @@ impl JournalState {
 
     /// Records a checkpoint would hold: queued jobs, artifacts, failures.
     pub fn live_records(&self) -> u64 {
-        (self.pending.len() + self.artifacts.len() + self.failures.len()) as u64
+        (self.pending.len() + self.artifacts.len() + self.failures.len() + self.outbox.len()) as u64
     }
 
     /// Pending jobs in service order: priority descending, then FIFO.
@@ -313,6 +371,23 @@ mod jobs_as_list {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Job>, D::Error> {
         Ok(Vec::<Job>::deserialize(d)?.into_iter().map(|j| (j.seq, j)).collect())
+    }
+}
+
+/// Serialises the outbox as a list (each entry carries its sequence number).
+mod outbox_as_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Announcement;
+
+    pub fn serialize<S: Serializer>(outbox: &BTreeMap<u64, Announcement>, s: S) -> Result<S::Ok, S::Error> {
+        outbox.values().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Announcement>, D::Error> {
+        Ok(Vec::<Announcement>::deserialize(d)?.into_iter().map(|a| (a.seq, a)).collect())
     }
 }
 

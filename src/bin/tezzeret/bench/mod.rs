@@ -19,7 +19,9 @@ use tezzeret::state::layout::StateLayout;
 use tezzeret::state::wal::journal::{Journal, Record};
 use tezzeret::{Error, Result};
 
+mod bus;
 pub mod measure;
+mod redis_server;
 mod runtime;
 mod scale;
 
@@ -67,6 +69,10 @@ pub fn run(work: &Path, filter: Option<&str>, progress: &mut dyn FnMut(&str)) ->
         progress("runtime");
         rows.extend(runtime::rows(work)?);
     }
+    if wants("bus") {
+        progress("bus");
+        rows.extend(bus::rows(work)?);
+    }
     if wants("scale") {
         progress("scale");
         rows.extend(scale::rows(work)?);
@@ -102,7 +108,7 @@ fn serve_rows(state: &Path) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     // Warm reopen: open, recover, verify the guard table, answer the first prefetch.
     let t = Instant::now();
-    let mut forge = forge_at(state)?;
+    let forge = forge_at(state)?;
     let first = KernelPrefetchRequest { request_id: "r".into(), blueprint_id: "BP016".into(), ..Default::default() };
     let _ = forge.prefetch(&first);
     rows.push(row("warm reopen of the compiled catalog, ready to serve (open + first prefetch)", t.elapsed().as_secs_f64() * 1e3, Some("4300 + 1500 (prototype)".into()), "ms"));

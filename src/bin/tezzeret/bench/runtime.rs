@@ -8,6 +8,7 @@ use super::{row, Row};
 use tezzeret::base::leyline::MessagePriority;
 use tezzeret::build::catalog::{Catalog, Descriptor};
 use tezzeret::build::compile::{self, CompileJob, JobLimits, Strategy};
+use tezzeret::bus::BusConfig;
 use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, Host};
 use tezzeret::{Error, Result};
 
@@ -28,16 +29,39 @@ impl Host for FixedCatalog {
 
 /// A forge over a fresh state directory whose host enumerates `catalog`.
 fn forge_with(state: &Path, catalog: Catalog, max_concurrency: u32, queue_at_open: bool) -> Result<Forge> {
+    forge_on_bus(state, catalog, max_concurrency, queue_at_open, None)
+}
+
+/// The same, joined to a bus when one is given.
+pub fn forge_on_bus(state: &Path, catalog: Catalog, max_concurrency: u32, queue_at_open: bool, bus: Option<BusConfig>) -> Result<Forge> {
     let _ = std::fs::remove_dir_all(state);
     let mut config = ForgeConfig::new(state);
     config.device = DevicePreference::Cpu;
     config.max_concurrency = max_concurrency;
     config.queue_at_open = queue_at_open;
+    config.bus = bus;
     Forge::open(config, Box::new(FixedCatalog(catalog)))
 }
 
+/// One drain of the whole catalog queued at open: the forge's own overhead
+/// relative to the compiles its worker timed (percent), and per job (ms).
+pub fn queue_overhead(state: &Path, catalog: &Catalog, bus: Option<BusConfig>) -> Result<(f64, f64)> {
+    let mut forge = forge_on_bus(state, catalog.clone(), 1, true, bus)?;
+    let t = Instant::now();
+    let reports = forge.drain(&mut |_| {});
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    if let Some(error) = reports.iter().find_map(|r| r.error.clone()) {
+        return Err(error.context("queue run"));
+    }
+    if reports.len() != catalog.len() {
+        return Err(Error::invalid(format!("queue run: {} jobs ran, {} expected", reports.len(), catalog.len())));
+    }
+    let worker = worker_ms(&forge);
+    Ok(((wall / worker - 1.0) * 100.0, (wall - worker) / catalog.len() as f64))
+}
+
 /// The default catalog's compilable blueprints.
-fn compilable() -> Vec<Descriptor> {
+pub fn compilable() -> Vec<Descriptor> {
     Catalog::default_catalog().descriptors().iter().filter(|d| !d.is_quarantined()).cloned().collect()
 }
 
@@ -133,9 +157,6 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         let wall = t.elapsed().as_secs_f64() * 1e3;
         if let Some(error) = reports.iter().find_map(|r| r.error.clone()) {
             return Err(error.context("queue run"));
-        }
-        if reports.len() != descriptors.len() {
-            return Err(Error::invalid(format!("queue run: {} jobs ran, {} expected", reports.len(), descriptors.len())));
         }
         let worker = worker_ms(&forge);
         queue_overhead.push(((wall / worker - 1.0) * 100.0, (wall - worker) / jobs));

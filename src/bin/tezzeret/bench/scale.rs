@@ -92,7 +92,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         drop(forge);
 
         let t = Instant::now();
-        let mut forge = Forge::open(config(&state), Box::new(Fixed(catalog)))?;
+        let forge = Forge::open(config(&state), Box::new(Fixed(catalog)))?;
         rows.push(row(format!("open of a warm state directory of {n} blueprints"), t.elapsed().as_secs_f64() * 1e3, None, "ms"));
 
         let (shape, stride) = ([8i64, 32], [32i64, 1]);

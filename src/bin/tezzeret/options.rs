@@ -1,0 +1,176 @@
+//! Command-line options shared by `forge` and `serve`: how a forge is
+//! opened, and how it joins the Oona bus.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use tezzeret::build::catalog::Catalog;
+use tezzeret::build::compile::Strategy;
+use tezzeret::bus::{BusConfig, SECRET_VARIABLE};
+use tezzeret::forge::{DevicePreference, ForgeConfig};
+use tezzeret::state::signing::{read_key_file, KeyRing};
+use tezzeret::{Error, Result};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// How the forge is opened.
+#[derive(Args)]
+pub struct OpenArgs {
+    /// The state directory (created if missing).
+    #[arg(long = "state", value_name = "DIR")]
+    pub state: PathBuf,
+    /// A catalog file in the format of data/karn-default-catalog.json, or `default`.
+    #[arg(long, value_name = "FILE.json|default", default_value = "default")]
+    pub catalog: String,
+    /// Compilation strategy: emergency, fast, standard or aggressive.
+    #[arg(long, value_name = "STRATEGY", default_value = "standard", value_parser = parse_strategy)]
+    pub strategy: Strategy,
+    /// Jobs compiling at once.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: u32,
+    /// Where artifacts run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Batch size of the representative inputs.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch: i64,
+    /// Time budget of every job, seconds (default: the strategy's).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub budget: Option<Duration>,
+    /// Largest process-memory growth of one job, MiB (default 1024).
+    #[arg(long = "memory-budget", value_name = "MIB")]
+    pub memory_budget: Option<u64>,
+    /// Sign artifacts with this secret key.
+    #[arg(long = "signing-key", value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// Trust this public key (repeatable): artifacts are verified before use.
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
+    #[arg(long)]
+    pub allow_quarantine: bool,
+    /// Checkpoint the WAL every N journal transactions (default 4096).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+}
+
+impl OpenArgs {
+    /// The catalog to compile (`None`: the embedded default).
+    pub fn catalog(&self) -> Result<Option<Catalog>> {
+        match self.catalog.as_str() {
+            "default" => Ok(None),
+            file => {
+                let text = std::fs::read_to_string(file).map_err(|e| Error::io(format!("read catalog {file}"), e))?;
+                Ok(Some(Catalog::from_json(&text).map_err(|e| e.context(format!("catalog {file}")))?))
+            }
+        }
+    }
+
+    /// The forge configuration these options describe.
+    pub fn config(&self) -> Result<ForgeConfig> {
+        let mut config = ForgeConfig::new(&self.state);
+        config.strategy = self.strategy;
+        config.max_concurrency = self.jobs;
+        config.batch = self.batch;
+        config.device = match self.device {
+            DeviceArg::Auto => DevicePreference::Auto,
+            DeviceArg::Cpu => DevicePreference::Cpu,
+            DeviceArg::Cuda => DevicePreference::Cuda,
+        };
+        if let Some(budget) = self.budget {
+            config.budgets = [budget; 4];
+        }
+        if let Some(mib) = self.memory_budget {
+            config.memory_budget_bytes = Some(mib << 20);
+        }
+        config.allow_quarantine = self.allow_quarantine;
+        if let Some(n) = self.checkpoint_every {
+            config.checkpoint_every = n;
+        }
+        config.keys = keys(self.signing_key.as_deref(), &self.trusted_keys)?;
+        Ok(config)
+    }
+}
+
+/// How the forge joins the Oona bus (Redis Streams).
+#[derive(Args)]
+pub struct BusArgs {
+    /// Redis URL of the bus, e.g. redis://127.0.0.1:6379 (off without it).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Consumer group sharing the prefetch requests.
+    #[arg(long, value_name = "NAME", default_value = "tezzeret")]
+    pub group: String,
+    /// This process's consumer name (default tezzeret-<host>-<pid>).
+    #[arg(long, value_name = "NAME")]
+    pub consumer: Option<String>,
+    /// Environment variable holding the shared secret entries are signed with.
+    #[arg(long = "secret-env", value_name = "VAR", default_value = SECRET_VARIABLE)]
+    pub secret_env: String,
+    /// Requests issued longer ago than this are dropped as stale, seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub freshness: Duration,
+    /// Entries older than this are trimmed from the streams written, seconds.
+    #[arg(long = "message-ttl", value_name = "SECONDS", default_value = "900", value_parser = parse_seconds)]
+    pub message_ttl: Duration,
+    /// Pending requests of a consumer idle this long are taken over, seconds.
+    #[arg(long = "claim-idle", value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub claim_idle: Duration,
+    /// Prefix of every stream name instead of `oona` (e.g. for a test bus).
+    #[arg(long = "stream-prefix", value_name = "PREFIX", default_value = "oona")]
+    pub stream_prefix: String,
+    /// Do not answer prefetch requests (publish only).
+    #[arg(long)]
+    pub no_prefetch: bool,
+}
+
+impl BusArgs {
+    /// The bus configuration, or `None` without `--redis`.
+    pub fn config(&self) -> Result<Option<BusConfig>> {
+        let Some(url) = &self.redis else { return Ok(None) };
+        let mut config = BusConfig::new(url);
+        config.group = self.group.clone();
+        if let Some(consumer) = &self.consumer {
+            config.consumer = consumer.clone();
+        }
+        config.secret = std::env::var_os(&self.secret_env).filter(|v| !v.is_empty()).map(|v| v.into_encoded_bytes());
+        config.freshness = self.freshness;
+        config.message_ttl = self.message_ttl;
+        config.claim_idle = self.claim_idle;
+        config.serve_prefetch = !self.no_prefetch;
+        if self.stream_prefix != "oona" {
+            let rename = |name: &mut String| *name = name.replacen("oona", &self.stream_prefix, 1);
+            let s = &mut config.streams;
+            for name in [&mut s.requests, &mut s.ready, &mut s.errors, &mut s.telemetry, &mut s.emergency, &mut s.dead_letter] {
+                rename(name);
+            }
+        }
+        config.validate()?;
+        Ok(Some(config))
+    }
+}
+
+/// A key ring from key files.
+pub fn keys(signing: Option<&Path>, trusted: &[PathBuf]) -> Result<KeyRing> {
+    let signing = signing.map(read_key_file).transpose()?;
+    let trusted = trusted.iter().map(|p| read_key_file(p)).collect::<Result<Vec<_>>>()?;
+    KeyRing::new(signing, &trusted)
+}
+
+fn parse_strategy(value: &str) -> std::result::Result<Strategy, String> {
+    value.parse().map_err(|e: Error| e.message().to_string())
+}
+
+/// A positive number of seconds.
+pub fn parse_seconds(value: &str) -> std::result::Result<Duration, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+    }
+}

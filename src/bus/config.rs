@@ -1,0 +1,156 @@
+//! How a forge joins the bus: where Redis is, which streams and consumer
+//! group it uses, the shared secret, and the time windows, with Esper's
+//! defaults.
+use std::time::Duration;
+
+use crate::base::error::{Error, Result};
+
+/// The streams a forge reads and writes (Esper's names by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamNames {
+    /// Prefetch requests (`KernelPrefetchRequest`).
+    pub requests: String,
+    /// Positive answers and catalog updates (`KernelArtifactReady`,
+    /// `KernelCatalogUpdate`).
+    pub ready: String,
+    /// Negative answers (`KernelArtifactError`).
+    pub errors: String,
+    /// Telemetry packets of normal priority.
+    pub telemetry: String,
+    /// Telemetry packets of priority HIGH or CRITICAL.
+    pub emergency: String,
+    /// Request entries that kept failing, set aside with the reason.
+    pub dead_letter: String,
+}
+
+impl Default for StreamNames {
+    fn default() -> Self {
+        StreamNames {
+            requests: "oona.kernels.requests".into(),
+            ready: "oona.kernels.ready".into(),
+            errors: "oona.kernels.errors".into(),
+            telemetry: "oona.telemetry".into(),
+            emergency: "oona.emergency".into(),
+            dead_letter: "oona.kernels.requests.dead_letter".into(),
+        }
+    }
+}
+
+/// The environment variable Esper keeps the bus's shared secret in.
+pub const SECRET_VARIABLE: &str = "ESPER_LEYLINE_SECRET";
+
+/// How a forge joins the bus.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BusConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    pub redis_url: String,
+    /// Stream names.
+    pub streams: StreamNames,
+    /// Consumer group that shares the prefetch requests among forges.
+    pub group: String,
+    /// This forge's name in the group (unique per process).
+    pub consumer: String,
+    /// Shared secret: entries are signed with HMAC-SHA256 and entries
+    /// without a valid signature are dropped. `None`: unsigned.
+    pub secret: Option<Vec<u8>>,
+    /// Requests issued longer ago than this (or this far in the future)
+    /// are dropped as stale.
+    pub freshness: Duration,
+    /// Entries older than this are trimmed from the streams written.
+    pub message_ttl: Duration,
+    /// Answer prefetch requests.
+    pub serve_prefetch: bool,
+    /// Publish catalog updates and telemetry.
+    pub publish: bool,
+    /// How long one read waits for requests (also the longest a close
+    /// waits for the reader).
+    pub block: Duration,
+    /// Pending requests of a consumer idle this long are taken over.
+    pub claim_idle: Duration,
+    /// A request delivered this many times without being answered goes to
+    /// the dead-letter stream.
+    pub max_deliveries: u64,
+    /// How many recent request ids are remembered to drop replays.
+    pub replay_window: usize,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("redis_url", &self.redis_url)
+            .field("streams", &self.streams)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("freshness", &self.freshness)
+            .field("message_ttl", &self.message_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BusConfig {
+    /// Defaults for a Redis URL: Esper's stream names, group `tezzeret`, a
+    /// consumer named after the host and process, no secret, 60 s
+    /// freshness, 900 s message TTL, both prefetch and publishing on.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        BusConfig {
+            redis_url: redis_url.into(),
+            streams: StreamNames::default(),
+            group: "tezzeret".into(),
+            consumer: default_consumer(),
+            secret: None,
+            freshness: Duration::from_secs(60),
+            message_ttl: Duration::from_secs(900),
+            serve_prefetch: true,
+            publish: true,
+            block: Duration::from_millis(200),
+            claim_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            replay_window: 4096,
+        }
+    }
+
+    /// Refuses configurations that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let url = &self.redis_url;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+            return Err(Error::invalid(format!("bus redis_url {url:?} is not a redis://, rediss:// or unix:// URL")));
+        }
+        redis::Client::open(url.as_str()).map_err(|e| Error::invalid(format!("bus redis_url {url:?}: {e}")))?;
+        let s = &self.streams;
+        for (field, name) in [
+            ("requests", &s.requests),
+            ("ready", &s.ready),
+            ("errors", &s.errors),
+            ("telemetry", &s.telemetry),
+            ("emergency", &s.emergency),
+            ("dead_letter", &s.dead_letter),
+            ("group", &self.group),
+            ("consumer", &self.consumer),
+        ] {
+            if name.is_empty() {
+                return Err(Error::invalid(format!("bus {field} name is empty")));
+            }
+        }
+        if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(Error::invalid("bus secret is empty (leave it unset for unsigned entries)"));
+        }
+        if self.freshness.is_zero() || self.message_ttl.is_zero() {
+            return Err(Error::invalid("bus freshness and message TTL must be > 0"));
+        }
+        if self.block.is_zero() || self.max_deliveries == 0 || self.replay_window == 0 {
+            return Err(Error::invalid("bus block time, max deliveries and replay window must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `tezzeret-<hostname>-<pid>`: unique among live processes of a fleet.
+fn default_consumer() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most name.len() bytes into name.
+    let ok = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0;
+    let end = name.iter().position(|&b| b == 0).unwrap_or(0);
+    let host = if ok && end > 0 { String::from_utf8_lossy(&name[..end]).into_owned() } else { "host".into() };
+    format!("tezzeret-{host}-{}", std::process::id())
+}

@@ -1,0 +1,172 @@
+//! The publisher: a thread that adds what the forge hands it — catalog
+//! updates from the outbox and telemetry packets — to their streams, in
+//! pipelined batches, and reports which outbox entries Redis has so the
+//! forge can take them out of its outbox durably.
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::envelope::{self, Sealed, MESSAGE_ID};
+use super::link::{add_entry, Link, Role};
+use super::Shared;
+use crate::base::leyline::{self, BusMessageType, KernelCatalogUpdate, MessagePriority, TelemetryLevel, TelemetryPacket};
+
+/// Most telemetry packets kept waiting while Redis is down (older ones go).
+pub const TELEMETRY_BACKLOG: usize = 1024;
+/// Most entries added in one round trip.
+const BATCH: usize = 256;
+
+/// What waits to be published.
+#[derive(Debug, Default)]
+pub struct Queue {
+    /// Catalog updates (outbox sequence, entry), oldest first.
+    pub updates: VecDeque<(u64, Sealed)>,
+    /// Telemetry packets (stream, entry), oldest first.
+    pub telemetry: VecDeque<(String, Sealed)>,
+    /// Outbox sequences Redis has, not yet taken by the forge.
+    pub published: Vec<u64>,
+    /// Set when the forge closes.
+    pub stop: bool,
+    /// Until when a closing publisher still tries to empty the queue.
+    pub flush_until: Option<Instant>,
+}
+
+/// The envelope attributes every message of ours carries.
+fn attributes(message_id: &str, priority: MessagePriority) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MESSAGE_ID.to_string(), message_id.to_string()),
+        ("source_subsystem".to_string(), "tezzeret".to_string()),
+        ("priority".to_string(), priority_name(priority).to_string()),
+    ])
+}
+
+/// A priority's Leyline name without its prefix (`NORMAL`, `HIGH`, …).
+fn priority_name(priority: MessagePriority) -> &'static str {
+    match priority {
+        MessagePriority::Unspecified => "UNSPECIFIED",
+        MessagePriority::Low => "LOW",
+        MessagePriority::Normal => "NORMAL",
+        MessagePriority::High => "HIGH",
+        MessagePriority::Critical => "CRITICAL",
+    }
+}
+
+/// Seals a catalog update (its outbox id is its stable message id).
+pub fn seal_update(message_id: &str, update: &KernelCatalogUpdate, secret: Option<&[u8]>) -> Sealed {
+    let attributes = attributes(message_id, MessagePriority::Normal);
+    envelope::seal(BusMessageType::KernelCatalogUpdate, leyline::encode(update), attributes, secret)
+}
+
+/// The priority of a telemetry packet: CRITICAL for a critical packet,
+/// HIGH for an error, else NORMAL.
+pub fn telemetry_priority(packet: &TelemetryPacket) -> MessagePriority {
+    match TelemetryLevel::try_from(packet.level).unwrap_or(TelemetryLevel::Unspecified) {
+        TelemetryLevel::Critical => MessagePriority::Critical,
+        TelemetryLevel::Error => MessagePriority::High,
+        _ => MessagePriority::Normal,
+    }
+}
+
+/// Seals a telemetry packet.
+pub fn seal_telemetry(packet: &TelemetryPacket, secret: Option<&[u8]>) -> Sealed {
+    let attributes = attributes(&packet.packet_id, telemetry_priority(packet));
+    envelope::seal(BusMessageType::Telemetry, leyline::encode(packet), attributes, secret)
+}
+
+/// The entry's fields for XADD.
+pub fn fields(sealed: &Sealed) -> Vec<(&str, &[u8])> {
+    let mut fields = vec![(envelope::PAYLOAD_FIELD, sealed.payload.as_slice())];
+    if let Some(signature) = &sealed.signature {
+        fields.push((envelope::SIGNATURE_FIELD, signature.as_bytes()));
+    }
+    fields
+}
+
+/// The publisher thread's body: until the forge closes (and, closing,
+/// until the queue is empty, Redis is down or the flush time is over).
+pub fn run(shared: Arc<Shared>, mut link: Link) {
+    let config = &shared.config;
+    // Connected from the start, so that health tells the truth before the first message.
+    let _ = link.connection(&shared.stats);
+    loop {
+        let (updates, telemetry) = {
+            let mut queue = shared.lock();
+            while queue.updates.is_empty() && queue.telemetry.is_empty() && !queue.stop {
+                let (next, idle) = shared.wake.wait_timeout(queue, IDLE_CHECK).unwrap_or_else(|p| p.into_inner());
+                queue = next;
+                if idle.timed_out() && queue.updates.is_empty() && queue.telemetry.is_empty() && !queue.stop {
+                    // Idle: check the connection (or retry it), so an outage shows in health.
+                    drop(queue);
+                    check_idle(&shared, &mut link);
+                    queue = shared.lock();
+                }
+            }
+            let empty = queue.updates.is_empty() && queue.telemetry.is_empty();
+            let flush_over = queue.flush_until.is_none_or(|t| Instant::now() >= t);
+            if queue.stop && (empty || flush_over) {
+                return;
+            }
+            let updates: Vec<(u64, Sealed)> = queue.updates.iter().take(BATCH).cloned().collect();
+            let room = BATCH - updates.len();
+            let telemetry: Vec<(String, Sealed)> = queue.telemetry.iter().take(room).cloned().collect();
+            (updates, telemetry)
+        };
+        if let Err(error) = crate::sys::failpoint::hit("bus.publish") {
+            link.failed(&shared.stats, &redis::RedisError::from(error));
+            continue;
+        }
+        let Some(connection) = link.connection(&shared.stats) else {
+            let queue = shared.lock();
+            if queue.stop {
+                return; // closing while Redis is down: the outbox keeps the rest
+            }
+            let _ = shared.wake.wait_timeout(queue, link.retry_in().max(Duration::from_millis(1)));
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        for (_, sealed) in &updates {
+            add_entry(&mut pipe, &config.streams.ready, config.message_ttl, &fields(sealed));
+        }
+        for (stream, sealed) in &telemetry {
+            add_entry(&mut pipe, stream, config.message_ttl, &fields(sealed));
+        }
+        match pipe.query::<Vec<redis::Value>>(connection) {
+            Ok(_) => {
+                let mut queue = shared.lock();
+                // Only the entries sent leave (telemetry may have been trimmed meanwhile: by value).
+                for _ in 0..updates.len() {
+                    if let Some((seq, _)) = queue.updates.pop_front() {
+                        queue.published.push(seq);
+                    }
+                }
+                for (_, sent) in &telemetry {
+                    if let Some(at) = queue.telemetry.iter().position(|(_, s)| s == sent) {
+                        queue.telemetry.remove(at);
+                    }
+                }
+                shared.stats.outbox_depth.store(queue.updates.len() as u64, Ordering::Relaxed);
+                shared.stats.catalog_updates_published.fetch_add(updates.len() as u64, Ordering::Relaxed);
+                shared.stats.telemetry_published.fetch_add(telemetry.len() as u64, Ordering::Relaxed);
+            }
+            Err(error) => link.failed(&shared.stats, &error),
+        }
+    }
+}
+
+/// How often an idle publisher checks its connection.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// A PING on the idle connection, or a connection attempt if the backoff allows.
+fn check_idle(shared: &Shared, link: &mut Link) {
+    if let Some(connection) = link.connection(&shared.stats) {
+        if let Err(error) = redis::cmd("PING").query::<String>(connection) {
+            link.failed(&shared.stats, &error);
+        }
+    }
+}
+
+/// Starts a publisher's link (no connection until the first batch).
+pub fn link(shared: &Shared) -> Link {
+    Link::new(shared.client.clone(), Role::Publisher, Duration::ZERO)
+}

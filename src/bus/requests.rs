@@ -1,0 +1,328 @@
+//! The prefetch service: a thread that reads `KernelPrefetchRequest`s from
+//! the requests stream as one consumer of a group (forges in one group
+//! share the requests), answers each like the C ABI's prefetch, and
+//! acknowledges it after the answer is added. Entries that are not valid
+//! requests — unsigned or wrongly signed with a secret set, undecodable,
+//! of another type, missing fields, stale, replayed — are counted and
+//! acknowledged unanswered. Requests a dead consumer left pending are
+//! taken over after an idle time; one delivered too often goes to the
+//! dead-letter stream instead of looping.
+use std::collections::{HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::{Connection, RedisResult, Value};
+
+use super::envelope::{self, Refusal, Sealed, MESSAGE_ID};
+use super::link::{add_entry, autoclaim_reply, pending_deliveries, read_reply_entries, Entry, Link, Role};
+use super::publisher::fields;
+use super::{Answerer, Shared};
+use crate::base::leyline::{self, BusMessageType, KernelPrefetchRequest, PrefetchAnswer};
+
+/// Most entries read per round trip.
+const READ_COUNT: usize = 256;
+
+/// The last request ids seen, to drop replays.
+struct RecentIds {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        RecentIds { seen: HashSet::new(), order: VecDeque::new(), capacity }
+    }
+
+    /// Remembers `id`; false if it was already remembered.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
+
+    /// Forgets `id` (its request was not acknowledged and will come again).
+    fn forget(&mut self, id: &str) {
+        if self.seen.remove(id) {
+            self.order.retain(|o| o != id);
+        }
+    }
+}
+
+/// What handling one entry produced.
+enum Outcome {
+    /// Add this answer to this stream, then acknowledge (with the request id).
+    Answer(&'static str, Sealed, String),
+    /// Acknowledge without an answer.
+    Dropped(Refusal),
+    /// Answering failed (a contained panic): leave it pending, to be
+    /// delivered again and, if it keeps failing, dead-lettered.
+    Failed,
+}
+
+/// The reader: its link, its window of recent ids, when it last reclaimed.
+struct Reader {
+    shared: Arc<Shared>,
+    answerer: Arc<dyn Answerer>,
+    link: Link,
+    recent: RecentIds,
+    /// Connection generation the group was created on.
+    group_ready: u64,
+    next_reclaim: Instant,
+}
+
+/// The reader thread's body, until the forge closes.
+pub fn run(shared: Arc<Shared>, answerer: Arc<dyn Answerer>) {
+    let link = Link::new(shared.client.clone(), Role::Reader, shared.config.block);
+    let recent = RecentIds::new(shared.config.replay_window);
+    let mut reader = Reader { shared, answerer, link, recent, group_ready: 0, next_reclaim: Instant::now() };
+    while !reader.shared.stopping() {
+        match reader.round() {
+            Ok(()) => {}
+            // The stream or group went away (deleted, or Redis restarted
+            // without its data): create them again on the next round.
+            Err(error) if error.code() == Some("NOGROUP") => reader.group_ready = 0,
+            Err(error) => reader.link.failed(&reader.shared.stats, &error),
+        }
+    }
+}
+
+impl Reader {
+    /// One round: connect (or wait for the backoff), set up the group,
+    /// reclaim when due, read and answer one batch.
+    fn round(&mut self) -> RedisResult<()> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        if self.link.connection(&shared.stats).is_none() {
+            shared.sleep(self.link.retry_in().max(Duration::from_millis(1)));
+            return Ok(());
+        }
+        let generation = self.link.generation();
+        if self.group_ready != generation {
+            let connection = self.link.connection(&shared.stats).expect("connected above");
+            create_group(connection, &config.streams.requests, &config.group)?;
+            self.group_ready = generation;
+        }
+        let connection = self.link.connection(&shared.stats).expect("connected above");
+        if Instant::now() >= self.next_reclaim {
+            let claimed = reclaim(connection, &shared)?;
+            self.next_reclaim = Instant::now() + (config.claim_idle / 2).max(Duration::from_millis(50));
+            self.answer_batch(claimed)?;
+        }
+        let connection = self.link.connection(&shared.stats).expect("connected above");
+        let reply: RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&config.group)
+            .arg(&config.consumer)
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(config.block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&config.streams.requests)
+            .arg(">")
+            .query(connection);
+        self.answer_batch(read_reply_entries(&reply?))
+    }
+
+    /// Answers entries, adds the answers and acknowledges what was handled
+    /// in one round trip (answers first: an entry is acknowledged only
+    /// after its answer is in).
+    fn answer_batch(&mut self, batch: Vec<Entry>) -> RedisResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let mut pipe = redis::pipe();
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut answered = Vec::new();
+        for entry in &batch {
+            match self.handle(entry) {
+                Outcome::Answer(stream, sealed, request_id) => {
+                    answered.push(request_id);
+                    let stream = if stream == "ready" { &config.streams.ready } else { &config.streams.errors };
+                    add_entry(&mut pipe, stream, config.message_ttl, &fields(&sealed));
+                    acks.push(entry.id.as_str());
+                }
+                Outcome::Dropped(refusal) => {
+                    shared.stats.drop_entry(refusal);
+                    acks.push(entry.id.as_str());
+                }
+                Outcome::Failed => {}
+            }
+        }
+        if !acks.is_empty() {
+            pipe.cmd("XACK").arg(&config.streams.requests).arg(&config.group).arg(&acks);
+        }
+        let sent = match self.link.connection(&shared.stats) {
+            Some(connection) => pipe.query::<Vec<Value>>(connection).map(drop),
+            None => Err(redis::RedisError::from(std::io::Error::other("bus link lost"))),
+        };
+        if sent.is_err() {
+            // Not acknowledged: these come again and must not count as replays.
+            for id in &answered {
+                self.recent.forget(id);
+            }
+        }
+        sent
+    }
+
+    /// Checks, decodes and answers one entry.
+    fn handle(&mut self, entry: &Entry) -> Outcome {
+        match self.request_of(entry) {
+            Ok(request) => {
+                let answer = catch_unwind(AssertUnwindSafe(|| self.answerer.answer(&request)));
+                let Ok(answer) = answer else { return Outcome::Failed };
+                let secret = self.shared.config.secret.as_deref();
+                let attributes = |message_id: String| {
+                    std::collections::BTreeMap::from([
+                        (MESSAGE_ID.to_string(), message_id),
+                        ("request_id".to_string(), request.request_id.clone()),
+                        ("source_subsystem".to_string(), "tezzeret".to_string()),
+                        ("consumer".to_string(), self.shared.config.consumer.clone()),
+                    ])
+                };
+                let message_id = format!("answer-{}", request.request_id);
+                match answer {
+                    PrefetchAnswer::Ready(ready) => {
+                        self.shared.stats.answered_ready.fetch_add(1, Ordering::Relaxed);
+                        let bytes = leyline::encode(&ready);
+                        let sealed = envelope::seal(BusMessageType::KernelPrefetchReady, bytes, attributes(message_id), secret);
+                        Outcome::Answer("ready", sealed, request.request_id)
+                    }
+                    PrefetchAnswer::Error(error) => {
+                        self.shared.stats.answered_error.fetch_add(1, Ordering::Relaxed);
+                        let bytes = leyline::encode(&error);
+                        let sealed = envelope::seal(BusMessageType::KernelPrefetchError, bytes, attributes(message_id), secret);
+                        Outcome::Answer("errors", sealed, request.request_id)
+                    }
+                }
+            }
+            Err(refusal) => Outcome::Dropped(refusal),
+        }
+    }
+
+    /// The request an entry holds, or why it is refused.
+    fn request_of(&mut self, entry: &Entry) -> Result<KernelPrefetchRequest, Refusal> {
+        let config = &self.shared.config;
+        let envelope = envelope::open(
+            entry.field(envelope::PAYLOAD_FIELD),
+            entry.field(envelope::SIGNATURE_FIELD),
+            config.secret.as_deref(),
+            BusMessageType::KernelPrefetchRequest,
+        )?;
+        let request: KernelPrefetchRequest = leyline::decode(&envelope.payload).map_err(|_| Refusal::MalformedMessage)?;
+        let Some(issued_at) = request.issued_at else { return Err(Refusal::MissingField) };
+        if request.request_id.is_empty() || request.blueprint_id.is_empty() {
+            return Err(Refusal::MissingField);
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let issued = issued_at.seconds as f64 + f64::from(issued_at.nanos) / 1e9;
+        if (now - issued).abs() > config.freshness.as_secs_f64() {
+            return Err(Refusal::Stale);
+        }
+        if !self.recent.insert(&request.request_id) {
+            return Err(Refusal::Replayed);
+        }
+        Ok(request)
+    }
+}
+
+/// Creates the consumer group (reading only new entries; the stream is
+/// created if missing); an existing group is fine.
+fn create_group(connection: &mut Connection, stream: &str, group: &str) -> RedisResult<()> {
+    let created: RedisResult<Value> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("$").arg("MKSTREAM").query(connection);
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Takes over requests pending longer than the idle time (their consumer
+/// died or failed on them); those delivered more often than allowed go to
+/// the dead-letter stream and are acknowledged. Returns the rest, to answer.
+fn reclaim(connection: &mut Connection, shared: &Shared) -> RedisResult<Vec<Entry>> {
+    let config = &shared.config;
+    let idle_ms = config.claim_idle.as_millis() as u64;
+    let mut claimed = Vec::new();
+    let mut cursor = "0-0".to_string();
+    for _ in 0..16 {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&config.streams.requests)
+            .arg(&config.group)
+            .arg(&config.consumer)
+            .arg(idle_ms)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .query(connection)?;
+        let (next, entries) = autoclaim_reply(&reply);
+        claimed.extend(entries);
+        if next == "0-0" || claimed.len() >= READ_COUNT {
+            break;
+        }
+        cursor = next;
+    }
+    if claimed.is_empty() {
+        return Ok(claimed);
+    }
+    // How often each was delivered (XAUTOCLAIM counted this delivery too).
+    let first = &claimed.first().expect("not empty").id;
+    let last = &claimed.last().expect("not empty").id;
+    let pending: Value = redis::cmd("XPENDING")
+        .arg(&config.streams.requests)
+        .arg(&config.group)
+        .arg(first)
+        .arg(last)
+        .arg(claimed.len() * 2)
+        .arg(&config.consumer)
+        .query(connection)?;
+    let deliveries: std::collections::HashMap<String, u64> = pending_deliveries(&pending).into_iter().collect();
+    let (poison, retry): (Vec<Entry>, Vec<Entry>) =
+        claimed.into_iter().partition(|e| deliveries.get(&e.id).is_some_and(|&n| n > config.max_deliveries));
+    if !poison.is_empty() {
+        let mut pipe = redis::pipe();
+        for entry in &poison {
+            let count = deliveries[&entry.id].to_string();
+            let mut fields: Vec<(&str, &[u8])> =
+                entry.fields.iter().filter_map(|(k, v)| std::str::from_utf8(k).ok().map(|k| (k, v.as_slice()))).collect();
+            fields.push(("dead_letter_reason", b"max_deliveries"));
+            fields.push(("original_id", entry.id.as_bytes()));
+            fields.push(("deliveries", count.as_bytes()));
+            add_entry(&mut pipe, &config.streams.dead_letter, config.message_ttl, &fields);
+        }
+        let ids: Vec<&str> = poison.iter().map(|e| e.id.as_str()).collect();
+        pipe.cmd("XACK").arg(&config.streams.requests).arg(&config.group).arg(&ids);
+        pipe.query::<Vec<Value>>(connection)?;
+        shared.stats.dead_lettered.fetch_add(poison.len() as u64, Ordering::Relaxed);
+    }
+    shared.stats.reclaimed.fetch_add(retry.len() as u64, Ordering::Relaxed);
+    Ok(retry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentIds;
+
+    #[test]
+    fn recent_ids_forget_the_oldest_beyond_capacity() {
+        let mut recent = RecentIds::new(2);
+        assert!(recent.insert("a") && recent.insert("b"));
+        assert!(!recent.insert("a"));
+        assert!(recent.insert("c"));
+        assert!(recent.insert("a"), "a was forgotten when c came");
+        assert!(!recent.insert("c"));
+    }
+}
