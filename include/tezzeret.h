@@ -224,7 +224,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 4
+#define TEZZERET_ABI_MINOR 5
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -499,6 +499,17 @@ typedef struct tezzeret_dltensor {
   uint64_t byte_offset;
 } tezzeret_dltensor;
 
+// `DLManagedTensor`, layout-identical to DLPack's: a tensor handed over
+// with its owner and the function that frees it.
+typedef struct tezzeret_dlmanaged_tensor {
+  // The tensor.
+  struct tezzeret_dltensor dl_tensor;
+  // The owner (the library's tensor).
+  void *manager_ctx;
+  // Frees the tensor and this struct; call it exactly once.
+  void (*deleter)(struct tezzeret_dlmanaged_tensor*);
+} tezzeret_dlmanaged_tensor;
+
 // A resource reading a host reports (e.g. from its own GPU monitoring).
 typedef struct tezzeret_resource_reading {
   // Size of this struct as the caller knows it.
@@ -659,11 +670,25 @@ struct tezzeret_status *tezzeret_kernel_run(const struct tezzeret_kernel *kernel
 // The DLPack view of a result tensor (valid until `tezzeret_tensor_free`); NULL for NULL.
 const struct tezzeret_dltensor *tezzeret_tensor_dlpack(const struct tezzeret_tensor *tensor);
 
+// Hands a result tensor over as a DLPack `DLManagedTensor` (for
+// `torch.from_dlpack`, numpy, JAX, …) without copying it: on success the
+// tensor handle belongs to `*out_managed`, which its consumer frees by
+// calling its `deleter` once; do not free the tensor yourself. On failure
+// the tensor is left as it was.
+struct tezzeret_status *tezzeret_tensor_into_dlpack(struct tezzeret_tensor *tensor,
+                                                    struct tezzeret_dlmanaged_tensor **out_managed);
+
 // Frees a result tensor. NULL is accepted and ignored.
 void tezzeret_tensor_free(struct tezzeret_tensor *tensor);
 
 // Frees a kernel. NULL is accepted and ignored.
 void tezzeret_kernel_free(struct tezzeret_kernel *kernel);
+
+// Makes a new ed25519 key pair from the OS random generator: the 32-byte
+// secret seed (for `tezzeret_config.signing_key`) into `out_secret` and
+// the 32-byte public key (for `trusted_keys`) into `out_public`. Nothing
+// is written if the generator fails.
+struct tezzeret_status *tezzeret_keygen(uint8_t *out_secret, uint8_t *out_public);
 
 // Durably queues a compile job for a descriptor of the forge's catalog at
 // `priority` (`TEZZERET_PRIORITY_*`, Leyline `MessagePriority`; equal
@@ -714,6 +739,11 @@ struct tezzeret_status *tezzeret_forge_report_resources(struct tezzeret_forge *f
 // The forge's metrics in Prometheus text exposition format.
 struct tezzeret_status *tezzeret_forge_metrics_prometheus(struct tezzeret_forge *forge,
                                                           struct tezzeret_buffer **out_text);
+
+// Every metric as a Leyline `TelemetryPacket` (its `metrics`, no events;
+// the same points as the periodic packet and the Prometheus text).
+struct tezzeret_status *tezzeret_forge_metrics(struct tezzeret_forge *forge,
+                                               struct tezzeret_buffer **out_packet);
 
 // A Leyline `SystemHealth` snapshot (status, summary, indicators:
 // concurrency, queue depth, WAL, conservative mode, breakers).

@@ -135,15 +135,31 @@ impl BusConfig {
         if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
             return Err(Error::invalid("bus secret is empty (leave it unset for unsigned entries)"));
         }
-        if self.freshness.is_zero() || self.message_ttl.is_zero() {
-            return Err(Error::invalid("bus freshness and message TTL must be > 0"));
+        if !self.serve_prefetch && !self.publish {
+            return Err(Error::invalid("bus neither answers prefetch requests nor publishes: leave the bus unset instead"));
         }
-        if self.block.is_zero() || self.max_deliveries == 0 || self.replay_window == 0 {
-            return Err(Error::invalid("bus block time, max deliveries and replay window must be > 0"));
+        for (field, value, least) in [
+            ("freshness", self.freshness, MIN_WINDOW),
+            ("message TTL", self.message_ttl, MIN_WINDOW),
+            ("claim idle time", self.claim_idle, MIN_WINDOW),
+            ("block time", self.block, Duration::from_millis(1)),
+        ] {
+            if value < least || value > MAX_WINDOW {
+                return Err(Error::invalid(format!("bus {field} {value:?} is outside {least:?}..={MAX_WINDOW:?}")));
+            }
+        }
+        if self.max_deliveries == 0 || self.replay_window == 0 {
+            return Err(Error::invalid("bus max deliveries and replay window must be > 0"));
         }
         Ok(())
     }
 }
+
+/// The shortest freshness window, message TTL and claim idle time: below
+/// it, live consumers would lose their requests to one another.
+const MIN_WINDOW: Duration = Duration::from_millis(10);
+/// The longest of those (a year): Redis takes times in ms as 64-bit signed.
+const MAX_WINDOW: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `tezzeret-<hostname>-<pid>`: unique among live processes of a fleet.
 fn default_consumer() -> String {

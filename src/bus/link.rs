@@ -35,12 +35,15 @@ pub struct Link {
     next_attempt: Instant,
     /// Bumped on every new connection (so callers redo per-connection setup).
     generation: u64,
+    /// The Redis server's clock minus ours, ms (stream ids carry the
+    /// server's time, and trimming by age must use it).
+    clock_offset_ms: i64,
 }
 
 impl Link {
     /// A link to the Redis at `client` (not connected yet).
     pub fn new(client: redis::Client, role: Role, block: Duration) -> Self {
-        Link { client, role, block, connection: None, delay: BACKOFF_MIN, next_attempt: Instant::now(), generation: 0 }
+        Link { client, role, block, connection: None, delay: BACKOFF_MIN, next_attempt: Instant::now(), generation: 0, clock_offset_ms: 0 }
     }
 
     /// The connection, connecting first if the backoff allows; `None`
@@ -48,8 +51,9 @@ impl Link {
     pub fn connection(&mut self, stats: &BusStats) -> Option<&mut Connection> {
         if self.connection.is_none() && Instant::now() >= self.next_attempt {
             match self.connect() {
-                Ok(connection) => {
+                Ok((connection, offset)) => {
                     self.connection = Some(connection);
+                    self.clock_offset_ms = offset;
                     self.delay = BACKOFF_MIN;
                     self.generation += 1;
                     self.set_up(stats, true);
@@ -60,11 +64,20 @@ impl Link {
         self.connection.as_mut()
     }
 
-    fn connect(&self) -> redis::RedisResult<Connection> {
-        let connection = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
+    fn connect(&self) -> redis::RedisResult<(Connection, i64)> {
+        let mut connection = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
         connection.set_write_timeout(Some(IO_TIMEOUT))?;
         connection.set_read_timeout(Some(IO_TIMEOUT + self.block))?;
-        Ok(connection)
+        let (seconds, micros): (i64, i64) = redis::cmd("TIME").query(&mut connection)?;
+        let offset = seconds * 1000 + micros / 1000 - now_ms() as i64;
+        Ok((connection, offset))
+    }
+
+    /// `MINID` for entries older than `ttl` by the server's clock: stream
+    /// ids start with their creation time in ms.
+    pub fn min_id(&self, ttl: Duration) -> String {
+        let server_now = now_ms() as i64 + self.clock_offset_ms;
+        format!("{}-0", (server_now - ttl.as_millis() as i64).max(0))
     }
 
     /// Which connection this is since start (0: never connected).
@@ -186,17 +199,15 @@ pub fn autoclaim_reply(value: &Value) -> (String, Vec<Entry>) {
     (cursor, parts.get(1).map(entries).unwrap_or_default())
 }
 
-/// `MINID` for entries older than `ttl`: stream ids start with their
-/// creation time in ms.
-pub fn min_id(ttl: Duration) -> String {
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-    format!("{}-0", now_ms.saturating_sub(ttl.as_millis()))
+fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
 }
 
-/// Adds `XADD stream MINID ~ <ttl> * fields…` to a pipeline: entries
-/// older than the TTL are trimmed (approximately) on every add.
-pub fn add_entry(pipe: &mut redis::Pipeline, stream: &str, ttl: Duration, fields: &[(&str, &[u8])]) {
-    let cmd = pipe.cmd("XADD").arg(stream).arg("MINID").arg("~").arg(min_id(ttl)).arg("*");
+/// Adds `XADD stream MINID ~ <min_id> * fields…` to a pipeline: entries
+/// older than the TTL (see [`Link::min_id`]) are trimmed, approximately,
+/// on every add.
+pub fn add_entry(pipe: &mut redis::Pipeline, stream: &str, min_id: &str, fields: &[(&str, &[u8])]) {
+    let cmd = pipe.cmd("XADD").arg(stream).arg("MINID").arg("~").arg(min_id).arg("*");
     for (name, value) in fields {
         cmd.arg(*name).arg(*value);
     }

@@ -114,9 +114,12 @@ impl Bus {
         if !self.shared.config.publish {
             return;
         }
+        if self.shared.lock().known.contains(&outbox_seq) {
+            return;
+        }
         let sealed = publisher::seal_update(message_id, update, self.shared.config.secret.as_deref());
         let mut queue = self.shared.lock();
-        if queue.updates.iter().any(|(seq, _)| *seq == outbox_seq) {
+        if !queue.known.insert(outbox_seq) {
             return;
         }
         queue.updates.push_back((outbox_seq, sealed));
@@ -144,9 +147,22 @@ impl Bus {
         self.shared.wake.notify_all();
     }
 
-    /// Outbox sequences published since the last call.
+    /// Outbox sequences published since the last call (the caller records
+    /// them durably, or hands them back with [`Self::untake_published`]).
     pub fn take_published(&self) -> Vec<u64> {
-        std::mem::take(&mut self.shared.lock().published)
+        let mut queue = self.shared.lock();
+        let taken = std::mem::take(&mut queue.published);
+        for seq in &taken {
+            queue.known.remove(seq);
+        }
+        taken
+    }
+
+    /// Hands back published sequences the caller could not record.
+    pub fn untake_published(&self, seqs: Vec<u64>) {
+        let mut queue = self.shared.lock();
+        queue.known.extend(&seqs);
+        queue.published.extend(seqs);
     }
 
     /// Stops the threads. The publisher first tries, for up to `flush`

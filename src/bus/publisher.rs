@@ -26,6 +26,9 @@ pub struct Queue {
     pub telemetry: VecDeque<(String, Sealed)>,
     /// Outbox sequences Redis has, not yet taken by the forge.
     pub published: Vec<u64>,
+    /// Outbox sequences queued or published and not yet taken: an update
+    /// handed over again (after a failed commit, at open) is not doubled.
+    pub known: std::collections::HashSet<u64>,
     /// Set when the forge closes.
     pub stop: bool,
     /// Until when a closing publisher still tries to empty the queue.
@@ -116,6 +119,7 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
             link.failed(&shared.stats, &redis::RedisError::from(error));
             continue;
         }
+        let min_id = link.min_id(config.message_ttl);
         let Some(connection) = link.connection(&shared.stats) else {
             let queue = shared.lock();
             if queue.stop {
@@ -125,33 +129,73 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
             continue;
         };
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for (_, sealed) in &updates {
-            add_entry(&mut pipe, &config.streams.ready, config.message_ttl, &fields(sealed));
+            add_entry(&mut pipe, &config.streams.ready, &min_id, &fields(sealed));
         }
         for (stream, sealed) in &telemetry {
-            add_entry(&mut pipe, stream, config.message_ttl, &fields(sealed));
+            add_entry(&mut pipe, stream, &min_id, &fields(sealed));
         }
-        match pipe.query::<Vec<redis::Value>>(connection) {
-            Ok(_) => {
-                let mut queue = shared.lock();
-                // Only the entries sent leave (telemetry may have been trimmed meanwhile: by value).
-                for _ in 0..updates.len() {
-                    if let Some((seq, _)) = queue.updates.pop_front() {
-                        queue.published.push(seq);
+        match pipe.query::<Vec<redis::RedisResult<redis::Value>>>(connection) {
+            Ok(results) => {
+                let refused = settle(&shared, &updates, &telemetry, &results);
+                if refused {
+                    // Redis refused some (out of memory, a key of the wrong type):
+                    // the updates among them wait, and are tried again after a pause.
+                    let queue = shared.lock();
+                    if !queue.stop {
+                        let _ = shared.wake.wait_timeout(queue, REFUSED_PAUSE);
                     }
                 }
-                for (_, sent) in &telemetry {
-                    if let Some(at) = queue.telemetry.iter().position(|(_, s)| s == sent) {
-                        queue.telemetry.remove(at);
-                    }
-                }
-                shared.stats.outbox_depth.store(queue.updates.len() as u64, Ordering::Relaxed);
-                shared.stats.catalog_updates_published.fetch_add(updates.len() as u64, Ordering::Relaxed);
-                shared.stats.telemetry_published.fetch_add(telemetry.len() as u64, Ordering::Relaxed);
             }
             Err(error) => link.failed(&shared.stats, &error),
         }
     }
+}
+
+/// How long the publisher waits before trying again entries Redis refused.
+const REFUSED_PAUSE: Duration = Duration::from_millis(500);
+
+/// Takes what Redis accepted out of the queue (updates into `published`),
+/// drops refused telemetry (counted) and keeps refused updates; returns
+/// whether anything was refused.
+fn settle(
+    shared: &Shared,
+    updates: &[(u64, Sealed)],
+    telemetry: &[(String, Sealed)],
+    results: &[redis::RedisResult<redis::Value>],
+) -> bool {
+    let accepted = |i: usize| results.get(i).is_some_and(|r| r.is_ok());
+    let mut queue = shared.lock();
+    let mut refused = 0u64;
+    let mut published = Vec::new();
+    for (i, (seq, _)) in updates.iter().enumerate() {
+        if accepted(i) {
+            published.push(*seq);
+        } else {
+            refused += 1;
+        }
+    }
+    queue.updates.retain(|(seq, _)| !published.contains(seq));
+    queue.published.extend(&published);
+    let mut sent = 0u64;
+    for (i, (_, packet)) in telemetry.iter().enumerate() {
+        if accepted(updates.len() + i) {
+            sent += 1;
+        } else {
+            refused += 1;
+        }
+        // Sent or refused, it leaves (found by value: older ones may have been trimmed meanwhile).
+        if let Some(at) = queue.telemetry.iter().position(|(_, s)| s == packet) {
+            queue.telemetry.remove(at);
+        }
+    }
+    let stats = &shared.stats;
+    stats.outbox_depth.store(queue.updates.len() as u64, Ordering::Relaxed);
+    stats.catalog_updates_published.fetch_add(published.len() as u64, Ordering::Relaxed);
+    stats.telemetry_published.fetch_add(sent, Ordering::Relaxed);
+    stats.publish_failures.fetch_add(refused, Ordering::Relaxed);
+    refused > 0
 }
 
 /// How often an idle publisher checks its connection.

@@ -67,7 +67,7 @@ enum Outcome {
     Dropped(Refusal),
     /// Answering failed (a contained panic): leave it pending, to be
     /// delivered again and, if it keeps failing, dead-lettered.
-    Failed,
+    Failed(String),
 }
 
 /// The reader: its link, its window of recent ids, when it last reclaimed.
@@ -78,6 +78,8 @@ struct Reader {
     recent: RecentIds,
     /// Connection generation the group was created on.
     group_ready: u64,
+    /// The group vanished while we used it (recreate it from the start).
+    group_lost: bool,
     next_reclaim: Instant,
 }
 
@@ -85,13 +87,16 @@ struct Reader {
 pub fn run(shared: Arc<Shared>, answerer: Arc<dyn Answerer>) {
     let link = Link::new(shared.client.clone(), Role::Reader, shared.config.block);
     let recent = RecentIds::new(shared.config.replay_window);
-    let mut reader = Reader { shared, answerer, link, recent, group_ready: 0, next_reclaim: Instant::now() };
+    let mut reader = Reader { shared, answerer, link, recent, group_ready: 0, group_lost: false, next_reclaim: Instant::now() };
     while !reader.shared.stopping() {
         match reader.round() {
             Ok(()) => {}
             // The stream or group went away (deleted, or Redis restarted
             // without its data): create them again on the next round.
-            Err(error) if error.code() == Some("NOGROUP") => reader.group_ready = 0,
+            Err(error) if error.code() == Some("NOGROUP") => {
+                reader.group_ready = 0;
+                reader.group_lost = true;
+            }
             Err(error) => reader.link.failed(&reader.shared.stats, &error),
         }
     }
@@ -110,12 +115,15 @@ impl Reader {
         let generation = self.link.generation();
         if self.group_ready != generation {
             let connection = self.link.connection(&shared.stats).expect("connected above");
-            create_group(connection, &config.streams.requests, &config.group)?;
+            let from = if self.group_lost { "0" } else { "$" };
+            create_group(connection, &config.streams.requests, &config.group, from)?;
             self.group_ready = generation;
+            self.group_lost = false;
         }
-        let connection = self.link.connection(&shared.stats).expect("connected above");
         if Instant::now() >= self.next_reclaim {
-            let claimed = reclaim(connection, &shared)?;
+            let min_id = self.link.min_id(config.message_ttl);
+            let connection = self.link.connection(&shared.stats).expect("connected above");
+            let claimed = reclaim(connection, &shared, &min_id)?;
             self.next_reclaim = Instant::now() + (config.claim_idle / 2).max(Duration::from_millis(50));
             self.answer_batch(claimed)?;
         }
@@ -135,9 +143,12 @@ impl Reader {
         self.answer_batch(read_reply_entries(&reply?))
     }
 
-    /// Answers entries, adds the answers and acknowledges what was handled
-    /// in one round trip (answers first: an entry is acknowledged only
-    /// after its answer is in).
+    /// Answers entries and adds the answers in one round trip, then
+    /// acknowledges in a second the entries handled: dropped ones, and
+    /// answered ones whose answer Redis accepted (an answer refused — out of
+    /// memory, a key of the wrong type — leaves its request pending, to be
+    /// delivered again). Stops early when the forge closes; what is left
+    /// stays pending for another consumer.
     fn answer_batch(&mut self, batch: Vec<Entry>) -> RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
@@ -145,37 +156,60 @@ impl Reader {
         let shared = self.shared.clone();
         let config = &shared.config;
         let mut pipe = redis::pipe();
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut answered = Vec::new();
+        pipe.ignore_errors();
+        let min_id = self.link.min_id(config.message_ttl);
+        let mut acks: Vec<&str> = Vec::with_capacity(batch.len());
+        // (entry id, request id) of each answer added, in pipeline order.
+        let mut answered: Vec<(&str, String)> = Vec::new();
         for entry in &batch {
+            if shared.stopping() {
+                break;
+            }
             match self.handle(entry) {
                 Outcome::Answer(stream, sealed, request_id) => {
-                    answered.push(request_id);
                     let stream = if stream == "ready" { &config.streams.ready } else { &config.streams.errors };
-                    add_entry(&mut pipe, stream, config.message_ttl, &fields(&sealed));
-                    acks.push(entry.id.as_str());
+                    add_entry(&mut pipe, stream, &min_id, &fields(&sealed));
+                    answered.push((entry.id.as_str(), request_id));
                 }
                 Outcome::Dropped(refusal) => {
                     shared.stats.drop_entry(refusal);
                     acks.push(entry.id.as_str());
                 }
-                Outcome::Failed => {}
+                Outcome::Failed(request_id) => self.recent.forget(&request_id),
             }
         }
-        if !acks.is_empty() {
-            pipe.cmd("XACK").arg(&config.streams.requests).arg(&config.group).arg(&acks);
-        }
-        let sent = match self.link.connection(&shared.stats) {
-            Some(connection) => pipe.query::<Vec<Value>>(connection).map(drop),
-            None => Err(redis::RedisError::from(std::io::Error::other("bus link lost"))),
+        let added: RedisResult<Vec<RedisResult<Value>>> = if answered.is_empty() {
+            Ok(Vec::new())
+        } else {
+            match self.link.connection(&shared.stats) {
+                Some(connection) => pipe.query(connection),
+                None => Err(lost_link()),
+            }
         };
-        if sent.is_err() {
-            // Not acknowledged: these come again and must not count as replays.
-            for id in &answered {
-                self.recent.forget(id);
+        let added = match added {
+            Ok(added) => added,
+            Err(error) => {
+                // Not acknowledged: these come again and must not count as replays.
+                for (_, request_id) in &answered {
+                    self.recent.forget(request_id);
+                }
+                return Err(error);
+            }
+        };
+        for ((entry_id, request_id), result) in answered.iter().zip(added.iter().map(Some).chain(std::iter::repeat(None))) {
+            match result {
+                Some(Ok(_)) => acks.push(entry_id),
+                _ => {
+                    shared.stats.answer_failures.fetch_add(1, Ordering::Relaxed);
+                    self.recent.forget(request_id);
+                }
             }
         }
-        sent
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let connection = self.link.connection(&shared.stats).ok_or_else(lost_link)?;
+        redis::cmd("XACK").arg(&config.streams.requests).arg(&config.group).arg(&acks).query::<Value>(connection).map(drop)
     }
 
     /// Checks, decodes and answers one entry.
@@ -183,7 +217,7 @@ impl Reader {
         match self.request_of(entry) {
             Ok(request) => {
                 let answer = catch_unwind(AssertUnwindSafe(|| self.answerer.answer(&request)));
-                let Ok(answer) = answer else { return Outcome::Failed };
+                let Ok(answer) = answer else { return Outcome::Failed(request.request_id) };
                 let secret = self.shared.config.secret.as_deref();
                 let attributes = |message_id: String| {
                     std::collections::BTreeMap::from([
@@ -239,11 +273,18 @@ impl Reader {
     }
 }
 
-/// Creates the consumer group (reading only new entries; the stream is
-/// created if missing); an existing group is fine.
-fn create_group(connection: &mut Connection, stream: &str, group: &str) -> RedisResult<()> {
+fn lost_link() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::other("bus link lost"))
+}
+
+/// Creates the consumer group (the stream too, if missing); an existing
+/// group is fine. A first group reads only entries added from now on
+/// (`$`); one recreated because it vanished (the stream was deleted, Redis
+/// restarted without its data) reads the stream from its start, so that
+/// requests added in between are not skipped.
+fn create_group(connection: &mut Connection, stream: &str, group: &str, from: &str) -> RedisResult<()> {
     let created: RedisResult<Value> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("$").arg("MKSTREAM").query(connection);
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg(from).arg("MKSTREAM").query(connection);
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         other => other.map(drop),
@@ -253,7 +294,7 @@ fn create_group(connection: &mut Connection, stream: &str, group: &str) -> Redis
 /// Takes over requests pending longer than the idle time (their consumer
 /// died or failed on them); those delivered more often than allowed go to
 /// the dead-letter stream and are acknowledged. Returns the rest, to answer.
-fn reclaim(connection: &mut Connection, shared: &Shared) -> RedisResult<Vec<Entry>> {
+fn reclaim(connection: &mut Connection, shared: &Shared, min_id: &str) -> RedisResult<Vec<Entry>> {
     let config = &shared.config;
     let idle_ms = config.claim_idle.as_millis() as u64;
     let mut claimed = Vec::new();
@@ -279,21 +320,17 @@ fn reclaim(connection: &mut Connection, shared: &Shared) -> RedisResult<Vec<Entr
         return Ok(claimed);
     }
     // How often each was delivered (XAUTOCLAIM counted this delivery too).
-    let first = &claimed.first().expect("not empty").id;
-    let last = &claimed.last().expect("not empty").id;
-    let pending: Value = redis::cmd("XPENDING")
-        .arg(&config.streams.requests)
-        .arg(&config.group)
-        .arg(first)
-        .arg(last)
-        .arg(claimed.len() * 2)
-        .arg(&config.consumer)
-        .query(connection)?;
-    let deliveries: std::collections::HashMap<String, u64> = pending_deliveries(&pending).into_iter().collect();
+    let mut pipe = redis::pipe();
+    for entry in &claimed {
+        pipe.cmd("XPENDING").arg(&config.streams.requests).arg(&config.group).arg(&entry.id).arg(&entry.id).arg(1);
+    }
+    let pending: Vec<Value> = pipe.query(connection)?;
+    let deliveries: std::collections::HashMap<String, u64> = pending.iter().flat_map(pending_deliveries).collect();
     let (poison, retry): (Vec<Entry>, Vec<Entry>) =
         claimed.into_iter().partition(|e| deliveries.get(&e.id).is_some_and(|&n| n > config.max_deliveries));
     if !poison.is_empty() {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for entry in &poison {
             let count = deliveries[&entry.id].to_string();
             let mut fields: Vec<(&str, &[u8])> =
@@ -301,12 +338,15 @@ fn reclaim(connection: &mut Connection, shared: &Shared) -> RedisResult<Vec<Entr
             fields.push(("dead_letter_reason", b"max_deliveries"));
             fields.push(("original_id", entry.id.as_bytes()));
             fields.push(("deliveries", count.as_bytes()));
-            add_entry(&mut pipe, &config.streams.dead_letter, config.message_ttl, &fields);
+            add_entry(&mut pipe, &config.streams.dead_letter, min_id, &fields);
         }
-        let ids: Vec<&str> = poison.iter().map(|e| e.id.as_str()).collect();
-        pipe.cmd("XACK").arg(&config.streams.requests).arg(&config.group).arg(&ids);
-        pipe.query::<Vec<Value>>(connection)?;
-        shared.stats.dead_lettered.fetch_add(poison.len() as u64, Ordering::Relaxed);
+        let added: Vec<RedisResult<Value>> = pipe.query(connection)?;
+        // Only what the dead-letter stream holds leaves the group.
+        let moved: Vec<&str> = poison.iter().zip(&added).filter(|(_, r)| r.is_ok()).map(|(e, _)| e.id.as_str()).collect();
+        if !moved.is_empty() {
+            redis::cmd("XACK").arg(&config.streams.requests).arg(&config.group).arg(&moved).query::<Value>(connection)?;
+        }
+        shared.stats.dead_lettered.fetch_add(moved.len() as u64, Ordering::Relaxed);
     }
     shared.stats.reclaimed.fetch_add(retry.len() as u64, Ordering::Relaxed);
     Ok(retry)

@@ -20,6 +20,11 @@ pub struct BusStats {
     pub answered_error: AtomicU64,
     /// Request entries dropped, by [`Refusal`] (index in `Refusal::ALL`).
     pub dropped: [AtomicU64; Refusal::ALL.len()],
+    /// Answers Redis refused (their requests stay pending, to come again).
+    pub answer_failures: AtomicU64,
+    /// Entries Redis refused to add (a catalog update is retried; a
+    /// telemetry packet is dropped).
+    pub publish_failures: AtomicU64,
     /// Pending requests of other (dead) consumers taken over.
     pub reclaimed: AtomicU64,
     /// Request entries moved to the dead-letter stream.
@@ -71,6 +76,8 @@ impl BusStats {
             metric("tezzeret.bus.outbox_depth", load(&self.outbox_depth), "count", &[]),
             metric("tezzeret.bus.answered", load(&self.answered_ready), "count", &[("answer", "ready")]),
             metric("tezzeret.bus.answered", load(&self.answered_error), "count", &[("answer", "error")]),
+            metric("tezzeret.bus.answer_failures", load(&self.answer_failures), "count", &[]),
+            metric("tezzeret.bus.publish_failures", load(&self.publish_failures), "count", &[]),
             metric("tezzeret.bus.reclaimed", load(&self.reclaimed), "count", &[]),
             metric("tezzeret.bus.dead_lettered", load(&self.dead_lettered), "count", &[]),
             metric("tezzeret.bus.link_failures", load(&self.link_failures), "count", &[]),

@@ -111,6 +111,9 @@ impl tezzeret_bus_config {
                 *target = unsafe { str_arg(ptr, &format!("config.bus.{field}")) }?.to_string();
             }
         }
+        if raw.secret.is_null() && raw.secret_len != 0 {
+            return Err(Error::invalid(format!("config.bus.secret is NULL but secret_len is {}", raw.secret_len)));
+        }
         if !raw.secret.is_null() {
             // SAFETY: the caller provides secret_len readable bytes at secret.
             config.secret = Some(unsafe { bytes_arg(raw.secret, raw.secret_len, "config.bus.secret") }?.to_vec());
@@ -122,6 +125,9 @@ impl tezzeret_bus_config {
             if value == 0 {
                 return Err(Error::invalid(format!("config.bus.{field} must be > 0")));
             }
+        }
+        if raw.flags & KNOWN_BUS_FLAGS == KNOWN_BUS_FLAGS {
+            return Err(Error::invalid("config.bus.flags turn off both prefetch and publishing: leave config.bus NULL instead"));
         }
         config.freshness = Duration::from_millis(raw.freshness_ms);
         config.message_ttl = Duration::from_millis(raw.message_ttl_ms);

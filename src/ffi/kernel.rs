@@ -229,6 +229,46 @@ pub unsafe extern "C" fn tezzeret_tensor_dlpack(tensor: *const tezzeret_tensor) 
     ffi_value(std::ptr::null(), || unsafe { tensor.as_ref() }.map_or(std::ptr::null(), |t| &t.view as *const tezzeret_dltensor))
 }
 
+/// `DLManagedTensor`, layout-identical to DLPack's: a tensor handed over
+/// with its owner and the function that frees it.
+#[repr(C)]
+pub struct tezzeret_dlmanaged_tensor {
+    /// The tensor.
+    pub dl_tensor: tezzeret_dltensor,
+    /// The owner (the library's tensor).
+    pub manager_ctx: *mut c_void,
+    /// Frees the tensor and this struct; call it exactly once.
+    pub deleter: Option<unsafe extern "C" fn(*mut tezzeret_dlmanaged_tensor)>,
+}
+
+unsafe extern "C" fn free_managed(managed: *mut tezzeret_dlmanaged_tensor) {
+    // SAFETY: made by tezzeret_tensor_into_dlpack and freed once, by DLPack's contract.
+    let managed = unsafe { Box::from_raw(managed) };
+    // SAFETY: the tensor handle it owns, freed with it.
+    unsafe { free_handle(managed.manager_ctx.cast::<tezzeret_tensor>()) };
+}
+
+/// Hands a result tensor over as a DLPack `DLManagedTensor` (for
+/// `torch.from_dlpack`, numpy, JAX, …) without copying it: on success the
+/// tensor handle belongs to `*out_managed`, which its consumer frees by
+/// calling its `deleter` once; do not free the tensor yourself. On failure
+/// the tensor is left as it was.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_tensor_into_dlpack(
+    tensor: *mut tezzeret_tensor,
+    out_managed: *mut *mut tezzeret_dlmanaged_tensor,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_managed, "out_managed")?;
+        // SAFETY: NULL or a live tensor handle.
+        let view = unsafe { handle_ref(tensor, "tensor") }?.view;
+        let managed = Box::new(tezzeret_dlmanaged_tensor { dl_tensor: view, manager_ctx: tensor.cast(), deleter: Some(free_managed) });
+        // SAFETY: non-NULL (checked) and writable by contract.
+        unsafe { *out_managed = Box::into_raw(managed) };
+        Ok(())
+    })
+}
+
 /// Frees a result tensor. NULL is accepted and ignored.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_tensor_free(tensor: *mut tezzeret_tensor) {

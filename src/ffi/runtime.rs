@@ -216,6 +216,20 @@ pub unsafe extern "C" fn tezzeret_forge_metrics_prometheus(
     })
 }
 
+/// Every metric as a Leyline `TelemetryPacket` (its `metrics`, no events;
+/// the same points as the periodic packet and the Prometheus text).
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_forge_metrics(forge: *mut tezzeret_forge, out_packet: *mut *mut tezzeret_buffer) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_packet, "out_packet")?;
+        // SAFETY: NULL or a live forge handle.
+        let packet = unsafe { tezzeret_forge::with(forge, |f| Ok(f.metrics_packet())) }?;
+        // SAFETY: non-NULL (checked) and writable by contract.
+        unsafe { *out_packet = tezzeret_buffer::boxed(leyline::encode(&packet)) };
+        Ok(())
+    })
+}
+
 /// A Leyline `SystemHealth` snapshot (status, summary, indicators:
 /// concurrency, queue depth, WAL, conservative mode, breakers).
 #[no_mangle]

@@ -40,11 +40,18 @@ impl Forge {
         let entries = self.ledger.store().cache_entries();
         let plan = eviction_plan(entries, SystemTime::now(), self.config.cache_ttl, self.config.cache_capacity_bytes);
         for record in &plan {
-            // Answers stop naming the artifact before its files go.
-            if self.ledger.artifacts().get(&record.blueprint_id).is_some_and(|a| a.cache_key == record.cache_key) {
+            // Answers stop naming the artifact before its files go (and
+            // name it again if it stays current because eviction failed).
+            let current = self.ledger.artifacts().get(&record.blueprint_id).filter(|a| a.cache_key == record.cache_key).cloned();
+            if current.is_some() {
                 self.prefetcher.withdraw(&record.blueprint_id);
             }
-            self.ledger.evict(record)?;
+            if let Err(error) = self.ledger.evict(record) {
+                if let Some(still) = current.filter(|c| self.ledger.artifacts().get(&c.blueprint_id) == Some(c)) {
+                    self.prefetcher.set_current(&still);
+                }
+                return Err(error);
+            }
             self.observer.cache.evictions += 1;
             let key = &record.cache_key[..16.min(record.cache_key.len())];
             self.host.log(LogLevel::Info, &format!("evicted {} ({key}) from the cache", record.blueprint_id));

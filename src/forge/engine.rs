@@ -246,6 +246,12 @@ impl Forge {
         metrics
     }
 
+    /// Every metric, as a `TelemetryPacket` without events.
+    pub fn metrics_packet(&mut self) -> TelemetryPacket {
+        let metrics = self.metrics();
+        telemetry::packet(metrics, Vec::new(), self.conservative())
+    }
+
     /// The metrics in Prometheus text exposition format (dots become
     /// underscores; labels kept).
     pub fn prometheus(&mut self) -> String {
@@ -289,7 +295,10 @@ impl Forge {
     /// outbox (also done, for free, with every commit).
     pub fn record_published(&mut self) -> Result<()> {
         match &self.bus {
-            Some(bus) => self.ledger.record_published(bus.take_published()),
+            Some(bus) => {
+                let published = bus.take_published();
+                self.ledger.record_published(published.clone()).inspect_err(|_| bus.untake_published(published))
+            }
             None => Ok(()),
         }
     }

@@ -48,11 +48,11 @@ impl Ledger {
         journal.set_checkpoint_every(config.checkpoint_every);
         let guards = GuardTable::open_writable(&layout.guards(), config.guard_slots)?;
         let announcing = match &config.bus {
-            Some(_) => {
+            Some(bus) if bus.publish => {
                 let nonce = crate::sys::random::bytes::<8>().map_err(|e| Error::io("draw an announcement id prefix", e))?;
                 Some(format!("kcu-{}", crate::base::hex::encode(&nonce)))
             }
-            None => None,
+            _ => None,
         };
         Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone(), announcing })
     }

@@ -277,7 +277,20 @@ impl Forge {
     /// the host: the catalog update only once it is durable everywhere.
     fn commit(&mut self, job: &Job, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>) -> Result<()> {
         let published = self.bus.as_ref().map(|b| b.take_published()).unwrap_or_default();
-        let (update, announcement) = self.ledger.commit(job.seq, record, published)?;
+        let (update, announcement) = match self.ledger.commit(job.seq, record, published.clone()) {
+            Ok(committed) => committed,
+            Err(error) => {
+                // The commit may have become durable before failing (a guard
+                // slot, a checkpoint): whatever the outbox now holds goes out.
+                if let Some(bus) = &self.bus {
+                    bus.untake_published(published);
+                    for a in self.ledger.outbox() {
+                        bus.announce(a.seq, &a.message_id, &a.update);
+                    }
+                }
+                return Err(error);
+            }
+        };
         self.prefetcher.set_current(record);
         self.observer.counters.completed += 1;
         self.host.catalog_update(&leyline::encode(&update));

@@ -150,15 +150,20 @@ impl Prefetcher {
                 reason: reason.as_str().to_string(),
             })
         };
-        let mut desk = self.desk();
-        let Some(record) = desk.current.get(id).cloned() else { return error(FailureReason::MissingArtifact) };
+        let (record, known) = {
+            let desk = self.desk();
+            let Some(record) = desk.current.get(id).cloned() else { return error(FailureReason::MissingArtifact) };
+            let known = desk.verified.get(id).cloned();
+            (record, known)
+        };
         let path = self.store.artifact_path(&record);
         let Ok(identity) = FileIdentity::of(&path) else { return error(FailureReason::ArtifactNotFound) };
-        let known = desk.verified.get(id).is_some_and(|v| {
+        let settled = known.is_some_and(|v| {
             v.checksum == record.checksum && v.identity == identity && identity.settled_before(v.checked_ns)
         });
-        if !known {
-            desk.verified.remove(id);
+        if !settled {
+            // Hashed without the desk's lock: answers for other blueprints,
+            // and the forge's commits, do not wait for it.
             let checked_ns = now_ns();
             if let Err(e) = self.store.verify(&record) {
                 let not_found = e.code() == ErrorCode::NotFound;
@@ -170,12 +175,15 @@ impl Prefetcher {
             // The identity is taken again after hashing: a change during the hash shows next time.
             match FileIdentity::of(&path) {
                 Ok(after) if after == identity => {
-                    desk.verified.insert(id.clone(), VerifiedFile { checksum: record.checksum.clone(), identity, checked_ns });
+                    let mut desk = self.desk();
+                    // Recorded only if the artifact is still the current one.
+                    if desk.current.get(id) == Some(&record) {
+                        desk.verified.insert(id.clone(), VerifiedFile { checksum: record.checksum.clone(), identity, checked_ns });
+                    }
                 }
                 _ => return error(FailureReason::ChecksumMismatch),
             }
         }
-        drop(desk);
         self.store.touch(&record.cache_key);
         PrefetchAnswer::Ready(KernelArtifactReady {
             request_id: request.request_id.clone(),

@@ -98,12 +98,19 @@ impl KeyRing {
     }
 }
 
+/// A new ed25519 key pair from the OS random generator (no fallback):
+/// the 32-byte secret seed and the 32-byte public key.
+pub fn generate_keypair() -> Result<([u8; 32], [u8; 32])> {
+    let seed: [u8; 32] = random::bytes().map_err(|e| Error::io("draw a signing key from the OS random generator", e))?;
+    Ok((seed, SigningKey::from_bytes(&seed).verifying_key().to_bytes()))
+}
+
 /// Creates a key pair: the secret seed (hex) in `path`, mode 0600, and the
 /// public key (hex) in `path.pub`. Returns the public key. The seed comes
 /// from the operating system's random generator; if that fails, so does
 /// this (no key is written).
 pub fn keygen(path: &Path) -> Result<[u8; 32]> {
-    let seed: [u8; 32] = random::bytes().map_err(|e| Error::io("draw a signing key from the OS random generator", e))?;
+    let (seed, _) = generate_keypair()?;
     let key = SigningKey::from_bytes(&seed);
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -594,17 +594,59 @@ fn a_c_host_joins_the_bus_through_its_config() {
     };
     let bad_url = CString::new("http://127.0.0.1/").unwrap();
     let empty = CString::new("").unwrap();
-    let cases: [(&dyn Fn(&mut tezzeret_bus_config), &str); 6] = [
+    let cases: [(&dyn Fn(&mut tezzeret_bus_config), &str); 8] = [
         (&|b| b.redis_url = bad_url.as_ptr(), "redis_url"),
         (&|b| b.redis_url = std::ptr::null(), "config.bus.redis_url is NULL"),
         (&|b| b.flags = 0x80, "config.bus.flags has unknown bits 0x80"),
         (&|b| b.freshness_ms = 0, "config.bus.freshness_ms must be > 0"),
         (&|b| b.group = empty.as_ptr(), "group name is empty"),
         (&|b| b.struct_size = 8, "config.bus.struct_size is 8"),
+        (&|b| b.secret_len = 4, "config.bus.secret is NULL but secret_len is 4"),
+        (&|b| b.flags = TEZZERET_BUS_NO_PREFETCH | TEZZERET_BUS_NO_PUBLISH, "turn off both prefetch and publishing"),
     ];
     for (tune, expected) in cases {
         let (code, message) = open(tune);
         assert_ne!(code, TEZZERET_CODE_OK, "{expected}");
         assert!(message.contains(expected), "{message:?} should name {expected:?}");
     }
+}
+
+#[test]
+fn answers_and_packets_redis_refuses_are_retried_or_dropped_and_no_request_is_lost() {
+    let redis = RedisServer::start();
+    let state = TempDir::new("bus-refused");
+    let mut k = Kasmina::new(&redis, None);
+    // Keys of the wrong type: every add to them is refused by Redis.
+    for key in ["oona.kernels.errors", "oona.telemetry"] {
+        redis::cmd("SET").arg(key).arg("not a stream").query::<()>(&mut k.con).unwrap();
+    }
+    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&["BP001"])))).unwrap();
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    // Catalog updates are not held back by refused telemetry.
+    let ready = k.ready();
+    k.wait_read(&ready, "the catalog update", |m| m.iter().any(|m| m.kind() == BusMessageType::KernelCatalogUpdate as i32));
+    wait_for("refused telemetry to be counted", || metric(&service, "tezzeret.bus.publish_failures", ("", "")) >= 1.0);
+    wait_group(&mut k);
+    k.request(&Kasmina::fresh("refused-at-first", "BP999"));
+    wait_for("the refused answer to be counted", || metric(&service, "tezzeret.bus.answer_failures", ("", "")) >= 1.0);
+    let pending: redis::Value = redis::cmd("XPENDING").arg("oona.kernels.requests").arg("tezzeret").query(&mut k.con).unwrap();
+    assert!(matches!(&pending, redis::Value::Array(v) if v.first() == Some(&redis::Value::Int(1))), "the request stays pending: {pending:?}");
+    // Once its stream can take it, the request is taken up again and answered.
+    redis::cmd("DEL").arg("oona.kernels.errors").query::<()>(&mut k.con).unwrap();
+    let errors = k.wait_read("oona.kernels.errors", "the answer once Redis takes it", |m| !m.is_empty());
+    let answer: KernelArtifactError = leyline::decode(&errors[0].envelope.payload).unwrap();
+    assert_eq!((answer.request_id.as_str(), answer.reason.as_str()), ("refused-at-first", "missing_artifact"));
+    service.close();
+}
+
+#[test]
+fn a_forge_that_does_not_publish_keeps_no_outbox() {
+    let redis = RedisServer::start();
+    let state = TempDir::new("bus-nopublish");
+    let mut bus = bus_config(&redis, None);
+    bus.publish = false;
+    let service = ForgeService::open(forge_config(state.path(), bus), Box::new(FixedCatalog(tiny_catalog(&["BP001"])))).unwrap();
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    assert_eq!(service.with(|f| Ok(f.journal().state().outbox.len())).unwrap(), 0);
+    service.close();
 }

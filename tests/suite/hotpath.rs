@@ -202,6 +202,10 @@ fn unsigned_artifacts_are_refused_when_keys_are_trusted() {
     std::mem::forget(f); // its forge handle is closed above
 }
 
+fn values_of(t: &tch::Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
+}
+
 fn dl(data: &mut [f32], shape: &mut [i64]) -> tezzeret_dltensor {
     tezzeret_dltensor {
         data: data.as_mut_ptr().cast(),
@@ -241,6 +245,16 @@ fn kernels_run_on_dlpack_views_after_their_guards() {
     let got = tch::Tensor::from_slice(values).view([8, 32, 16, 16]);
     assert!(got.allclose(&eager, 1e-4, 1e-5, false));
     unsafe { tezzeret_tensor_free(out) };
+    // Handed over as a DLManagedTensor: the same data, no copy; its deleter frees it.
+    assert_eq!(take(unsafe { tezzeret_kernel_run(kernel, &input, 1, &mut out) }).0, 0);
+    let data_before = unsafe { (*tezzeret_tensor_dlpack(out)).data };
+    let mut managed = null_mut();
+    assert_eq!(take(unsafe { tezzeret_tensor_into_dlpack(out, &mut managed) }).0, 0);
+    let handed = unsafe { &*managed };
+    assert_eq!((handed.dl_tensor.data, handed.dl_tensor.ndim), (data_before, 4));
+    let first = unsafe { std::slice::from_raw_parts(handed.dl_tensor.data as *const f32, 4) };
+    assert_eq!(first, &values_of(&eager)[..4]);
+    unsafe { (handed.deleter.expect("a deleter"))(managed) };
     // Another batch size (dynamic) runs too.
     let mut shape3 = [3i64, 32, 16, 16];
     let input3 = dl(&mut data[..3 * 32 * 256], &mut shape3);

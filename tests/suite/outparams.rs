@@ -48,6 +48,16 @@ fn out_parameters_are_untouched_when_a_call_fails() {
         refused_untouched(tezzeret_forge_catalog_json(null_mut(), &mut buffer), TEZZERET_CODE_NULL_ARGUMENT, &buffer, &sentinel());
         refused_untouched(tezzeret_forge_metrics_prometheus(null_mut(), &mut buffer), TEZZERET_CODE_NULL_ARGUMENT, &buffer, &sentinel());
         refused_untouched(tezzeret_forge_health(null_mut(), &mut buffer), TEZZERET_CODE_NULL_ARGUMENT, &buffer, &sentinel());
+        refused_untouched(tezzeret_forge_metrics(null_mut(), &mut buffer), TEZZERET_CODE_NULL_ARGUMENT, &buffer, &sentinel());
+
+        // keygen: a NULL public-key buffer; the secret's buffer keeps every byte.
+        let mut secret = [0x5au8; 32];
+        let (code, _) = take(tezzeret_keygen(secret.as_mut_ptr(), null_mut()));
+        assert_eq!((code, secret), (TEZZERET_CODE_NULL_ARGUMENT, [0x5a; 32]));
+
+        // into_dlpack: a NULL tensor.
+        let mut managed: *mut tezzeret_dlmanaged_tensor = sentinel();
+        refused_untouched(tezzeret_tensor_into_dlpack(null_mut(), &mut managed), TEZZERET_CODE_NULL_ARGUMENT, &managed, &sentinel());
 
         // prefetch: malformed request bytes.
         let garbage = [0xffu8, 0xff, 0xff];

@@ -311,6 +311,12 @@ fn runtime_calls_through_the_c_abi() {
         for name in ["tezzeret_jobs_completed 2", "tezzeret_cache_misses", "tezzeret_breaker_open_total 0", "tezzeret_queue_depth 0", "tezzeret_memory_rss_bytes"] {
             assert!(body.contains(name), "{name} missing from:\n{body}");
         }
+        let mut packet = null_mut();
+        assert_eq!(take(tezzeret_forge_metrics(forge, &mut packet)).0, 0);
+        let p = leyline::TelemetryPacket::decode(std::slice::from_raw_parts(tezzeret_buffer_data(packet), tezzeret_buffer_len(packet))).unwrap();
+        tezzeret_buffer_free(packet);
+        let completed = p.metrics.iter().find(|m| m.name == "tezzeret.jobs.completed").map(|m| m.value);
+        assert_eq!((completed, p.source_subsystem.as_str(), p.events.len()), (Some(2.0), "tezzeret", 0));
         let mut health = null_mut();
         assert_eq!(take(tezzeret_forge_health(forge, &mut health)).0, 0);
         let h = leyline::SystemHealth::decode(std::slice::from_raw_parts(tezzeret_buffer_data(health), tezzeret_buffer_len(health))).unwrap();

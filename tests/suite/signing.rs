@@ -248,3 +248,18 @@ fn keys_through_the_c_abi() {
         tezzeret_status_free(st);
     }
 }
+
+#[test]
+fn keygen_through_the_c_abi_makes_a_fresh_pair_whose_public_key_is_the_secrets() {
+    use tezzeret::ffi::tezzeret_keygen;
+    let (mut secret, mut public) = ([0u8; 32], [0u8; 32]);
+    // SAFETY: two writable 32-byte buffers.
+    crate::cabi::ok(unsafe { tezzeret_keygen(secret.as_mut_ptr(), public.as_mut_ptr()) });
+    let (mut secret2, mut public2) = ([0u8; 32], [0u8; 32]);
+    // SAFETY: as above.
+    crate::cabi::ok(unsafe { tezzeret_keygen(secret2.as_mut_ptr(), public2.as_mut_ptr()) });
+    assert_ne!(secret, secret2, "each pair is new");
+    assert_eq!(ed25519_dalek::SigningKey::from_bytes(&secret).verifying_key().to_bytes(), public);
+    assert_eq!(ed25519_dalek::SigningKey::from_bytes(&secret2).verifying_key().to_bytes(), public2);
+    tezzeret::state::signing::KeyRing::new(Some(secret), &[public]).expect("a usable key ring");
+}

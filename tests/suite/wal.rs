@@ -348,3 +348,35 @@ fn queue_order_survives_random_submissions_reprioritisations_completions_and_res
         }
     }
 }
+
+#[test]
+fn the_outbox_survives_checkpoints_in_parts_and_leaves_once_published() {
+    use tezzeret::base::leyline::KernelCatalogUpdate;
+    use tezzeret::state::wal::journal::Announcement;
+    let dir = TempDir::new("wal-outbox");
+    let path = dir.path().join("journal.wal");
+    let announce = |seq: u64| Record::Announce {
+        announcement: Announcement {
+            seq,
+            message_id: format!("kcu-test-{seq}"),
+            update: KernelCatalogUpdate { blueprint_id: format!("BP{seq:05}"), checksum: "ab".repeat(32), ..Default::default() },
+        },
+    };
+    {
+        let mut journal = Journal::open(&path).unwrap();
+        // More entries than one checkpoint part holds, then a checkpoint.
+        journal.append((0..5000).map(|i| vec![announce(i)]).collect()).unwrap();
+        journal.append(vec![vec![Record::Published { seqs: (0..10).collect() }]]).unwrap();
+        journal.checkpoint().unwrap();
+    }
+    let journal = Journal::open(&path).unwrap();
+    let state = journal.state();
+    assert_eq!(state.outbox.len(), 4990);
+    assert_eq!(state.outbox.keys().next(), Some(&10));
+    assert_eq!(state.outbox[&4999].update.blueprint_id, "BP04999");
+    assert_eq!(state.next_announcement, 5000);
+    // The checkpoint's first record holds no outbox: it came in parts.
+    let first = &journal.recovery().transactions[0].records[0];
+    let head: serde_json::Value = serde_json::from_slice(first).unwrap();
+    assert_eq!(head["state"]["outbox"].as_array().map(Vec::len), Some(0));
+}

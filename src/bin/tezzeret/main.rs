@@ -300,7 +300,9 @@ fn describe_record(payload: &[u8]) -> String {
             state.outbox.len(),
             state.next_seq
         ),
-        Ok(Record::CheckpointPart { jobs, artifacts }) => format!("checkpoint part: {} jobs, {} artifacts", jobs.len(), artifacts.len()),
+        Ok(Record::CheckpointPart { jobs, artifacts, announcements }) => {
+            format!("checkpoint part: {} jobs, {} artifacts, {} unpublished", jobs.len(), artifacts.len(), announcements.len())
+        }
         Err(e) => format!("(unreadable record: {e})"),
     }
 }

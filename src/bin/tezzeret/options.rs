@@ -169,8 +169,8 @@ fn parse_strategy(value: &str) -> std::result::Result<Strategy, String> {
 
 /// A positive number of seconds.
 pub fn parse_seconds(value: &str) -> std::result::Result<Duration, String> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+    match value.parse::<f64>().ok().filter(|s| *s > 0.0).and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        Some(duration) if duration <= Duration::from_secs(365 * 24 * 3600) => Ok(duration),
+        _ => Err(format!("expected a positive number of seconds (at most a year), got {value:?}")),
     }
 }

@@ -32,7 +32,8 @@ pub struct ServeArgs {
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and the threads it starts
-/// later) and returns a receiver that gets the signal number once one comes.
+/// later) and returns a receiver that gets the signal number once one
+/// comes; a second one ends the process at once (exit status 130).
 fn termination_signals() -> Result<std::sync::mpsc::Receiver<i32>> {
     // SAFETY: a zeroed sigset_t is valid storage; sigemptyset initialises it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -54,6 +55,11 @@ fn termination_signals() -> Result<std::sync::mpsc::Receiver<i32>> {
             // SAFETY: set holds the blocked signals; sigwait stores one in signal.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
                 let _ = sender.send(signal);
+            }
+            // SAFETY: as above.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                eprintln!("tezzeret: second signal {signal}: exiting without a clean shutdown");
+                std::process::exit(130);
             }
         })
         .map_err(|e| Error::io("start the signal thread", e))?;

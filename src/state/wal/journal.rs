@@ -215,6 +215,9 @@ pub enum Record {
         /// Current artifacts.
         #[serde(default)]
         artifacts: Vec<ArtifactRecord>,
+        /// Unpublished catalog updates.
+        #[serde(default)]
+        announcements: Vec<Announcement>,
     },
 }
 
@@ -307,7 +310,10 @@ impl JournalState {
                 *self = state;
                 self.reindex();
             }
-            Record::CheckpointPart { jobs, artifacts } => {
+            Record::CheckpointPart { jobs, artifacts, announcements } => {
+                for announcement in announcements {
+                    self.outbox.insert(announcement.seq, announcement);
+                }
                 for job in jobs {
                     self.queued_by_key.insert(job.cache_key.clone(), job.seq);
                     self.pending.insert(job.seq, job);
@@ -517,13 +523,17 @@ impl Journal {
         let mut head = snapshot.clone();
         let jobs: Vec<Job> = std::mem::take(&mut head.pending).into_values().collect();
         let artifacts: Vec<ArtifactRecord> = std::mem::take(&mut head.artifacts).into_values().collect();
+        let announcements: Vec<Announcement> = std::mem::take(&mut head.outbox).into_values().collect();
         let encode = |record: &Record| serde_json::to_vec(record).expect("records serialise");
         let mut payloads = vec![encode(&Record::Checkpoint { state: head })];
         for chunk in jobs.chunks(CHECKPOINT_PART_RECORDS) {
-            payloads.push(encode(&Record::CheckpointPart { jobs: chunk.to_vec(), artifacts: Vec::new() }));
+            payloads.push(encode(&Record::CheckpointPart { jobs: chunk.to_vec(), artifacts: Vec::new(), announcements: Vec::new() }));
         }
         for chunk in artifacts.chunks(CHECKPOINT_PART_RECORDS) {
-            payloads.push(encode(&Record::CheckpointPart { jobs: Vec::new(), artifacts: chunk.to_vec() }));
+            payloads.push(encode(&Record::CheckpointPart { jobs: Vec::new(), artifacts: chunk.to_vec(), announcements: Vec::new() }));
+        }
+        for chunk in announcements.chunks(CHECKPOINT_PART_RECORDS) {
+            payloads.push(encode(&Record::CheckpointPart { jobs: Vec::new(), artifacts: Vec::new(), announcements: chunk.to_vec() }));
         }
         self.wal.rewrite(&[payloads])?;
         self.state = snapshot;
