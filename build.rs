@@ -43,6 +43,9 @@ fn build_shim(lib_dir: &Path) {
 /// linked although no symbol of it is referenced (else CUDA silently vanishes);
 /// a SONAME carrying the ABI major on the cdylib.
 fn link_settings(lib_dir: &Path) {
+    // For the Python wheel: the installed torch package beside the library
+    // (site-packages/tezzeret/ → site-packages/torch/lib), searched first.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-rpath,$ORIGIN/../torch/lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

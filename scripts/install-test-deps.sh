@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond libtorch: into the cached
 # virtual environment `cryptography` (an independent ed25519 implementation
-# that checks our manifest signatures), and from Debian's packages
+# that checks our manifest signatures) and `pytest` (the Python package's
+# tests), and from Debian's packages
 # `redis-server` (the bus tests start their own on free ports). Idempotent.
 set -euo pipefail
 venv="$(bash "$(dirname "$0")/install-libtorch.sh" | tail -n 1)"
-stamp="$venv/.tezzeret-test-deps"
+stamp="$venv/.tezzeret-test-deps-2"
 if [ ! -f "$stamp" ]; then
     echo "installing Python test dependencies into $venv" >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "cryptography==46.*" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "cryptography==46.*" "pytest==8.*" >&2
     touch "$stamp"
 fi
 if ! command -v redis-server >/dev/null; then

@@ -154,6 +154,23 @@ unsafe fn view_of(t: &tezzeret_dltensor, index: usize) -> Result<Tensor> {
     unsafe { Tensor::f_from_blob(data, shape, &strides, kind, device) }.map_err(|e| what(&e.to_string()))
 }
 
+/// The bytes a tensor's elements span, as an address range.
+fn span(t: &Tensor) -> (usize, usize) {
+    let start = t.data_ptr() as usize;
+    let last: i64 = t.size().iter().zip(t.stride()).map(|(n, s)| (n - 1).max(0) * s.abs()).sum();
+    let element = t.kind().elt_size_in_bytes();
+    (start, start + (last as usize + 1) * element)
+}
+
+/// Whether two tensors' memory overlaps.
+fn overlaps(a: &Tensor, b: &Tensor) -> bool {
+    if a.numel() == 0 || b.numel() == 0 {
+        return false;
+    }
+    let ((a0, a1), (b0, b1)) = (span(a), span(b));
+    a0 < b1 && b0 < a1
+}
+
 /// Loads a blueprint's current artifact as a kernel: the file is hashed and,
 /// with trusted keys configured, its signature verified. Free the kernel
 /// with `tezzeret_kernel_free` (it may outlive the forge).
@@ -202,6 +219,10 @@ pub unsafe extern "C" fn tezzeret_kernel_run(
             .map(|(i, t)| unsafe { view_of(t, i) })
             .collect::<Result<Vec<Tensor>>>()?;
         let output = kernel.kernel.run(&views)?.contiguous();
+        // The inputs are borrowed for this call only: a result that is (or
+        // views) one of them — an identity block, an in-place op — is copied
+        // into memory of its own.
+        let output = if views.iter().any(|v| overlaps(v, &output)) { output.copy() } else { output };
         let mut shape = output.size();
         let mut strides = output.stride();
         let view = tezzeret_dltensor {

@@ -1,0 +1,58 @@
+"""Kernels: compiled artifacts loaded for running on torch tensors."""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from . import _native as n
+from ._tensors import DLViews, into_torch
+from .errors import InvalidArgumentError, check
+
+
+class Kernel:
+    """A blueprint's current artifact, loaded (hashed and, with trusted
+    keys, signature-checked). ``run`` checks the inputs against the
+    blueprint's guards and runs it; inputs are read in place and the result
+    is a tensor that shares the library's memory (no copies either way).
+    A kernel may outlive its forge; close it (or use ``with``) when done."""
+
+    def __init__(self, handle: "ctypes.POINTER(n.KernelHandle)", blueprint_id: str) -> None:
+        self._handle = handle
+        self.blueprint_id = blueprint_id
+        self._local = threading.local()
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Runs the kernel; a guard mismatch raises :class:`InvalidArgumentError`
+        naming the input and dimension."""
+        if not self._handle:
+            raise InvalidArgumentError(f"kernel {self.blueprint_id} is closed")
+        views = getattr(self._local, "views", None)
+        if views is None:
+            views = self._local.views = DLViews()
+        views.fill(inputs)
+        out = ctypes.POINTER(n.TensorHandle)()
+        check(n.lib.tezzeret_kernel_run(self._handle, views.array, len(inputs), ctypes.byref(out)))
+        # The inputs stay referenced (by `inputs`) until the run returned.
+        return into_torch(out)
+
+    __call__ = run
+
+    def close(self) -> None:
+        """Frees the kernel (idempotent)."""
+        handle, self._handle = self._handle, None
+        if handle:
+            n.lib.tezzeret_kernel_free(handle)
+
+    def __enter__(self) -> "Kernel":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
