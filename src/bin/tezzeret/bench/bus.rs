@@ -63,8 +63,11 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         std::thread::sleep(Duration::from_millis(5));
     }
 
-    // Round trips, one at a time: add a request, block on the ready stream for its answer.
-    let mut last = "$".to_string();
+    // Round trips, one at a time: add a request, block on the ready stream
+    // for its answer (read after the newest entry there before the request:
+    // `$` would miss an answer that comes before the read starts).
+    let newest: Value = redis::cmd("XREVRANGE").arg(&streams.ready).arg("+").arg("-").arg("COUNT").arg(1).query(&mut con).map_err(redis_error)?;
+    let mut last = tezzeret::bus::link::entries(&newest).first().map_or_else(|| "0-0".to_string(), |e| e.id.clone());
     let mut samples = Vec::with_capacity(ROUND_TRIPS);
     for i in 0..ROUND_TRIPS + ROUND_TRIPS / 10 {
         let payload = request_entry(i);
