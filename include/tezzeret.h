@@ -224,7 +224,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 5
+#define TEZZERET_ABI_MINOR 6
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -666,6 +666,16 @@ struct tezzeret_status *tezzeret_kernel_run(const struct tezzeret_kernel *kernel
                                             const struct tezzeret_dltensor *inputs,
                                             size_t input_count,
                                             struct tezzeret_tensor **out_tensor);
+
+// As `tezzeret_kernel_run`, handing the result over at once as a DLPack
+// `DLManagedTensor` (see `tezzeret_tensor_into_dlpack`): one call for
+// hosts that pass results on to a DLPack consumer (PyTorch, numpy). The
+// result keeps the layout the module computed it in (its `strides` say
+// which), where `tezzeret_kernel_run` makes it compact row-major.
+struct tezzeret_status *tezzeret_kernel_run_dlpack(const struct tezzeret_kernel *kernel,
+                                                   const struct tezzeret_dltensor *inputs,
+                                                   size_t input_count,
+                                                   struct tezzeret_dlmanaged_tensor **out_managed);
 
 // The DLPack view of a result tensor (valid until `tezzeret_tensor_free`); NULL for NULL.
 const struct tezzeret_dltensor *tezzeret_tensor_dlpack(const struct tezzeret_tensor *tensor);

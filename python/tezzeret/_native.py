@@ -29,7 +29,7 @@ from ctypes import (
 import torch  # noqa: F401  (loads libtorch before libtezzeret)
 
 ABI_MAJOR = 0
-ABI_MINOR = 5
+ABI_MINOR = 6
 
 c_uint8_p = POINTER(c_uint8)
 c_int64_p = POINTER(c_int64)
@@ -263,6 +263,8 @@ _PROTOTYPES = {
     "tezzeret_guard_check": (c_uint32, [POINTER(GuardTableHandle), c_char_p, POINTER(TensorMeta), c_size_t, POINTER(GuardVerdict)]),
     "tezzeret_kernel_run": (_S, [POINTER(KernelHandle), POINTER(DLTensor), c_size_t, POINTER(POINTER(TensorHandle))]),
     "tezzeret_kernel_free": (None, [POINTER(KernelHandle)]),
+    # The result's address comes back as a plain integer (the hot path).
+    "tezzeret_kernel_run_dlpack": (_S, [POINTER(KernelHandle), POINTER(DLTensor), c_size_t, POINTER(c_void_p)]),
     "tezzeret_tensor_into_dlpack": (_S, [POINTER(TensorHandle), POINTER(POINTER(DLManagedTensor))]),
     "tezzeret_tensor_free": (None, [POINTER(TensorHandle)]),
     "tezzeret_keygen": (_S, [POINTER(c_uint8), POINTER(c_uint8)]),

@@ -38,16 +38,14 @@ class GuardScratch:
     """Reusable guard-check arguments for one thread: the arrays are made
     once and refilled per call (the hot path allocates nothing of its own)."""
 
-    __slots__ = ("metas", "dims", "dtypes", "packers", "metas_address")
+    __slots__ = ("metas", "dims", "dtypes", "packers", "metas_address", "pointers")
 
     def __init__(self) -> None:
         self.metas = (n.TensorMeta * n.MAX_INPUTS)()
         self.dims = (ctypes.c_int64 * (2 * n.MAX_RANK * n.MAX_INPUTS))()
         base = ctypes.addressof(self.dims)
         size = ctypes.sizeof(ctypes.c_int64)
-        for i in range(n.MAX_INPUTS):
-            self.metas[i].shape = ctypes.cast(base + size * (2 * i * n.MAX_RANK), n.c_int64_p)
-            self.metas[i].stride = ctypes.cast(base + size * ((2 * i + 1) * n.MAX_RANK), n.c_int64_p)
+        self.pointers = [(base + size * 2 * i * n.MAX_RANK, base + size * (2 * i + 1) * n.MAX_RANK) for i in range(n.MAX_INPUTS)]
         self.dtypes = {dtype: kind[0] for dtype, kind in _DTYPES.items()}
         # Shape then, MAX_RANK slots on, strides: one pack per input.
         self.metas_address = ctypes.addressof(self.metas)
@@ -69,9 +67,8 @@ class GuardScratch:
                 self.packers[rank].pack_into(self.dims, 16 * i * n.MAX_RANK, *shape, *tensor.stride())
             except (AttributeError, KeyError, TypeError, IndexError):
                 return False
-            meta = self.metas[i]
-            meta.dtype = guard_dtype
-            meta.rank = rank
+            shape_at, stride_at = self.pointers[i]
+            _META.pack_into(self.metas, _META.size * i, guard_dtype, rank, shape_at, stride_at)
             i += 1
         return True
 
@@ -94,52 +91,70 @@ class Metas:
             meta.dtype, meta.rank, meta.shape, meta.stride = guard_dtype, rank, shape, stride
 
 
+# One DLTensor as packed bytes: data, device (type, id), ndim, dtype (code,
+# bits, lanes), shape and strides pointers, byte offset.
+_DLTENSOR = struct.Struct("<QiiiBBHQQQ")
+# One TensorMeta: dtype, rank, shape and stride pointers.
+_META = struct.Struct("<IIQQ")
+
+
 class DLViews:
     """DLPack views of tensors for a kernel run, reused per thread: the
     tensors' data is borrowed for the call, not copied."""
 
-    __slots__ = ("array", "dims", "packers", "address")
+    __slots__ = ("array", "dims", "packers", "kinds", "pointers")
 
     def __init__(self) -> None:
+        assert ctypes.sizeof(n.DLTensor) == _DLTENSOR.size
         self.array = (n.DLTensor * n.MAX_INPUTS)()
         self.dims = (ctypes.c_int64 * (2 * n.MAX_RANK * n.MAX_INPUTS))()
         base = ctypes.addressof(self.dims)
         size = ctypes.sizeof(ctypes.c_int64)
-        for i in range(n.MAX_INPUTS):
-            self.array[i].shape = ctypes.cast(base + size * (2 * i * n.MAX_RANK), n.c_int64_p)
-            self.array[i].strides = ctypes.cast(base + size * ((2 * i + 1) * n.MAX_RANK), n.c_int64_p)
-            self.array[i].dtype.lanes = 1
+        self.pointers = [(base + size * 2 * i * n.MAX_RANK, base + size * (2 * i + 1) * n.MAX_RANK) for i in range(n.MAX_INPUTS)]
         self.packers = [struct.Struct(f"<{r}q{(n.MAX_RANK - r) * 8}x{r}q") for r in range(n.MAX_RANK + 1)]
-        self.address = ctypes.addressof(self.array)
+        self.kinds = {dtype: (code, bits) for dtype, (_, code, bits) in _DTYPES.items()}
 
     def fill(self, tensors: Sequence[torch.Tensor]) -> None:
         """Describes the tensors, refusing what the forge does not take."""
         if len(tensors) > n.MAX_INPUTS:
             raise InvalidArgumentError(f"{len(tensors)} inputs given, at most {n.MAX_INPUTS} are taken")
-        for i, tensor in enumerate(tensors):
-            _, code, bits = _dtype_of(tensor, i)
-            kind = tensor.device.type
-            view = self.array[i]
-            if kind == "cpu":
-                view.device.device_type, view.device.device_id = 1, 0
-            elif kind == "cuda":
-                view.device.device_type, view.device.device_id = 2, tensor.device.index or 0
+        i = 0
+        for tensor in tensors:
+            try:
+                code, bits = self.kinds[tensor.dtype]
+                cpu = tensor.is_cpu
+            except (AttributeError, KeyError, TypeError):
+                _dtype_of(tensor, i)  # raises naming the problem
+                raise
+            if cpu:
+                device_type, device_id = 1, 0
+            elif tensor.is_cuda:
+                device_type, device_id = 2, tensor.get_device()
             else:
                 raise InvalidArgumentError(f"input {i} is on device {tensor.device}, which the forge does not take")
             shape = tensor.shape
             rank = len(shape)
             if rank > n.MAX_RANK:
                 raise InvalidArgumentError(f"input {i} has rank {rank}, above the most a guard holds ({n.MAX_RANK})")
+            shape_at, strides_at = self.pointers[i]
             self.packers[rank].pack_into(self.dims, 16 * i * n.MAX_RANK, *shape, *tensor.stride())
-            view.data = tensor.data_ptr() or None
-            view.ndim = rank
-            view.dtype.code, view.dtype.bits = code, bits
-            view.byte_offset = 0
+            _DLTENSOR.pack_into(self.array, _DLTENSOR.size * i, tensor.data_ptr(), device_type, device_id, rank, code, bits, 1, shape_at, strides_at, 0)
+            i += 1
 
 
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
 _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+_from_dlpack = torch.utils.dlpack.from_dlpack
+
+
+def from_managed(address: int) -> torch.Tensor:
+    """A DLManagedTensor the library handed over, as a torch.Tensor sharing
+    its memory: a "dltensor" capsule consumed at once by torch, which calls
+    the library's deleter when the tensor's storage goes."""
+    return _from_dlpack(_capsule_new(address, b"dltensor", None))
 
 
 def into_torch(handle: "ctypes.POINTER(n.TensorHandle)") -> torch.Tensor:
@@ -153,6 +168,4 @@ def into_torch(handle: "ctypes.POINTER(n.TensorHandle)") -> torch.Tensor:
     except BaseException:
         n.lib.tezzeret_tensor_free(handle)
         raise
-    # A "dltensor" capsule, consumed at once by torch (which then calls the
-    # library's deleter when the tensor's storage goes).
-    return torch.utils.dlpack.from_dlpack(_capsule_new(ctypes.addressof(managed.contents), b"dltensor", None))
+    return from_managed(ctypes.cast(managed, ctypes.c_void_p).value)

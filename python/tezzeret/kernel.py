@@ -7,7 +7,7 @@ import threading
 import torch
 
 from . import _native as n
-from ._tensors import DLViews, into_torch
+from ._tensors import DLViews, from_managed
 from .errors import InvalidArgumentError, check
 
 
@@ -28,14 +28,14 @@ class Kernel:
         naming the input and dimension."""
         if not self._handle:
             raise InvalidArgumentError(f"kernel {self.blueprint_id} is closed")
-        views = getattr(self._local, "views", None)
-        if views is None:
-            views = self._local.views = DLViews()
+        try:
+            views, managed = self._local.scratch
+        except AttributeError:
+            views, managed = self._local.scratch = (DLViews(), ctypes.c_void_p())
         views.fill(inputs)
-        out = ctypes.POINTER(n.TensorHandle)()
-        check(n.lib.tezzeret_kernel_run(self._handle, views.array, len(inputs), ctypes.byref(out)))
         # The inputs stay referenced (by `inputs`) until the run returned.
-        return into_torch(out)
+        check(n.lib.tezzeret_kernel_run_dlpack(self._handle, views.array, len(inputs), ctypes.byref(managed)))
+        return from_managed(managed.value)
 
     __call__ = run
 

@@ -204,43 +204,94 @@ pub unsafe extern "C" fn tezzeret_kernel_run(
     out_tensor: *mut *mut tezzeret_tensor,
 ) -> *mut tezzeret_status {
     ffi_status(|| {
-        // SAFETY: NULL or a live kernel handle.
-        let kernel = unsafe { handle_ref(kernel, "kernel") }?;
         out_arg(out_tensor, "out_tensor")?;
-        if inputs.is_null() && input_count > 0 {
-            return Err(Error::new(ErrorCode::NullArgument, "inputs is NULL"));
-        }
-        // SAFETY: input_count readable tensors at inputs (non-NULL when input_count > 0).
-        let given = if input_count == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(inputs, input_count) } };
-        let views = given
-            .iter()
-            .enumerate()
-            // SAFETY: each DLTensor's pointers are valid for the call, by contract.
-            .map(|(i, t)| unsafe { view_of(t, i) })
-            .collect::<Result<Vec<Tensor>>>()?;
-        let output = kernel.kernel.run(&views)?.contiguous();
-        // The inputs are borrowed for this call only: a result that is (or
-        // views) one of them — an identity block, an in-place op — is copied
-        // into memory of its own.
-        let output = if views.iter().any(|v| overlaps(v, &output)) { output.copy() } else { output };
-        let mut shape = output.size();
-        let mut strides = output.stride();
-        let view = tezzeret_dltensor {
-            data: output.data_ptr(),
-            device: match output.device() {
-                Device::Cuda(i) => tezzeret_dl_device { device_type: TEZZERET_DL_CUDA, device_id: i as i32 },
-                _ => tezzeret_dl_device { device_type: TEZZERET_DL_CPU, device_id: 0 },
-            },
-            ndim: shape.len() as i32,
-            dtype: datatype_of(output.kind()),
-            shape: shape.as_mut_ptr(),
-            strides: strides.as_mut_ptr(),
-            byte_offset: 0,
-        };
+        // SAFETY: the arguments as this function's contract states them.
+        let result = unsafe { run_kernel(kernel, inputs, input_count, Layout::Compact) }?;
         // SAFETY: out_tensor is non-NULL (checked) and writable by contract.
-        unsafe { *out_tensor = into_handle(tezzeret_tensor { _tensor: output, _shape: shape, _strides: strides, view }) };
+        unsafe { *out_tensor = into_handle(result) };
         Ok(())
     })
+}
+
+/// As `tezzeret_kernel_run`, handing the result over at once as a DLPack
+/// `DLManagedTensor` (see `tezzeret_tensor_into_dlpack`): one call for
+/// hosts that pass results on to a DLPack consumer (PyTorch, numpy). The
+/// result keeps the layout the module computed it in (its `strides` say
+/// which), where `tezzeret_kernel_run` makes it compact row-major.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_kernel_run_dlpack(
+    kernel: *const tezzeret_kernel,
+    inputs: *const tezzeret_dltensor,
+    input_count: usize,
+    out_managed: *mut *mut tezzeret_dlmanaged_tensor,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        out_arg(out_managed, "out_managed")?;
+        // SAFETY: the arguments as this function's contract states them.
+        let result = unsafe { run_kernel(kernel, inputs, input_count, Layout::AsComputed) }?;
+        let view = result.view;
+        let owner = into_handle(result);
+        let managed = Box::new(tezzeret_dlmanaged_tensor { dl_tensor: view, manager_ctx: owner.cast(), deleter: Some(free_managed) });
+        // SAFETY: out_managed is non-NULL (checked) and writable by contract.
+        unsafe { *out_managed = Box::into_raw(managed) };
+        Ok(())
+    })
+}
+
+/// The memory layout of a kernel's result.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Compact row-major (copied if the module computed another).
+    Compact,
+    /// As the module computed it (the strides describe it).
+    AsComputed,
+}
+
+/// Checks and runs a kernel on borrowed DLPack inputs; the result owns its memory.
+///
+/// # Safety
+/// `kernel` is NULL or live; `inputs` holds `input_count` views valid for the call.
+unsafe fn run_kernel(
+    kernel: *const tezzeret_kernel,
+    inputs: *const tezzeret_dltensor,
+    input_count: usize,
+    layout: Layout,
+) -> Result<tezzeret_tensor> {
+    // SAFETY: NULL or a live kernel handle.
+    let kernel = unsafe { handle_ref(kernel, "kernel") }?;
+    if inputs.is_null() && input_count > 0 {
+        return Err(Error::new(ErrorCode::NullArgument, "inputs is NULL"));
+    }
+    // SAFETY: input_count readable tensors at inputs (non-NULL when input_count > 0).
+    let given = if input_count == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(inputs, input_count) } };
+    let views = given
+        .iter()
+        .enumerate()
+        // SAFETY: each DLTensor's pointers are valid for the call, by contract.
+        .map(|(i, t)| unsafe { view_of(t, i) })
+        .collect::<Result<Vec<Tensor>>>()?;
+    let output = kernel.kernel.run(&views)?;
+    let output = if layout == Layout::Compact { output.contiguous() } else { output };
+    // The inputs are borrowed for this call only: a result that is (or
+    // views) one of them — an identity block, an in-place op — is copied
+    // into memory of its own.
+    let output = if views.iter().any(|v| overlaps(v, &output)) { output.copy() } else { output };
+    let mut shape = output.size();
+    let mut strides = output.stride();
+    let view = tezzeret_dltensor {
+        data: output.data_ptr(),
+        device: match output.device() {
+            Device::Cuda(i) => tezzeret_dl_device { device_type: TEZZERET_DL_CUDA, device_id: i as i32 },
+            _ => tezzeret_dl_device { device_type: TEZZERET_DL_CPU, device_id: 0 },
+        },
+        ndim: shape.len() as i32,
+        dtype: datatype_of(output.kind()),
+        shape: shape.as_mut_ptr(),
+        strides: strides.as_mut_ptr(),
+        byte_offset: 0,
+    };
+    // The view's shape and strides point into these vectors' heap buffers, which move with them.
+    Ok(tezzeret_tensor { _tensor: output, _shape: shape, _strides: strides, view })
 }
 
 /// The DLPack view of a result tensor (valid until `tezzeret_tensor_free`); NULL for NULL.

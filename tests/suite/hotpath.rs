@@ -255,6 +255,12 @@ fn kernels_run_on_dlpack_views_after_their_guards() {
     let first = unsafe { std::slice::from_raw_parts(handed.dl_tensor.data as *const f32, 4) };
     assert_eq!(first, &values_of(&eager)[..4]);
     unsafe { (handed.deleter.expect("a deleter"))(managed) };
+    // Or in one call: run and hand over.
+    assert_eq!(take(unsafe { tezzeret_kernel_run_dlpack(kernel, &input, 1, &mut managed) }).0, 0);
+    let handed = unsafe { &*managed };
+    let first = unsafe { std::slice::from_raw_parts(handed.dl_tensor.data as *const f32, 4) };
+    assert_eq!(first, &values_of(&eager)[..4]);
+    unsafe { (handed.deleter.expect("a deleter"))(managed) };
     // Another batch size (dynamic) runs too.
     let mut shape3 = [3i64, 32, 16, 16];
     let input3 = dl(&mut data[..3 * 32 * 256], &mut shape3);

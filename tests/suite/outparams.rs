@@ -58,6 +58,7 @@ fn out_parameters_are_untouched_when_a_call_fails() {
         // into_dlpack: a NULL tensor.
         let mut managed: *mut tezzeret_dlmanaged_tensor = sentinel();
         refused_untouched(tezzeret_tensor_into_dlpack(null_mut(), &mut managed), TEZZERET_CODE_NULL_ARGUMENT, &managed, &sentinel());
+        refused_untouched(tezzeret_kernel_run_dlpack(null(), null(), 0, &mut managed), TEZZERET_CODE_NULL_ARGUMENT, &managed, &sentinel());
 
         // prefetch: malformed request bytes.
         let garbage = [0xffu8, 0xff, 0xff];
