@@ -8,7 +8,6 @@ loaded with torch.jit.load and called directly.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time

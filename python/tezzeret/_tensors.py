@@ -155,17 +155,3 @@ def from_managed(address: int) -> torch.Tensor:
     its memory: a "dltensor" capsule consumed at once by torch, which calls
     the library's deleter when the tensor's storage goes."""
     return _from_dlpack(_capsule_new(address, b"dltensor", None))
-
-
-def into_torch(handle: "ctypes.POINTER(n.TensorHandle)") -> torch.Tensor:
-    """A library result tensor as a torch.Tensor sharing its memory (freed
-    by the library's deleter when torch lets it go)."""
-    from .errors import check
-
-    managed = ctypes.POINTER(n.DLManagedTensor)()
-    try:
-        check(n.lib.tezzeret_tensor_into_dlpack(handle, ctypes.byref(managed)))
-    except BaseException:
-        n.lib.tezzeret_tensor_free(handle)
-        raise
-    return from_managed(ctypes.cast(managed, ctypes.c_void_p).value)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import _native as n
-from .errors import InvalidArgumentError, TezzeretError, check
+from ._closing import Closing
+from .errors import InvalidArgumentError, check
 from .guards import GuardTable
 from .kernel import Kernel
 from .leyline import (
@@ -78,7 +79,7 @@ def _ms(seconds: Optional[float], what: str) -> int:
     return int(round(seconds * 1000))
 
 
-class Forge:
+class Forge(Closing):
     """An open forge over a state directory (exclusively locked; a second
     open of the same directory raises :class:`StateLockedError`).
 
@@ -228,18 +229,6 @@ class Forge:
         """Whether the forge is closed."""
         return self._closed
 
-    def __enter__(self) -> "Forge":
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     # --- work ----------------------------------------------------------------
 
     def run(self) -> RunSummary:
@@ -348,5 +337,3 @@ def validate_descriptor(descriptor: Descriptor) -> None:
     data = descriptor.encode() if isinstance(descriptor, BlueprintDescriptor) else bytes(descriptor)
     check(n.lib.tezzeret_descriptor_validate(data, len(data)))
 
-
-_ = TezzeretError

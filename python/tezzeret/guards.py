@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from . import _native as n
+from ._closing import Closing
 from ._tensors import GuardScratch, Metas
 from .errors import InvalidArgumentError, check
 
@@ -71,7 +72,7 @@ class GuardEntry:
     inputs: Tuple[GuardInputSpec, ...]
 
 
-class GuardTable:
+class GuardTable(Closing):
     """A read-only view of a state directory's guard table (``guards.tbl``).
     Thread-safe; close it (or use ``with``) when done."""
 
@@ -162,18 +163,6 @@ class GuardTable:
         self._address = None
         if handle:
             n.lib.tezzeret_guard_table_close(handle)
-
-    def __enter__(self) -> "GuardTable":
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def guard_check(table: GuardTable, blueprint_id: str, tensors: Sequence[torch.Tensor]) -> GuardVerdict:

@@ -7,11 +7,12 @@ import threading
 import torch
 
 from . import _native as n
+from ._closing import Closing
 from ._tensors import DLViews, from_managed
 from .errors import InvalidArgumentError, check
 
 
-class Kernel:
+class Kernel(Closing):
     """A blueprint's current artifact, loaded (hashed and, with trusted
     keys, signature-checked). ``run`` checks the inputs against the
     blueprint's guards and runs it; inputs are read in place and the result
@@ -44,15 +45,3 @@ class Kernel:
         handle, self._handle = self._handle, None
         if handle:
             n.lib.tezzeret_kernel_free(handle)
-
-    def __enter__(self) -> "Kernel":
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
