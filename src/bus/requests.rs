@@ -115,7 +115,9 @@ impl Reader {
         let generation = self.link.generation();
         if self.group_ready != generation {
             let connection = self.link.connection(&shared.stats).expect("connected above");
-            let from = if self.group_lost { "0" } else { "$" };
+            // Only the very first group reads from now on; one missing on a
+            // later connection vanished with Redis's data and is read whole.
+            let from = if generation == 1 && !self.group_lost { "$" } else { "0" };
             create_group(connection, &config.streams.requests, &config.group, from)?;
             self.group_ready = generation;
             self.group_lost = false;
@@ -279,9 +281,9 @@ fn lost_link() -> redis::RedisError {
 
 /// Creates the consumer group (the stream too, if missing); an existing
 /// group is fine. A first group reads only entries added from now on
-/// (`$`); one recreated because it vanished (the stream was deleted, Redis
-/// restarted without its data) reads the stream from its start, so that
-/// requests added in between are not skipped.
+/// (`$`); one created again because it vanished (the stream was deleted,
+/// Redis restarted without its data) reads the stream from its start, so
+/// that requests added in between are not skipped (stale ones are dropped).
 fn create_group(connection: &mut Connection, stream: &str, group: &str, from: &str) -> RedisResult<()> {
     let created: RedisResult<Value> =
         redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg(from).arg("MKSTREAM").query(connection);

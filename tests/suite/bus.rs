@@ -650,3 +650,25 @@ fn a_forge_that_does_not_publish_keeps_no_outbox() {
     assert_eq!(service.with(|f| Ok(f.journal().state().outbox.len())).unwrap(), 0);
     service.close();
 }
+
+#[test]
+fn requests_added_to_a_redis_that_lost_its_data_are_still_answered() {
+    let mut redis = RedisServer::start();
+    let state = TempDir::new("bus-lost");
+    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&["BP001"])))).unwrap();
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    let mut k = Kasmina::new(&redis, None);
+    wait_group(&mut k);
+    // Redis restarts empty: no stream, no group. A request comes before the
+    // forge has reconnected; the group it creates again must still see it.
+    redis.restart();
+    let mut k = Kasmina::new(&redis, None);
+    k.request(&Kasmina::fresh("after-restart", "BP001"));
+    let mut answers = Vec::new();
+    wait_for("the request added before the forge reconnected", || {
+        answers = k.answers();
+        !answers.is_empty()
+    });
+    assert_eq!(answers[0].0, "after-restart");
+    service.close();
+}
