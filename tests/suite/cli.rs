@@ -95,7 +95,7 @@ fn bad_arguments_are_refused_clearly() {
 
 #[test]
 fn every_subcommand_prints_its_help_and_exits_zero() {
-    for command in ["forge", "inspect", "wal", "verify", "keygen", "bench", "version"] {
+    for command in ["forge", "serve", "inspect", "wal", "verify", "keygen", "bench", "version"] {
         let out = tezzeret(&[command, "--help"]);
         assert_eq!(out.status.code(), Some(0), "{command} --help");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -109,6 +109,24 @@ fn every_subcommand_prints_its_help_and_exits_zero() {
     let out = tezzeret(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("verify"));
+}
+
+#[test]
+fn bad_bus_options_are_usage_errors_naming_the_problem() {
+    let dir = crate::TempDir::new("cli-bus");
+    let state = dir.path().join("s");
+    let state = state.to_str().unwrap();
+    for (args, expected) in [
+        (vec!["serve", "--state", state], "serve needs --redis URL"),
+        (vec!["forge", "--state", state, "--redis", "http://127.0.0.1:1/"], "redis_url"),
+        (vec!["forge", "--state", state, "--redis", "redis://127.0.0.1:1/", "--freshness", "1e300"], "at most a year"),
+        (vec!["forge", "--state", state, "--redis", "redis://127.0.0.1:1/", "--claim-idle", "0.0001"], "claim idle time"),
+    ] {
+        let out = tezzeret(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?} should name {expected:?}: {stderr}");
+    }
 }
 
 #[test]
