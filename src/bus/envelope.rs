@@ -17,6 +17,12 @@ pub const SIGNATURE_FIELD: &str = "signature";
 /// Envelope attribute with a message's stable id (duplicates share it).
 pub const MESSAGE_ID: &str = "message_id";
 
+/// The envelope attributes every message of ours carries: its stable id
+/// and the subsystem it comes from.
+pub fn attributes(message_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(MESSAGE_ID.to_string(), message_id.to_string()), ("source_subsystem".to_string(), "tezzeret".to_string())])
+}
+
 /// The fields of one entry to add to a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::envelope::{self, Sealed, MESSAGE_ID};
+use super::envelope::{self, Sealed};
 use super::link::{add_entry, Link, Role};
 use super::Shared;
 use crate::base::leyline::{self, BusMessageType, KernelCatalogUpdate, MessagePriority, TelemetryLevel, TelemetryPacket};
@@ -35,13 +35,11 @@ pub struct Queue {
     pub flush_until: Option<Instant>,
 }
 
-/// The envelope attributes every message of ours carries.
+/// The envelope attributes of a published message: ours, and its priority.
 fn attributes(message_id: &str, priority: MessagePriority) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (MESSAGE_ID.to_string(), message_id.to_string()),
-        ("source_subsystem".to_string(), "tezzeret".to_string()),
-        ("priority".to_string(), priority_name(priority).to_string()),
-    ])
+    let mut attributes = envelope::attributes(message_id);
+    attributes.insert("priority".to_string(), priority_name(priority).to_string());
+    attributes
 }
 
 /// A priority's Leyline name without its prefix (`NORMAL`, `HIGH`, …).

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::{Connection, RedisResult, Value};
 
-use super::envelope::{self, Refusal, Sealed, MESSAGE_ID};
+use super::envelope::{self, Refusal, Sealed};
 use super::link::{add_entry, autoclaim_reply, pending_deliveries, read_reply_entries, Entry, Link, Role};
 use super::publisher::fields;
 use super::{Answerer, Shared};
@@ -61,8 +61,16 @@ impl RecentIds {
 
 /// What handling one entry produced.
 enum Outcome {
-    /// Add this answer to this stream, then acknowledge (with the request id).
-    Answer(&'static str, Sealed, String),
+    /// Add this answer (to the ready stream, else the errors stream), then
+    /// acknowledge.
+    Answer {
+        /// Whether it is a `KernelArtifactReady`.
+        ready: bool,
+        /// The entry.
+        sealed: Sealed,
+        /// The request it answers.
+        request_id: String,
+    },
     /// Acknowledge without an answer.
     Dropped(Refusal),
     /// Answering failed (a contained panic): leave it pending, to be
@@ -168,8 +176,8 @@ impl Reader {
                 break;
             }
             match self.handle(entry) {
-                Outcome::Answer(stream, sealed, request_id) => {
-                    let stream = if stream == "ready" { &config.streams.ready } else { &config.streams.errors };
+                Outcome::Answer { ready, sealed, request_id } => {
+                    let stream = if ready { &config.streams.ready } else { &config.streams.errors };
                     add_entry(&mut pipe, stream, &min_id, &fields(&sealed));
                     answered.push((entry.id.as_str(), request_id));
                 }
@@ -220,30 +228,17 @@ impl Reader {
             Ok(request) => {
                 let answer = catch_unwind(AssertUnwindSafe(|| self.answerer.answer(&request)));
                 let Ok(answer) = answer else { return Outcome::Failed(request.request_id) };
-                let secret = self.shared.config.secret.as_deref();
-                let attributes = |message_id: String| {
-                    std::collections::BTreeMap::from([
-                        (MESSAGE_ID.to_string(), message_id),
-                        ("request_id".to_string(), request.request_id.clone()),
-                        ("source_subsystem".to_string(), "tezzeret".to_string()),
-                        ("consumer".to_string(), self.shared.config.consumer.clone()),
-                    ])
+                let stats = &self.shared.stats;
+                let (ready, kind, bytes, count) = match answer {
+                    PrefetchAnswer::Ready(r) => (true, BusMessageType::KernelPrefetchReady, leyline::encode(&r), &stats.answered_ready),
+                    PrefetchAnswer::Error(e) => (false, BusMessageType::KernelPrefetchError, leyline::encode(&e), &stats.answered_error),
                 };
-                let message_id = format!("answer-{}", request.request_id);
-                match answer {
-                    PrefetchAnswer::Ready(ready) => {
-                        self.shared.stats.answered_ready.fetch_add(1, Ordering::Relaxed);
-                        let bytes = leyline::encode(&ready);
-                        let sealed = envelope::seal(BusMessageType::KernelPrefetchReady, bytes, attributes(message_id), secret);
-                        Outcome::Answer("ready", sealed, request.request_id)
-                    }
-                    PrefetchAnswer::Error(error) => {
-                        self.shared.stats.answered_error.fetch_add(1, Ordering::Relaxed);
-                        let bytes = leyline::encode(&error);
-                        let sealed = envelope::seal(BusMessageType::KernelPrefetchError, bytes, attributes(message_id), secret);
-                        Outcome::Answer("errors", sealed, request.request_id)
-                    }
-                }
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut attributes = envelope::attributes(&format!("answer-{}", request.request_id));
+                attributes.insert("request_id".to_string(), request.request_id.clone());
+                attributes.insert("consumer".to_string(), self.shared.config.consumer.clone());
+                let sealed = envelope::seal(kind, bytes, attributes, self.shared.config.secret.as_deref());
+                Outcome::Answer { ready, sealed, request_id: request.request_id }
             }
             Err(refusal) => Outcome::Dropped(refusal),
         }

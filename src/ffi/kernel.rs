@@ -229,11 +229,9 @@ pub unsafe extern "C" fn tezzeret_kernel_run_dlpack(
         out_arg(out_managed, "out_managed")?;
         // SAFETY: the arguments as this function's contract states them.
         let result = unsafe { run_kernel(kernel, inputs, input_count, Layout::AsComputed) }?;
-        let view = result.view;
-        let owner = into_handle(result);
-        let managed = Box::new(tezzeret_dlmanaged_tensor { dl_tensor: view, manager_ctx: owner.cast(), deleter: Some(free_managed) });
-        // SAFETY: out_managed is non-NULL (checked) and writable by contract.
-        unsafe { *out_managed = Box::into_raw(managed) };
+        // SAFETY: out_managed is non-NULL (checked) and writable by contract;
+        // the handle is a fresh one from into_handle.
+        unsafe { *out_managed = managed(into_handle(result)) };
         Ok(())
     })
 }
@@ -313,6 +311,16 @@ pub struct tezzeret_dlmanaged_tensor {
     pub deleter: Option<unsafe extern "C" fn(*mut tezzeret_dlmanaged_tensor)>,
 }
 
+/// Wraps a live tensor handle (which it then owns) as a `DLManagedTensor`.
+///
+/// # Safety
+/// `tensor` is a live handle from `into_handle`, not freed by anyone else afterwards.
+unsafe fn managed(tensor: *mut tezzeret_tensor) -> *mut tezzeret_dlmanaged_tensor {
+    // SAFETY: live, by this function's contract.
+    let dl_tensor = unsafe { (*tensor).view };
+    Box::into_raw(Box::new(tezzeret_dlmanaged_tensor { dl_tensor, manager_ctx: tensor.cast(), deleter: Some(free_managed) }))
+}
+
 unsafe extern "C" fn free_managed(managed: *mut tezzeret_dlmanaged_tensor) {
     // SAFETY: made by tezzeret_tensor_into_dlpack and freed once, by DLPack's contract.
     let managed = unsafe { Box::from_raw(managed) };
@@ -332,11 +340,10 @@ pub unsafe extern "C" fn tezzeret_tensor_into_dlpack(
 ) -> *mut tezzeret_status {
     ffi_status(|| {
         out_arg(out_managed, "out_managed")?;
-        // SAFETY: NULL or a live tensor handle.
-        let view = unsafe { handle_ref(tensor, "tensor") }?.view;
-        let managed = Box::new(tezzeret_dlmanaged_tensor { dl_tensor: view, manager_ctx: tensor.cast(), deleter: Some(free_managed) });
-        // SAFETY: non-NULL (checked) and writable by contract.
-        unsafe { *out_managed = Box::into_raw(managed) };
+        // SAFETY: NULL or a live tensor handle (checked before it is handed over).
+        unsafe { handle_ref(tensor, "tensor") }?;
+        // SAFETY: non-NULL (checked) and writable by contract; the live handle passes to the wrapper.
+        unsafe { *out_managed = managed(tensor) };
         Ok(())
     })
 }

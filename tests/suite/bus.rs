@@ -136,6 +136,16 @@ impl Kasmina {
         last
     }
 
+    /// Waits until the answers (by request id) satisfy `done`; returns them.
+    fn wait_answers(&mut self, what: &str, mut done: impl FnMut(&[(String, Message)]) -> bool) -> Vec<(String, Message)> {
+        let mut last = Vec::new();
+        wait_for(what, || {
+            last = self.answers();
+            done(&last)
+        });
+        last
+    }
+
     fn ready(&mut self) -> String {
         self.streams.ready.clone()
     }
@@ -216,14 +226,7 @@ fn catalog_updates_and_telemetry_are_published_signed_and_prefetch_is_answered()
     wait_group(&mut k);
     k.request(&Kasmina::fresh("r-ok", "BP002"));
     k.request(&Kasmina::fresh("r-missing", "BP999"));
-    let answers = {
-        let mut got = Vec::new();
-        wait_for("two answers", || {
-            got = k.answers();
-            got.len() >= 2
-        });
-        got
-    };
+    let answers = k.wait_answers("two answers", |a| a.len() >= 2);
     let by_id: BTreeMap<_, _> = answers.into_iter().collect();
     let ok: KernelArtifactReady = leyline::decode(&by_id["r-ok"].envelope.payload).unwrap();
     assert_eq!(by_id["r-ok"].signed, Some(true));
@@ -277,11 +280,7 @@ fn bad_stale_and_replayed_requests_are_dropped_counted_and_never_answered() {
     k.request(&Kasmina::fresh("twice", "BP001"));
     k.request(&Kasmina::fresh("last", "BP001"));
 
-    let mut answers = Vec::new();
-    wait_for("the valid requests' answers", || {
-        answers = k.answers();
-        answers.iter().any(|(id, _)| id == "last")
-    });
+    let answers = k.wait_answers("the valid requests' answers", |a| a.iter().any(|(id, _)| id == "last"));
     let answered: Vec<&str> = answers.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(answered, ["twice", "last"], "only valid, fresh, first-seen requests are answered");
     for (reason, count) in [
@@ -327,11 +326,7 @@ fn a_dead_consumers_requests_are_taken_over_and_poison_goes_to_the_dead_letter_s
     let dead = k.wait_read("oona.kernels.requests.dead_letter", "the poison entry in the dead-letter stream", |m| !m.is_empty());
     let request: KernelPrefetchRequest = leyline::decode(&dead[0].envelope.payload).unwrap();
     assert_eq!(request.request_id, "poison");
-    let mut answers = Vec::new();
-    wait_for("the orphan's answer", || {
-        answers = k.answers();
-        !answers.is_empty()
-    });
+    let answers = k.wait_answers("the orphan's answer", |a| !a.is_empty());
     assert_eq!(answers.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["orphan"]);
     assert_eq!(metric(&service, "tezzeret.bus.dead_lettered", ("", "")), 1.0);
     assert_eq!(metric(&service, "tezzeret.bus.reclaimed", ("", "")), 1.0);
@@ -340,9 +335,15 @@ fn a_dead_consumers_requests_are_taken_over_and_poison_goes_to_the_dead_letter_s
     service.close();
 }
 
-/// A `tezzeret serve` child process.
-fn serve(state: &std::path::Path, catalog: &std::path::Path, redis: &RedisServer, consumer: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tezzeret"))
+/// A `tezzeret serve` child process, killed on drop if it still runs (a
+/// failing test leaves no service behind).
+struct Served {
+    child: Child,
+    log: Option<std::thread::JoinHandle<String>>,
+}
+
+fn serve(state: &std::path::Path, catalog: &std::path::Path, redis: &RedisServer, consumer: &str) -> Served {
+    let child = Command::new(env!("CARGO_BIN_EXE_tezzeret"))
         .args(["serve", "--strategy", "emergency", "--device", "cpu", "--jobs", "1", "--claim-idle", "0.3", "--trace-events"])
         .arg("--state").arg(state)
         .arg("--catalog").arg(catalog)
@@ -351,36 +352,48 @@ fn serve(state: &std::path::Path, catalog: &std::path::Path, redis: &RedisServer
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Served { child, log: None }
 }
 
-/// Waits for `event serving` on a child's stderr; returns the rest of its lines' reader.
-fn wait_serving(child: &mut Child) -> std::thread::JoinHandle<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            if line == "event serving" {
-                let _ = tx.send(());
+impl Served {
+    /// Waits for `event serving` on its stderr (the rest of which is kept).
+    fn wait_serving(&mut self) {
+        use std::io::BufRead;
+        let stderr = self.child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.log = Some(std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if line == "event serving" {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
             }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(300)).expect("the service reports serving");
-    reader
+            all
+        }));
+        rx.recv_timeout(Duration::from_secs(300)).expect("the service reports serving");
+    }
+
+    /// Sends SIGTERM and asserts a clean exit; returns its stderr.
+    fn terminate(mut self) -> String {
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        let log = self.log.take().map(|l| l.join().unwrap()).unwrap_or_default();
+        assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}\n{log}");
+        log
+    }
 }
 
-fn terminate(mut child: Child, log: std::thread::JoinHandle<String>) -> String {
-    // SAFETY: signalling our own child by its PID.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    let log = log.join().unwrap();
-    assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}\n{log}");
-    log
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 #[test]
@@ -390,7 +403,8 @@ fn two_serve_processes_in_one_group_answer_each_request_exactly_once() {
     let catalog = catalog_file(dir.path(), &["BP001"]);
     let mut a = serve(&dir.path().join("a"), &catalog, &redis, "forge-a");
     let mut b = serve(&dir.path().join("b"), &catalog, &redis, "forge-b");
-    let (log_a, log_b) = (wait_serving(&mut a), wait_serving(&mut b));
+    a.wait_serving();
+    b.wait_serving();
     let mut k = Kasmina::new(&redis, Some(SECRET));
     wait_group(&mut k);
     // One request at a time: each goes to whichever reader is waiting first,
@@ -406,8 +420,8 @@ fn two_serve_processes_in_one_group_answer_each_request_exactly_once() {
     let by_consumer: BTreeSet<&str> = answers.iter().map(|(_, m)| m.attribute("consumer")).collect();
     assert_eq!(by_consumer, BTreeSet::from(["forge-a", "forge-b"]), "both forges share the requests");
     assert!(answers.iter().all(|(_, m)| m.kind() == BusMessageType::KernelPrefetchReady as i32 && m.signed == Some(true)));
-    terminate(a, log_a);
-    terminate(b, log_b);
+    a.terminate();
+    b.terminate();
     let ready = k.ready();
     let updates: Vec<Message> = k.read(&ready).into_iter().filter(|m| m.kind() == BusMessageType::KernelCatalogUpdate as i32).collect();
     assert_eq!(updates.len(), 2, "each forge announced its one compile");
@@ -561,16 +575,9 @@ fn a_c_host_joins_the_bus_through_its_config() {
     // SAFETY: a live forge and a NUL-terminated id.
     ok(unsafe { tezzeret_forge_compile_now(forge, id.as_ptr()) });
     let mut k = Kasmina::new(&redis, Some(SECRET));
-    wait_for("the group c-hosts", || {
-        let reply: redis::RedisResult<redis::Value> = redis::cmd("XINFO").arg("GROUPS").arg("oona.kernels.requests").query(&mut k.con);
-        matches!(reply, Ok(redis::Value::Array(v)) if !v.is_empty())
-    });
+    wait_group(&mut k);
     k.request(&Kasmina::fresh("from-c", "BP001"));
-    let mut answers = Vec::new();
-    wait_for("the answer", || {
-        answers = k.answers();
-        !answers.is_empty()
-    });
+    let answers = k.wait_answers("the answer", |a| !a.is_empty());
     assert_eq!((answers[0].0.as_str(), answers[0].1.kind(), answers[0].1.signed), ("from-c", BusMessageType::KernelPrefetchReady as i32, Some(true)));
     // SAFETY: the live handle, closed once.
     unsafe { tezzeret_forge_close(forge) };
@@ -608,6 +615,19 @@ fn a_c_host_joins_the_bus_through_its_config() {
         let (code, message) = open(tune);
         assert_ne!(code, TEZZERET_CODE_OK, "{expected}");
         assert!(message.contains(expected), "{message:?} should name {expected:?}");
+    }
+
+    // init: NULL and too small a struct are refused; an older, shorter
+    // struct (up to redis_url) is filled without a byte written past it.
+    // SAFETY: NULL, then buffers of the stated sizes.
+    unsafe {
+        assert_eq!(take(tezzeret_bus_config_init(std::ptr::null_mut(), std::mem::size_of::<tezzeret_bus_config>())).0, TEZZERET_CODE_NULL_ARGUMENT);
+        let mut bytes = [0xa5u8; std::mem::size_of::<tezzeret_bus_config>()];
+        let short = 2 * std::mem::size_of::<usize>();
+        let (code, message) = take(tezzeret_bus_config_init(bytes.as_mut_ptr().cast(), short - 1));
+        assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && message.contains("smaller than the oldest"), "{message}");
+        ok(tezzeret_bus_config_init(bytes.as_mut_ptr().cast(), short));
+        assert!(bytes[short..].iter().all(|&b| b == 0xa5), "nothing written past the caller's size");
     }
 }
 
@@ -664,11 +684,7 @@ fn requests_added_to_a_redis_that_lost_its_data_are_still_answered() {
     redis.restart();
     let mut k = Kasmina::new(&redis, None);
     k.request(&Kasmina::fresh("after-restart", "BP001"));
-    let mut answers = Vec::new();
-    wait_for("the request added before the forge reconnected", || {
-        answers = k.answers();
-        !answers.is_empty()
-    });
+    let answers = k.wait_answers("the request added before the forge reconnected", |a| !a.is_empty());
     assert_eq!(answers[0].0, "after-restart");
     service.close();
 }
