@@ -10,6 +10,8 @@
 //!   manifests and signing, guard table, offline verification;
 //! - [`bus`]: the Oona bus on Redis Streams — prefetch requests answered,
 //!   catalog updates and telemetry published;
+//! - [`fleet`]: artifacts shared by many hosts through an S3-compatible
+//!   bucket — verified fetches, signed publications, compile leases;
 //! - [`forge`]: the forge that ties them together, and its service;
 //! - [`ffi`]: the C ABI, which only converts and delegates.
 //!
@@ -21,6 +23,7 @@ pub mod base;
 pub mod build;
 pub mod bus;
 pub mod ffi;
+pub mod fleet;
 pub mod forge;
 pub mod state;
 pub mod sys;

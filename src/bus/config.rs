@@ -163,10 +163,5 @@ const MAX_WINDOW: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `tezzeret-<hostname>-<pid>`: unique among live processes of a fleet.
 fn default_consumer() -> String {
-    let mut name = [0u8; 256];
-    // SAFETY: gethostname writes at most name.len() bytes into name.
-    let ok = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0;
-    let end = name.iter().position(|&b| b == 0).unwrap_or(0);
-    let host = if ok && end > 0 { String::from_utf8_lossy(&name[..end]).into_owned() } else { "host".into() };
-    format!("tezzeret-{host}-{}", std::process::id())
+    format!("tezzeret-{}-{}", crate::sys::host::hostname(), std::process::id())
 }

@@ -48,7 +48,8 @@ impl Forge {
             }
             if let Err(error) = self.ledger.evict(record) {
                 if let Some(still) = current.filter(|c| self.ledger.artifacts().get(&c.blueprint_id) == Some(c)) {
-                    self.prefetcher.set_current(&still);
+                    let remote = self.remote_ref(&still);
+                    self.prefetcher.set_current(&still, remote);
                 }
                 return Err(error);
             }

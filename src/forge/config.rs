@@ -8,6 +8,7 @@ use tch::Device;
 
 use super::breakers::{BreakerConfig, BreakerKind};
 use crate::bus::BusConfig;
+use crate::fleet::FleetConfig;
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::build::blueprints::{ParameterOverrides, DEFAULT_BATCH};
 use crate::build::compile::Strategy;
@@ -104,6 +105,9 @@ pub struct ForgeConfig {
     /// The Oona bus to answer prefetch requests on and publish catalog
     /// updates and telemetry to; `None` (default): the host only.
     pub bus: Option<BusConfig>,
+    /// The fleet's shared bucket to fetch artifacts from and publish them
+    /// to; `None` (default): this host compiles everything itself.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl ForgeConfig {
@@ -136,6 +140,7 @@ impl ForgeConfig {
             checkpoint_every: crate::state::wal::journal::CHECKPOINT_TRANSACTIONS,
             guard_slots: crate::state::guard_table::DEFAULT_SLOTS,
             bus: None,
+            fleet: None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! compile pipeline in `pipeline.rs`, cache maintenance in `cache.rs`.
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::Device;
 
@@ -26,6 +26,7 @@ use crate::build::blueprints::ResolvedParams;
 use crate::build::catalog::Catalog;
 use crate::build::compile::{self, Strategy, WorkerPool};
 use crate::bus::Bus;
+use crate::fleet::{Fleet, FleetMetrics};
 use crate::state::artifact::ArtifactRecord;
 use crate::state::guard_table::GuardTable;
 use crate::state::layout::StateLayout;
@@ -52,6 +53,11 @@ pub struct Forge {
     pub(super) queued_at_open: Vec<(String, u64)>,
     /// The Oona bus, when configured.
     pub(super) bus: Option<Bus>,
+    /// The fleet's shared bucket, when configured.
+    pub(super) fleet: Option<Fleet>,
+    /// While the bucket is unreachable: when unpublished artifacts are
+    /// offered to it again.
+    pub(super) fleet_retry_at: Option<Instant>,
     _lock: StateLock,
 }
 
@@ -103,6 +109,8 @@ impl Forge {
             workers,
             queued_at_open: Vec::new(),
             bus: None,
+            fleet: None,
+            fleet_retry_at: None,
             _lock: lock,
         };
         for (record, error) in forge.ledger.retire_unverified()? {
@@ -117,6 +125,16 @@ impl Forge {
                 bus.announce(announcement.seq, &announcement.message_id, &announcement.update);
             }
             forge.bus = Some(bus);
+        }
+        if let Some(fleet_config) = forge.config.fleet.clone() {
+            let nonce = crate::sys::random::bytes::<4>().map_err(|e| Error::io("draw a fleet lease holder id", e))?;
+            let holder = format!("{}-{}-{}", crate::sys::host::hostname(), std::process::id(), crate::base::hex::encode(&nonce));
+            let fleet = Fleet::connect(fleet_config, forge.config.keys.clone(), holder)?;
+            // Answers name the bucket's copy of what it holds.
+            for record in forge.ledger.artifacts().values().filter(|r| forge.ledger.is_shared(&r.cache_key)) {
+                forge.prefetcher.set_remote(record, fleet.artifact_url(record));
+            }
+            forge.fleet = Some(fleet);
         }
         // What the host enumerates and is not compiled yet is queued now
         // (jobs whose descriptor went away or changed leave the queue). A
@@ -237,13 +255,33 @@ impl Forge {
         reading
     }
 
-    /// Every metric, now (with a bus, `tezzeret.bus.*` too).
+    /// Every metric, now (with a bus, `tezzeret.bus.*` too; in a fleet,
+    /// `tezzeret.fleet.*`).
     pub fn metrics(&mut self) -> Vec<MetricPoint> {
         let mut metrics = self.observer.metrics(&mut self.governor, self.ledger.state());
         if let Some(bus) = &self.bus {
             metrics.extend(bus.stats().metrics(bus.config().publish, bus.config().serve_prefetch));
         }
+        if let Some(fleet) = &self.fleet {
+            metrics.extend(fleet.metrics().points(self.ledger.unshared().len()));
+        }
         metrics
+    }
+
+    /// The fleet's counters, when in a fleet.
+    pub fn fleet_metrics(&self) -> Option<FleetMetrics> {
+        self.fleet.as_ref().map(Fleet::metrics)
+    }
+
+    /// The fleet's bucket, when in a fleet.
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.fleet.as_ref()
+    }
+
+    /// Current artifacts the fleet's bucket does not hold yet (published
+    /// once it is reachable).
+    pub fn unshared(&self) -> usize {
+        self.ledger.unshared().len()
     }
 
     /// Every metric, as a `TelemetryPacket` without events.

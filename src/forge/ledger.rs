@@ -202,20 +202,52 @@ impl Ledger {
         Ok(record)
     }
 
+    /// Stores an artifact fetched from the fleet's bucket — its record
+    /// complete and verified, its bytes checked — durably, as a local
+    /// compile's would be (not yet current: a job adopts it), and records
+    /// that the bucket holds it.
+    pub fn store_fetched(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> Result<()> {
+        self.store.put(record, bytes)?;
+        self.record_shared(vec![record.cache_key.clone()])
+    }
+
+    /// Durably records that the fleet's bucket holds these cache keys.
+    pub fn record_shared(&mut self, cache_keys: Vec<String>) -> Result<()> {
+        let new: Vec<String> = cache_keys.into_iter().filter(|k| !self.journal.state().shared.contains(k)).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.journal.append(vec![vec![Record::Shared { cache_keys: new }]])
+    }
+
+    /// Whether the fleet's bucket holds a cache key's artifact.
+    pub fn is_shared(&self, cache_key: &str) -> bool {
+        self.journal.state().shared.contains(cache_key)
+    }
+
+    /// Current artifacts the fleet's bucket does not hold yet.
+    pub fn unshared(&self) -> Vec<ArtifactRecord> {
+        self.artifacts().values().filter(|r| !self.is_shared(&r.cache_key)).cloned().collect()
+    }
+
     /// Makes a stored artifact current: journal commit, then guard slot.
     /// Returns the catalog update to announce (only now is it durable
     /// everywhere) and, with a bus, its outbox entry — written in the
     /// commit's own transaction. Outbox entries the bus has published
-    /// (`published`) leave the outbox in the same sync.
+    /// (`published`) leave the outbox in the same sync. `remote_ref`, when
+    /// the fleet's bucket holds the artifact, is the update's reference
+    /// (else the local path) and is recorded shared in the same transaction.
     pub fn commit(
         &mut self,
         seq: u64,
         record: &ArtifactRecord,
         published: Vec<u64>,
+        remote_ref: Option<String>,
     ) -> Result<(KernelCatalogUpdate, Option<Announcement>)> {
+        let shared = remote_ref.is_some() && !self.is_shared(&record.cache_key);
         let update = KernelCatalogUpdate {
             blueprint_id: record.blueprint_id.clone(),
-            artifact_ref: self.store.artifact_path(record).display().to_string(),
+            artifact_ref: remote_ref.unwrap_or_else(|| self.store.artifact_path(record).display().to_string()),
             checksum: record.checksum.clone(),
             guard_digest: record.guard_digest.clone(),
             compile_ms: record.compile_ms as f32,
@@ -226,6 +258,9 @@ impl Ledger {
             Announcement { seq, message_id: format!("{prefix}-{seq}"), update: update.clone() }
         });
         let mut transaction = vec![Record::Commit { seq, artifact: record.clone() }];
+        if shared {
+            transaction.push(Record::Shared { cache_keys: vec![record.cache_key.clone()] });
+        }
         if let Some(announcement) = &announcement {
             transaction.push(Record::Announce { announcement: announcement.clone() });
         }

@@ -6,8 +6,8 @@
 //! journal, store and guard table agree; [`governor`] breakers and
 //! conservative mode; [`observe`] counters, metrics and health;
 //! [`prefetch`] the verifications prefetch answers from. [`engine`] ties
-//! them into [`Forge`]; [`queue`], [`pipeline`] and [`cache`] are the
-//! forge's behaviour; [`service`] shares a forge between threads with a
+//! them into [`Forge`]; [`queue`], [`pipeline`], [`share`] (the fleet)
+//! and [`cache`] are the forge's behaviour; [`service`] shares a forge between threads with a
 //! background thread, and is what the C ABI and the CLI use.
 pub mod breakers;
 pub mod cache;
@@ -23,6 +23,7 @@ pub mod prefetch;
 pub mod queue;
 pub mod report;
 pub mod service;
+pub mod share;
 pub mod telemetry;
 
 pub use config::{DevicePreference, ForgeConfig, DEFAULT_MEMORY_BUDGET_BYTES};

@@ -11,12 +11,14 @@ use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use super::report::{JobReport, JobStatus, Progress};
+use super::share::{Admission, Waiting};
 use super::telemetry::{self, events};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::hex;
 use crate::base::leyline::{self, TelemetryEvent, TelemetryLevel};
 use crate::base::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
 use crate::build::compile::{self, CompileJob, CompiledArtifact};
+use crate::fleet::lease::Lease;
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
 
@@ -27,6 +29,8 @@ struct InFlight {
     prepared: Result<Prepared>,
     /// Its compile, when it needs one (or why it could not start).
     compile: Option<Result<JoinHandle<Result<CompiledArtifact>>>>,
+    /// The fleet lease it compiles under, given back once it is published.
+    lease: Option<Lease>,
 }
 
 /// A job ready to compile.
@@ -45,6 +49,15 @@ pub(super) enum Prepared {
     Compile(PendingCompile),
 }
 
+/// Where a drain stands: jobs not started (in order, each with what the
+/// fleet decided for it so far), jobs waiting for another host's lease,
+/// jobs started.
+struct Drain {
+    ready: VecDeque<(usize, Admission)>,
+    waiting: Vec<Waiting>,
+    in_flight: VecDeque<InFlight>,
+}
+
 impl Forge {
     /// Runs every queued job (priority, then FIFO) and returns their reports.
     ///
@@ -53,30 +66,45 @@ impl Forge {
     /// job's compile ends the next one starts, and the finished job is
     /// stored, committed and announced while it compiles — the forge's
     /// durable work hides behind the next compile instead of adding to it.
+    /// In a fleet, artifacts the bucket holds are fetched first (all at
+    /// once), and a job whose lease another host holds waits while the
+    /// others run.
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
+        self.fetch_from_fleet(&queue);
         let mut reports = Vec::with_capacity(total);
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut next = 0;
+        let mut drain = Drain { ready: (0..total).map(|p| (p, Admission::Ask)).collect(), waiting: Vec::new(), in_flight: VecDeque::new() };
         loop {
-            self.start_jobs(&queue, &mut next, &mut in_flight, progress);
-            let Some(front) = in_flight.pop_front() else { break };
+            self.start_jobs(&queue, &mut drain, progress);
+            let Some(front) = drain.in_flight.pop_front() else {
+                if drain.waiting.is_empty() || self.shutdown.load(Ordering::Acquire) {
+                    break;
+                }
+                drain.ready = self.wait_for_fleet(&queue, &mut drain.waiting);
+                continue;
+            };
             let compiled = front.compile.map(|c| {
                 c.and_then(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked"))))
             });
             // The next job starts compiling before this one is stored.
-            self.start_jobs(&queue, &mut next, &mut in_flight, progress);
+            self.start_jobs(&queue, &mut drain, progress);
             let report = self.finish(&queue[front.position], front.prepared, compiled);
+            if let Some(lease) = front.lease {
+                self.release(lease);
+            }
             progress(Progress::Finished(front.position, total, &report));
             reports.push(report);
         }
+        self.share_pending();
         reports
     }
 
     /// Runs one queued job to its end on the calling thread's watch, under
     /// `budget` when given (else its strategy's).
     pub(super) fn execute(&mut self, job: &Job, budget: Option<Duration>) -> JobReport {
+        // Urgent: the bucket is asked, but no other host's lease is waited for.
+        self.fetch_from_fleet(std::slice::from_ref(job));
         let prepared = self.record_start(job).and_then(|_| self.prepare(job, &mut |_| {})).map(|prepared| match (prepared, budget) {
             (Prepared::Compile(mut c), Some(budget)) => {
                 c.budget = budget;
@@ -106,20 +134,32 @@ impl Forge {
     }
 
     /// Starts queued jobs, in order, while fewer than `effective_concurrency`
-    /// compile (none once shutting down).
-    fn start_jobs(&mut self, queue: &[Job], next: &mut usize, in_flight: &mut VecDeque<InFlight>, progress: &mut dyn FnMut(Progress<'_>)) {
+    /// compile (none once shutting down); jobs whose lease another host
+    /// holds are set aside to wait.
+    fn start_jobs(&mut self, queue: &[Job], drain: &mut Drain, progress: &mut dyn FnMut(Progress<'_>)) {
         let total = queue.len();
-        while *next < total && !self.shutdown.load(Ordering::Acquire) {
+        while !drain.ready.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             let width = (self.effective_concurrency() as usize).max(1);
-            if in_flight.iter().filter(|f| matches!(f.compile, Some(Ok(_)))).count() >= width {
+            if drain.in_flight.iter().filter(|f| matches!(f.compile, Some(Ok(_)))).count() >= width {
                 return;
             }
-            let job = &queue[*next];
-            progress(Progress::Started(*next, total, &job.blueprint_id));
+            let (position, admission) = drain.ready.pop_front().expect("a ready job");
+            let job = &queue[position];
+            let lease = match admission {
+                Admission::Go(lease) => lease,
+                Admission::Ask => match self.admit(job) {
+                    Some(lease) => lease,
+                    None => {
+                        drain.waiting.push(Waiting { position, since: Instant::now() });
+                        continue;
+                    }
+                },
+            };
+            progress(Progress::Started(position, total, &job.blueprint_id));
             let prepared = self.prepare(job, progress);
             let compile = match &prepared {
                 Ok(Prepared::Compile(c)) => {
-                    let execution = self.execution(width.min(total - *next));
+                    let execution = self.execution(width.min(drain.ready.len() + 1));
                     let (job, budget, memory) = (c.job.clone(), c.budget, self.config.memory_budget_bytes);
                     let spawned = std::thread::Builder::new()
                         .name("tz-wait".into())
@@ -134,8 +174,7 @@ impl Forge {
                 (Ok(prepared), Ok(())) => Ok(prepared),
                 (Err(e), _) | (Ok(_), Err(e)) => Err(e),
             };
-            in_flight.push_back(InFlight { position: *next, prepared, compile });
-            *next += 1;
+            drain.in_flight.push_back(InFlight { position, prepared, compile, lease });
         }
     }
 
@@ -191,7 +230,7 @@ impl Forge {
         let compiled_during = compiled.as_ref().and_then(|c| c.as_ref().ok()).map(|a| a.ran);
         let outcome = match prepared {
             Err(e) => Err(e),
-            Ok(Prepared::Adopted(record)) => self.commit(job, &record, None).map(|_| (JobStatus::Cached, record)),
+            Ok(Prepared::Adopted(record)) => self.commit(job, &record, None, false).map(|_| (JobStatus::Cached, record)),
             Ok(Prepared::Compile(c)) => match compiled.expect("a compile result for a compile job") {
                 Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, name))),
                 Ok(artifact) => {
@@ -269,15 +308,21 @@ impl Forge {
             signature: None,
         };
         let record = self.ledger.store_artifact(record, &artifact.bytes)?;
-        self.commit(job, &record, Some((c.started.clone(), c.begun)))?;
+        let shared = self.publish_compiled(&record, &artifact.bytes);
+        self.commit(job, &record, Some((c.started.clone(), c.begun)), shared)?;
         Ok(record)
     }
 
     /// Makes a stored artifact current (journal, guard slot), then tells
     /// the host: the catalog update only once it is durable everywhere.
-    fn commit(&mut self, job: &Job, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>) -> Result<()> {
+    /// `shared`: the fleet's bucket has just received it.
+    fn commit(&mut self, job: &Job, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>, shared: bool) -> Result<()> {
         let published = self.bus.as_ref().map(|b| b.take_published()).unwrap_or_default();
-        let (update, announcement) = match self.ledger.commit(job.seq, record, published.clone()) {
+        let remote_ref = match &self.fleet {
+            Some(fleet) if shared => Some(fleet.artifact_url(record)),
+            _ => self.remote_ref(record),
+        };
+        let (update, announcement) = match self.ledger.commit(job.seq, record, published.clone(), remote_ref.clone()) {
             Ok(committed) => committed,
             Err(error) => {
                 // The commit may have become durable before failing (a guard
@@ -291,7 +336,7 @@ impl Forge {
                 return Err(error);
             }
         };
-        self.prefetcher.set_current(record);
+        self.prefetcher.set_current(record, remote_ref);
         self.observer.counters.completed += 1;
         self.host.catalog_update(&leyline::encode(&update));
         if let (Some(bus), Some(a)) = (&self.bus, &announcement) {

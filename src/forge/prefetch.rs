@@ -99,6 +99,8 @@ fn now_ns() -> i128 {
 struct Desk {
     current: HashMap<String, ArtifactRecord>,
     verified: HashMap<String, VerifiedFile>,
+    /// The fleet's reference of current artifacts its bucket holds.
+    remote: HashMap<String, String>,
 }
 
 /// Answers prefetch requests from the forge's current catalog. Cloning
@@ -116,18 +118,32 @@ impl Prefetcher {
     /// from the catalog `current`.
     pub fn new<'a>(store: ArtifactStore, keys: KeyRing, current: impl IntoIterator<Item = &'a ArtifactRecord>) -> Self {
         let current = current.into_iter().map(|r| (r.blueprint_id.clone(), r.clone())).collect();
-        Prefetcher { desk: Arc::new(Mutex::new(Desk { current, verified: HashMap::new() })), store, keys }
+        Prefetcher { desk: Arc::new(Mutex::new(Desk { current, verified: HashMap::new(), remote: HashMap::new() })), store, keys }
     }
 
     fn desk(&self) -> std::sync::MutexGuard<'_, Desk> {
         self.desk.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A blueprint's artifact became current (committed).
-    pub fn set_current(&self, record: &ArtifactRecord) {
+    /// A blueprint's artifact became current (committed); `remote_ref` is
+    /// its reference in the fleet's bucket when the bucket holds it.
+    pub fn set_current(&self, record: &ArtifactRecord, remote_ref: Option<String>) {
         let mut desk = self.desk();
         desk.verified.remove(&record.blueprint_id);
         desk.current.insert(record.blueprint_id.clone(), record.clone());
+        match remote_ref {
+            Some(url) => desk.remote.insert(record.blueprint_id.clone(), url),
+            None => desk.remote.remove(&record.blueprint_id),
+        };
+    }
+
+    /// A current artifact reached the fleet's bucket: answers carry its
+    /// remote reference from now on (if it is still current).
+    pub fn set_remote(&self, record: &ArtifactRecord, url: String) {
+        let mut desk = self.desk();
+        if desk.current.get(&record.blueprint_id).is_some_and(|r| r.cache_key == record.cache_key) {
+            desk.remote.insert(record.blueprint_id.clone(), url);
+        }
     }
 
     /// A blueprint's artifact is leaving the catalog: requests are answered
@@ -136,6 +152,7 @@ impl Prefetcher {
         let mut desk = self.desk();
         desk.verified.remove(blueprint_id);
         desk.current.remove(blueprint_id);
+        desk.remote.remove(blueprint_id);
     }
 
     /// Answers a request from the current catalog. The file is hashed (and
@@ -150,11 +167,10 @@ impl Prefetcher {
                 reason: reason.as_str().to_string(),
             })
         };
-        let (record, known) = {
+        let (record, known, remote) = {
             let desk = self.desk();
             let Some(record) = desk.current.get(id).cloned() else { return error(FailureReason::MissingArtifact) };
-            let known = desk.verified.get(id).cloned();
-            (record, known)
+            (record, desk.verified.get(id).cloned(), desk.remote.get(id).cloned())
         };
         let path = self.store.artifact_path(&record);
         let Ok(identity) = FileIdentity::of(&path) else { return error(FailureReason::ArtifactNotFound) };
@@ -188,7 +204,7 @@ impl Prefetcher {
         PrefetchAnswer::Ready(KernelArtifactReady {
             request_id: request.request_id.clone(),
             blueprint_id: id.clone(),
-            artifact_ref: path.display().to_string(),
+            artifact_ref: remote.unwrap_or_else(|| path.display().to_string()),
             checksum: record.checksum,
             guard_digest: record.guard_digest,
             prewarm_p50_ms: record.prewarm_p50_ms as f32,

@@ -101,6 +101,7 @@ impl ForgeService {
         let every = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
         let (refresh, telemetry) = (every(config.refresh_interval_ms), every(config.telemetry_interval_ms));
         let outbox = config.bus.as_ref().map(|_| OUTBOX_EVERY);
+        let share = config.fleet.as_ref().filter(|f| f.publish).map(|f| f.retry_interval);
         let forge = Forge::open(config, host)?;
         let shutdown = forge.shutdown_flag();
         let prefetch = RwLock::new((forge.prefetcher(), false));
@@ -113,11 +114,11 @@ impl ForgeService {
             shutdown,
             prefetch,
         });
-        let background = if refresh.is_some() || telemetry.is_some() || outbox.is_some() {
+        let background = if refresh.is_some() || telemetry.is_some() || outbox.is_some() || share.is_some() {
             let shared = shared.clone();
             let thread = std::thread::Builder::new()
                 .name("tezzeret-service".into())
-                .spawn(move || background_loop(shared, Periods { refresh, telemetry, outbox }))
+                .spawn(move || background_loop(shared, Periods { refresh, telemetry, outbox, share }))
                 .map_err(|e| Error::io("start the forge's background thread", e))?;
             Some(thread)
         } else {
@@ -217,22 +218,26 @@ struct Periods {
     refresh: Option<Duration>,
     telemetry: Option<Duration>,
     outbox: Option<Duration>,
+    /// Offering unpublished artifacts to the fleet's bucket again.
+    share: Option<Duration>,
 }
 
 /// The background thread: re-enumerates and runs the queue every refresh
 /// interval, sends telemetry (with fresh resource readings) every telemetry
-/// interval, records what the bus published, maintains the cache every 5
+/// interval, records what the bus published, publishes to the fleet's
+/// bucket what an outage left unpublished, maintains the cache every 5
 /// minutes — until close.
 fn background_loop(shared: Arc<Shared>, periods: Periods) {
-    let Periods { refresh, telemetry, outbox } = periods;
+    let Periods { refresh, telemetry, outbox, share } = periods;
     let start = Instant::now();
     let mut next_refresh = refresh.map(|d| start + d);
     let mut next_telemetry = telemetry.map(|d| start + d);
     let mut next_outbox = outbox.map(|d| start + d);
+    let mut next_share = share.map(|d| start + d);
     let mut next_maintenance = start + MAINTENANCE_EVERY;
     loop {
         let deadline =
-            [next_refresh, next_telemetry, next_outbox, Some(next_maintenance)].into_iter().flatten().min().expect("one deadline");
+            [next_refresh, next_telemetry, next_outbox, next_share, Some(next_maintenance)].into_iter().flatten().min().expect("one deadline");
         {
             let stop = shared.stop.lock().unwrap_or_else(|p| p.into_inner());
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -273,6 +278,12 @@ fn background_loop(shared: Arc<Shared>, periods: Periods) {
                     Ok(())
                 });
                 next_outbox = Some(Instant::now() + every);
+            }
+        }
+        if let (Some(due), Some(every)) = (next_share, share) {
+            if now >= due {
+                let _ = shared.with(|f| Ok(f.share_pending()));
+                next_share = Some(Instant::now() + every);
             }
         }
         if now >= next_maintenance {

@@ -80,22 +80,41 @@ impl KeyRing {
         let refuse =
             |why: String| Err(Error::failure(ErrorCode::Corrupt, FailureReason::SignatureInvalid, format!("artifact of {id} {why}")));
         let Some(signed) = &record.signature else { return refuse("is unsigned".into()) };
-        let public: [u8; 32] = match decode_array(&signed.public_key, "public key") {
-            Ok(k) => k,
-            Err(_) => return refuse("carries a malformed public key".into()),
-        };
-        let Some(key) = self.trusted.iter().find(|k| k.as_bytes() == &public) else {
-            return refuse(format!("is signed by an untrusted key {}", &signed.public_key));
-        };
-        let signature: [u8; 64] = match decode_array(&signed.signature, "signature") {
-            Ok(s) => s,
-            Err(_) => return refuse("carries a malformed signature".into()),
-        };
-        match key.verify(&Manifest::of(record).canonical_bytes(), &Signature::from_bytes(&signature)) {
+        match self.check(signed, &Manifest::of(record).canonical_bytes()) {
             Ok(()) => Ok(()),
-            Err(_) => refuse("has a signature that does not match its manifest (tampered)".into()),
+            Err(SignatureProblem::MalformedKey) => refuse("carries a malformed public key".into()),
+            Err(SignatureProblem::UntrustedKey) => refuse(format!("is signed by an untrusted key {}", &signed.public_key)),
+            Err(SignatureProblem::MalformedSignature) => refuse("carries a malformed signature".into()),
+            Err(SignatureProblem::Mismatch) => refuse("has a signature that does not match its manifest (tampered)".into()),
         }
     }
+
+    /// Signs arbitrary bytes (None without a signing key).
+    pub fn sign_bytes(&self, bytes: &[u8]) -> Option<ManifestSignature> {
+        let key = self.signing.as_ref()?;
+        Some(ManifestSignature { public_key: hex(key.verifying_key().as_bytes()), signature: hex(&key.sign(bytes).to_bytes()) })
+    }
+
+    /// Checks a signature over `bytes` against the trusted keys.
+    pub fn check(&self, signed: &ManifestSignature, bytes: &[u8]) -> std::result::Result<(), SignatureProblem> {
+        let public: [u8; 32] = decode_array(&signed.public_key, "public key").map_err(|_| SignatureProblem::MalformedKey)?;
+        let key = self.trusted.iter().find(|k| k.as_bytes() == &public).ok_or(SignatureProblem::UntrustedKey)?;
+        let signature: [u8; 64] = decode_array(&signed.signature, "signature").map_err(|_| SignatureProblem::MalformedSignature)?;
+        key.verify(bytes, &Signature::from_bytes(&signature)).map_err(|_| SignatureProblem::Mismatch)
+    }
+}
+
+/// Why a signature is not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureProblem {
+    /// The public key is not 32 bytes of hex.
+    MalformedKey,
+    /// The key is not among the trusted ones.
+    UntrustedKey,
+    /// The signature is not 64 bytes of hex.
+    MalformedSignature,
+    /// The signature does not match the bytes (they were changed).
+    Mismatch,
 }
 
 /// A new ed25519 key pair from the OS random generator (no fallback):

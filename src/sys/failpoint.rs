@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// Every failpoint of a durable write, for tests that sweep them. Besides
-/// these, `sys.random` fails the OS random generator (keys, salts, ids).
+/// these, `sys.random` fails the OS random generator (keys, salts, ids),
+/// `bus.publish` a bus publication, and `fleet.leased` fires as a fleet
+/// lease is won (to kill a lease holder).
 pub const ALL: &[&str] = &[
     "wal.fallocate",
     "wal.write",

@@ -4,6 +4,7 @@
 //! resource readings. The layers above never call `libc` for these.
 pub mod failpoint;
 pub mod fs;
+pub mod host;
 pub mod lock;
 pub mod random;
 pub mod resources;

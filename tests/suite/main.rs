@@ -7,6 +7,7 @@ mod cli;
 mod concurrency;
 mod consumers;
 mod crash;
+mod fleet;
 mod hazards;
 mod guards;
 mod header;
@@ -25,6 +26,9 @@ mod promises;
 #[path = "../../src/bin/tezzeret/bench/redis_server.rs"]
 mod redis_server;
 mod runtime;
+/// A real SeaweedFS for the fleet tests (shared with `tezzeret bench`).
+#[path = "../../src/bin/tezzeret/bench/seaweed_server.rs"]
+mod seaweed_server;
 mod signing;
 mod wal;
 

@@ -24,6 +24,7 @@ use tezzeret::state::wal::journal::Record;
 use tezzeret::{Error, Result};
 
 mod bench;
+mod fleet_status;
 mod options;
 mod serve;
 
@@ -66,6 +67,10 @@ enum Command {
         #[arg(long = "trusted-key", value_name = "FILE")]
         trusted_keys: Vec<PathBuf>,
     },
+    /// What the fleet's S3 bucket holds, verified: manifests, artifacts,
+    /// leases (and, with --state, how much of a catalog it holds); exits 1
+    /// when a manifest is refused.
+    FleetStatus(fleet_status::FleetStatusArgs),
     /// Create an ed25519 key pair: FILE (secret, mode 0600) and FILE.pub.
     Keygen {
         /// Where the secret key goes.
@@ -98,6 +103,8 @@ struct ForgeArgs {
     open: options::OpenArgs,
     #[command(flatten)]
     bus: options::BusArgs,
+    #[command(flatten)]
+    fleet: options::FleetArgs,
     /// One JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -118,6 +125,7 @@ fn main() -> ExitCode {
         Command::Inspect { state, json } => inspect(&state.dir, json),
         Command::Wal { state } => wal(&state.dir),
         Command::Verify { state, trusted_keys } => verify(&state.dir, &trusted_keys),
+        Command::FleetStatus(args) => fleet_status::fleet_status(args),
         Command::Keygen { out } => keygen_command(&out),
         Command::Bench { only, json } => bench_command(only.as_deref(), json),
         Command::Version => {
@@ -175,6 +183,7 @@ fn forge(args: ForgeArgs) -> Result<bool> {
     let catalog = args.open.catalog()?;
     let mut config = args.open.config()?;
     config.bus = args.bus.config()?;
+    config.fleet = args.fleet.config()?;
     // Nobody listens to periodic telemetry here: no background thread.
     config.telemetry_interval_ms = 0;
     let allow_quarantine = config.allow_quarantine;
@@ -187,10 +196,19 @@ fn forge(args: ForgeArgs) -> Result<bool> {
     let elapsed = started.elapsed();
 
     if args.json {
-        let document = service.with(|forge| Ok(report::run_document(&reports, forge.store())))?;
+        let document = service.with(|forge| {
+            let mut document = report::run_document(&reports, forge.store());
+            if let Some(metrics) = forge.fleet_metrics() {
+                document["fleet"] = fleet_status::metrics_document(&metrics, forge.unshared());
+            }
+            Ok(document)
+        })?;
         println!("{}", serde_json::to_string_pretty(&document).expect("json"));
     } else {
         print_table(&reports);
+        if let Some(metrics) = service.with(|forge| Ok(forge.fleet_metrics().map(|m| (m, forge.unshared()))))? {
+            println!("{}", fleet_status::metrics_line(&metrics.0, metrics.1));
+        }
         let count = |s: JobStatus| reports.iter().filter(|r| r.status == s).count();
         let (strategy, device) = service.with(|forge| Ok((forge.config().strategy, compile::device_name(forge.device()))))?;
         println!(
@@ -300,9 +318,14 @@ fn describe_record(payload: &[u8]) -> String {
             state.outbox.len(),
             state.next_seq
         ),
-        Ok(Record::CheckpointPart { jobs, artifacts, announcements }) => {
-            format!("checkpoint part: {} jobs, {} artifacts, {} unpublished", jobs.len(), artifacts.len(), announcements.len())
-        }
+        Ok(Record::Shared { cache_keys }) => format!("shared {} artifacts with the fleet", cache_keys.len()),
+        Ok(Record::CheckpointPart { jobs, artifacts, announcements, shared }) => format!(
+            "checkpoint part: {} jobs, {} artifacts, {} unpublished, {} shared",
+            jobs.len(),
+            artifacts.len(),
+            announcements.len(),
+            shared.len()
+        ),
         Err(e) => format!("(unreadable record: {e})"),
     }
 }

@@ -1,5 +1,6 @@
 //! Command-line options shared by `forge` and `serve`: how a forge is
-//! opened, and how it joins the Oona bus.
+//! opened, how it joins the Oona bus, and how it shares artifacts with its
+//! fleet through an S3-compatible bucket.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use clap::{Args, ValueEnum};
 use tezzeret::build::catalog::Catalog;
 use tezzeret::build::compile::Strategy;
 use tezzeret::bus::{BusConfig, SECRET_VARIABLE};
+use tezzeret::fleet::FleetConfig;
 use tezzeret::forge::{DevicePreference, ForgeConfig};
 use tezzeret::state::signing::{read_key_file, KeyRing};
 use tezzeret::{Error, Result};
@@ -151,6 +153,57 @@ impl BusArgs {
                 rename(name);
             }
         }
+        config.validate()?;
+        Ok(Some(config))
+    }
+}
+
+/// How the forge shares artifacts with its fleet (an S3-compatible bucket).
+/// Credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+#[derive(Args)]
+pub struct FleetArgs {
+    /// The fleet's bucket (no fleet without it); needs --trusted-key.
+    #[arg(long = "s3-bucket", value_name = "NAME")]
+    pub bucket: Option<String>,
+    /// The S3 endpoint, e.g. http://127.0.0.1:8333 (default: AWS, or AWS_ENDPOINT_URL).
+    #[arg(long = "s3-endpoint", value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Object names start with this prefix.
+    #[arg(long = "s3-prefix", value_name = "PREFIX", default_value = "")]
+    pub prefix: String,
+    /// Region requests are signed for (default AWS_REGION or us-east-1).
+    #[arg(long = "s3-region", value_name = "REGION")]
+    pub region: Option<String>,
+    /// Only fetch from the bucket, never publish (no signing key needed).
+    #[arg(long = "fleet-read-only")]
+    pub read_only: bool,
+    /// How long a claim to compile a blueprint holds, seconds.
+    #[arg(long = "lease-ttl", value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub lease_ttl: Duration,
+    /// How long to wait for another host's compile before compiling, seconds.
+    #[arg(long = "lease-wait", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub lease_wait: Duration,
+    /// The longest one request to the bucket may take, seconds.
+    #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub timeout: Duration,
+    /// How often publication is retried while the bucket is unreachable, seconds.
+    #[arg(long = "s3-retry", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
+    pub retry: Duration,
+}
+
+impl FleetArgs {
+    /// The fleet configuration, or `None` without `--s3-bucket`.
+    pub fn config(&self) -> Result<Option<FleetConfig>> {
+        let Some(bucket) = &self.bucket else { return Ok(None) };
+        let mut config = FleetConfig::new(bucket);
+        config.endpoint = self.endpoint.clone();
+        config.prefix = self.prefix.clone();
+        config.region = self.region.clone();
+        config.publish = !self.read_only;
+        config.lease_ttl = self.lease_ttl;
+        config.lease_wait = self.lease_wait;
+        config.request_timeout = self.timeout;
+        config.retry_interval = self.retry;
         config.validate()?;
         Ok(Some(config))
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::options::{parse_seconds, BusArgs, OpenArgs};
+use super::options::{parse_seconds, BusArgs, FleetArgs, OpenArgs};
 use super::{trace_line, CliHost};
 use tezzeret::forge::ForgeService;
 use tezzeret::{Error, Result};
@@ -19,6 +19,8 @@ pub struct ServeArgs {
     open: OpenArgs,
     #[command(flatten)]
     bus: BusArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
     /// Re-enumerate and compile what changed every this many seconds.
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     refresh: Duration,
@@ -69,6 +71,7 @@ fn termination_signals() -> Result<std::sync::mpsc::Receiver<i32>> {
 pub fn serve(args: ServeArgs) -> Result<bool> {
     let mut config = args.open.config()?;
     config.bus = Some(args.bus.config()?.ok_or_else(|| Error::invalid("serve needs --redis URL"))?);
+    config.fleet = args.fleet.config()?;
     config.refresh_interval_ms = args.refresh.as_millis().max(1) as u64;
     config.telemetry_interval_ms = args.telemetry.as_millis().max(1) as u64;
     let catalog = args.open.catalog()?;

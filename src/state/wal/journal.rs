@@ -199,6 +199,12 @@ pub enum Record {
         /// Their outbox sequence numbers.
         seqs: Vec<u64>,
     },
+    /// Cache keys whose artifact and manifest the fleet's bucket holds: a
+    /// remote consumer can fetch them.
+    Shared {
+        /// The cache keys.
+        cache_keys: Vec<String>,
+    },
     /// The whole state, replacing everything before it. Large states are
     /// split: the first record of a checkpoint transaction carries the
     /// state without its bulk, the `CheckpointPart`s after it the rest, so
@@ -218,6 +224,9 @@ pub enum Record {
         /// Unpublished catalog updates.
         #[serde(default)]
         announcements: Vec<Announcement>,
+        /// Cache keys the fleet's bucket holds.
+        #[serde(default)]
+        shared: Vec<String>,
     },
 }
 
@@ -249,6 +258,9 @@ pub struct JournalState {
     /// Next outbox sequence number.
     #[serde(default)]
     pub next_announcement: u64,
+    /// Cache keys of stored artifacts the fleet's bucket holds too.
+    #[serde(default)]
+    pub shared: BTreeSet<String>,
     /// Queued jobs by cache key (derived from `pending`; not stored).
     #[serde(skip)]
     queued_by_key: HashMap<String, u64>,
@@ -296,7 +308,9 @@ impl JournalState {
                         self.artifacts.remove(&id);
                     }
                 }
+                self.shared.remove(&cache_key);
             }
+            Record::Shared { cache_keys } => self.shared.extend(cache_keys),
             Record::Announce { announcement } => {
                 self.next_announcement = self.next_announcement.max(announcement.seq + 1);
                 self.outbox.insert(announcement.seq, announcement);
@@ -310,7 +324,8 @@ impl JournalState {
                 *self = state;
                 self.reindex();
             }
-            Record::CheckpointPart { jobs, artifacts, announcements } => {
+            Record::CheckpointPart { jobs, artifacts, announcements, shared } => {
+                self.shared.extend(shared);
                 for announcement in announcements {
                     self.outbox.insert(announcement.seq, announcement);
                 }
@@ -346,7 +361,7 @@ impl JournalState {
 
     /// Records a checkpoint would hold: queued jobs, artifacts, failures.
     pub fn live_records(&self) -> u64 {
-        (self.pending.len() + self.artifacts.len() + self.failures.len() + self.outbox.len()) as u64
+        (self.pending.len() + self.artifacts.len() + self.failures.len() + self.outbox.len() + self.shared.len()) as u64
     }
 
     /// Pending jobs in service order: priority descending, then FIFO.
@@ -524,16 +539,28 @@ impl Journal {
         let jobs: Vec<Job> = std::mem::take(&mut head.pending).into_values().collect();
         let artifacts: Vec<ArtifactRecord> = std::mem::take(&mut head.artifacts).into_values().collect();
         let announcements: Vec<Announcement> = std::mem::take(&mut head.outbox).into_values().collect();
+        let shared: Vec<String> = std::mem::take(&mut head.shared).into_iter().collect();
         let encode = |record: &Record| serde_json::to_vec(record).expect("records serialise");
         let mut payloads = vec![encode(&Record::Checkpoint { state: head })];
+        let part = |jobs: &[Job], artifacts: &[ArtifactRecord], announcements: &[Announcement], shared: &[String]| {
+            encode(&Record::CheckpointPart {
+                jobs: jobs.to_vec(),
+                artifacts: artifacts.to_vec(),
+                announcements: announcements.to_vec(),
+                shared: shared.to_vec(),
+            })
+        };
         for chunk in jobs.chunks(CHECKPOINT_PART_RECORDS) {
-            payloads.push(encode(&Record::CheckpointPart { jobs: chunk.to_vec(), artifacts: Vec::new(), announcements: Vec::new() }));
+            payloads.push(part(chunk, &[], &[], &[]));
         }
         for chunk in artifacts.chunks(CHECKPOINT_PART_RECORDS) {
-            payloads.push(encode(&Record::CheckpointPart { jobs: Vec::new(), artifacts: chunk.to_vec(), announcements: Vec::new() }));
+            payloads.push(part(&[], chunk, &[], &[]));
         }
         for chunk in announcements.chunks(CHECKPOINT_PART_RECORDS) {
-            payloads.push(encode(&Record::CheckpointPart { jobs: Vec::new(), artifacts: Vec::new(), announcements: chunk.to_vec() }));
+            payloads.push(part(&[], &[], chunk, &[]));
+        }
+        for chunk in shared.chunks(CHECKPOINT_PART_RECORDS) {
+            payloads.push(part(&[], &[], &[], chunk));
         }
         self.wal.rewrite(&[payloads])?;
         self.state = snapshot;

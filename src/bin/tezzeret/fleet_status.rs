@@ -1,0 +1,106 @@
+//! `tezzeret fleet-status`: what the fleet's bucket holds, verified with
+//! the trusted keys (manifests, artifacts, leases), and, given a state
+//! directory, how much of its catalog the bucket holds; plus the lines and
+//! documents the other commands print about a forge's fleet counters.
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::options::{keys, FleetArgs};
+use tezzeret::fleet::{Fleet, FleetMetrics};
+use tezzeret::state::verify::read_journal;
+use tezzeret::{Error, Result};
+
+#[derive(Args)]
+pub struct FleetStatusArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Trust this public key (repeatable): manifests are verified with it.
+    #[arg(long = "trusted-key", value_name = "FILE", required = true)]
+    trusted_keys: Vec<PathBuf>,
+    /// Also say how much of this state directory's catalog the bucket holds.
+    #[arg(long = "state", value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// One JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints the bucket's survey; exits 1 when a manifest is refused.
+pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
+    let mut config = args.fleet.config()?.ok_or_else(|| Error::invalid("fleet-status needs --s3-bucket NAME"))?;
+    config.publish = false;
+    let fleet = Fleet::connect(config, keys(None, &args.trusted_keys)?, "fleet-status".into())?;
+    let survey = fleet.survey()?;
+    let local = match &args.state {
+        Some(dir) => {
+            let (_, journal) = read_journal(dir)?;
+            let shared = journal.artifacts.values().filter(|r| journal.shared.contains(&r.cache_key)).count();
+            Some((journal.artifacts.len(), shared))
+        }
+        None => None,
+    };
+    let refused: usize = survey.refused.values().sum();
+    if args.json {
+        let document = json!({
+            "manifests": survey.manifests,
+            "verified": survey.verified,
+            "refused": survey.refused.iter().map(|(r, n)| (r.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "artifacts": survey.artifacts,
+            "artifact_bytes": survey.artifact_bytes,
+            "leases": survey.leases.iter().map(|(key, body, left)| json!({
+                "cache_key": key, "holder": body.holder, "expires_in_ms": left.as_millis() as u64,
+            })).collect::<Vec<_>>(),
+            "local": local.map(|(current, shared)| json!({ "current": current, "shared": shared })),
+        });
+        println!("{}", serde_json::to_string_pretty(&document).expect("json"));
+    } else {
+        println!("bucket {} at {}", fleet.config().bucket, fleet.remote().endpoint());
+        println!("{} manifests: {} verified, {refused} refused", survey.manifests, survey.verified.len());
+        for (refusal, n) in &survey.refused {
+            println!("  refused {n}: {}", refusal.as_str());
+        }
+        println!("{} artifacts, {:.1} MiB", survey.artifacts, survey.artifact_bytes as f64 / f64::from(1 << 20));
+        let live = survey.leases.iter().filter(|(_, _, left)| !left.is_zero()).count();
+        println!("{} leases ({live} live, {} expired)", survey.leases.len(), survey.leases.len() - live);
+        for (key, body, left) in survey.leases.iter().filter(|(_, _, left)| !left.is_zero()) {
+            println!("  {} held by {} for {:.1} s more", &key[..16.min(key.len())], body.holder, left.as_secs_f64());
+        }
+        if let Some((current, shared)) = local {
+            println!("local catalog: {current} artifacts, {shared} in the bucket, {} not yet", current - shared);
+        }
+    }
+    Ok(refused == 0)
+}
+
+/// A forge's fleet counters as one line of text.
+pub fn metrics_line(m: &FleetMetrics, unshared: usize) -> String {
+    format!(
+        "fleet: {} fetched, {} compiled here, {} published ({} races lost), {} refused, {} lease waits, {} taken over, {} store errors, {unshared} unpublished",
+        m.hits,
+        m.misses,
+        m.published,
+        m.lost_races,
+        m.refused(),
+        m.lease_waits,
+        m.lease_takeovers,
+        m.store_errors
+    )
+}
+
+/// A forge's fleet counters as JSON.
+pub fn metrics_document(m: &FleetMetrics, unshared: usize) -> Value {
+    json!({
+        "hits": m.hits,
+        "misses": m.misses,
+        "published": m.published,
+        "lost_races": m.lost_races,
+        "refused": m.refusals.iter().map(|(r, n)| (r.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "lease_waits": m.lease_waits,
+        "lease_takeovers": m.lease_takeovers,
+        "wait_timeouts": m.wait_timeouts,
+        "store_errors": m.store_errors,
+        "unshared": unshared,
+    })
+}

@@ -1,0 +1,148 @@
+//! How a forge joins a fleet: the S3-compatible bucket the fleet shares,
+//! its credentials, and the lease times that make a blueprint compile once
+//! for the whole fleet.
+use std::time::Duration;
+
+use crate::base::error::{Error, Result};
+
+/// S3 credentials given explicitly (otherwise the usual `AWS_*`
+/// environment variables are read).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+}
+
+/// How a forge shares artifacts with its fleet.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// The S3 endpoint, e.g. `http://127.0.0.1:8333`; `None`: AWS itself
+    /// (or `AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// Object names start with this (`fleet-a` → `fleet-a/artifacts/…`);
+    /// empty: the bucket's root.
+    pub prefix: String,
+    /// The region requests are signed for (`AWS_REGION` or `us-east-1`
+    /// when `None`).
+    pub region: Option<String>,
+    /// Explicit credentials; `None`: `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` from the environment.
+    pub credentials: Option<Credentials>,
+    /// Publish what this forge compiles (off: it only reads).
+    pub publish: bool,
+    /// How long a claim to compile a blueprint holds: a crashed holder
+    /// delays the others this long at most.
+    pub lease_ttl: Duration,
+    /// How long a forge waits for a blueprint another host holds the lease
+    /// of before compiling it itself.
+    pub lease_wait: Duration,
+    /// The longest one request to the store may take (an outage costs a
+    /// job no more than this before it compiles locally).
+    pub request_timeout: Duration,
+    /// How often unpublished artifacts are offered to the store again
+    /// while it is unreachable.
+    pub retry_interval: Duration,
+}
+
+impl std::fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret key.
+        f.debug_struct("FleetConfig")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("region", &self.region)
+            .field("credentials", &self.credentials.as_ref().map(|c| c.access_key_id.clone()))
+            .field("publish", &self.publish)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lease_wait", &self.lease_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetConfig {
+    /// Defaults for a bucket: AWS's endpoint and credentials from the
+    /// environment, no prefix, publishing on, 30 s leases, waiting up to
+    /// 60 s for another host's compile, 5 s per request, retrying
+    /// publication every 2 s.
+    pub fn new(bucket: impl Into<String>) -> Self {
+        FleetConfig {
+            endpoint: None,
+            bucket: bucket.into(),
+            prefix: String::new(),
+            region: None,
+            credentials: None,
+            publish: true,
+            lease_ttl: Duration::from_secs(30),
+            lease_wait: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_secs(2),
+        }
+    }
+
+    /// Refuses configurations that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bucket = &self.bucket;
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !bucket_ok {
+            return Err(Error::invalid(format!(
+                "fleet bucket {bucket:?} is not an S3 bucket name (3 to 63 lowercase letters, digits, '-' or '.')"
+            )));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(Error::invalid(format!("fleet endpoint {endpoint:?} is not an http:// or https:// URL")));
+            }
+        }
+        let prefix = self.prefix.trim_matches('/');
+        if prefix.split('/').any(|part| (part.is_empty() && !prefix.is_empty()) || part == "." || part == "..") {
+            return Err(Error::invalid(format!("fleet prefix {:?} has an empty, '.' or '..' part", self.prefix)));
+        }
+        if let Some(c) = &self.credentials {
+            if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
+                return Err(Error::invalid("fleet credentials have an empty access key id or secret key"));
+            }
+        }
+        for (field, value, least) in [
+            ("lease TTL", self.lease_ttl, Duration::from_millis(100)),
+            ("lease wait", self.lease_wait, Duration::ZERO),
+            ("request timeout", self.request_timeout, Duration::from_millis(10)),
+            ("retry interval", self.retry_interval, Duration::from_millis(10)),
+        ] {
+            if value < least || value > MAX_TIME {
+                return Err(Error::invalid(format!("fleet {field} {value:?} is outside {least:?}..={MAX_TIME:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest lease, wait or timeout accepted (a day).
+const MAX_TIME: Duration = Duration::from_secs(24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::FleetConfig;
+
+    #[test]
+    fn bad_fields_are_named() {
+        let ok = FleetConfig::new("fleet-bucket");
+        ok.validate().unwrap();
+        let cases: Vec<(FleetConfig, &str)> = vec![
+            (FleetConfig { bucket: "A".into(), ..ok.clone() }, "bucket"),
+            (FleetConfig { endpoint: Some("127.0.0.1:9000".into()), ..ok.clone() }, "endpoint"),
+            (FleetConfig { prefix: "a//b".into(), ..ok.clone() }, "prefix"),
+            (FleetConfig { prefix: "a/../b".into(), ..ok.clone() }, "prefix"),
+            (FleetConfig { lease_ttl: std::time::Duration::ZERO, ..ok.clone() }, "lease TTL"),
+        ];
+        for (config, field) in cases {
+            let error = config.validate().unwrap_err();
+            assert!(error.message().contains(field), "{field}: {error}");
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! A forge's membership in a fleet: finding an artifact another host
+//! compiled (verified before anything is trusted), publishing what this
+//! host compiled, and the leases that keep two hosts from compiling the
+//! same cache key.
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::config::FleetConfig;
+use super::lease::{self, Claim, Lease, LeaseBody};
+use super::manifest::{check_artifact, Refusal, SharedManifest};
+use super::objects::ObjectNames;
+use super::remote::{Create, RemoteStore};
+use super::stats::{FleetEvent, FleetMetrics, FleetStats};
+use crate::base::error::{Error, ErrorCode, Result};
+use crate::state::artifact::ArtifactRecord;
+use crate::state::signing::KeyRing;
+
+/// How many requests a batch keeps in flight at once.
+const CONCURRENT_REQUESTS: usize = 16;
+
+/// What the store holds for a cache key.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A manifest that verifies and the artifact it names, intact.
+    Found(Box<ArtifactRecord>, Vec<u8>),
+    /// No manifest (nobody published this cache key yet).
+    Missing,
+    /// Something that does not verify: not used.
+    Refused(Refusal, String),
+    /// The store could not be asked.
+    Unavailable(Error),
+}
+
+/// What publishing an artifact did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publication {
+    /// Artifact and manifest are ours.
+    Published,
+    /// Another forge's verified manifest was there first (our artifact is
+    /// stored too, so its reference resolves).
+    LostRace,
+}
+
+/// What the bucket holds (see [`Fleet::survey`]).
+#[derive(Debug, Clone, Default)]
+pub struct Survey {
+    /// Manifests read.
+    pub manifests: usize,
+    /// Blueprints whose manifest verifies and whose artifact is there, sorted.
+    pub verified: Vec<String>,
+    /// Manifests refused, by reason.
+    pub refused: std::collections::BTreeMap<Refusal, usize>,
+    /// Artifact objects.
+    pub artifacts: usize,
+    /// Their bytes.
+    pub artifact_bytes: u64,
+    /// Leases: cache key, content, time left (zero once expired).
+    pub leases: Vec<(String, LeaseBody, Duration)>,
+}
+
+/// A forge's connection to its fleet.
+pub struct Fleet {
+    remote: RemoteStore,
+    names: ObjectNames,
+    keys: KeyRing,
+    config: FleetConfig,
+    holder: String,
+    stats: FleetStats,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("config", &self.config).field("holder", &self.holder).finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Joins a fleet: artifacts are verified with `keys`' trusted keys
+    /// (required: the store is untrusted) and published signed with its
+    /// signing key (required unless publishing is off). `holder` names
+    /// this forge in its leases.
+    pub fn connect(config: FleetConfig, keys: KeyRing, holder: String) -> Result<Fleet> {
+        config.validate()?;
+        if !keys.verifies() {
+            return Err(Error::invalid("a fleet store needs trusted keys: nothing from the shared bucket is used unverified"));
+        }
+        if config.publish && !keys.signs() {
+            return Err(Error::invalid("publishing to the fleet store needs a signing key (or turn publishing off to only read)"));
+        }
+        let remote = RemoteStore::connect(&config)?;
+        let names = ObjectNames::new(&config.bucket, &config.prefix);
+        Ok(Fleet { remote, names, keys, config, holder, stats: FleetStats::default() })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    /// The bucket's object names.
+    pub fn names(&self) -> &ObjectNames {
+        &self.names
+    }
+
+    /// The connection to the bucket.
+    pub fn remote(&self) -> &RemoteStore {
+        &self.remote
+    }
+
+    /// The reference a remote consumer fetches a published artifact by.
+    pub fn artifact_url(&self, record: &ArtifactRecord) -> String {
+        self.names.artifact_url(&record.checksum)
+    }
+
+    /// Counts an event.
+    pub fn count(&self, event: FleetEvent) {
+        self.stats.count(event);
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> FleetMetrics {
+        self.stats.snapshot()
+    }
+
+    /// Looks up several cache keys at once (requests overlap); answers in
+    /// the same order. Hits and refusals are counted.
+    pub fn lookup_many(&self, cache_keys: &[String]) -> Vec<Lookup> {
+        let lookups = futures::stream::iter(cache_keys.iter().map(|key| self.lookup_one(key))).buffered(CONCURRENT_REQUESTS);
+        self.remote.run(lookups.collect())
+    }
+
+    /// Looks up one cache key.
+    pub fn lookup(&self, cache_key: &str) -> Lookup {
+        self.remote.run(self.lookup_one(cache_key))
+    }
+
+    async fn lookup_one(&self, cache_key: &str) -> Lookup {
+        let found = self.find(cache_key).await;
+        match &found {
+            Lookup::Found(..) => self.count(FleetEvent::Hit),
+            Lookup::Refused(refusal, _) => self.count(FleetEvent::Refused(*refusal)),
+            Lookup::Unavailable(_) => self.count(FleetEvent::StoreError),
+            Lookup::Missing => {}
+        }
+        found
+    }
+
+    async fn find(&self, cache_key: &str) -> Lookup {
+        let manifest = match self.remote.get(&self.names.manifest(cache_key)).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Lookup::Missing,
+            Err(e) => return Lookup::Unavailable(e),
+        };
+        let record = match SharedManifest::verify(&manifest, cache_key, &self.keys) {
+            Ok(record) => record,
+            Err((refusal, why)) => return Lookup::Refused(refusal, why),
+        };
+        let bytes = match self.remote.get(&self.names.artifact(&record.checksum)).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                let why = format!("artifact {} of {} is not in the store", record.checksum, record.blueprint_id);
+                return Lookup::Refused(Refusal::MissingArtifact, why);
+            }
+            Err(e) => return Lookup::Unavailable(e),
+        };
+        match check_artifact(&record, &bytes) {
+            Ok(()) => Lookup::Found(Box::new(record), bytes),
+            Err((refusal, why)) => Lookup::Refused(refusal, why),
+        }
+    }
+
+    /// Publishes a stored artifact: its bytes, then its signed manifest,
+    /// each created only if absent. An artifact already there is kept only
+    /// if it hashes right (else replaced: its name says what it must
+    /// hold); a manifest already there that verifies means another forge
+    /// won the race (fine), one that does not is replaced by ours.
+    pub fn publish(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
+        let published = self.remote.run(self.publish_async(record, bytes));
+        match &published {
+            Ok(Publication::Published) => self.count(FleetEvent::Published),
+            Ok(Publication::LostRace) => self.count(FleetEvent::LostRace),
+            Err(_) => self.count(FleetEvent::StoreError),
+        }
+        published
+    }
+
+    async fn publish_async(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
+        let manifest = SharedManifest::sign(record, &self.keys)
+            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "publishing to the fleet store needs a signing key"))?;
+        let artifact = self.names.artifact(&record.checksum);
+        if self.remote.create(&artifact, bytes.to_vec()).await? == Create::Exists {
+            let intact = self.remote.get(&artifact).await?.is_some_and(|there| check_artifact(record, &there).is_ok());
+            if !intact {
+                self.count(FleetEvent::Refused(Refusal::ChecksumMismatch));
+                self.remote.overwrite(&artifact, bytes.to_vec()).await?;
+            }
+        }
+        let name = self.names.manifest(&record.cache_key);
+        if self.remote.create(&name, manifest.encode()).await? == Create::Created {
+            return Ok(Publication::Published);
+        }
+        // Another forge was first: its manifest stands if it verifies and
+        // its artifact is intact; otherwise ours replaces it.
+        let there = match self.remote.get(&name).await? {
+            Some(bytes) => SharedManifest::verify(&bytes, &record.cache_key, &self.keys),
+            // Removed since (by an operator): ours goes in its place.
+            None => {
+                return Ok(match self.remote.create(&name, manifest.encode()).await? {
+                    Create::Created => Publication::Published,
+                    Create::Exists => Publication::LostRace,
+                })
+            }
+        };
+        let winner = match there {
+            Ok(winner) if winner.checksum == record.checksum => Ok(()),
+            Ok(winner) => match self.remote.get(&self.names.artifact(&winner.checksum)).await? {
+                Some(bytes) => check_artifact(&winner, &bytes),
+                None => Err((Refusal::MissingArtifact, String::new())),
+            },
+            Err(refused) => Err(refused),
+        };
+        match winner {
+            Ok(()) => Ok(Publication::LostRace),
+            Err((refusal, _)) => {
+                self.count(FleetEvent::Refused(refusal));
+                self.remote.overwrite(&name, manifest.encode()).await?;
+                Ok(Publication::Published)
+            }
+        }
+    }
+
+    /// Tries to claim a cache key for this forge's compile.
+    pub fn claim(&self, cache_key: &str) -> Result<Claim> {
+        let claimed = self.remote.run(lease::claim(&self.remote, &self.names, cache_key, &self.holder, self.config.lease_ttl));
+        if matches!(claimed, Ok(Claim::Won { .. })) {
+            // Tests kill a holder here: its lease must only delay the others.
+            crate::sys::failpoint::hit("fleet.leased").map_err(|e| Error::io("fleet lease failpoint", e))?;
+        }
+        match &claimed {
+            Ok(Claim::Won { took_over: true, .. }) => self.count(FleetEvent::LeaseTakeover),
+            Ok(_) => {}
+            Err(_) => self.count(FleetEvent::StoreError),
+        }
+        claimed
+    }
+
+    /// Gives a lease up (best effort: an unreleased lease only delays
+    /// others until it expires).
+    pub fn release(&self, lease: &Lease) -> Result<()> {
+        let released = self.remote.run(lease::release(&self.remote, &self.names, lease));
+        if released.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
+        released
+    }
+
+    /// What the bucket holds, checked: every manifest read and verified
+    /// against the trusted keys, and its artifact's presence and size
+    /// checked against the listing (artifacts are not downloaded).
+    pub fn survey(&self) -> Result<Survey> {
+        let (manifests, artifacts) = self.remote.run(async {
+            let manifests = self.remote.list(&self.names.manifests()).await?;
+            let artifacts = self.remote.list(&self.names.artifacts()).await?;
+            Ok::<_, Error>((manifests, artifacts))
+        })?;
+        let sizes: std::collections::HashMap<String, u64> = artifacts.iter().map(|a| (a.name.clone(), a.size)).collect();
+        let mut survey = Survey {
+            artifacts: artifacts.len(),
+            artifact_bytes: artifacts.iter().map(|a| a.size).sum(),
+            leases: self.leases()?,
+            ..Survey::default()
+        };
+        let keys: Vec<String> =
+            manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).map(str::to_string).collect();
+        let reads = futures::stream::iter(keys.iter().map(|key| async move {
+            (key, self.remote.get(&self.names.manifest(key)).await)
+        }))
+        .buffered(CONCURRENT_REQUESTS);
+        let read: Vec<_> = self.remote.run(reads.collect());
+        for (key, bytes) in read {
+            let Some(bytes) = bytes? else { continue };
+            survey.manifests += 1;
+            let checked = SharedManifest::verify(&bytes, key, &self.keys).and_then(|record| {
+                match sizes.get(&self.names.artifact(&record.checksum)) {
+                    None => Err((Refusal::MissingArtifact, String::new())),
+                    Some(&size) if size < record.size_bytes => Err((Refusal::Truncated, String::new())),
+                    Some(&size) if size != record.size_bytes => Err((Refusal::ChecksumMismatch, String::new())),
+                    Some(_) => Ok(record),
+                }
+            });
+            match checked {
+                Ok(record) => survey.verified.push(record.blueprint_id),
+                Err((refusal, _)) => *survey.refused.entry(refusal).or_default() += 1,
+            }
+        }
+        survey.verified.sort();
+        Ok(survey)
+    }
+
+    /// The leases held in the bucket now: cache key, holder, time left
+    /// (zero once expired).
+    pub fn leases(&self) -> Result<Vec<(String, LeaseBody, Duration)>> {
+        self.remote.run(async {
+            let listed = self.remote.list(&self.names.leases()).await?;
+            let mut out = Vec::new();
+            for object in listed {
+                let Some(rest) = object.name.strip_prefix(&self.names.leases()) else { continue };
+                let Some((key, _)) = rest.split_once('/') else { continue };
+                if let Some(bytes) = self.remote.get(&object.name).await? {
+                    if let Ok(body) = serde_json::from_slice::<LeaseBody>(&bytes) {
+                        let left = Duration::from_millis(body.expires_at_ms.saturating_sub(lease::now_ms()));
+                        out.push((key.to_string(), body, left));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,25 @@
+//! The fleet layer: many forges, on many hosts, sharing one set of signed
+//! artifacts through an S3-compatible bucket. The bucket is untrusted: a
+//! manifest is used only if its signature verifies with a trusted key and
+//! its artifact only if its sha256 matches ([`manifest`]). A [`Fleet`]
+//! looks artifacts up, publishes them with conditional create, and claims
+//! cache keys with leases ([`lease`]) so that each compiles once for the
+//! whole fleet; [`remote`] is the bucket as plain operations, [`objects`]
+//! where each thing lives in it, [`stats`] what was counted.
+//!
+//! The local state directory stays each host's source of truth: what comes
+//! from the bucket is written durably into it, journaled and announced like
+//! a local compile, and an unreachable bucket never fails a job.
+pub mod config;
+pub mod lease;
+pub mod manifest;
+pub mod member;
+pub mod objects;
+pub mod remote;
+pub mod stats;
+
+pub use config::{Credentials, FleetConfig};
+pub use lease::Claim;
+pub use manifest::Refusal;
+pub use member::{Fleet, Lookup, Publication, Survey};
+pub use stats::{FleetEvent, FleetMetrics};

@@ -1,0 +1,182 @@
+//! The fleet's bucket as plain operations: get, conditional create,
+//! overwrite, delete, list — each bounded by the request timeout, each
+//! error naming the object. `object_store` is async; the store owns a small
+//! tokio runtime so that callers (the forge's threads, behind the C ABI)
+//! stay synchronous, and batches of requests run concurrently on it.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+
+use super::config::FleetConfig;
+use crate::base::error::{Error, ErrorCode, Result};
+
+/// What a conditional create found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// The object did not exist: ours is stored.
+    Created,
+    /// The object existed (another writer was first): nothing changed.
+    Exists,
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its full name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A connection to the fleet's bucket.
+pub struct RemoteStore {
+    store: Arc<AmazonS3>,
+    runtime: tokio::runtime::Runtime,
+    timeout: Duration,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+impl RemoteStore {
+    /// Connects to the configured bucket (no request is made yet).
+    /// Settings the configuration leaves open come from the `AWS_*`
+    /// environment variables.
+    pub fn connect(config: &FleetConfig) -> Result<Self> {
+        config.validate()?;
+        let timeout = config.request_timeout;
+        let mut options = ClientOptions::new().with_timeout(timeout).with_connect_timeout(timeout);
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            // Few, quick retries: a store that is down costs a job one
+            // timeout, then the job goes on locally.
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig { init_backoff: Duration::from_millis(20), max_backoff: Duration::from_millis(500), base: 2.0 },
+                max_retries: 2,
+                retry_timeout: timeout,
+            });
+        let mut endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "aws".into());
+        if let Some(url) = &config.endpoint {
+            builder = builder.with_endpoint(url);
+            endpoint = url.clone();
+        }
+        if endpoint.starts_with("http://") {
+            options = options.with_allow_http(true);
+        }
+        builder = builder.with_client_options(options);
+        let region = config.region.clone().or_else(|| std::env::var("AWS_REGION").ok()).unwrap_or_else(|| "us-east-1".into());
+        builder = builder.with_region(region);
+        if let Some(c) = &config.credentials {
+            builder = builder.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
+        }
+        let store = builder.build().map_err(|e| Error::invalid(format!("fleet store for bucket {:?}: {e}", config.bucket)))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tz-fleet")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the fleet store's runtime", e))?;
+        Ok(RemoteStore { store: Arc::new(store), runtime, timeout, endpoint })
+    }
+
+    /// Runs requests (a future made of this store's async operations) to
+    /// their end on the store's runtime.
+    pub fn run<F: Future>(&self, requests: F) -> F::Output {
+        self.runtime.block_on(requests)
+    }
+
+    /// The endpoint requests go to (for messages).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Bounds one operation by the request timeout.
+    async fn bounded<T>(&self, what: &str, name: &str, op: impl Future<Output = object_store::Result<T>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound),
+            Ok(Err(object_store::Error::AlreadyExists { .. })) => Err(StoreError::Exists),
+            Ok(Err(e)) => Err(StoreError::Failed(Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: {e}")))),
+            Err(_) => Err(StoreError::Failed(Error::new(
+                ErrorCode::Io,
+                format!("fleet store: {what} {name}: no answer from {} within {:?}", self.endpoint, self.timeout),
+            ))),
+        }
+    }
+
+    /// An object's bytes, `None` if it does not exist.
+    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let location = Path::from(name);
+        let read = async {
+            let got = self.store.get(&location).await?;
+            got.bytes().await
+        };
+        match self.bounded("get", name, read).await {
+            Ok(bytes) => Ok(Some(bytes.to_vec())),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e.into_error("get", name)),
+        }
+    }
+
+    /// Stores an object only if none exists under its name (`If-None-Match: *`).
+    pub async fn create(&self, name: &str, bytes: Vec<u8>) -> Result<Create> {
+        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let location = Path::from(name);
+        let put = self.store.put_opts(&location, PutPayload::from(bytes), options);
+        match self.bounded("create", name, put).await {
+            Ok(_) => Ok(Create::Created),
+            Err(StoreError::Exists) => Ok(Create::Exists),
+            Err(e) => Err(e.into_error("create", name)),
+        }
+    }
+
+    /// Stores an object, replacing what its name held.
+    pub async fn overwrite(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let location = Path::from(name);
+        let put = self.store.put(&location, PutPayload::from(bytes));
+        self.bounded("overwrite", name, put).await.map(drop).map_err(|e| e.into_error("overwrite", name))
+    }
+
+    /// Removes an object (one already gone is not an error).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.bounded("delete", name, self.store.delete(&Path::from(name))).await {
+            Ok(()) | Err(StoreError::NotFound) => Ok(()),
+            Err(e) => Err(e.into_error("delete", name)),
+        }
+    }
+
+    /// Every object whose name starts with the folder `folder` (ending in `/`).
+    pub async fn list(&self, folder: &str) -> Result<Vec<Listed>> {
+        let prefix = Path::from(folder.trim_end_matches('/'));
+        let listing = self.store.list(Some(&prefix)).map_ok(|meta| Listed { name: meta.location.to_string(), size: meta.size });
+        self.bounded("list", folder, listing.try_collect::<Vec<_>>()).await.map_err(|e| e.into_error("list", folder))
+    }
+}
+
+/// How one operation ended, before the caller decides what is an error.
+enum StoreError {
+    NotFound,
+    Exists,
+    Failed(Error),
+}
+
+impl StoreError {
+    fn into_error(self, what: &str, name: &str) -> Error {
+        match self {
+            StoreError::Failed(e) => e,
+            StoreError::NotFound => Error::new(ErrorCode::NotFound, format!("fleet store: {what} {name}: no such object")),
+            StoreError::Exists => Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: the object exists")),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The forge in its fleet (behaviour of `Forge`): before compiling, take
+//! what another host already compiled from the shared bucket (verified,
+//! then stored and journaled here like a local compile); compile a cache
+//! key only under its lease, waiting a bounded time while another host
+//! holds it; publish every local compile, and whatever an outage left
+//! unpublished once the bucket is back.
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::engine::Forge;
+use super::host::LogLevel;
+use super::ledger::Adoption;
+use crate::fleet::lease::Lease;
+use crate::fleet::{Claim, FleetEvent, Lookup, Publication};
+use crate::state::artifact::ArtifactRecord;
+use crate::state::wal::journal::Job;
+
+/// Whether a queued job may start now.
+pub(super) enum Admission {
+    /// Not decided yet: ask the fleet.
+    Ask,
+    /// Start it (holding this lease, when it compiles under one).
+    Go(Option<Lease>),
+}
+
+/// A job set aside because another host holds its lease.
+pub(super) struct Waiting {
+    /// Its index in the drained queue.
+    pub position: usize,
+    /// Since when it waits.
+    pub since: Instant,
+}
+
+/// The longest pause between two looks at the bucket while waiting.
+const MAX_POLL: Duration = Duration::from_millis(100);
+
+impl Forge {
+    /// The reference a remote consumer fetches a current artifact by, when
+    /// the fleet's bucket holds it.
+    pub(super) fn remote_ref(&self, record: &ArtifactRecord) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        self.ledger.is_shared(&record.cache_key).then(|| fleet.artifact_url(record))
+    }
+
+    /// Before a drain: looks up every queued job without a local artifact
+    /// in the bucket at once, and stores what verifies locally (each such
+    /// job then adopts it instead of compiling).
+    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job]) {
+        let Some(fleet) = &self.fleet else { return };
+        let wanted: Vec<&Job> = queue.iter().filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = wanted.iter().map(|j| j.cache_key.clone()).collect();
+        let found = fleet.lookup_many(&keys);
+        let mut outage = None;
+        for (job, lookup) in wanted.into_iter().zip(found) {
+            match lookup {
+                Lookup::Found(record, bytes) => self.keep_fetched(job, &record, &bytes),
+                Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
+                Lookup::Unavailable(error) => outage = Some(error),
+                Lookup::Missing => {}
+            }
+        }
+        if let Some(error) = outage {
+            self.host.log(LogLevel::Warn, &format!("fleet store unavailable, compiling locally: {error}"));
+        }
+    }
+
+    /// Stores a verified artifact from the bucket durably here.
+    fn keep_fetched(&mut self, job: &Job, record: &ArtifactRecord, bytes: &[u8]) {
+        if record.blueprint_id != job.blueprint_id {
+            self.log_refusal(job, "wrong_manifest", &format!("the bucket's artifact is of {}", record.blueprint_id));
+            return;
+        }
+        if let Err(error) = self.ledger.store_fetched(record, bytes) {
+            self.log_error(&format!("storing {}'s artifact from the fleet (compiling it instead)", job.blueprint_id), &error);
+        }
+    }
+
+    fn log_refusal(&mut self, job: &Job, reason: &str, why: &str) {
+        self.host.log(LogLevel::Warn, &format!("{}: the fleet store's copy is refused ({reason}: {why}); compiling locally", job.blueprint_id));
+    }
+
+    /// Decides whether a job starts now. Without a fleet, or with a local
+    /// artifact to adopt, it does. Otherwise it compiles only under its
+    /// cache key's lease: won, the bucket is asked once more (a host may
+    /// have published just before the claim); held by another host, the
+    /// job waits (`None`); the store unreachable, it compiles locally.
+    pub(super) fn admit(&mut self, job: &Job) -> Option<Option<Lease>> {
+        let Some(fleet) = &self.fleet else { return Some(None) };
+        if !matches!(self.ledger.adoption(job), Adoption::Nothing) {
+            return Some(None);
+        }
+        match fleet.claim(&job.cache_key) {
+            Ok(Claim::Won { lease, .. }) => Some(self.under_lease(job, lease)),
+            Ok(Claim::Held { .. }) => {
+                fleet.count(FleetEvent::LeaseWait);
+                None
+            }
+            Err(error) => {
+                self.host.log(LogLevel::Warn, &format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id));
+                Some(None)
+            }
+        }
+    }
+
+    /// With the lease won: the bucket's artifact if it appeared meanwhile
+    /// (the lease goes back), else the lease to compile under.
+    fn under_lease(&mut self, job: &Job, lease: Lease) -> Option<Lease> {
+        let fleet = self.fleet.as_ref().expect("a fleet");
+        match fleet.lookup(&job.cache_key) {
+            Lookup::Found(record, bytes) => {
+                self.keep_fetched(job, &record, &bytes);
+                self.release(lease);
+                None
+            }
+            Lookup::Refused(refusal, why) => {
+                fleet.count(FleetEvent::Miss);
+                self.log_refusal(job, refusal.as_str(), &why);
+                Some(lease)
+            }
+            Lookup::Missing | Lookup::Unavailable(_) => {
+                fleet.count(FleetEvent::Miss);
+                Some(lease)
+            }
+        }
+    }
+
+    /// Gives a lease back (a failure only delays others until it expires).
+    pub(super) fn release(&mut self, lease: Lease) {
+        if let Some(fleet) = &self.fleet {
+            if let Err(error) = fleet.release(&lease) {
+                self.host.log(LogLevel::Warn, &format!("releasing a fleet lease (it expires by itself): {error}"));
+            }
+        }
+    }
+
+    /// While nothing else can run: waits for jobs whose lease another host
+    /// holds, polling the bucket with a growing pause, until at least one
+    /// can start — its artifact arrived (stored here, to adopt), its lease
+    /// was freed or expired (claimed), or it waited the longest allowed
+    /// (compiled here anyway). Returns them, admitted.
+    pub(super) fn wait_for_fleet(&mut self, queue: &[Job], waiting: &mut Vec<Waiting>) -> VecDeque<(usize, Admission)> {
+        let mut admitted = VecDeque::new();
+        let mut pause = Duration::from_millis(2);
+        let Some(wait_bound) = self.fleet.as_ref().map(|f| f.config().lease_wait) else {
+            return waiting.drain(..).map(|w| (w.position, Admission::Go(None))).collect();
+        };
+        while admitted.is_empty() && !waiting.is_empty() && !self.shutdown.load(Ordering::Acquire) {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(MAX_POLL);
+            let fleet = self.fleet.as_ref().expect("a fleet");
+            let keys: Vec<String> = waiting.iter().map(|w| queue[w.position].cache_key.clone()).collect();
+            let found = fleet.lookup_many(&keys);
+            let mut still = Vec::new();
+            for (w, lookup) in std::mem::take(waiting).into_iter().zip(found) {
+                let job = &queue[w.position];
+                match lookup {
+                    Lookup::Found(record, bytes) => {
+                        self.keep_fetched(job, &record, &bytes);
+                        admitted.push_back((w.position, Admission::Go(None)));
+                    }
+                    Lookup::Missing if w.since.elapsed() < wait_bound => match self.fleet.as_ref().expect("a fleet").claim(&job.cache_key) {
+                        Ok(Claim::Won { lease, .. }) => admitted.push_back((w.position, Admission::Go(self.under_lease(job, lease)))),
+                        Ok(Claim::Held { .. }) => still.push(w),
+                        Err(_) => admitted.push_back((w.position, Admission::Go(None))),
+                    },
+                    Lookup::Missing => {
+                        let fleet = self.fleet.as_ref().expect("a fleet");
+                        fleet.count(FleetEvent::WaitTimeout);
+                        fleet.count(FleetEvent::Miss);
+                        let message = format!("{}: waited {wait_bound:?} for another host's compile; compiling locally", job.blueprint_id);
+                        self.host.log(LogLevel::Warn, &message);
+                        admitted.push_back((w.position, Admission::Go(None)));
+                    }
+                    Lookup::Refused(refusal, why) => {
+                        self.log_refusal(job, refusal.as_str(), &why);
+                        admitted.push_back((w.position, Admission::Go(None)));
+                    }
+                    Lookup::Unavailable(error) => {
+                        let message = format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id);
+                        self.host.log(LogLevel::Warn, &message);
+                        admitted.push_back((w.position, Admission::Go(None)));
+                    }
+                }
+            }
+            *waiting = still;
+        }
+        admitted
+    }
+
+    /// Publishes a freshly stored artifact; returns whether the bucket now
+    /// holds it (false: an outage — it is published later, see
+    /// [`Forge::share_pending`]).
+    pub(super) fn publish_compiled(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> bool {
+        let Some(fleet) = self.fleet.as_ref().filter(|f| f.config().publish) else { return false };
+        match fleet.publish(record, bytes) {
+            Ok(Publication::Published | Publication::LostRace) => true,
+            Err(error) => {
+                let message = format!("{}: publishing to the fleet store failed (retried later): {error}", record.blueprint_id);
+                self.host.log(LogLevel::Warn, &message);
+                self.fleet_retry_at = Some(Instant::now() + fleet.config().retry_interval);
+                false
+            }
+        }
+    }
+
+    /// Publishes every current artifact the bucket does not hold yet (an
+    /// outage left them, or they were compiled before the fleet was
+    /// configured); stops at the first failure and tries again after the
+    /// retry interval. Returns how many were published.
+    pub fn share_pending(&mut self) -> usize {
+        let Some(fleet) = self.fleet.as_ref().filter(|f| f.config().publish) else { return 0 };
+        if self.fleet_retry_at.is_some_and(|at| Instant::now() < at) {
+            return 0;
+        }
+        let retry = fleet.config().retry_interval;
+        let mut shared = 0;
+        for record in self.ledger.unshared() {
+            let bytes = match self.ledger.store().read_verified(&record) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error);
+                    continue;
+                }
+            };
+            let fleet = self.fleet.as_ref().expect("a fleet");
+            if let Err(error) = fleet.publish(&record, &bytes) {
+                if self.fleet_retry_at.is_none() {
+                    self.host.log(LogLevel::Warn, &format!("fleet store unavailable; publication retried every {retry:?}: {error}"));
+                }
+                self.fleet_retry_at = Some(Instant::now() + retry);
+                return shared;
+            }
+            let url = fleet.artifact_url(&record);
+            if let Err(error) = self.ledger.record_shared(vec![record.cache_key.clone()]) {
+                self.log_error("recording a publication to the fleet", &error);
+                return shared;
+            }
+            self.prefetcher.set_remote(&record, url);
+            shared += 1;
+        }
+        if shared > 0 {
+            self.host.log(LogLevel::Info, &format!("published {shared} artifacts to the fleet store"));
+        }
+        self.fleet_retry_at = None;
+        shared
+    }
+}

@@ -1,0 +1,384 @@
+//! Forges sharing artifacts through a real SeaweedFS bucket: three forge
+//! processes on a cold bucket compile each blueprint once between them; a
+//! tampered artifact, a manifest signed by an untrusted key and a
+//! truncated artifact are refused and compiled locally (and the bucket
+//! healed); the store killed mid-run and restarted (jobs complete
+//! locally, publication catches up); a lease holder killed (another forge
+//! takes over once the lease expires); conditional create with one winner.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::seaweed_server::{SeaweedServer, ACCESS_KEY, SECRET_KEY};
+use super::{wait_for, TempDir};
+use tezzeret::base::leyline::{self, KernelCatalogUpdate, KernelPrefetchRequest, PrefetchAnswer};
+use tezzeret::build::catalog::Catalog;
+use tezzeret::fleet::manifest::SharedManifest;
+use tezzeret::fleet::remote::{Create, RemoteStore};
+use tezzeret::fleet::{FleetConfig, FleetMetrics, Refusal};
+use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, LogLevel};
+use tezzeret::state::artifact::ArtifactRecord;
+use tezzeret::state::signing::{generate_keypair, keygen, KeyRing};
+
+/// Five quick blueprints of the default catalog.
+const FIVE: &[&str] = &["BP001", "BP002", "BP005", "BP006", "BP011"];
+
+fn catalog(ids: &[&str]) -> Catalog {
+    let all = Catalog::default_catalog();
+    Catalog::new(ids.iter().map(|id| all.get(id).expect("known id").clone()).collect()).unwrap()
+}
+
+/// A fleet's signing key, trusted by every member.
+fn fleet_keys() -> KeyRing {
+    let (seed, public) = generate_keypair().unwrap();
+    KeyRing::new(Some(seed), &[public]).unwrap()
+}
+
+/// What a test host saw: catalog updates and log lines.
+#[derive(Default)]
+struct Seen {
+    updates: Vec<KernelCatalogUpdate>,
+    logs: Vec<String>,
+}
+
+struct RecordingHost {
+    catalog: Catalog,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Host for RecordingHost {
+    fn enumerate(&mut self) -> tezzeret::Result<Option<Catalog>> {
+        Ok(Some(self.catalog.clone()))
+    }
+    fn catalog_update(&mut self, bytes: &[u8]) {
+        self.seen.lock().unwrap().updates.push(leyline::decode(bytes).unwrap());
+    }
+    fn log(&mut self, _level: LogLevel, message: &str) {
+        self.seen.lock().unwrap().logs.push(message.to_string());
+    }
+}
+
+/// A forge of the fleet in this process.
+struct Member {
+    service: ForgeService,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Member {
+    fn open(state: &Path, ids: &[&str], keys: &KeyRing, fleet: FleetConfig) -> Member {
+        let mut config = ForgeConfig::new(state);
+        config.device = DevicePreference::Cpu;
+        config.telemetry_interval_ms = 0;
+        config.keys = keys.clone();
+        config.fleet = Some(fleet);
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let host = RecordingHost { catalog: catalog(ids), seen: seen.clone() };
+        Member { service: ForgeService::open(config, Box::new(host)).expect("open a fleet member"), seen }
+    }
+
+    fn run(&self) -> BTreeMap<String, JobStatus> {
+        let reports: Vec<JobReport> = self.service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+        reports.into_iter().map(|r| (r.blueprint_id, r.status)).collect()
+    }
+
+    fn metrics(&self) -> FleetMetrics {
+        self.service.with(|f| Ok(f.fleet_metrics().expect("a fleet member"))).unwrap()
+    }
+
+    fn unshared(&self) -> usize {
+        self.service.with(|f| Ok(f.unshared())).unwrap()
+    }
+
+    fn artifact_ref(&self, id: &str) -> String {
+        let request = KernelPrefetchRequest { request_id: "r".into(), blueprint_id: id.into(), ..Default::default() };
+        match self.service.prefetch(&request).unwrap() {
+            PrefetchAnswer::Ready(ready) => ready.artifact_ref,
+            PrefetchAnswer::Error(e) => panic!("{id} not ready: {}", e.reason),
+        }
+    }
+}
+
+fn refused(metrics: &FleetMetrics, reason: Refusal) -> u64 {
+    metrics.refusals.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
+}
+
+fn with_prefix(server: &SeaweedServer, prefix: &str) -> FleetConfig {
+    let mut config = server.fleet_config();
+    config.prefix = prefix.to_string();
+    config
+}
+
+/// The current record of a blueprint as a member stored it.
+fn record_of(member: &Member, id: &str) -> ArtifactRecord {
+    member.service.with(|f| Ok(f.artifacts()[id].clone())).unwrap()
+}
+
+fn tezzeret() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tezzeret"));
+    command.env("AWS_ACCESS_KEY_ID", ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    command
+}
+
+fn fleet_args(server: &SeaweedServer, prefix: &str, key: &Path) -> Vec<String> {
+    let public = PathBuf::from(format!("{}.pub", key.display()));
+    [
+        "--device",
+        "cpu",
+        "--s3-bucket",
+        &server.bucket,
+        "--s3-endpoint",
+        &server.endpoint(),
+        "--s3-prefix",
+        prefix,
+        "--signing-key",
+        &key.display().to_string(),
+        "--trusted-key",
+        &public.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-three");
+    let key = dir.path().join("fleet.key");
+    keygen(&key).unwrap();
+    let hosts: Vec<_> = (0..3)
+        .map(|i| {
+            tezzeret()
+                .arg("forge")
+                .arg("--state")
+                .arg(dir.path().join(format!("host{i}")))
+                .args(fleet_args(&server, "cold", &key))
+                .arg("--json")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut compiled_by: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, host) in hosts.into_iter().enumerate() {
+        let out = host.wait_with_output().unwrap();
+        assert!(out.status.success(), "host {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let document: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ready = 0;
+        for artifact in document["artifacts"].as_array().unwrap() {
+            let id = artifact["blueprint_id"].as_str().unwrap().to_string();
+            match artifact["status"].as_str().unwrap() {
+                "ok" => {
+                    compiled_by.entry(id).or_default().push(i);
+                    ready += 1;
+                }
+                "cached" => ready += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(ready, 42, "host {i} ends with every compilable blueprint");
+        assert_eq!(document["fleet"]["hits"].as_u64().unwrap() + document["fleet"]["misses"].as_u64().unwrap(), 42, "host {i}");
+    }
+    assert_eq!(compiled_by.len(), 42, "every blueprint compiled somewhere");
+    for (id, by) in &compiled_by {
+        assert_eq!(by.len(), 1, "{id} compiled by hosts {by:?}: once for the fleet");
+    }
+    for i in 0..3 {
+        let public = format!("{}.pub", key.display());
+        let state = dir.path().join(format!("host{i}"));
+        let out = tezzeret().arg("verify").arg("--state").arg(&state).args(["--trusted-key", &public]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("42 artifacts checked (signatures included), 0 problems"), "host {i}: {text}");
+    }
+    let status = tezzeret()
+        .arg("fleet-status")
+        .args(&fleet_args(&server, "cold", &key)[2..8])
+        .args(["--trusted-key", &format!("{}.pub", key.display()), "--json"])
+        .arg("--state")
+        .arg(dir.path().join("host0"))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let survey: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(survey["verified"].as_array().unwrap().len(), 42);
+    assert_eq!(survey["artifacts"], 42);
+    assert_eq!(survey["leases"].as_array().unwrap().len(), 0, "every lease given back");
+    assert_eq!(survey["local"]["shared"], 42);
+}
+
+#[test]
+fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-refusals");
+    let keys = fleet_keys();
+    let fleet = with_prefix(&server, "refusals");
+    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    assert_eq!(first.metrics().published, 5);
+
+    // The bucket is untrusted: damage three of its entries.
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
+    let (tampered, untrusted, truncated) = (record_of(&first, "BP001"), record_of(&first, "BP002"), record_of(&first, "BP005"));
+    let mut bytes = store.run(store.get(&names.artifact(&tampered.checksum))).unwrap().unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    store.run(store.overwrite(&names.artifact(&tampered.checksum), bytes)).unwrap();
+    let stranger = fleet_keys();
+    let forged = SharedManifest::sign(&untrusted, &stranger).unwrap();
+    store.run(store.overwrite(&names.manifest(&untrusted.cache_key), forged.encode())).unwrap();
+    let mut short = store.run(store.get(&names.artifact(&truncated.checksum))).unwrap().unwrap();
+    short.truncate(short.len() / 2);
+    store.run(store.overwrite(&names.artifact(&truncated.checksum), short)).unwrap();
+
+    let second = Member::open(&dir.path().join("b"), FIVE, &keys, fleet.clone());
+    let statuses = second.run();
+    for id in ["BP001", "BP002", "BP005"] {
+        assert_eq!(statuses[id], JobStatus::Ok, "{id} is compiled locally");
+    }
+    for id in ["BP006", "BP011"] {
+        assert_eq!(statuses[id], JobStatus::Cached, "{id} comes from the bucket");
+    }
+    let metrics = second.metrics();
+    assert_eq!((metrics.hits, metrics.misses), (2, 3));
+    assert!(refused(&metrics, Refusal::ChecksumMismatch) >= 1, "{metrics:?}");
+    assert!(refused(&metrics, Refusal::UntrustedKey) >= 1, "{metrics:?}");
+    assert!(refused(&metrics, Refusal::Truncated) >= 1, "{metrics:?}");
+    let logs = second.seen.lock().unwrap().logs.join("\n");
+    for reason in ["checksum_mismatch", "untrusted_key", "truncated"] {
+        assert!(logs.contains(reason), "the refusal says why ({reason}): {logs}");
+    }
+    // Its own compiles replaced what was damaged: a third host takes everything.
+    let third = Member::open(&dir.path().join("c"), FIVE, &keys, fleet);
+    assert!(third.run().values().all(|s| *s == JobStatus::Cached));
+    assert_eq!(third.metrics().refused(), 0);
+}
+
+#[test]
+fn a_store_outage_never_fails_a_job_and_publication_catches_up() {
+    let mut server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-outage");
+    let keys = fleet_keys();
+    let mut fleet = with_prefix(&server, "outage");
+    fleet.retry_interval = Duration::from_millis(100);
+    fleet.request_timeout = Duration::from_secs(2);
+    let member = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    // The store dies once the first job is finished.
+    let reports: Vec<JobReport> = member
+        .service
+        .with(|f| {
+            let mut finished = 0;
+            Ok(f.run(&mut |event| {
+                if let tezzeret::forge::Progress::Finished(..) = event {
+                    finished += 1;
+                    if finished == 1 {
+                        server.kill();
+                    }
+                }
+            }))
+        })
+        .unwrap();
+    assert!(reports.iter().all(|r| r.status == JobStatus::Ok), "no job fails for the outage");
+    let before = member.unshared();
+    assert!(before >= 1, "what compiled during the outage waits to be published");
+    assert!(member.metrics().store_errors >= 1);
+    {
+        let seen = member.seen.lock().unwrap();
+        let local = seen.updates.iter().filter(|u| !u.artifact_ref.starts_with("s3://")).count();
+        assert_eq!(local, before, "updates during the outage name the local file");
+    }
+    server.restart();
+    wait_for("the background thread to publish what the outage left", || member.unshared() == 0);
+    for id in FIVE {
+        let reference = member.artifact_ref(id);
+        assert!(reference.starts_with("s3://fleet/outage/artifacts/"), "{id}: {reference}");
+    }
+    let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet);
+    assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "the bucket holds everything");
+}
+
+#[test]
+fn a_killed_lease_holder_delays_the_others_only_until_its_lease_expires() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-lease");
+    let key = dir.path().join("fleet.key");
+    keygen(&key).unwrap();
+    let catalog_file = dir.path().join("catalog.json");
+    let text = std::fs::read_to_string(super::repo_root().join("data/karn-default-catalog.json")).unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let one: Vec<_> = all.into_iter().filter(|d| d["blueprint_id"] == "BP001").collect();
+    std::fs::write(&catalog_file, serde_json::to_string(&one).unwrap()).unwrap();
+    let holder = tezzeret()
+        .env("TEZZERET_FAILPOINTS", "fleet.leased=crash@1")
+        .arg("forge")
+        .arg("--state")
+        .arg(dir.path().join("holder"))
+        .arg("--catalog")
+        .arg(&catalog_file)
+        .args(fleet_args(&server, "lease", &key))
+        .args(["--lease-ttl", "3"])
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(holder.status.signal(), Some(libc::SIGKILL), "the holder dies holding its lease");
+
+    let mut fleet = with_prefix(&server, "lease");
+    fleet.lease_ttl = Duration::from_secs(3);
+    let public = tezzeret::state::signing::read_key_file(&PathBuf::from(format!("{}.pub", key.display()))).unwrap();
+    let seed = tezzeret::state::signing::read_key_file(&key).unwrap();
+    let keys = KeyRing::new(Some(seed), &[public]).unwrap();
+    let taker = Member::open(&dir.path().join("taker"), &["BP001"], &keys, fleet.clone());
+    let live = taker.service.with(|f| Ok(f.fleet().unwrap().leases().unwrap())).unwrap();
+    assert_eq!(live.len(), 1, "the dead holder's lease is in the bucket");
+    assert_eq!(taker.run()["BP001"], JobStatus::Ok);
+    let metrics = taker.metrics();
+    assert!(metrics.lease_waits >= 1, "{metrics:?}");
+    assert_eq!((metrics.lease_takeovers, metrics.wait_timeouts, metrics.published), (1, 0, 1), "{metrics:?}");
+    let left = taker.service.with(|f| Ok(f.fleet().unwrap().leases().unwrap())).unwrap();
+    assert!(left.is_empty(), "the taker removed its lease and the expired one: {left:?}");
+}
+
+#[test]
+fn conditional_create_has_exactly_one_winner() {
+    let server = SeaweedServer::start("fleet");
+    let store = Arc::new(RemoteStore::connect(&server.fleet_config()).unwrap());
+    assert_eq!(store.run(store.create("race/solo", b"1".to_vec())).unwrap(), Create::Created);
+    assert_eq!(store.run(store.create("race/solo", b"2".to_vec())).unwrap(), Create::Exists);
+    assert_eq!(store.run(store.get("race/solo")).unwrap().unwrap(), b"1", "the loser changed nothing");
+    let racers: Vec<_> = (0..8u8)
+        .map(|i| {
+            let store = store.clone();
+            std::thread::spawn(move || store.run(store.create("race/eight", vec![i])).unwrap())
+        })
+        .collect();
+    let outcomes: Vec<Create> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(outcomes.iter().filter(|o| **o == Create::Created).count(), 1, "{outcomes:?}");
+}
+
+#[test]
+fn a_fleet_needs_trusted_keys_and_a_signing_key_to_publish() {
+    let dir = TempDir::new("fleet-config");
+    let mut fleet = FleetConfig::new("fleet");
+    fleet.endpoint = Some("http://127.0.0.1:1".into());
+    let open = |keys: KeyRing, fleet: FleetConfig| {
+        let mut config = ForgeConfig::new(dir.path().join("state"));
+        config.device = DevicePreference::Cpu;
+        config.keys = keys;
+        config.fleet = Some(fleet);
+        ForgeService::open(config, Box::new(tezzeret::forge::DefaultHost)).err().map(|e| e.message().to_string())
+    };
+    let message = open(KeyRing::default(), fleet.clone()).expect("refused");
+    assert!(message.contains("trusted keys"), "{message}");
+    let (_, public) = generate_keypair().unwrap();
+    let verify_only = KeyRing::new(None, &[public]).unwrap();
+    let message = open(verify_only.clone(), fleet.clone()).expect("refused");
+    assert!(message.contains("signing key"), "{message}");
+    fleet.publish = false;
+    assert_eq!(open(verify_only, fleet.clone()), None, "a read-only member needs no signing key");
+    fleet.bucket = "Not_A_Bucket".into();
+    let message = open(fleet_keys(), fleet).expect("refused");
+    assert!(message.contains("bucket"), "{message}");
+}
