@@ -57,6 +57,9 @@
 // Flag: compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
 #define TEZZERET_FLAG_ALLOW_QUARANTINE 1
 
+// Fleet flag: only fetch from the bucket, never publish (no signing key needed).
+#define TEZZERET_FLEET_READ_ONLY 1
+
 // Answer type of a prefetch: `KernelArtifactReady` bytes (Leyline
 // `BusMessageType` KERNEL_PREFETCH_READY).
 #define TEZZERET_PREFETCH_READY 7
@@ -224,7 +227,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 6
+#define TEZZERET_ABI_MINOR 7
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -296,6 +299,41 @@ typedef struct tezzeret_bus_config {
   uint32_t flags;
 } tezzeret_bus_config;
 
+// How a forge joins a fleet. Initialise with `tezzeret_fleet_config_init`,
+// set `bucket` (required) and point `tezzeret_config.fleet` at it; the
+// forge's config must carry trusted keys (nothing from the bucket is used
+// unverified) and, to publish, a signing key. Every string is borrowed for
+// the `tezzeret_forge_open` call; NULL ones keep their defaults. Settings
+// left NULL are read from the usual `AWS_*` environment variables. While
+// the bucket is unreachable every job compiles locally and what was not
+// published is published once it is back.
+typedef struct tezzeret_fleet_config {
+  // Size of this struct as the caller knows it (`sizeof(tezzeret_fleet_config)`).
+  size_t struct_size;
+  // The bucket (UTF-8, required; it must exist).
+  const char *bucket;
+  // S3 endpoint, e.g. `http://127.0.0.1:8333`; NULL = AWS (or `AWS_ENDPOINT_URL`).
+  const char *endpoint;
+  // Object names start with this prefix; NULL = the bucket's root.
+  const char *prefix;
+  // Region requests are signed for; NULL = `AWS_REGION` or `us-east-1`.
+  const char *region;
+  // Access key id; NULL = `AWS_ACCESS_KEY_ID` (set both or neither).
+  const char *access_key_id;
+  // Secret access key; NULL = `AWS_SECRET_ACCESS_KEY`. Copied.
+  const char *secret_access_key;
+  // How long a claim to compile a blueprint holds, ms; default 30000.
+  uint64_t lease_ttl_ms;
+  // How long to wait for another host's compile before compiling, ms; default 60000.
+  uint64_t lease_wait_ms;
+  // The longest one request may take, ms; default 5000.
+  uint64_t request_timeout_ms;
+  // How often unpublished artifacts are offered again during an outage, ms; default 2000.
+  uint64_t retry_interval_ms;
+  // Bitwise OR of `TEZZERET_FLEET_*`; default 0 (fetch and publish).
+  uint32_t flags;
+} tezzeret_fleet_config;
+
 // How to open a forge. Initialise with `tezzeret_config_init`, then set
 // `state_dir` (required) and whatever else differs from the defaults.
 typedef struct tezzeret_config {
@@ -332,6 +370,9 @@ typedef struct tezzeret_config {
   // updates and telemetry); NULL (default) = none. Borrowed for the call.
   // Since ABI 0.4.
   const struct tezzeret_bus_config *bus;
+  // The fleet's S3-compatible bucket to fetch artifacts from and publish
+  // them to; NULL (default) = none. Borrowed for the call. Since ABI 0.7.
+  const struct tezzeret_fleet_config *fleet;
 } tezzeret_config;
 
 // Enumerates the host's descriptors: call `tezzeret_descriptor_sink_push`
@@ -541,6 +582,11 @@ struct tezzeret_status *tezzeret_bus_config_init(struct tezzeret_bus_config *con
 // Fills `config` with defaults for a struct of `struct_size` bytes (pass
 // `sizeof(tezzeret_config)`); never writes past `struct_size`.
 struct tezzeret_status *tezzeret_config_init(struct tezzeret_config *config, size_t struct_size);
+
+// Fills `config` with defaults for a struct of `struct_size` bytes (pass
+// `sizeof(tezzeret_fleet_config)`); never writes past `struct_size`.
+struct tezzeret_status *tezzeret_fleet_config_init(struct tezzeret_fleet_config *config,
+                                                   size_t struct_size);
 
 // Opens a forge on `config->state_dir`: takes its exclusive lock (a
 // directory open in this or another process is refused with

@@ -34,6 +34,7 @@ from .errors import (
 from .forge import Forge, RunSummary, keygen, validate_descriptor
 from .guards import GuardEntry, GuardTable, GuardVerdict, guard_check
 from .kernel import Kernel
+from .network import Bus, Fleet
 from .leyline import (
     BlueprintDescriptor,
     KernelArtifactError,
@@ -52,6 +53,8 @@ __version__ = _native.lib.tezzeret_version().decode()
 
 __all__ = [
     "Forge",
+    "Bus",
+    "Fleet",
     "RunSummary",
     "Kernel",
     "GuardTable",

@@ -29,7 +29,7 @@ from ctypes import (
 import torch  # noqa: F401  (loads libtorch before libtezzeret)
 
 ABI_MAJOR = 0
-ABI_MINOR = 6
+ABI_MINOR = 7
 
 c_uint8_p = POINTER(c_uint8)
 c_int64_p = POINTER(c_int64)
@@ -84,6 +84,23 @@ class BusConfig(Structure):
     ]
 
 
+class FleetConfig(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("bucket", c_char_p),
+        ("endpoint", c_char_p),
+        ("prefix", c_char_p),
+        ("region", c_char_p),
+        ("access_key_id", c_char_p),
+        ("secret_access_key", c_char_p),
+        ("lease_ttl_ms", c_uint64),
+        ("lease_wait_ms", c_uint64),
+        ("request_timeout_ms", c_uint64),
+        ("retry_interval_ms", c_uint64),
+        ("flags", c_uint32),
+    ]
+
+
 class Config(Structure):
     _fields_ = [
         ("struct_size", c_size_t),
@@ -100,6 +117,7 @@ class Config(Structure):
         ("trusted_key_count", c_size_t),
         ("budget_ms", c_uint64),
         ("bus", POINTER(BusConfig)),
+        ("fleet", POINTER(FleetConfig)),
     ]
 
 
@@ -238,6 +256,7 @@ _PROTOTYPES = {
     "tezzeret_check_abi": (_S, [c_uint32, c_uint32]),
     "tezzeret_config_init": (_S, [POINTER(Config), c_size_t]),
     "tezzeret_bus_config_init": (_S, [POINTER(BusConfig), c_size_t]),
+    "tezzeret_fleet_config_init": (_S, [POINTER(FleetConfig), c_size_t]),
     "tezzeret_host_callbacks_init": (_S, [POINTER(HostCallbacks), c_size_t]),
     "tezzeret_descriptor_sink_push": (_S, [POINTER(DescriptorSink), c_void_p, c_size_t]),
     "tezzeret_descriptor_validate": (_S, [c_void_p, c_size_t]),

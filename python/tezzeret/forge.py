@@ -17,6 +17,7 @@ from ._closing import Closing
 from .errors import InvalidArgumentError, check
 from .guards import GuardTable
 from .kernel import Kernel
+from .network import Bus, Fleet
 from .leyline import (
     BlueprintDescriptor,
     KernelArtifactError,
@@ -90,7 +91,8 @@ class Forge(Closing):
 
     ``descriptors`` is what to compile: Leyline ``BlueprintDescriptor``
     objects or bytes, or a callable returning them (called at open and at
-    every refresh); ``None`` means the embedded default catalog. The
+    every refresh); ``None`` means the embedded default catalog. ``bus``
+    joins the Oona bus and ``fleet`` a fleet's shared bucket. The
     callbacks receive decoded messages and may be called on the forge's
     background thread; an exception raised in one is logged (logger
     ``tezzeret``) and never reaches the forge.
@@ -111,6 +113,8 @@ class Forge(Closing):
         signing_key: Optional[bytes] = None,
         trusted_keys: Sequence[bytes] = (),
         descriptors: Optional[DescriptorSource] = None,
+        bus: Optional[Bus] = None,
+        fleet: Optional[Fleet] = None,
         on_catalog_update: Optional[Callable[[KernelCatalogUpdate], None]] = None,
         on_telemetry: Optional[Callable[[TelemetryPacket], None]] = None,
         on_log: Optional[Callable[[int, str], None]] = None,
@@ -147,6 +151,14 @@ class Forge(Closing):
             keep.append(keys)
             config.trusted_keys = ctypes.cast(keys, n.c_uint8_p)
             config.trusted_key_count = len(trusted_keys)
+        if bus is not None:
+            bus_config = bus._to_native(keep)
+            keep.append(bus_config)
+            config.bus = ctypes.pointer(bus_config)
+        if fleet is not None:
+            fleet_config = fleet._to_native(keep)
+            keep.append(fleet_config)
+            config.fleet = ctypes.pointer(fleet_config)
         self._callbacks = self._make_callbacks(descriptors, on_catalog_update, on_telemetry, on_log)
         check(n.lib.tezzeret_forge_open(ctypes.byref(config), ctypes.byref(self._callbacks), ctypes.byref(self._handle)))
         _OPEN.add(self)

@@ -4,6 +4,7 @@ use std::mem::{offset_of, size_of};
 
 use super::args::{bytes_arg, init_sized, read_sized, str_arg};
 use super::bus::tezzeret_bus_config;
+use super::fleet::tezzeret_fleet_config;
 use super::status::{ffi_status, tezzeret_status};
 use crate::build::compile::Strategy;
 use crate::forge::{DevicePreference, ForgeConfig};
@@ -68,6 +69,9 @@ pub struct tezzeret_config {
     /// updates and telemetry); NULL (default) = none. Borrowed for the call.
     /// Since ABI 0.4.
     pub bus: *const tezzeret_bus_config,
+    /// The fleet's S3-compatible bucket to fetch artifacts from and publish
+    /// them to; NULL (default) = none. Borrowed for the call. Since ABI 0.7.
+    pub fleet: *const tezzeret_fleet_config,
 }
 
 /// The oldest layout accepted: up to and including `state_dir`.
@@ -90,6 +94,7 @@ impl tezzeret_config {
             trusted_key_count: 0,
             budget_ms: 0,
             bus: std::ptr::null(),
+            fleet: std::ptr::null(),
         }
     }
 
@@ -141,6 +146,10 @@ impl tezzeret_config {
         if !raw.bus.is_null() {
             // SAFETY: non-NULL: a readable bus config valid for the call, by contract.
             config.bus = Some(unsafe { tezzeret_bus_config::read(raw.bus) }?);
+        }
+        if !raw.fleet.is_null() {
+            // SAFETY: non-NULL: a readable fleet config valid for the call, by contract.
+            config.fleet = Some(unsafe { tezzeret_fleet_config::read(raw.fleet) }?);
         }
         Ok(config)
     }

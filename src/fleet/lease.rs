@@ -50,6 +50,8 @@ pub enum Claim {
     Held {
         /// Its holder.
         holder: String,
+        /// The generation of the lease it holds.
+        generation: u64,
         /// How long it stays live.
         expires_in: Duration,
     },
@@ -60,17 +62,53 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Tries to claim `cache_key` for `holder` for `ttl`.
+/// What one generation of a lease is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Held by `holder` for `expires_in` more.
+    Live {
+        /// Who holds it.
+        holder: String,
+        /// How long it stays live.
+        expires_in: Duration,
+    },
+    /// Past its expiry, or unreadable (a torn or foreign write): its holder
+    /// is presumed dead and the next generation may be claimed.
+    Expired,
+    /// Not in the bucket: released (or never written).
+    Gone,
+}
+
+/// Reads one generation of a cache key's lease.
+pub async fn state(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, generation: u64) -> Result<LeaseState> {
+    let Some(bytes) = remote.get(&names.lease(cache_key, generation)).await? else { return Ok(LeaseState::Gone) };
+    Ok(match serde_json::from_slice::<LeaseBody>(&bytes) {
+        Ok(lease) if lease.expires_at_ms > now_ms() => {
+            LeaseState::Live { holder: lease.holder, expires_in: Duration::from_millis(lease.expires_at_ms - now_ms()) }
+        }
+        _ => LeaseState::Expired,
+    })
+}
+
+/// Tries to claim `cache_key` for `holder` for `ttl`: one request when the
+/// key is free, two when generation 0 is live (the usual contention).
 pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<Claim> {
     let body = |generation: u64| {
         let body = LeaseBody { holder: holder.to_string(), expires_at_ms: now_ms() + ttl.as_millis() as u64 };
         (names.lease(cache_key, generation), serde_json::to_vec(&body).expect("leases serialise"))
     };
-    // Uncontended, the first generation is free: one request.
+    let won = |generation: u64, stale: Vec<u64>, took_over: bool| Claim::Won {
+        lease: Lease { cache_key: cache_key.to_string(), generation, stale },
+        took_over,
+    };
     let (name, bytes) = body(0);
     if remote.create(&name, bytes).await? == Create::Created {
-        return Ok(Claim::Won { lease: Lease { cache_key: cache_key.to_string(), generation: 0, stale: Vec::new() }, took_over: false });
+        return Ok(won(0, Vec::new(), false));
     }
+    if let LeaseState::Live { holder, expires_in } = state(remote, names, cache_key, 0).await? {
+        return Ok(Claim::Held { holder, generation: 0, expires_in });
+    }
+    // Generation 0 expired or was released: the newest generation decides.
     // A few rounds: each lost create means another forge moved first.
     for _ in 0..4 {
         let mut generations: Vec<u64> = remote
@@ -80,32 +118,21 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
             .filter_map(|o| ObjectNames::lease_generation(&o.name))
             .collect();
         generations.sort_unstable();
-        let next = match generations.last() {
-            None => 0,
-            Some(&newest) => {
-                match remote.get(&names.lease(cache_key, newest)).await? {
-                    Some(bytes) => match serde_json::from_slice::<LeaseBody>(&bytes) {
-                        Ok(lease) if lease.expires_at_ms > now_ms() => {
-                            let expires_in = Duration::from_millis(lease.expires_at_ms - now_ms());
-                            return Ok(Claim::Held { holder: lease.holder, expires_in });
-                        }
-                        // Expired, or unreadable (a torn or foreign write): taken over.
-                        _ => newest + 1,
-                    },
-                    // Released between the listing and the read.
-                    None => newest + 1,
-                }
-            }
+        let (next, took_over) = match generations.last() {
+            None => (0, false),
+            Some(&newest) => match state(remote, names, cache_key, newest).await? {
+                LeaseState::Live { holder, expires_in } => return Ok(Claim::Held { holder, generation: newest, expires_in }),
+                LeaseState::Expired => (newest + 1, true),
+                LeaseState::Gone => (newest + 1, false),
+            },
         };
         let (name, bytes) = body(next);
         if remote.create(&name, bytes).await? == Create::Created {
-            let stale = generations.into_iter().filter(|&g| g < next).collect::<Vec<_>>();
-            let took_over = !stale.is_empty();
-            return Ok(Claim::Won { lease: Lease { cache_key: cache_key.to_string(), generation: next, stale }, took_over });
+            return Ok(won(next, generations.into_iter().filter(|&g| g < next).collect(), took_over));
         }
     }
     // Still contended after several rounds: someone else is making progress.
-    Ok(Claim::Held { holder: "another forge".into(), expires_in: ttl })
+    Ok(Claim::Held { holder: "another forge".into(), generation: 0, expires_in: ttl })
 }
 
 /// Removes a lease (and the expired generations it replaced) once its

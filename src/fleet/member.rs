@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::config::FleetConfig;
-use super::lease::{self, Claim, Lease, LeaseBody};
+use super::lease::{self, Claim, Lease, LeaseBody, LeaseState};
 use super::manifest::{check_artifact, Refusal, SharedManifest};
 use super::objects::ObjectNames;
 use super::remote::{Create, RemoteStore};
@@ -30,6 +30,18 @@ pub enum Lookup {
     Refused(Refusal, String),
     /// The store could not be asked.
     Unavailable(Error),
+}
+
+/// What watching a cache key another forge holds the lease of found.
+#[derive(Debug)]
+pub enum Watched {
+    /// The lease is gone: what the bucket holds now (the holder's
+    /// artifact, or `Missing` when it gave up — its compile failed).
+    Lookup(Lookup),
+    /// The lease expired: its holder is presumed dead; claim it.
+    Expired,
+    /// The lease is still live.
+    Held,
 }
 
 /// What publishing an artifact did.
@@ -120,7 +132,7 @@ impl Fleet {
 
     /// The counters.
     pub fn metrics(&self) -> FleetMetrics {
-        self.stats.snapshot()
+        FleetMetrics { requests: self.remote.operations(), ..self.stats.snapshot() }
     }
 
     /// Looks up several cache keys at once (requests overlap); answers in
@@ -128,6 +140,26 @@ impl Fleet {
     pub fn lookup_many(&self, cache_keys: &[String]) -> Vec<Lookup> {
         let lookups = futures::stream::iter(cache_keys.iter().map(|key| self.lookup_one(key))).buffered(CONCURRENT_REQUESTS);
         self.remote.run(lookups.collect())
+    }
+
+    /// Watches cache keys whose leases other forges hold (`(cache key,
+    /// lease generation)`), all at once: the lease is read first (one
+    /// request while it is live), the bucket looked up once it is gone
+    /// (the holder publishes before releasing). Hits and refusals are counted.
+    pub fn watch_many(&self, held: &[(String, u64)]) -> Vec<Watched> {
+        let watches = futures::stream::iter(held.iter().map(|(key, generation)| async move {
+            match lease::state(&self.remote, &self.names, key, *generation).await {
+                Ok(LeaseState::Live { .. }) => Watched::Held,
+                Ok(LeaseState::Expired) => Watched::Expired,
+                Ok(LeaseState::Gone) => Watched::Lookup(self.lookup_one(key).await),
+                Err(error) => {
+                    self.count(FleetEvent::StoreError);
+                    Watched::Lookup(Lookup::Unavailable(error))
+                }
+            }
+        }))
+        .buffered(CONCURRENT_REQUESTS);
+        self.remote.run(watches.collect())
     }
 
     /// Looks up one cache key.

@@ -21,5 +21,5 @@ pub mod stats;
 pub use config::{Credentials, FleetConfig};
 pub use lease::Claim;
 pub use manifest::Refusal;
-pub use member::{Fleet, Lookup, Publication, Survey};
+pub use member::{Fleet, Lookup, Publication, Survey, Watched};
 pub use stats::{FleetEvent, FleetMetrics};

@@ -39,6 +39,8 @@ pub struct RemoteStore {
     runtime: tokio::runtime::Runtime,
     timeout: Duration,
     endpoint: String,
+    /// Operations issued (each one request, retries aside).
+    operations: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -87,7 +89,7 @@ impl RemoteStore {
             .enable_all()
             .build()
             .map_err(|e| Error::io("start the fleet store's runtime", e))?;
-        Ok(RemoteStore { store: Arc::new(store), runtime, timeout, endpoint })
+        Ok(RemoteStore { store: Arc::new(store), runtime, timeout, endpoint, operations: Default::default() })
     }
 
     /// Runs requests (a future made of this store's async operations) to
@@ -101,8 +103,14 @@ impl RemoteStore {
         &self.endpoint
     }
 
+    /// How many operations were issued so far.
+    pub fn operations(&self) -> u64 {
+        self.operations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Bounds one operation by the request timeout.
     async fn bounded<T>(&self, what: &str, name: &str, op: impl Future<Output = object_store::Result<T>>) -> Result<T, StoreError> {
+        self.operations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match tokio::time::timeout(self.timeout, op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound),

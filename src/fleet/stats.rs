@@ -39,6 +39,8 @@ pub struct FleetMetrics {
     pub wait_timeouts: u64,
     /// Requests to the store that failed (unreachable, timed out, refused).
     pub store_errors: u64,
+    /// Requests made to the store.
+    pub requests: u64,
 }
 
 impl FleetMetrics {
@@ -101,6 +103,7 @@ impl FleetStats {
             lease_takeovers: load(&self.lease_takeovers),
             wait_timeouts: load(&self.wait_timeouts),
             store_errors: load(&self.store_errors),
+            requests: 0,
         }
     }
 }
@@ -120,6 +123,7 @@ impl FleetMetrics {
             count("tezzeret.fleet.lease_takeovers", self.lease_takeovers),
             count("tezzeret.fleet.wait_timeouts", self.wait_timeouts),
             count("tezzeret.fleet.store_errors", self.store_errors),
+            count("tezzeret.fleet.requests", self.requests),
             count("tezzeret.fleet.unshared", unshared as u64),
         ];
         for (refusal, n) in &self.refusals {

@@ -58,6 +58,9 @@ pub struct Forge {
     /// While the bucket is unreachable: when unpublished artifacts are
     /// offered to it again.
     pub(super) fleet_retry_at: Option<Instant>,
+    /// Where this forge starts each run of equal priority in a fleet
+    /// (random: hosts starting together begin at different blueprints).
+    pub(super) fleet_offset: usize,
     _lock: StateLock,
 }
 
@@ -111,6 +114,7 @@ impl Forge {
             bus: None,
             fleet: None,
             fleet_retry_at: None,
+            fleet_offset: 0,
             _lock: lock,
         };
         for (record, error) in forge.ledger.retire_unverified()? {
@@ -129,6 +133,7 @@ impl Forge {
         if let Some(fleet_config) = forge.config.fleet.clone() {
             let nonce = crate::sys::random::bytes::<4>().map_err(|e| Error::io("draw a fleet lease holder id", e))?;
             let holder = format!("{}-{}-{}", crate::sys::host::hostname(), std::process::id(), crate::base::hex::encode(&nonce));
+            forge.fleet_offset = u32::from_le_bytes(nonce) as usize;
             let fleet = Fleet::connect(fleet_config, forge.config.keys.clone(), holder)?;
             // Answers name the bucket's copy of what it holds.
             for record in forge.ledger.artifacts().values().filter(|r| forge.ledger.is_shared(&r.cache_key)) {

@@ -2,7 +2,7 @@
 //! or set up a compile) → compile on a worker under the job's budgets →
 //! finish (store, commit, announce — or record the failure). Draining the
 //! queue overlaps them: the next job compiles while the last is stored.
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use super::report::{JobReport, JobStatus, Progress};
-use super::share::{Admission, Waiting};
+use super::share::{Admission, Admitted, Waiting};
 use super::telemetry::{self, events};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::hex;
@@ -54,6 +54,8 @@ pub(super) enum Prepared {
 /// jobs started.
 struct Drain {
     ready: VecDeque<(usize, Admission)>,
+    /// Cache keys the bucket was just found not to hold.
+    missed: HashSet<String>,
     waiting: Vec<Waiting>,
     in_flight: VecDeque<InFlight>,
 }
@@ -72,9 +74,9 @@ impl Forge {
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
-        self.fetch_from_fleet(&queue);
+        let missed = self.fetch_from_fleet(&queue);
         let mut reports = Vec::with_capacity(total);
-        let mut drain = Drain { ready: (0..total).map(|p| (p, Admission::Ask)).collect(), waiting: Vec::new(), in_flight: VecDeque::new() };
+        let mut drain = Drain { ready: self.start_order(&queue), missed, waiting: Vec::new(), in_flight: VecDeque::new() };
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
@@ -147,10 +149,10 @@ impl Forge {
             let job = &queue[position];
             let lease = match admission {
                 Admission::Go(lease) => lease,
-                Admission::Ask => match self.admit(job) {
-                    Some(lease) => lease,
-                    None => {
-                        drain.waiting.push(Waiting { position, since: Instant::now() });
+                Admission::Ask => match self.admit(job, drain.missed.remove(&job.cache_key)) {
+                    Admitted::Go(lease) => lease,
+                    Admitted::Wait(generation) => {
+                        drain.waiting.push(Waiting { position, since: Instant::now(), generation });
                         continue;
                     }
                 },

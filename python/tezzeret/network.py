@@ -1,0 +1,100 @@
+"""How a forge joins the rest of Esper: the Oona bus (Redis Streams) and a
+fleet sharing artifacts through an S3-compatible bucket."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from . import _native as n
+from .errors import InvalidArgumentError, check
+
+_BUS_NO_PREFETCH = 1
+_BUS_NO_PUBLISH = 2
+_FLEET_READ_ONLY = 1
+
+
+def _positive_ms(seconds: float, what: str) -> int:
+    if seconds <= 0:
+        raise InvalidArgumentError(f"{what} must be > 0 seconds, got {seconds}")
+    return max(1, int(round(seconds * 1000)))
+
+
+def _text(value: Optional[str], keep: List[Any]) -> Optional[bytes]:
+    if value is None:
+        return None
+    encoded = value.encode()
+    keep.append(encoded)
+    return encoded
+
+
+@dataclass(frozen=True)
+class Bus:
+    """The Oona bus to join: prefetch requests answered from the forge's
+    catalog, catalog updates and telemetry published. ``secret`` signs and
+    checks entries (HMAC-SHA256); ``None`` leaves them unsigned."""
+
+    redis_url: str
+    group: str = "tezzeret"
+    consumer: Optional[str] = None
+    secret: Optional[bytes] = None
+    freshness: float = 60.0
+    message_ttl: float = 900.0
+    claim_idle: float = 30.0
+    prefetch: bool = True
+    publish: bool = True
+
+    def _to_native(self, keep: List[Any]) -> n.BusConfig:
+        config = n.BusConfig()
+        check(n.lib.tezzeret_bus_config_init(ctypes.byref(config), ctypes.sizeof(n.BusConfig)))
+        config.redis_url = _text(self.redis_url, keep)
+        config.group = _text(self.group, keep)
+        config.consumer = _text(self.consumer, keep)
+        if self.secret is not None:
+            secret = (ctypes.c_uint8 * len(self.secret)).from_buffer_copy(self.secret)
+            keep.append(secret)
+            config.secret = ctypes.cast(secret, n.c_uint8_p)
+            config.secret_len = len(self.secret)
+        config.freshness_ms = _positive_ms(self.freshness, "freshness")
+        config.message_ttl_ms = _positive_ms(self.message_ttl, "message_ttl")
+        config.claim_idle_ms = _positive_ms(self.claim_idle, "claim_idle")
+        config.flags = (0 if self.prefetch else _BUS_NO_PREFETCH) | (0 if self.publish else _BUS_NO_PUBLISH)
+        return config
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The fleet's S3-compatible bucket: artifacts other hosts compiled are
+    fetched and verified before compiling, what this forge compiles is
+    published, and each blueprint compiles once for the fleet (leases).
+    The forge needs ``trusted_keys`` (and a ``signing_key`` unless
+    ``read_only``). Credentials left ``None`` come from the ``AWS_*``
+    environment variables."""
+
+    bucket: str
+    endpoint: Optional[str] = None
+    prefix: str = ""
+    region: Optional[str] = None
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    read_only: bool = False
+    lease_ttl: float = 30.0
+    lease_wait: float = 60.0
+    request_timeout: float = 5.0
+    retry_interval: float = 2.0
+
+    def _to_native(self, keep: List[Any]) -> n.FleetConfig:
+        config = n.FleetConfig()
+        check(n.lib.tezzeret_fleet_config_init(ctypes.byref(config), ctypes.sizeof(n.FleetConfig)))
+        config.bucket = _text(self.bucket, keep)
+        config.endpoint = _text(self.endpoint, keep)
+        config.prefix = _text(self.prefix, keep)
+        config.region = _text(self.region, keep)
+        config.access_key_id = _text(self.access_key_id, keep)
+        config.secret_access_key = _text(self.secret_access_key, keep)
+        config.lease_ttl_ms = _positive_ms(self.lease_ttl, "lease_ttl")
+        config.lease_wait_ms = _positive_ms(self.lease_wait, "lease_wait")
+        config.request_timeout_ms = _positive_ms(self.request_timeout, "request_timeout")
+        config.retry_interval_ms = _positive_ms(self.retry_interval, "retry_interval")
+        config.flags = _FLEET_READ_ONLY if self.read_only else 0
+        return config

@@ -1,0 +1,148 @@
+//! Fleet rows, on one real SeaweedFS started for the run: a new host
+//! joining a warm bucket (open → every artifact fetched, verified and
+//! durable) against compiling them, and three hosts on a cold bucket
+//! against one host compiling everything alone — alternating rounds, each
+//! pair measured side by side.
+use std::path::Path;
+use std::time::Instant;
+
+use super::runtime::compilable;
+use super::seaweed_server::SeaweedServer;
+use super::{row, Row};
+use tezzeret::build::catalog::Catalog;
+use tezzeret::fleet::FleetConfig;
+use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, JobStatus};
+use tezzeret::state::signing::{generate_keypair, KeyRing};
+use tezzeret::{Error, Result};
+
+/// Alternating rounds of each comparison.
+const ROUNDS: usize = 3;
+
+struct Fixed(Catalog);
+
+impl tezzeret::forge::Host for Fixed {
+    fn enumerate(&mut self) -> Result<Option<Catalog>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
+/// Opens a forge on a fresh state directory and runs its catalog; returns
+/// the wall time from open to the last job's end (s) and the jobs it compiled.
+fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Result<(f64, usize)> {
+    let _ = std::fs::remove_dir_all(state);
+    let mut config = ForgeConfig::new(state);
+    config.device = DevicePreference::Cpu;
+    config.telemetry_interval_ms = 0;
+    config.keys = keys.clone();
+    config.fleet = fleet;
+    let catalog = Catalog::new(compilable())?;
+    let expected = catalog.len();
+    let started = Instant::now();
+    let mut forge = Forge::open(config, Box::new(Fixed(catalog)))?;
+    let reports = forge.run(&mut |_| {});
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(error) = reports.iter().find_map(|r| r.error.clone()) {
+        return Err(error.context("fleet bench run"));
+    }
+    let ready = reports.iter().filter(|r| matches!(r.status, JobStatus::Ok | JobStatus::Cached)).count();
+    if ready != expected {
+        return Err(Error::invalid(format!("fleet bench run: {ready} of {expected} ready")));
+    }
+    Ok((elapsed, reports.iter().filter(|r| r.status == JobStatus::Ok).count()))
+}
+
+/// CPU time (user + system) a process has used so far, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
+    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / per_second
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The fleet rows, or one row saying why they could not run.
+pub fn rows(work: &Path) -> Result<Vec<Row>> {
+    let server = match SeaweedServer::try_start("bench") {
+        Ok(server) => server,
+        Err(why) => return Ok(vec![row(format!("fleet: not measured ({why})"), f64::NAN, None, "")]),
+    };
+    let (seed, public) = generate_keypair()?;
+    let keys = KeyRing::new(Some(seed), &[public])?;
+    let fleet = |prefix: String| {
+        let mut config = server.fleet_config();
+        config.prefix = prefix;
+        config
+    };
+    let n = compilable().len();
+    // A warm bucket, then new hosts joining it against hosts compiling alone.
+    open_and_run(&work.join("fleet-seed"), &keys, Some(fleet("warm".into())))?;
+    let (mut joins, mut compiles) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let (joined, compiled_here) = open_and_run(&work.join(format!("fleet-join-{round}")), &keys, Some(fleet("warm".into())))?;
+        if compiled_here != 0 {
+            return Err(Error::invalid(format!("a host joining a warm bucket compiled {compiled_here} jobs")));
+        }
+        joins.push(joined);
+        compiles.push(open_and_run(&work.join(format!("fleet-alone-{round}")), &keys, None)?.0);
+    }
+    let (join, alone) = (median(joins), median(compiles));
+
+    // Three hosts on a cold bucket (a fresh prefix each round) against one host alone.
+    let (mut fleets, mut singles, mut total_compiles) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let me = std::process::id();
+    for round in 0..ROUNDS {
+        let (w0, m0) = (cpu_seconds(server.pid()), cpu_seconds(me));
+        let started = Instant::now();
+        let hosts: Vec<_> = (0..3)
+            .map(|host| {
+                let (state, keys, config) = (work.join(format!("fleet-cold-{round}-{host}")), keys.clone(), fleet(format!("cold-{round}")));
+                std::thread::spawn(move || open_and_run(&state, &keys, Some(config)))
+            })
+            .collect();
+        let mut compiled = 0;
+        for host in hosts {
+            compiled += host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))??.1;
+        }
+        fleets.push(started.elapsed().as_secs_f64());
+        let (w1, m1) = (cpu_seconds(server.pid()), cpu_seconds(me));
+        total_compiles.push(compiled as f64);
+        singles.push(open_and_run(&work.join(format!("fleet-single-{round}")), &keys, None)?.0);
+        store_cpu.push(w1 - w0);
+        fleet_cpu.push(m1 - m0);
+        single_cpu.push(cpu_seconds(me) - m1);
+    }
+    let (three, single) = (median(fleets), median(singles));
+
+    let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
+    let most_compiles = total_compiles.iter().copied().fold(0.0, f64::max);
+    Ok(vec![
+        row(
+            format!("fleet: new host joins a warm bucket, open → {n} artifacts fetched, verified, durable"),
+            join * 1e3,
+            Some(format!("compiling them here: {:.0} ms (goal ≤ 300 ms)", alone * 1e3)),
+            "ms",
+        ),
+        row(
+            "fleet: three hosts on a cold bucket, open → all ready (wall)",
+            three * 1e3,
+            Some(format!("one host alone: {:.0} ms; ratio {:.2}× (goal ≤ 1.2×)", single * 1e3, three / single)),
+            "ms",
+        ),
+        row(format!("fleet: compiles in total by the three hosts (of {n})"), most_compiles, Some(format!("{n} expected")), "jobs"),
+        row(
+            "fleet: CPU of the three hosts' round, forges + the store server on these cores",
+            (fleet_cpu + store_cpu) * 1e3,
+            Some(format!("store server {:.0} ms of it; one host alone {:.0} ms", store_cpu * 1e3, single_cpu * 1e3)),
+            "ms",
+        ),
+    ])
+}

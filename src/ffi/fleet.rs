@@ -1,0 +1,123 @@
+//! `tezzeret_fleet_config`: how a forge shares artifacts with its fleet
+//! through an S3-compatible bucket.
+use std::ffi::c_char;
+use std::mem::{offset_of, size_of};
+use std::time::Duration;
+
+use super::args::{init_sized, read_sized, str_arg};
+use super::status::{ffi_status, tezzeret_status};
+use crate::base::error::{Error, Result};
+use crate::fleet::{Credentials, FleetConfig};
+
+/// Fleet flag: only fetch from the bucket, never publish (no signing key needed).
+pub const TEZZERET_FLEET_READ_ONLY: u32 = 1;
+const KNOWN_FLEET_FLAGS: u32 = TEZZERET_FLEET_READ_ONLY;
+
+/// How a forge joins a fleet. Initialise with `tezzeret_fleet_config_init`,
+/// set `bucket` (required) and point `tezzeret_config.fleet` at it; the
+/// forge's config must carry trusted keys (nothing from the bucket is used
+/// unverified) and, to publish, a signing key. Every string is borrowed for
+/// the `tezzeret_forge_open` call; NULL ones keep their defaults. Settings
+/// left NULL are read from the usual `AWS_*` environment variables. While
+/// the bucket is unreachable every job compiles locally and what was not
+/// published is published once it is back.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct tezzeret_fleet_config {
+    /// Size of this struct as the caller knows it (`sizeof(tezzeret_fleet_config)`).
+    pub struct_size: usize,
+    /// The bucket (UTF-8, required; it must exist).
+    pub bucket: *const c_char,
+    /// S3 endpoint, e.g. `http://127.0.0.1:8333`; NULL = AWS (or `AWS_ENDPOINT_URL`).
+    pub endpoint: *const c_char,
+    /// Object names start with this prefix; NULL = the bucket's root.
+    pub prefix: *const c_char,
+    /// Region requests are signed for; NULL = `AWS_REGION` or `us-east-1`.
+    pub region: *const c_char,
+    /// Access key id; NULL = `AWS_ACCESS_KEY_ID` (set both or neither).
+    pub access_key_id: *const c_char,
+    /// Secret access key; NULL = `AWS_SECRET_ACCESS_KEY`. Copied.
+    pub secret_access_key: *const c_char,
+    /// How long a claim to compile a blueprint holds, ms; default 30000.
+    pub lease_ttl_ms: u64,
+    /// How long to wait for another host's compile before compiling, ms; default 60000.
+    pub lease_wait_ms: u64,
+    /// The longest one request may take, ms; default 5000.
+    pub request_timeout_ms: u64,
+    /// How often unpublished artifacts are offered again during an outage, ms; default 2000.
+    pub retry_interval_ms: u64,
+    /// Bitwise OR of `TEZZERET_FLEET_*`; default 0 (fetch and publish).
+    pub flags: u32,
+}
+
+/// The oldest layout accepted: up to and including `bucket`.
+const MIN_FLEET_CONFIG_SIZE: usize = offset_of!(tezzeret_fleet_config, bucket) + size_of::<*const c_char>();
+
+impl tezzeret_fleet_config {
+    fn defaults() -> Self {
+        let null = std::ptr::null();
+        let defaults = FleetConfig::new("");
+        let ms = |d: Duration| d.as_millis() as u64;
+        tezzeret_fleet_config {
+            struct_size: size_of::<tezzeret_fleet_config>(),
+            bucket: null,
+            endpoint: null,
+            prefix: null,
+            region: null,
+            access_key_id: null,
+            secret_access_key: null,
+            lease_ttl_ms: ms(defaults.lease_ttl),
+            lease_wait_ms: ms(defaults.lease_wait),
+            request_timeout_ms: ms(defaults.request_timeout),
+            retry_interval_ms: ms(defaults.retry_interval),
+            flags: 0,
+        }
+    }
+
+    /// Reads a caller's fleet config (of any supported size).
+    ///
+    /// # Safety
+    /// `ptr` is a readable fleet config of at least its `struct_size` bytes
+    /// whose non-NULL strings are NUL-terminated.
+    pub(crate) unsafe fn read(ptr: *const tezzeret_fleet_config) -> Result<FleetConfig> {
+        // SAFETY: a readable config of its struct_size, by contract.
+        let raw = unsafe { read_sized(ptr, Self::defaults(), MIN_FLEET_CONFIG_SIZE, "config.fleet") }?;
+        let text = |ptr: *const c_char, field: &str| -> Result<Option<String>> {
+            if ptr.is_null() {
+                return Ok(None);
+            }
+            // SAFETY: non-NULL: a NUL-terminated string valid for the call.
+            Ok(Some(unsafe { str_arg(ptr, &format!("config.fleet.{field}")) }?.to_string()))
+        };
+        let bucket = text(raw.bucket, "bucket")?.ok_or_else(|| Error::invalid("config.fleet.bucket is NULL"))?;
+        let mut config = FleetConfig::new(bucket);
+        config.endpoint = text(raw.endpoint, "endpoint")?;
+        config.prefix = text(raw.prefix, "prefix")?.unwrap_or_default();
+        config.region = text(raw.region, "region")?;
+        config.credentials = match (text(raw.access_key_id, "access_key_id")?, text(raw.secret_access_key, "secret_access_key")?) {
+            (Some(access_key_id), Some(secret_access_key)) => Some(Credentials { access_key_id, secret_access_key }),
+            (None, None) => None,
+            _ => return Err(Error::invalid("config.fleet: set both access_key_id and secret_access_key, or neither")),
+        };
+        if raw.flags & !KNOWN_FLEET_FLAGS != 0 {
+            return Err(Error::invalid(format!("config.fleet.flags has unknown bits {:#x}", raw.flags & !KNOWN_FLEET_FLAGS)));
+        }
+        config.publish = raw.flags & TEZZERET_FLEET_READ_ONLY == 0;
+        config.lease_ttl = Duration::from_millis(raw.lease_ttl_ms);
+        config.lease_wait = Duration::from_millis(raw.lease_wait_ms);
+        config.request_timeout = Duration::from_millis(raw.request_timeout_ms);
+        config.retry_interval = Duration::from_millis(raw.retry_interval_ms);
+        config.validate().map_err(|e| e.context("config.fleet"))?;
+        Ok(config)
+    }
+}
+
+/// Fills `config` with defaults for a struct of `struct_size` bytes (pass
+/// `sizeof(tezzeret_fleet_config)`); never writes past `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_fleet_config_init(config: *mut tezzeret_fleet_config, struct_size: usize) -> *mut tezzeret_status {
+    // SAFETY: NULL or struct_size writable bytes, by contract.
+    ffi_status(|| unsafe {
+        init_sized(config, tezzeret_fleet_config::defaults(), struct_size, MIN_FLEET_CONFIG_SIZE, "tezzeret_fleet_config")
+    })
+}
