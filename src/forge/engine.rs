@@ -54,7 +54,7 @@ pub struct Forge {
     /// The Oona bus, when configured.
     pub(super) bus: Option<Bus>,
     /// The fleet's shared bucket, when configured.
-    pub(super) fleet: Option<Fleet>,
+    pub(super) fleet: Option<Arc<Fleet>>,
     /// While the bucket is unreachable: when unpublished artifacts are
     /// offered to it again.
     pub(super) fleet_retry_at: Option<Instant>,
@@ -139,7 +139,7 @@ impl Forge {
             for record in forge.ledger.artifacts().values().filter(|r| forge.ledger.is_shared(&r.cache_key)) {
                 forge.prefetcher.set_remote(record, fleet.artifact_url(record));
             }
-            forge.fleet = Some(fleet);
+            forge.fleet = Some(Arc::new(fleet));
         }
         // What the host enumerates and is not compiled yet is queued now
         // (jobs whose descriptor went away or changed leave the queue). A
@@ -275,12 +275,12 @@ impl Forge {
 
     /// The fleet's counters, when in a fleet.
     pub fn fleet_metrics(&self) -> Option<FleetMetrics> {
-        self.fleet.as_ref().map(Fleet::metrics)
+        self.fleet.as_deref().map(Fleet::metrics)
     }
 
     /// The fleet's bucket, when in a fleet.
     pub fn fleet(&self) -> Option<&Fleet> {
-        self.fleet.as_ref()
+        self.fleet.as_deref()
     }
 
     /// Current artifacts the fleet's bucket does not hold yet (published

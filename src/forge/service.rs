@@ -282,7 +282,13 @@ fn background_loop(shared: Arc<Shared>, periods: Periods) {
         }
         if let (Some(due), Some(every)) = (next_share, share) {
             if now >= due {
-                let _ = shared.with(|f| Ok(f.share_pending()));
+                // Read under the lock, published without it (a store that
+                // does not answer must not hold the host's calls up), recorded
+                // under it again.
+                if let Ok(Some(pending)) = shared.with(|f| Ok(f.unshared_work())) {
+                    let outcome = pending.publish();
+                    let _ = shared.with(|f| Ok(f.record_shared_work(outcome)));
+                }
                 next_share = Some(Instant::now() + every);
             }
         }

@@ -6,13 +6,14 @@
 //! unpublished once the bucket is back.
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use crate::fleet::lease::Lease;
-use crate::fleet::{Claim, FleetEvent, Lookup, Publication, Watched};
+use crate::fleet::{Claim, Fleet, FleetEvent, Lookup, Publication, Watched};
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
 
@@ -281,40 +282,84 @@ impl Forge {
     /// configured); stops at the first failure and tries again after the
     /// retry interval. Returns how many were published.
     pub fn share_pending(&mut self) -> usize {
-        let Some(fleet) = self.fleet.as_ref().filter(|f| f.config().publish) else { return 0 };
+        let Some(pending) = self.unshared_work() else { return 0 };
+        let outcome = pending.publish();
+        self.record_shared_work(outcome)
+    }
+
+    /// What [`Self::share_pending`] would publish now, read from the local
+    /// store, to publish without the forge's lock (`None`: nothing to do,
+    /// or not yet time to retry).
+    pub fn unshared_work(&mut self) -> Option<PendingShares> {
+        let fleet = self.fleet.as_ref().filter(|f| f.config().publish)?.clone();
         if self.fleet_retry_at.is_some_and(|at| Instant::now() < at) {
-            return 0;
+            return None;
         }
+        let mut artifacts = Vec::new();
+        for record in self.ledger.unshared() {
+            match self.ledger.store().read_verified(&record) {
+                Ok(bytes) => artifacts.push((record, bytes)),
+                Err(error) => self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error),
+            }
+        }
+        (!artifacts.is_empty()).then_some(PendingShares { fleet, artifacts })
+    }
+
+    /// Records what a publication of [`PendingShares`] achieved; returns
+    /// how many artifacts the bucket now holds that it did not.
+    pub fn record_shared_work(&mut self, outcome: SharedOutcome) -> usize {
+        let Some(fleet) = self.fleet.clone() else { return 0 };
         let retry = fleet.config().retry_interval;
         let mut shared = 0;
-        for record in self.ledger.unshared() {
-            let bytes = match self.ledger.store().read_verified(&record) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error);
-                    continue;
-                }
-            };
-            let fleet = self.fleet.as_ref().expect("a fleet");
-            if let Err(error) = fleet.publish(&record, &bytes) {
-                if self.fleet_retry_at.is_none() {
-                    self.host.log(LogLevel::Warn, &format!("fleet store unavailable; publication retried every {retry:?}: {error}"));
-                }
-                self.fleet_retry_at = Some(Instant::now() + retry);
-                return shared;
-            }
-            let url = fleet.artifact_url(&record);
+        for record in outcome.published {
+            // The bucket holds it even if it stopped being current meanwhile
+            // (answers only name the bucket's copy of current artifacts).
             if let Err(error) = self.ledger.record_shared(vec![record.cache_key.clone()]) {
                 self.log_error("recording a publication to the fleet", &error);
-                return shared;
+                break;
             }
-            self.prefetcher.set_remote(&record, url);
+            self.prefetcher.set_remote(&record, fleet.artifact_url(&record));
             shared += 1;
         }
         if shared > 0 {
             self.host.log(LogLevel::Info, &format!("published {shared} artifacts to the fleet store"));
         }
-        self.fleet_retry_at = None;
+        match outcome.failed {
+            Some(error) => {
+                if self.fleet_retry_at.is_none() {
+                    self.host.log(LogLevel::Warn, &format!("fleet store unavailable; publication retried every {retry:?}: {error}"));
+                }
+                self.fleet_retry_at = Some(Instant::now() + retry);
+            }
+            None => self.fleet_retry_at = None,
+        }
         shared
+    }
+}
+
+/// Artifacts waiting to be published, with the fleet to publish them to:
+/// publishing needs no forge lock.
+pub struct PendingShares {
+    fleet: Arc<Fleet>,
+    artifacts: Vec<(ArtifactRecord, Vec<u8>)>,
+}
+
+/// What publishing [`PendingShares`] achieved.
+pub struct SharedOutcome {
+    published: Vec<ArtifactRecord>,
+    failed: Option<crate::base::error::Error>,
+}
+
+impl PendingShares {
+    /// Publishes them in order, stopping at the first failure.
+    pub fn publish(self) -> SharedOutcome {
+        let mut published = Vec::new();
+        for (record, bytes) in self.artifacts {
+            if let Err(error) = self.fleet.publish(&record, &bytes) {
+                return SharedOutcome { published, failed: Some(error) };
+            }
+            published.push(record);
+        }
+        SharedOutcome { published, failed: None }
     }
 }
