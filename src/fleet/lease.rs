@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::objects::ObjectNames;
-use super::remote::{Create, RemoteStore};
-use crate::base::error::Result;
+use super::remote::{Create, Got, RemoteStore, SMALL_OBJECT_LIMIT};
+use crate::base::error::{Error, ErrorCode, Result};
 
 /// A lease object's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,8 +25,10 @@ pub struct LeaseBody {
     pub expires_at_ms: u64,
 }
 
-/// A lease this forge holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A lease this forge holds. While it is held it is renewed in the
+/// background (every third of the TTL), so a compile longer than the TTL
+/// keeps it; dropping it stops the renewal (release it to remove it).
+#[derive(Debug)]
 pub struct Lease {
     /// The cache key it is for.
     pub cache_key: String,
@@ -34,10 +36,35 @@ pub struct Lease {
     pub generation: u64,
     /// Older generations seen when it was won (expired; removed with it).
     stale: Vec<u64>,
+    /// The renewal task, once started.
+    renewal: Option<tokio::task::AbortHandle>,
+}
+
+impl Lease {
+    /// Keeps the lease live for as long as this value exists.
+    pub fn keep_renewed(&mut self, remote: &RemoteStore, names: &ObjectNames, holder: &str, ttl: Duration) {
+        let holder = holder.to_string();
+        let make = move || body_bytes(&holder, ttl);
+        self.renewal = Some(remote.rewrite_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+    }
+}
+
+/// A lease object's bytes for `holder`, live for `ttl` from now.
+fn body_bytes(holder: &str, ttl: Duration) -> Vec<u8> {
+    let body = LeaseBody { holder: holder.to_string(), expires_at_ms: now_ms().saturating_add(ttl.as_millis() as u64) };
+    serde_json::to_vec(&body).expect("leases serialise")
 }
 
 /// What trying to claim a cache key found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Claim {
     /// This forge holds the lease: compile, publish, release.
     Won {
@@ -81,10 +108,15 @@ pub enum LeaseState {
 
 /// Reads one generation of a cache key's lease.
 pub async fn state(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, generation: u64) -> Result<LeaseState> {
-    let Some(bytes) = remote.get(&names.lease(cache_key, generation)).await? else { return Ok(LeaseState::Gone) };
+    let bytes = match remote.get(&names.lease(cache_key, generation), SMALL_OBJECT_LIMIT).await? {
+        Got::Bytes(bytes) => bytes,
+        Got::Missing => return Ok(LeaseState::Gone),
+        Got::TooLarge => return Ok(LeaseState::Expired),
+    };
+    let now = now_ms();
     Ok(match serde_json::from_slice::<LeaseBody>(&bytes) {
-        Ok(lease) if lease.expires_at_ms > now_ms() => {
-            LeaseState::Live { holder: lease.holder, expires_in: Duration::from_millis(lease.expires_at_ms - now_ms()) }
+        Ok(lease) if lease.expires_at_ms > now => {
+            LeaseState::Live { holder: lease.holder, expires_in: Duration::from_millis(lease.expires_at_ms - now) }
         }
         _ => LeaseState::Expired,
     })
@@ -93,13 +125,11 @@ pub async fn state(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, g
 /// Tries to claim `cache_key` for `holder` for `ttl`: one request when the
 /// key is free, two when generation 0 is live (the usual contention).
 pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<Claim> {
-    let body = |generation: u64| {
-        let body = LeaseBody { holder: holder.to_string(), expires_at_ms: now_ms() + ttl.as_millis() as u64 };
-        (names.lease(cache_key, generation), serde_json::to_vec(&body).expect("leases serialise"))
-    };
-    let won = |generation: u64, stale: Vec<u64>, took_over: bool| Claim::Won {
-        lease: Lease { cache_key: cache_key.to_string(), generation, stale },
-        took_over,
+    let body = |generation: u64| (names.lease(cache_key, generation), body_bytes(holder, ttl));
+    let won = |generation: u64, stale: Vec<u64>, took_over: bool| {
+        let mut lease = Lease { cache_key: cache_key.to_string(), generation, stale, renewal: None };
+        lease.keep_renewed(remote, names, holder, ttl);
+        Claim::Won { lease, took_over }
     };
     let (name, bytes) = body(0);
     if remote.create(&name, bytes).await? == Create::Created {
@@ -110,6 +140,7 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
     }
     // Generation 0 expired or was released: the newest generation decides.
     // A few rounds: each lost create means another forge moved first.
+    let mut newest_seen = 0;
     for _ in 0..4 {
         let mut generations: Vec<u64> = remote
             .list(&names.lease_folder(cache_key))
@@ -118,13 +149,17 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
             .filter_map(|o| ObjectNames::lease_generation(&o.name))
             .collect();
         generations.sort_unstable();
+        let exhausted = || Error::new(ErrorCode::Corrupt, format!("fleet lease generations of {cache_key} are exhausted"));
         let (next, took_over) = match generations.last() {
             None => (0, false),
-            Some(&newest) => match state(remote, names, cache_key, newest).await? {
-                LeaseState::Live { holder, expires_in } => return Ok(Claim::Held { holder, generation: newest, expires_in }),
-                LeaseState::Expired => (newest + 1, true),
-                LeaseState::Gone => (newest + 1, false),
-            },
+            Some(&newest) => {
+                newest_seen = newest;
+                match state(remote, names, cache_key, newest).await? {
+                    LeaseState::Live { holder, expires_in } => return Ok(Claim::Held { holder, generation: newest, expires_in }),
+                    LeaseState::Expired => (newest.checked_add(1).ok_or_else(exhausted)?, true),
+                    LeaseState::Gone => (newest.checked_add(1).ok_or_else(exhausted)?, false),
+                }
+            }
         };
         let (name, bytes) = body(next);
         if remote.create(&name, bytes).await? == Create::Created {
@@ -132,12 +167,15 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
         }
     }
     // Still contended after several rounds: someone else is making progress.
-    Ok(Claim::Held { holder: "another forge".into(), generation: 0, expires_in: ttl })
+    Ok(Claim::Held { holder: "another forge".into(), generation: newest_seen, expires_in: ttl })
 }
 
 /// Removes a lease (and the expired generations it replaced) once its
-/// holder's manifest is published or its compile failed.
-pub async fn release(remote: &RemoteStore, names: &ObjectNames, lease: &Lease) -> Result<()> {
+/// holder's manifest is published or its compile failed; its renewal stops.
+pub async fn release(remote: &RemoteStore, names: &ObjectNames, mut lease: Lease) -> Result<()> {
+    if let Some(renewal) = lease.renewal.take() {
+        renewal.abort();
+    }
     remote.delete(&names.lease(&lease.cache_key, lease.generation)).await?;
     for &generation in &lease.stale {
         remote.delete(&names.lease(&lease.cache_key, generation)).await?;

@@ -10,7 +10,7 @@ use super::config::FleetConfig;
 use super::lease::{self, Claim, Lease, LeaseBody, LeaseState};
 use super::manifest::{check_artifact, Refusal, SharedManifest};
 use super::objects::ObjectNames;
-use super::remote::{Create, RemoteStore};
+use super::remote::{Create, Got, RemoteStore, SMALL_OBJECT_LIMIT};
 use super::stats::{FleetEvent, FleetMetrics, FleetStats};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::state::artifact::ArtifactRecord;
@@ -179,20 +179,28 @@ impl Fleet {
     }
 
     async fn find(&self, cache_key: &str) -> Lookup {
-        let manifest = match self.remote.get(&self.names.manifest(cache_key)).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Lookup::Missing,
+        let manifest = match self.remote.get(&self.names.manifest(cache_key), SMALL_OBJECT_LIMIT).await {
+            Ok(Got::Bytes(bytes)) => bytes,
+            Ok(Got::Missing) => return Lookup::Missing,
+            Ok(Got::TooLarge) => {
+                return Lookup::Refused(Refusal::Malformed, format!("manifest of {cache_key} is larger than {SMALL_OBJECT_LIMIT} bytes"))
+            }
             Err(e) => return Lookup::Unavailable(e),
         };
         let record = match SharedManifest::verify(&manifest, cache_key, &self.keys) {
             Ok(record) => record,
             Err((refusal, why)) => return Lookup::Refused(refusal, why),
         };
-        let bytes = match self.remote.get(&self.names.artifact(&record.checksum)).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => {
+        // Never read past the size the (verified) manifest gives.
+        let bytes = match self.remote.get(&self.names.artifact(&record.checksum), record.size_bytes).await {
+            Ok(Got::Bytes(bytes)) => bytes,
+            Ok(Got::Missing) => {
                 let why = format!("artifact {} of {} is not in the store", record.checksum, record.blueprint_id);
                 return Lookup::Refused(Refusal::MissingArtifact, why);
+            }
+            Ok(Got::TooLarge) => {
+                let why = format!("artifact of {} is larger than the {} bytes its manifest says", record.blueprint_id, record.size_bytes);
+                return Lookup::Refused(Refusal::ChecksumMismatch, why);
             }
             Err(e) => return Lookup::Unavailable(e),
         };
@@ -222,7 +230,7 @@ impl Fleet {
             .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "publishing to the fleet store needs a signing key"))?;
         let artifact = self.names.artifact(&record.checksum);
         if self.remote.create(&artifact, bytes.to_vec()).await? == Create::Exists {
-            let intact = self.remote.get(&artifact).await?.is_some_and(|there| check_artifact(record, &there).is_ok());
+            let intact = self.remote.get(&artifact, record.size_bytes).await?.bytes().is_some_and(|there| check_artifact(record, &there).is_ok());
             if !intact {
                 self.count(FleetEvent::Refused(Refusal::ChecksumMismatch));
                 self.remote.overwrite(&artifact, bytes.to_vec()).await?;
@@ -234,10 +242,11 @@ impl Fleet {
         }
         // Another forge was first: its manifest stands if it verifies and
         // its artifact is intact; otherwise ours replaces it.
-        let there = match self.remote.get(&name).await? {
-            Some(bytes) => SharedManifest::verify(&bytes, &record.cache_key, &self.keys),
+        let there = match self.remote.get(&name, SMALL_OBJECT_LIMIT).await? {
+            Got::Bytes(bytes) => SharedManifest::verify(&bytes, &record.cache_key, &self.keys),
+            Got::TooLarge => Err((Refusal::Malformed, String::new())),
             // Removed since (by an operator): ours goes in its place.
-            None => {
+            Got::Missing => {
                 return Ok(match self.remote.create(&name, manifest.encode()).await? {
                     Create::Created => Publication::Published,
                     Create::Exists => Publication::LostRace,
@@ -246,9 +255,10 @@ impl Fleet {
         };
         let winner = match there {
             Ok(winner) if winner.checksum == record.checksum => Ok(()),
-            Ok(winner) => match self.remote.get(&self.names.artifact(&winner.checksum)).await? {
-                Some(bytes) => check_artifact(&winner, &bytes),
-                None => Err((Refusal::MissingArtifact, String::new())),
+            Ok(winner) => match self.remote.get(&self.names.artifact(&winner.checksum), winner.size_bytes).await? {
+                Got::Bytes(bytes) => check_artifact(&winner, &bytes),
+                Got::TooLarge => Err((Refusal::ChecksumMismatch, String::new())),
+                Got::Missing => Err((Refusal::MissingArtifact, String::new())),
             },
             Err(refused) => Err(refused),
         };
@@ -277,9 +287,18 @@ impl Fleet {
         claimed
     }
 
+    /// One generation of a cache key's lease, as it is now.
+    pub fn lease_state(&self, cache_key: &str, generation: u64) -> Result<LeaseState> {
+        let state = self.remote.run(lease::state(&self.remote, &self.names, cache_key, generation));
+        if state.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
+        state
+    }
+
     /// Gives a lease up (best effort: an unreleased lease only delays
     /// others until it expires).
-    pub fn release(&self, lease: &Lease) -> Result<()> {
+    pub fn release(&self, lease: Lease) -> Result<()> {
         let released = self.remote.run(lease::release(&self.remote, &self.names, lease));
         if released.is_err() {
             self.count(FleetEvent::StoreError);
@@ -306,13 +325,23 @@ impl Fleet {
         let keys: Vec<String> =
             manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).map(str::to_string).collect();
         let reads = futures::stream::iter(keys.iter().map(|key| async move {
-            (key, self.remote.get(&self.names.manifest(key)).await)
+            (key, self.remote.get(&self.names.manifest(key), SMALL_OBJECT_LIMIT).await)
         }))
         .buffered(CONCURRENT_REQUESTS);
         let read: Vec<_> = self.remote.run(reads.collect());
         for (key, bytes) in read {
-            let Some(bytes) = bytes? else { continue };
             survey.manifests += 1;
+            let bytes = match bytes? {
+                Got::Bytes(bytes) => bytes,
+                Got::TooLarge => {
+                    *survey.refused.entry(Refusal::Malformed).or_default() += 1;
+                    continue;
+                }
+                Got::Missing => {
+                    survey.manifests -= 1;
+                    continue;
+                }
+            };
             let checked = SharedManifest::verify(&bytes, key, &self.keys).and_then(|record| {
                 match sizes.get(&self.names.artifact(&record.checksum)) {
                     None => Err((Refusal::MissingArtifact, String::new())),
@@ -339,7 +368,7 @@ impl Fleet {
             for object in listed {
                 let Some(rest) = object.name.strip_prefix(&self.names.leases()) else { continue };
                 let Some((key, _)) = rest.split_once('/') else { continue };
-                if let Some(bytes) = self.remote.get(&object.name).await? {
+                if let Got::Bytes(bytes) = self.remote.get(&object.name, SMALL_OBJECT_LIMIT).await? {
                     if let Ok(body) = serde_json::from_slice::<LeaseBody>(&bytes) {
                         let left = Duration::from_millis(body.expires_at_ms.saturating_sub(lease::now_ms()));
                         out.push((key.to_string(), body, left));

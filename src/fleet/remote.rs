@@ -12,6 +12,9 @@ use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
+/// The largest manifest or lease object read (a manifest is a few KiB).
+pub const SMALL_OBJECT_LIMIT: u64 = 4 << 20;
+
 use super::config::FleetConfig;
 use crate::base::error::{Error, ErrorCode, Result};
 
@@ -22,6 +25,27 @@ pub enum Create {
     Created,
     /// The object existed (another writer was first): nothing changed.
     Exists,
+}
+
+/// What a bounded read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    /// The object's bytes.
+    Bytes(Vec<u8>),
+    /// No such object.
+    Missing,
+    /// The object is larger than the caller's limit (not read past it).
+    TooLarge,
+}
+
+impl Got {
+    /// The bytes, if the object was there and within the limit.
+    pub fn bytes(self) -> Option<Vec<u8>> {
+        match self {
+            Got::Bytes(bytes) => Some(bytes),
+            Got::Missing | Got::TooLarge => None,
+        }
+    }
 }
 
 /// One object of a listing.
@@ -110,39 +134,78 @@ impl RemoteStore {
 
     /// Bounds one operation by the request timeout.
     async fn bounded<T>(&self, what: &str, name: &str, op: impl Future<Output = object_store::Result<T>>) -> Result<T, StoreError> {
+        self.bounded_for(what, name, 0, op).await
+    }
+
+    /// Bounds one operation moving up to `bytes` by the request timeout
+    /// plus a second per MiB.
+    async fn bounded_for<T>(
+        &self,
+        what: &str,
+        name: &str,
+        bytes: u64,
+        op: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, StoreError> {
         self.operations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match tokio::time::timeout(self.timeout, op).await {
+        let timeout = self.timeout + Duration::from_secs(bytes >> 20);
+        match tokio::time::timeout(timeout, op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound),
             Ok(Err(object_store::Error::AlreadyExists { .. })) => Err(StoreError::Exists),
             Ok(Err(e)) => Err(StoreError::Failed(Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: {e}")))),
             Err(_) => Err(StoreError::Failed(Error::new(
                 ErrorCode::Io,
-                format!("fleet store: {what} {name}: no answer from {} within {:?}", self.endpoint, self.timeout),
+                format!("fleet store: {what} {name}: no answer from {} within {timeout:?}", self.endpoint),
             ))),
         }
     }
 
-    /// An object's bytes, `None` if it does not exist.
-    pub async fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+    /// An object's bytes, `None` if it does not exist; an object larger
+    /// than `limit` bytes is not read past the limit (`Got::TooLarge`): the
+    /// bucket is untrusted and must not exhaust this host's memory. The
+    /// timeout grows with the limit (at least 1 MiB/s is expected).
+    pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
         let location = Path::from(name);
         let read = async {
-            let got = self.store.get(&location).await?;
-            got.bytes().await
+            let mut body = self.store.get(&location).await?.into_stream();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.try_next().await? {
+                if bytes.len() as u64 + chunk.len() as u64 > limit {
+                    return Ok(Got::TooLarge);
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(Got::Bytes(bytes))
         };
-        match self.bounded("get", name, read).await {
-            Ok(bytes) => Ok(Some(bytes.to_vec())),
-            Err(StoreError::NotFound) => Ok(None),
+        match self.bounded_for("get", name, limit, read).await {
+            Ok(got) => Ok(got),
+            Err(StoreError::NotFound) => Ok(Got::Missing),
             Err(e) => Err(e.into_error("get", name)),
         }
+    }
+
+    /// Rewrites an object every `every` on the store's runtime, with the
+    /// bytes `make` returns each time, until the returned handle is
+    /// aborted (failures are ignored: the next round tries again).
+    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> tokio::task::AbortHandle {
+        let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
+        self.runtime
+            .spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let _ = tokio::time::timeout(timeout, store.put(&location, PutPayload::from(make()))).await;
+                }
+            })
+            .abort_handle()
     }
 
     /// Stores an object only if none exists under its name (`If-None-Match: *`).
     pub async fn create(&self, name: &str, bytes: Vec<u8>) -> Result<Create> {
         let options = PutOptions { mode: PutMode::Create, ..Default::default() };
         let location = Path::from(name);
+        let size = bytes.len() as u64;
         let put = self.store.put_opts(&location, PutPayload::from(bytes), options);
-        match self.bounded("create", name, put).await {
+        match self.bounded_for("create", name, size, put).await {
             Ok(_) => Ok(Create::Created),
             Err(StoreError::Exists) => Ok(Create::Exists),
             Err(e) => Err(e.into_error("create", name)),
@@ -152,8 +215,9 @@ impl RemoteStore {
     /// Stores an object, replacing what its name held.
     pub async fn overwrite(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
         let location = Path::from(name);
+        let size = bytes.len() as u64;
         let put = self.store.put(&location, PutPayload::from(bytes));
-        self.bounded("overwrite", name, put).await.map(drop).map_err(|e| e.into_error("overwrite", name))
+        self.bounded_for("overwrite", name, size, put).await.map(drop).map_err(|e| e.into_error("overwrite", name))
     }
 
     /// Removes an object (one already gone is not an error).

@@ -106,7 +106,9 @@ pub struct ForgeConfig {
     /// updates and telemetry to; `None` (default): the host only.
     pub bus: Option<BusConfig>,
     /// The fleet's shared bucket to fetch artifacts from and publish them
-    /// to; `None` (default): this host compiles everything itself.
+    /// to; `None` (default): this host compiles everything itself. The
+    /// forge drives its own tokio runtime for it: do not call a fleet
+    /// member's forge from inside a tokio runtime's worker thread.
     pub fleet: Option<FleetConfig>,
 }
 

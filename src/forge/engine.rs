@@ -136,7 +136,7 @@ impl Forge {
             forge.fleet_offset = u32::from_le_bytes(nonce) as usize;
             let fleet = Fleet::connect(fleet_config, forge.config.keys.clone(), holder)?;
             // Answers name the bucket's copy of what it holds.
-            for record in forge.ledger.artifacts().values().filter(|r| forge.ledger.is_shared(&r.cache_key)) {
+            for record in forge.ledger.artifacts().values().filter(|r| forge.ledger.is_shared(r)) {
                 forge.prefetcher.set_remote(record, fleet.artifact_url(record));
             }
             forge.fleet = Some(Arc::new(fleet));
@@ -268,7 +268,7 @@ impl Forge {
             metrics.extend(bus.stats().metrics(bus.config().publish, bus.config().serve_prefetch));
         }
         if let Some(fleet) = &self.fleet {
-            metrics.extend(fleet.metrics().points(self.ledger.unshared().len()));
+            metrics.extend(fleet.metrics().points(self.unshared()));
         }
         metrics
     }
@@ -283,10 +283,13 @@ impl Forge {
         self.fleet.as_deref()
     }
 
-    /// Current artifacts the fleet's bucket does not hold yet (published
-    /// once it is reachable).
+    /// Current artifacts waiting to be published to the fleet's bucket
+    /// (once it is reachable); 0 for a member that does not publish.
     pub fn unshared(&self) -> usize {
-        self.ledger.unshared().len()
+        match &self.fleet {
+            Some(fleet) if fleet.config().publish => self.ledger.unshared_count(),
+            _ => 0,
+        }
     }
 
     /// Every metric, as a `TelemetryPacket` without events.

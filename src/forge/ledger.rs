@@ -14,7 +14,7 @@ use crate::state::layout::StateLayout;
 use crate::state::signing::KeyRing;
 use crate::state::store::ArtifactStore;
 use crate::state::verify::guard_entry;
-use crate::state::wal::journal::{Announcement, Job, Journal, JournalState, Record};
+use crate::state::wal::journal::{Announcement, Job, Journal, JournalState, Record, SharedArtifact};
 
 /// What a durable artifact of a job's cache key allows.
 #[derive(Debug)]
@@ -208,26 +208,31 @@ impl Ledger {
     /// that the bucket holds it.
     pub fn store_fetched(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> Result<()> {
         self.store.put(record, bytes)?;
-        self.record_shared(vec![record.cache_key.clone()])
+        self.record_shared(record)
     }
 
-    /// Durably records that the fleet's bucket holds these cache keys.
-    pub fn record_shared(&mut self, cache_keys: Vec<String>) -> Result<()> {
-        let new: Vec<String> = cache_keys.into_iter().filter(|k| !self.journal.state().shared.contains(k)).collect();
-        if new.is_empty() {
+    /// Durably records that the fleet's bucket holds a stored artifact.
+    pub fn record_shared(&mut self, record: &ArtifactRecord) -> Result<()> {
+        if self.is_shared(record) {
             return Ok(());
         }
-        self.journal.append(vec![vec![Record::Shared { cache_keys: new }]])
+        self.journal.append(vec![vec![Record::Shared { artifacts: vec![SharedArtifact::of(record)] }]])
     }
 
-    /// Whether the fleet's bucket holds a cache key's artifact.
-    pub fn is_shared(&self, cache_key: &str) -> bool {
-        self.journal.state().shared.contains(cache_key)
+    /// Whether the fleet's bucket holds this artifact (these bytes, under
+    /// this cache key).
+    pub fn is_shared(&self, record: &ArtifactRecord) -> bool {
+        self.journal.state().shared.contains(&SharedArtifact::of(record))
     }
 
-    /// Current artifacts the fleet's bucket does not hold yet.
-    pub fn unshared(&self) -> Vec<ArtifactRecord> {
-        self.artifacts().values().filter(|r| !self.is_shared(&r.cache_key)).cloned().collect()
+    /// Current artifacts the fleet's bucket does not hold yet, at most `limit`.
+    pub fn unshared(&self, limit: usize) -> Vec<ArtifactRecord> {
+        self.artifacts().values().filter(|r| !self.is_shared(r)).take(limit).cloned().collect()
+    }
+
+    /// How many current artifacts the fleet's bucket does not hold yet.
+    pub fn unshared_count(&self) -> usize {
+        self.artifacts().values().filter(|r| !self.is_shared(r)).count()
     }
 
     /// Makes a stored artifact current: journal commit, then guard slot.
@@ -244,7 +249,7 @@ impl Ledger {
         published: Vec<u64>,
         remote_ref: Option<String>,
     ) -> Result<(KernelCatalogUpdate, Option<Announcement>)> {
-        let shared = remote_ref.is_some() && !self.is_shared(&record.cache_key);
+        let shared = remote_ref.is_some() && !self.is_shared(record);
         let update = KernelCatalogUpdate {
             blueprint_id: record.blueprint_id.clone(),
             artifact_ref: remote_ref.unwrap_or_else(|| self.store.artifact_path(record).display().to_string()),
@@ -259,7 +264,7 @@ impl Ledger {
         });
         let mut transaction = vec![Record::Commit { seq, artifact: record.clone() }];
         if shared {
-            transaction.push(Record::Shared { cache_keys: vec![record.cache_key.clone()] });
+            transaction.push(Record::Shared { artifacts: vec![SharedArtifact::of(record)] });
         }
         if let Some(announcement) = &announcement {
             transaction.push(Record::Announce { announcement: announcement.clone() });

@@ -98,6 +98,12 @@ impl Forge {
             progress(Progress::Finished(front.position, total, &report));
             reports.push(report);
         }
+        // Shutting down: leases of jobs that did not start go back at once.
+        for (_, admission) in drain.ready {
+            if let Admission::Go(Some(lease)) = admission {
+                self.release(lease);
+            }
+        }
         self.share_pending();
         reports
     }
@@ -152,7 +158,7 @@ impl Forge {
                 Admission::Ask => match self.admit(job, drain.missed.remove(&job.cache_key)) {
                     Admitted::Go(lease) => lease,
                     Admitted::Wait(generation) => {
-                        drain.waiting.push(Waiting { position, since: Instant::now(), generation });
+                        drain.waiting.push(Waiting { position, since: None, generation });
                         continue;
                     }
                 },

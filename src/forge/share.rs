@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
-use crate::fleet::lease::Lease;
+use crate::fleet::lease::{Lease, LeaseState};
 use crate::fleet::{Claim, Fleet, FleetEvent, Lookup, Publication, Watched};
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
@@ -29,8 +29,9 @@ pub(super) enum Admission {
 pub(super) struct Waiting {
     /// Its index in the drained queue.
     pub position: usize,
-    /// Since when it waits.
-    pub since: Instant,
+    /// Since when it waits for the other host (from the first look, once
+    /// this host has nothing else to do).
+    pub since: Option<Instant>,
     /// The generation of the lease it waits on.
     pub generation: u64,
 }
@@ -46,6 +47,10 @@ pub(super) enum Admitted {
 /// Jobs looked up together before a drain.
 const LOOKUP_BATCH: usize = 16;
 
+/// Unpublished artifacts read and published per retry (bounds the memory
+/// and the time a retry takes).
+const SHARE_BATCH: usize = 64;
+
 /// The longest pause between two looks at the bucket while waiting.
 const MAX_POLL: Duration = Duration::from_millis(100);
 
@@ -54,7 +59,7 @@ impl Forge {
     /// the fleet's bucket holds it.
     pub(super) fn remote_ref(&self, record: &ArtifactRecord) -> Option<String> {
         let fleet = self.fleet.as_ref()?;
-        self.ledger.is_shared(&record.cache_key).then(|| fleet.artifact_url(record))
+        self.ledger.is_shared(record).then(|| fleet.artifact_url(record))
     }
 
     /// Before a drain: looks up the queued jobs without a local artifact in
@@ -155,6 +160,20 @@ impl Forge {
             }
         }
         let fleet = self.fleet.as_ref().expect("a fleet");
+        if !fleet.config().publish {
+            // A reader never claims (it could not publish what it compiles):
+            // it waits for a live holder, else compiles for itself.
+            return match fleet.lease_state(&job.cache_key, 0) {
+                Ok(LeaseState::Live { .. }) => {
+                    fleet.count(FleetEvent::LeaseWait);
+                    Admitted::Wait(0)
+                }
+                _ => {
+                    fleet.count(FleetEvent::Miss);
+                    Admitted::Go(None)
+                }
+            };
+        }
         match fleet.claim(&job.cache_key) {
             Ok(Claim::Won { lease, .. }) => Admitted::Go(self.under_lease(job, lease)),
             Ok(Claim::Held { generation, .. }) => {
@@ -193,7 +212,7 @@ impl Forge {
     /// Gives a lease back (a failure only delays others until it expires).
     pub(super) fn release(&mut self, lease: Lease) {
         if let Some(fleet) = &self.fleet {
-            if let Err(error) = fleet.release(&lease) {
+            if let Err(error) = fleet.release(lease) {
                 self.host.log(LogLevel::Warn, &format!("releasing a fleet lease (it expires by itself): {error}"));
             }
         }
@@ -218,6 +237,8 @@ impl Forge {
             let mut still = Vec::new();
             for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
                 let job = &queue[w.position];
+                let timed_out = w.since.get_or_insert_with(Instant::now).elapsed() >= wait_bound;
+                let publishes = self.fleet.as_ref().is_some_and(|f| f.config().publish);
                 let go = match watch {
                     Watched::Lookup(Lookup::Found(record, bytes)) => {
                         self.keep_fetched(job, &record, &bytes);
@@ -232,7 +253,7 @@ impl Forge {
                         self.host.log(LogLevel::Warn, &message);
                         Some(None)
                     }
-                    Watched::Held if w.since.elapsed() >= wait_bound => {
+                    Watched::Held | Watched::Lookup(Lookup::Missing) | Watched::Expired if timed_out => {
                         let fleet = self.fleet.as_ref().expect("a fleet");
                         fleet.count(FleetEvent::WaitTimeout);
                         fleet.count(FleetEvent::Miss);
@@ -241,7 +262,12 @@ impl Forge {
                         Some(None)
                     }
                     Watched::Held => None,
-                    // Given up or expired: claimed (one waiting host wins).
+                    // Given up or expired: a reader compiles for itself, ...
+                    Watched::Lookup(Lookup::Missing) | Watched::Expired if !publishes => {
+                        self.fleet.as_ref().expect("a fleet").count(FleetEvent::Miss);
+                        Some(None)
+                    }
+                    // ... a publisher claims it (one waiting host wins).
                     Watched::Lookup(Lookup::Missing) | Watched::Expired => match self.fleet.as_ref().expect("a fleet").claim(&job.cache_key) {
                         Ok(Claim::Won { lease, .. }) => Some(self.under_lease(job, lease)),
                         Ok(Claim::Held { generation, .. }) => {
@@ -296,7 +322,7 @@ impl Forge {
             return None;
         }
         let mut artifacts = Vec::new();
-        for record in self.ledger.unshared() {
+        for record in self.ledger.unshared(SHARE_BATCH) {
             match self.ledger.store().read_verified(&record) {
                 Ok(bytes) => artifacts.push((record, bytes)),
                 Err(error) => self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error),
@@ -314,7 +340,7 @@ impl Forge {
         for record in outcome.published {
             // The bucket holds it even if it stopped being current meanwhile
             // (answers only name the bucket's copy of current artifacts).
-            if let Err(error) = self.ledger.record_shared(vec![record.cache_key.clone()]) {
+            if let Err(error) = self.ledger.record_shared(&record) {
                 self.log_error("recording a publication to the fleet", &error);
                 break;
             }

@@ -385,18 +385,20 @@ fn the_outbox_survives_checkpoints_in_parts_and_leaves_once_published() {
 fn shared_cache_keys_survive_checkpoints_in_parts_and_leave_with_eviction() {
     let dir = TempDir::new("wal-shared");
     let path = dir.path().join("journal.wal");
+    use tezzeret::state::wal::journal::SharedArtifact;
     let key = |i: u64| format!("{i:064x}");
+    let entry = |i: u64| SharedArtifact { cache_key: key(i), checksum: "ab".repeat(32) };
     {
         let mut journal = Journal::open(&path).unwrap();
         // More keys than one checkpoint part holds, then a checkpoint.
-        journal.append(vec![vec![Record::Shared { cache_keys: (0..5000).map(key).collect() }]]).unwrap();
+        journal.append(vec![vec![Record::Shared { artifacts: (0..5000).map(entry).collect() }]]).unwrap();
         journal.append(vec![vec![Record::Evict { blueprint_id: None, cache_key: key(7) }]]).unwrap();
         journal.checkpoint().unwrap();
     }
     let journal = Journal::open(&path).unwrap();
     let shared = &journal.state().shared;
     assert_eq!(shared.len(), 4999);
-    assert!(shared.contains(&key(4999)) && !shared.contains(&key(7)), "an evicted key is no longer shared");
+    assert!(shared.contains(&entry(4999)) && !shared.contains(&entry(7)), "an evicted key is no longer shared");
     let first = &journal.recovery().transactions[0].records[0];
     let head: serde_json::Value = serde_json::from_slice(first).unwrap();
     assert_eq!(head["state"]["shared"].as_array().map(Vec::len), Some(0), "the keys came in parts");

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::options::{keys, FleetArgs};
 use tezzeret::fleet::{Fleet, FleetMetrics};
 use tezzeret::state::verify::read_journal;
+use tezzeret::state::wal::journal::SharedArtifact;
 use tezzeret::{Error, Result};
 
 #[derive(Args)]
@@ -36,7 +37,7 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
     let local = match &args.state {
         Some(dir) => {
             let (_, journal) = read_journal(dir)?;
-            let shared = journal.artifacts.values().filter(|r| journal.shared.contains(&r.cache_key)).count();
+            let shared = journal.artifacts.values().filter(|r| journal.shared.contains(&SharedArtifact::of(r))).count();
             Some((journal.artifacts.len(), shared))
         }
         None => None,

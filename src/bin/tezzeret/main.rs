@@ -318,7 +318,7 @@ fn describe_record(payload: &[u8]) -> String {
             state.outbox.len(),
             state.next_seq
         ),
-        Ok(Record::Shared { cache_keys }) => format!("shared {} artifacts with the fleet", cache_keys.len()),
+        Ok(Record::Shared { artifacts }) => format!("shared {} artifacts with the fleet", artifacts.len()),
         Ok(Record::CheckpointPart { jobs, artifacts, announcements, shared }) => format!(
             "checkpoint part: {} jobs, {} artifacts, {} unpublished, {} shared",
             jobs.len(),

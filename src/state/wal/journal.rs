@@ -87,6 +87,24 @@ mod descriptor_hex {
     }
 }
 
+/// An artifact the fleet's bucket holds: its cache key (the manifest) and
+/// checksum (the artifact object), so that a later artifact of the same
+/// cache key with other bytes is not taken for shared.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SharedArtifact {
+    /// The cache key.
+    pub cache_key: String,
+    /// The artifact's sha256 (hex).
+    pub checksum: String,
+}
+
+impl SharedArtifact {
+    /// The entry of a stored artifact.
+    pub fn of(record: &ArtifactRecord) -> Self {
+        SharedArtifact { cache_key: record.cache_key.clone(), checksum: record.checksum.clone() }
+    }
+}
+
 /// A catalog update waiting in the outbox to be published on the bus: it
 /// enters in the same transaction as the commit it announces and leaves
 /// once the bus has it, so that a crash or an outage in between loses none.
@@ -199,11 +217,11 @@ pub enum Record {
         /// Their outbox sequence numbers.
         seqs: Vec<u64>,
     },
-    /// Cache keys whose artifact and manifest the fleet's bucket holds: a
+    /// Artifacts the fleet's bucket holds (artifact and manifest): a
     /// remote consumer can fetch them.
     Shared {
-        /// The cache keys.
-        cache_keys: Vec<String>,
+        /// Their cache keys and checksums.
+        artifacts: Vec<SharedArtifact>,
     },
     /// The whole state, replacing everything before it. Large states are
     /// split: the first record of a checkpoint transaction carries the
@@ -224,9 +242,9 @@ pub enum Record {
         /// Unpublished catalog updates.
         #[serde(default)]
         announcements: Vec<Announcement>,
-        /// Cache keys the fleet's bucket holds.
+        /// Artifacts the fleet's bucket holds.
         #[serde(default)]
-        shared: Vec<String>,
+        shared: Vec<SharedArtifact>,
     },
 }
 
@@ -258,9 +276,9 @@ pub struct JournalState {
     /// Next outbox sequence number.
     #[serde(default)]
     pub next_announcement: u64,
-    /// Cache keys of stored artifacts the fleet's bucket holds too.
+    /// Stored artifacts the fleet's bucket holds too.
     #[serde(default)]
-    pub shared: BTreeSet<String>,
+    pub shared: BTreeSet<SharedArtifact>,
     /// Queued jobs by cache key (derived from `pending`; not stored).
     #[serde(skip)]
     queued_by_key: HashMap<String, u64>,
@@ -308,9 +326,9 @@ impl JournalState {
                         self.artifacts.remove(&id);
                     }
                 }
-                self.shared.remove(&cache_key);
+                self.shared.retain(|s| s.cache_key != cache_key);
             }
-            Record::Shared { cache_keys } => self.shared.extend(cache_keys),
+            Record::Shared { artifacts } => self.shared.extend(artifacts),
             Record::Announce { announcement } => {
                 self.next_announcement = self.next_announcement.max(announcement.seq + 1);
                 self.outbox.insert(announcement.seq, announcement);
@@ -539,10 +557,10 @@ impl Journal {
         let jobs: Vec<Job> = std::mem::take(&mut head.pending).into_values().collect();
         let artifacts: Vec<ArtifactRecord> = std::mem::take(&mut head.artifacts).into_values().collect();
         let announcements: Vec<Announcement> = std::mem::take(&mut head.outbox).into_values().collect();
-        let shared: Vec<String> = std::mem::take(&mut head.shared).into_iter().collect();
+        let shared: Vec<SharedArtifact> = std::mem::take(&mut head.shared).into_iter().collect();
         let encode = |record: &Record| serde_json::to_vec(record).expect("records serialise");
         let mut payloads = vec![encode(&Record::Checkpoint { state: head })];
-        let part = |jobs: &[Job], artifacts: &[ArtifactRecord], announcements: &[Announcement], shared: &[String]| {
+        let part = |jobs: &[Job], artifacts: &[ArtifactRecord], announcements: &[Announcement], shared: &[SharedArtifact]| {
             encode(&Record::CheckpointPart {
                 jobs: jobs.to_vec(),
                 artifacts: artifacts.to_vec(),
