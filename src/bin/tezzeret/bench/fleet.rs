@@ -95,8 +95,10 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     }
     let (join, alone) = (median(joins), median(compiles));
 
-    // Three hosts on a cold bucket (a fresh prefix each round) against one host alone.
+    // Three hosts on a cold bucket (a fresh prefix each round) against one
+    // host alone, without a fleet and as a fleet of one (it publishes all).
     let (mut fleets, mut singles, mut total_compiles) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lone_members = Vec::new();
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let me = std::process::id();
     for round in 0..ROUNDS {
@@ -119,7 +121,9 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         store_cpu.push(w1 - w0);
         fleet_cpu.push(m1 - m0);
         single_cpu.push(cpu_seconds(me) - m1);
+        lone_members.push(open_and_run(&work.join(format!("fleet-lone-{round}")), &keys, Some(fleet(format!("lone-{round}"))))?.0);
     }
+    let lone = median(lone_members);
     let (three, single) = (median(fleets), median(singles));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
@@ -135,6 +139,12 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: three hosts on a cold bucket, open → all ready (wall)",
             three * 1e3,
             Some(format!("one host alone: {:.0} ms; ratio {:.2}× (goal ≤ 1.2×)", single * 1e3, three / single)),
+            "ms",
+        ),
+        row(
+            "fleet: one host alone on a cold bucket, a fleet of one (compiles and publishes all)",
+            lone * 1e3,
+            Some(format!("three hosts / this: {:.2}×", three / lone)),
             "ms",
         ),
         row(format!("fleet: compiles in total by the three hosts (of {n})"), most_compiles, Some(format!("{n} expected")), "jobs"),
