@@ -2,6 +2,7 @@
 //! compiled (verified before anything is trusted), publishing what this
 //! host compiled, and the leases that keep two hosts from compiling the
 //! same cache key.
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -79,6 +80,24 @@ pub struct Fleet {
     config: FleetConfig,
     holder: String,
     stats: FleetStats,
+    /// Lease releases under way in the background.
+    releasing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A publication under way (see [`Fleet::start_publish`]).
+pub struct PendingPublication {
+    fleet: Arc<Fleet>,
+    task: tokio::task::JoinHandle<Result<Publication>>,
+}
+
+impl PendingPublication {
+    /// Waits for the publication's outcome.
+    pub fn wait(self) -> Result<Publication> {
+        match self.fleet.remote.run(self.task) {
+            Ok(published) => published,
+            Err(e) => Err(Error::new(ErrorCode::Internal, format!("fleet publication task failed: {e}"))),
+        }
+    }
 }
 
 impl std::fmt::Debug for Fleet {
@@ -102,7 +121,7 @@ impl Fleet {
         }
         let remote = RemoteStore::connect(&config)?;
         let names = ObjectNames::new(&config.bucket, &config.prefix);
-        Ok(Fleet { remote, names, keys, config, holder, stats: FleetStats::default() })
+        Ok(Fleet { remote, names, keys, config, holder, stats: FleetStats::default(), releasing: Mutex::new(Vec::new()) })
     }
 
     /// The configuration.
@@ -217,12 +236,29 @@ impl Fleet {
     /// won the race (fine), one that does not is replaced by ours.
     pub fn publish(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
         let published = self.remote.run(self.publish_async(record, bytes));
-        match &published {
+        self.count_publication(&published);
+        published
+    }
+
+    /// Starts publishing on the store's runtime and returns at once, so
+    /// that the caller's own work (the local durable store) overlaps the
+    /// uploads; [`PendingPublication::wait`] gives the outcome.
+    pub fn start_publish(self: &Arc<Self>, record: ArtifactRecord, bytes: Arc<Vec<u8>>) -> PendingPublication {
+        let fleet = Arc::clone(self);
+        let task = self.remote.spawn(async move {
+            let published = fleet.publish_async(&record, &bytes).await;
+            fleet.count_publication(&published);
+            published
+        });
+        PendingPublication { fleet: Arc::clone(self), task }
+    }
+
+    fn count_publication(&self, published: &Result<Publication>) {
+        match published {
             Ok(Publication::Published) => self.count(FleetEvent::Published),
             Ok(Publication::LostRace) => self.count(FleetEvent::LostRace),
             Err(_) => self.count(FleetEvent::StoreError),
         }
-        published
     }
 
     async fn publish_async(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
@@ -294,6 +330,30 @@ impl Fleet {
             self.count(FleetEvent::StoreError);
         }
         state
+    }
+
+    /// Gives a lease up in the background (see [`Self::settle`]); a
+    /// failure is counted and only delays others until the lease expires.
+    pub fn release_later(self: &Arc<Self>, lease: Lease) {
+        let fleet = Arc::clone(self);
+        let task = self.remote.spawn(async move {
+            if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
+                fleet.count(FleetEvent::StoreError);
+            }
+        });
+        let mut releasing = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
+        releasing.retain(|t| !t.is_finished());
+        releasing.push(task);
+    }
+
+    /// Waits until every lease given up with [`Self::release_later`] is gone.
+    pub fn settle(&self) {
+        let tasks: Vec<_> = std::mem::take(&mut *self.releasing.lock().unwrap_or_else(|p| p.into_inner()));
+        self.remote.run(async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        });
     }
 
     /// Gives a lease up (best effort: an unreleased lease only delays

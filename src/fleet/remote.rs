@@ -122,6 +122,15 @@ impl RemoteStore {
         self.runtime.block_on(requests)
     }
 
+    /// Runs requests in the background on the store's runtime.
+    pub fn spawn<F>(&self, requests: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(requests)
+    }
+
     /// The endpoint requests go to (for messages).
     pub fn endpoint(&self) -> &str {
         &self.endpoint

@@ -195,11 +195,18 @@ impl Ledger {
 
     /// Stores a compiled artifact durably — file, then signed manifest —
     /// and returns its complete record (not yet current: see [`Self::commit`]).
-    pub fn store_artifact(&self, mut record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
-        record.describe_bytes(bytes);
-        self.keys.sign_record(&mut record);
+    pub fn store_artifact(&self, record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
+        let record = self.complete_record(record, bytes);
         self.store.put(&record, bytes)?;
         Ok(record)
+    }
+
+    /// A compiled artifact's complete record — checksum, file name, size,
+    /// signature — as [`Self::store_artifact`] stores it.
+    pub fn complete_record(&self, mut record: ArtifactRecord, bytes: &[u8]) -> ArtifactRecord {
+        record.describe_bytes(bytes);
+        self.keys.sign_record(&mut record);
+        record
     }
 
     /// Stores an artifact fetched from the fleet's bucket — its record

@@ -104,6 +104,9 @@ impl Forge {
                 self.release(lease);
             }
         }
+        if let Some(fleet) = &self.fleet {
+            fleet.settle();
+        }
         self.share_pending();
         reports
     }
@@ -315,8 +318,13 @@ impl Forge {
             revision: self.ledger.next_revision(&job.blueprint_id),
             signature: None,
         };
-        let record = self.ledger.store_artifact(record, &artifact.bytes)?;
-        let shared = self.publish_compiled(&record, &artifact.bytes);
+        // The uploads to the fleet's bucket overlap the local durable store.
+        let bytes = std::sync::Arc::new(artifact.bytes);
+        let record = self.ledger.complete_record(record, &bytes);
+        let publication = self.start_publish(&record, &bytes);
+        let stored = self.ledger.store().put(&record, &bytes);
+        let shared = self.finish_publish(&record, publication);
+        stored?;
         self.commit(job, &record, Some((c.started.clone(), c.begun)), shared)?;
         Ok(record)
     }

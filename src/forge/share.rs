@@ -13,6 +13,7 @@ use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use crate::fleet::lease::{Lease, LeaseState};
+use crate::fleet::member::PendingPublication;
 use crate::fleet::{Claim, Fleet, FleetEvent, Lookup, Publication, Watched};
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
@@ -209,12 +210,11 @@ impl Forge {
         }
     }
 
-    /// Gives a lease back (a failure only delays others until it expires).
+    /// Gives a lease back, in the background (a failure only delays
+    /// others until it expires); the drain settles them before it returns.
     pub(super) fn release(&mut self, lease: Lease) {
         if let Some(fleet) = &self.fleet {
-            if let Err(error) = fleet.release(lease) {
-                self.host.log(LogLevel::Warn, &format!("releasing a fleet lease (it expires by itself): {error}"));
-            }
+            fleet.release_later(lease);
         }
     }
 
@@ -287,17 +287,25 @@ impl Forge {
         admitted
     }
 
-    /// Publishes a freshly stored artifact; returns whether the bucket now
-    /// holds it (false: an outage — it is published later, see
-    /// [`Forge::share_pending`]).
-    pub(super) fn publish_compiled(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> bool {
-        let Some(fleet) = self.fleet.as_ref().filter(|f| f.config().publish) else { return false };
-        match fleet.publish(record, bytes) {
+    /// Starts publishing a compiled artifact (its record complete) while
+    /// the caller stores it locally; None without a publishing fleet.
+    pub(super) fn start_publish(&self, record: &ArtifactRecord, bytes: &Arc<Vec<u8>>) -> Option<PendingPublication> {
+        let fleet = self.fleet.as_ref().filter(|f| f.config().publish)?;
+        Some(fleet.start_publish(record.clone(), Arc::clone(bytes)))
+    }
+
+    /// Waits for a publication started with [`Self::start_publish`];
+    /// returns whether the bucket now holds the artifact (false: an outage
+    /// — it is published later, see [`Forge::share_pending`]).
+    pub(super) fn finish_publish(&mut self, record: &ArtifactRecord, pending: Option<PendingPublication>) -> bool {
+        let Some(pending) = pending else { return false };
+        let retry = self.fleet.as_ref().map(|f| f.config().retry_interval).unwrap_or_default();
+        match pending.wait() {
             Ok(Publication::Published | Publication::LostRace) => true,
             Err(error) => {
                 let message = format!("{}: publishing to the fleet store failed (retried later): {error}", record.blueprint_id);
                 self.host.log(LogLevel::Warn, &message);
-                self.fleet_retry_at = Some(Instant::now() + fleet.config().retry_interval);
+                self.fleet_retry_at = Some(Instant::now() + retry);
                 false
             }
         }
