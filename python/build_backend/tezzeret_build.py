@@ -7,6 +7,11 @@ rpath `$ORIGIN/../torch/lib` — the installed torch package beside it —
 and the package imports torch before loading it, so one libtorch serves
 the process.
 
+It also compiles `tezzeret/_fastpath.c` (the kernel-run hot path, a
+CPython extension that links against nothing but the interpreter) with the
+C compiler the interpreter was built with, which makes the wheel specific
+to this interpreter (`cp311-cp311-…`).
+
 TEZZERET_WHEEL_PROFILE=dev packs the dev-profile build the test command
 already made instead of a release build.
 """
@@ -16,11 +21,15 @@ import base64
 import hashlib
 import os
 import subprocess
+import sys
+import sysconfig
+import tempfile
 import zipfile
 
 NAME = "tezzeret"
 VERSION = "0.1.0"
-TAG = "py3-none-linux_x86_64"
+ABI = f"cp{sys.version_info.major}{sys.version_info.minor}"
+TAG = f"{ABI}-{ABI}-linux_x86_64"
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(HERE)
 
@@ -54,6 +63,20 @@ def _library() -> str:
     return path
 
 
+def _extension() -> tuple:
+    """Compiles the hot path; returns its file name in the package and bytes."""
+    source = os.path.join(HERE, NAME, "_fastpath.c")
+    name = "_fastpath" + sysconfig.get_config_var("EXT_SUFFIX")
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()
+    include = sysconfig.get_paths()["include"]
+    with tempfile.TemporaryDirectory() as work:
+        out = os.path.join(work, name)
+        flags = ["-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{include}", source, "-o", out]
+        subprocess.run(compiler + flags, check=True, stdout=sys.stderr)
+        with open(out, "rb") as f:
+            return name, f.read()
+
+
 def _record_line(arcname: str, data: bytes) -> str:
     digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
     return f"{arcname},sha256={digest},{len(data)}"
@@ -68,6 +91,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
                 files[f"{NAME}/{name}"] = f.read()
     with open(_library(), "rb") as f:
         files[f"{NAME}/libtezzeret.so.0"] = f.read()
+    extension, compiled = _extension()
+    files[f"{NAME}/{extension}"] = compiled
     dist = f"{NAME}-{VERSION}.dist-info"
     files[f"{dist}/METADATA"] = _metadata().encode()
     files[f"{dist}/WHEEL"] = f"Wheel-Version: 1.0\nGenerator: tezzeret_build\nRoot-Is-Purelib: false\nTag: {TAG}\n".encode()
@@ -78,7 +103,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files.items():
             info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
-            info.external_attr = (0o755 if name.endswith(".so.0") else 0o644) << 16
+            info.external_attr = (0o755 if name.endswith((".so.0", ".so")) else 0o644) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, data)
     return wheel

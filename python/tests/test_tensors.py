@@ -98,3 +98,27 @@ def test_a_kernel_outlives_its_forge(compiled_state):
     y = kernel.run(torch.randn(SHAPE))
     assert y.shape == SHAPE
     kernel.close()
+
+
+def test_the_compiled_hot_path_is_built_in_and_agrees_with_the_ctypes_path(forge, monkeypatch):
+    import tezzeret.kernel
+
+    assert tezzeret.kernel.FAST_PATH, "the wheel carries the compiled hot path"
+    with forge.load_kernel("BP016") as kernel:
+        x = torch.randn(SHAPE)
+        fast = kernel.run(x)
+        # Strides are read, not assumed (a strided view is refused, naming
+        # them), and a guard mismatch is raised, by both paths alike.
+        strided = torch.randn(SHAPE[0], SHAPE[1], SHAPE[2], 2 * SHAPE[3])[..., ::2]
+        refusals = []
+        for path in ("compiled", "ctypes"):
+            if path == "ctypes":
+                monkeypatch.setattr(tezzeret.kernel, "_fast_run", None)
+            for bad in (strided, torch.randn(8, 31, 16, 16)):
+                with pytest.raises(tezzeret.InvalidArgumentError) as refused:
+                    kernel.run(bad)
+                refusals.append(str(refused.value))
+        assert "stride" in refusals[0] and refusals[:2] == refusals[2:], refusals
+        assert torch.equal(fast, kernel.run(x))
+    with pytest.raises(tezzeret.InvalidArgumentError, match="closed"):
+        kernel.run(x)

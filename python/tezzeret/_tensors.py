@@ -93,6 +93,9 @@ class Metas:
 
 # One DLTensor as packed bytes: data, device (type, id), ndim, dtype (code,
 # bits, lanes), shape and strides pointers, byte offset.
+#: DLPack (code, bits) of each dtype the forge takes.
+DTYPE_CODES = {dtype: (code, bits) for dtype, (_, code, bits) in _DTYPES.items()}
+
 _DLTENSOR = struct.Struct("<QiiiBBHQQQ")
 # One TensorMeta: dtype, rank, shape and stride pointers.
 _META = struct.Struct("<IIQQ")
