@@ -85,6 +85,22 @@ def test_bad_tensors_are_refused_naming_the_problem(forge):
             kernel.run(torch.randn(SHAPE, dtype=torch.float64))
         with pytest.raises(tezzeret.InvalidArgumentError, match="not a torch.Tensor"):
             kernel.run("tensor")
+        with pytest.raises(tezzeret.InvalidArgumentError, match="layout"):
+            kernel.run(torch.randn(SHAPE).to_sparse())
+
+        class Impostor:
+            """Looks like a CPU float tensor, pointing at memory it does not own."""
+
+            dtype, is_cpu, shape = torch.float32, True, torch.Size(SHAPE)
+
+            def stride(self):
+                return torch.empty(SHAPE).stride()
+
+            def data_ptr(self):
+                return 8
+
+        with pytest.raises(tezzeret.InvalidArgumentError, match="not a torch.Tensor"):
+            kernel.run(Impostor())
         if hasattr(torch, "device") and torch.device("meta"):
             with pytest.raises(tezzeret.InvalidArgumentError, match="device"):
                 kernel.run(torch.empty(SHAPE, device="meta"))

@@ -60,13 +60,14 @@ typedef void *(*run_dlpack_fn)(void *kernel, const DLTensor *inputs, size_t coun
 static run_dlpack_fn run_dlpack;
 static PyObject *from_dlpack;  /* torch.utils.dlpack.from_dlpack */
 static PyObject *dtype_codes;  /* {torch.dtype: (DLPack code, bits)} */
+static PyTypeObject *tensor_type; /* torch.Tensor: nothing else is described */
 static PyObject *s_dtype, *s_is_cpu, *s_shape, *s_stride, *s_data_ptr;
 
-/* setup(run_dlpack_address, from_dlpack, {dtype: (code, bits)}) */
+/* setup(run_dlpack_address, from_dlpack, {dtype: (code, bits)}, torch.Tensor) */
 static PyObject *setup(PyObject *self, PyObject *args) {
-    PyObject *address, *convert, *codes;
+    PyObject *address, *convert, *codes, *type;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOO!", &address, &convert, &PyDict_Type, &codes)) {
+    if (!PyArg_ParseTuple(args, "OOO!O!", &address, &convert, &PyDict_Type, &codes, &PyType_Type, &type)) {
         return NULL;
     }
     void *fn = PyLong_AsVoidPtr(address);
@@ -79,10 +80,13 @@ static PyObject *setup(PyObject *self, PyObject *args) {
     run_dlpack = (run_dlpack_fn)fn;
     Py_INCREF(convert);
     Py_INCREF(codes);
+    Py_INCREF(type);
     Py_XDECREF(from_dlpack);
     Py_XDECREF(dtype_codes);
+    Py_XDECREF((PyObject *)tensor_type);
     from_dlpack = convert;
     dtype_codes = codes;
+    tensor_type = (PyTypeObject *)type;
     Py_RETURN_NONE;
 }
 
@@ -106,6 +110,9 @@ static int read_ints(PyObject *sequence, int64_t *out, Py_ssize_t rank) {
 static int describe(PyObject *tensor, DLTensor *view, int64_t *shape, int64_t *strides) {
     int taken = 1;
     PyObject *dtype = NULL, *code = NULL, *cpu = NULL, *size = NULL, *stride = NULL, *pointer = NULL;
+    /* Only real tensors: an object's data_ptr() is trusted as memory to read.
+     * (Sparse and other storage-less layouts fail data_ptr() and fall back.) */
+    if (!PyObject_TypeCheck(tensor, tensor_type)) goto done;
     dtype = PyObject_GetAttr(tensor, s_dtype);
     if (dtype == NULL) goto done;
     code = PyDict_GetItemWithError(dtype_codes, dtype); /* borrowed */
@@ -147,7 +154,7 @@ done:
 /* run(kernel_address, *tensors) -> torch.Tensor | None (not taken) | int (a status to raise) */
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (run_dlpack == NULL || from_dlpack == NULL) {
+    if (run_dlpack == NULL || from_dlpack == NULL || tensor_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "tezzeret._fastpath.setup was not called");
         return NULL;
     }

@@ -123,6 +123,11 @@ class DLViews:
             raise InvalidArgumentError(f"{len(tensors)} inputs given, at most {n.MAX_INPUTS} are taken")
         i = 0
         for tensor in tensors:
+            # Only real, dense tensors: data_ptr() is trusted as memory to read.
+            if not isinstance(tensor, torch.Tensor):
+                _dtype_of(tensor, i)  # raises naming the problem
+            if tensor.layout is not torch.strided:
+                raise InvalidArgumentError(f"input {i} has layout {tensor.layout}; the forge takes dense (strided) tensors")
             try:
                 code, bits = self.kinds[tensor.dtype]
                 cpu = tensor.is_cpu

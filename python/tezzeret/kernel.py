@@ -20,7 +20,7 @@ except ImportError:  # a wheel built without the extension: ctypes only
 #: extension module built into the wheel); otherwise ctypes serves them.
 FAST_PATH = _fastpath is not None
 if _fastpath is not None:
-    _fastpath.setup(ctypes.cast(n.lib.tezzeret_kernel_run_dlpack, ctypes.c_void_p).value, torch.utils.dlpack.from_dlpack, DTYPE_CODES)
+    _fastpath.setup(ctypes.cast(n.lib.tezzeret_kernel_run_dlpack, ctypes.c_void_p).value, torch.utils.dlpack.from_dlpack, DTYPE_CODES, torch.Tensor)
     _fast_run = _fastpath.run
 else:
     _fast_run = None
