@@ -29,6 +29,9 @@ mod runtime;
 /// A real SeaweedFS for the fleet tests (shared with `tezzeret bench`).
 #[path = "../../src/bin/tezzeret/bench/seaweed_server.rs"]
 mod seaweed_server;
+/// The server processes those two start (shared with `tezzeret bench`).
+#[path = "../../src/bin/tezzeret/bench/server_process.rs"]
+mod server_process;
 mod signing;
 mod wal;
 

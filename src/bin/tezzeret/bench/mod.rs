@@ -26,6 +26,7 @@ mod redis_server;
 mod runtime;
 mod scale;
 mod seaweed_server;
+mod server_process;
 
 use measure::{fdatasync_us, p50, sample_job, sample_us};
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::server_process::ServerProcess;
+
 /// A directory of its own, removed on drop.
 struct DataDir(PathBuf);
 
@@ -38,7 +40,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 /// A running Redis.
 pub struct RedisServer {
-    child: Option<Child>,
+    process: ServerProcess,
     /// Its port.
     pub port: u16,
     dir: PathBuf,
@@ -85,8 +87,8 @@ impl RedisServer {
         // The port was free a moment ago; another process may take it first: try again.
         for _ in 0..20 {
             let port = free_port();
-            let child = Some(spawn(port, &data.0, persistent));
-            let mut server = RedisServer { child, port, dir: data.0.clone(), persistent, _data: None };
+            let mut server = RedisServer { process: ServerProcess::default(), port, dir: data.0.clone(), persistent, _data: None };
+            server.process.set(spawn(port, &data.0, persistent));
             if server.wait_ready() {
                 server._data = Some(data);
                 return Ok(server);
@@ -100,11 +102,9 @@ impl RedisServer {
         let url = self.url();
         let mut exited = false;
         wait_for("redis-server to answer PING", || {
-            if let Some(child) = self.child.as_mut() {
-                if child.try_wait().ok().flatten().is_some() {
-                    exited = true;
-                    return true;
-                }
+            if self.process.exited() {
+                exited = true;
+                return true;
             }
             redis::Client::open(url.as_str())
                 .and_then(|c| c.get_connection())
@@ -128,15 +128,12 @@ impl RedisServer {
     /// Its PID.
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.pid()
     }
 
     /// Kills it with SIGKILL and reaps it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts it again on the same port (and, persistent, the same data).
@@ -144,7 +141,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         for _ in 0..50 {
-            self.child = Some(spawn(self.port, &self.dir, self.persistent));
+            self.process.set(spawn(self.port, &self.dir, self.persistent));
             if self.wait_ready() {
                 return;
             }

@@ -5,9 +5,10 @@
 //! test suite, which includes this file by path.)
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::server_process::ServerProcess;
 use tezzeret::fleet::remote::RemoteStore;
 use tezzeret::fleet::{Credentials, FleetConfig};
 
@@ -32,7 +33,7 @@ const PORT_FLAGS: &[&str] = &[
 
 /// A running SeaweedFS with one bucket.
 pub struct SeaweedServer {
-    child: Option<Child>,
+    process: ServerProcess,
     /// The bucket it was started with.
     pub bucket: String,
     ports: Vec<u16>,
@@ -89,7 +90,7 @@ impl SeaweedServer {
         // Ports free a moment ago may be taken by another process first: try again.
         for _ in 0..10 {
             let ports: Vec<u16> = PORT_FLAGS.iter().map(|_| free_port()).collect();
-            let mut server = SeaweedServer { child: None, bucket: bucket.to_string(), ports, dir: dir.clone() };
+            let mut server = SeaweedServer { process: ServerProcess::default(), bucket: bucket.to_string(), ports, dir: dir.clone() };
             server.spawn();
             if server.wait_ready() {
                 return Ok(server);
@@ -113,7 +114,7 @@ impl SeaweedServer {
         }
         let log = std::fs::File::create(self.dir.join("weed.log")).expect("create the weed log");
         command.stdout(Stdio::null()).stderr(log);
-        self.child = Some(command.spawn().unwrap_or_else(|e| panic!("cannot start weed: {e}")));
+        self.process.set(command.spawn().unwrap_or_else(|e| panic!("cannot start weed: {e}")));
     }
 
     /// Waits until a signed listing of the bucket succeeds; false if the
@@ -125,10 +126,8 @@ impl SeaweedServer {
         // Only a bound against a broken start: a healthy one is ready in seconds.
         let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if child.try_wait().ok().flatten().is_some() {
-                    return false;
-                }
+            if self.process.exited() {
+                return false;
             }
             if store.run(store.list("")).is_ok() {
                 return true;
@@ -155,15 +154,12 @@ impl SeaweedServer {
     /// Its PID.
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.pid()
     }
 
     /// Kills it with SIGKILL and reaps it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts it again on the same ports and data.
