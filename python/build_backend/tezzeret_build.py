@@ -63,16 +63,23 @@ def _library() -> str:
     return path
 
 
-def _extension() -> tuple:
-    """Compiles the hot path; returns its file name in the package and bytes."""
+def _extension():
+    """Compiles the hot path; returns its file name in the package and its
+    bytes, or None (with a warning: the package then runs kernels through
+    ctypes only) when this interpreter's C compiler cannot build it."""
     source = os.path.join(HERE, NAME, "_fastpath.c")
     name = "_fastpath" + sysconfig.get_config_var("EXT_SUFFIX")
     compiler = (sysconfig.get_config_var("CC") or "cc").split()
     include = sysconfig.get_paths()["include"]
     with tempfile.TemporaryDirectory() as work:
         out = os.path.join(work, name)
-        flags = ["-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", f"-I{include}", source, "-o", out]
-        subprocess.run(compiler + flags, check=True, stdout=sys.stderr)
+        # The interpreter's headers are system headers: their warnings are not ours.
+        flags = ["-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-isystem", include, source, "-o", out]
+        try:
+            subprocess.run(compiler + flags, check=True, stdout=sys.stderr)
+        except (OSError, subprocess.CalledProcessError) as error:
+            print(f"tezzeret_build: WARNING: the compiled hot path was not built ({error}); kernels run through ctypes", file=sys.stderr)
+            return None
         with open(out, "rb") as f:
             return name, f.read()
 
@@ -91,15 +98,17 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
                 files[f"{NAME}/{name}"] = f.read()
     with open(_library(), "rb") as f:
         files[f"{NAME}/libtezzeret.so.0"] = f.read()
-    extension, compiled = _extension()
-    files[f"{NAME}/{extension}"] = compiled
+    extension = _extension()
+    if extension is not None:
+        files[f"{NAME}/{extension[0]}"] = extension[1]
+    tag = TAG if extension is not None else "py3-none-linux_x86_64"
     dist = f"{NAME}-{VERSION}.dist-info"
     files[f"{dist}/METADATA"] = _metadata().encode()
-    files[f"{dist}/WHEEL"] = f"Wheel-Version: 1.0\nGenerator: tezzeret_build\nRoot-Is-Purelib: false\nTag: {TAG}\n".encode()
+    files[f"{dist}/WHEEL"] = f"Wheel-Version: 1.0\nGenerator: tezzeret_build\nRoot-Is-Purelib: false\nTag: {tag}\n".encode()
     files[f"{dist}/top_level.txt"] = f"{NAME}\n".encode()
     record = [_record_line(name, data) for name, data in files.items()] + [f"{dist}/RECORD,,"]
     files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
-    wheel = f"{NAME}-{VERSION}-{TAG}.whl"
+    wheel = f"{NAME}-{VERSION}-{tag}.whl"
     with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files.items():
             info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))

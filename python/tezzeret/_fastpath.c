@@ -49,8 +49,6 @@ static void free_unconsumed(PyObject *capsule) {
     if (PyCapsule_IsValid(capsule, "dltensor")) {
         DLManagedTensor *managed = PyCapsule_GetPointer(capsule, "dltensor");
         if (managed != NULL && managed->deleter != NULL) managed->deleter(managed);
-    } else {
-        PyErr_Clear();
     }
 }
 
@@ -110,13 +108,17 @@ static int read_ints(PyObject *sequence, int64_t *out, Py_ssize_t rank) {
 static int describe(PyObject *tensor, DLTensor *view, int64_t *shape, int64_t *strides) {
     int taken = 1;
     PyObject *dtype = NULL, *code = NULL, *cpu = NULL, *size = NULL, *stride = NULL, *pointer = NULL;
-    /* Only real tensors: an object's data_ptr() is trusted as memory to read.
-     * (Sparse and other storage-less layouts fail data_ptr() and fall back.) */
-    if (!PyObject_TypeCheck(tensor, tensor_type)) goto done;
+    /* Only plain torch.Tensor objects (no subclass, which could override
+     * what is read): data_ptr() is trusted as memory to read. Sparse and
+     * other storage-less layouts fail data_ptr() and fall back. */
+    if (Py_TYPE(tensor) != tensor_type) goto done;
     dtype = PyObject_GetAttr(tensor, s_dtype);
     if (dtype == NULL) goto done;
-    code = PyDict_GetItemWithError(dtype_codes, dtype); /* borrowed */
+    code = PyDict_GetItemWithError(dtype_codes, dtype); /* borrowed: read at once */
     if (code == NULL || !PyTuple_Check(code) || PyTuple_GET_SIZE(code) != 2) goto done;
+    long type_code = PyLong_AsLong(PyTuple_GET_ITEM(code, 0));
+    long type_bits = PyLong_AsLong(PyTuple_GET_ITEM(code, 1));
+    if (PyErr_Occurred()) goto done;
     cpu = PyObject_GetAttr(tensor, s_is_cpu);
     if (cpu != Py_True) goto done;
     size = PyObject_GetAttr(tensor, s_shape);
@@ -133,8 +135,8 @@ static int describe(PyObject *tensor, DLTensor *view, int64_t *shape, int64_t *s
     view->device.device_type = 1; /* kDLCPU */
     view->device.device_id = 0;
     view->ndim = (int32_t)rank;
-    view->dtype.code = (uint8_t)PyLong_AsLong(PyTuple_GET_ITEM(code, 0));
-    view->dtype.bits = (uint8_t)PyLong_AsLong(PyTuple_GET_ITEM(code, 1));
+    view->dtype.code = (uint8_t)type_code;
+    view->dtype.bits = (uint8_t)type_bits;
     view->dtype.lanes = 1;
     view->shape = shape;
     view->strides = strides;
@@ -192,7 +194,28 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return tensor;
 }
 
+/* adopt(managed_address) -> torch.Tensor: a DLManagedTensor the library
+ * handed over, given to torch in a capsule that frees it if unconsumed. */
+static PyObject *adopt(PyObject *self, PyObject *address) {
+    (void)self;
+    if (from_dlpack == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "tezzeret._fastpath.setup was not called");
+        return NULL;
+    }
+    void *managed = PyLong_AsVoidPtr(address);
+    if (managed == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "NULL DLManagedTensor");
+        return NULL;
+    }
+    PyObject *capsule = PyCapsule_New(managed, "dltensor", free_unconsumed);
+    if (capsule == NULL) return NULL;
+    PyObject *tensor = PyObject_CallOneArg(from_dlpack, capsule);
+    Py_DECREF(capsule);
+    return tensor;
+}
+
 static PyMethodDef methods[] = {
+    {"adopt", adopt, METH_O, "adopt(managed_address): the library's DLManagedTensor as a torch.Tensor."},
     {"setup", setup, METH_VARARGS, "setup(run_dlpack_address, from_dlpack, dtype_codes): binds the hot path."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(kernel_address, *tensors): the result tensor, None when the inputs are not taken here, or a status address."},

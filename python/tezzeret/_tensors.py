@@ -150,16 +150,37 @@ class DLViews:
             i += 1
 
 
-_capsule_new = ctypes.pythonapi.PyCapsule_New
-_capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+try:
+    from . import _fastpath
+except ImportError:  # a wheel built without the extension: ctypes only
+    _fastpath = None
 
+if _fastpath is not None:
+    _fastpath.setup(
+        ctypes.cast(n.lib.tezzeret_kernel_run_dlpack, ctypes.c_void_p).value,
+        torch.utils.dlpack.from_dlpack,
+        dict(DTYPE_CODES),
+        torch.Tensor,
+    )
+    #: The compiled kernel-run hot path, when the wheel carries it.
+    FAST_RUN = _fastpath.run
+    _adopt = _fastpath.adopt
+else:
+    FAST_RUN = None
+    _capsule_new = ctypes.pythonapi.PyCapsule_New
+    _capsule_new.restype = ctypes.py_object
+    _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    _from_dlpack = torch.utils.dlpack.from_dlpack
 
-_from_dlpack = torch.utils.dlpack.from_dlpack
+    def _adopt(address: int) -> torch.Tensor:
+        # Without the extension the capsule has no destructor: were torch to
+        # refuse it, the tensor would leak (it does not refuse a valid one).
+        return _from_dlpack(_capsule_new(address, b"dltensor", None))
 
 
 def from_managed(address: int) -> torch.Tensor:
     """A DLManagedTensor the library handed over, as a torch.Tensor sharing
     its memory: a "dltensor" capsule consumed at once by torch, which calls
-    the library's deleter when the tensor's storage goes."""
-    return _from_dlpack(_capsule_new(address, b"dltensor", None))
+    the library's deleter when the tensor's storage goes (an unconsumed
+    capsule gives the tensor back to the library)."""
+    return _adopt(address)

@@ -8,22 +8,13 @@ import torch
 
 from . import _native as n
 from ._closing import Closing
-from ._tensors import DTYPE_CODES, DLViews, from_managed
+from ._tensors import FAST_RUN, DLViews, from_managed
 from .errors import InvalidArgumentError, check
-
-try:
-    from . import _fastpath
-except ImportError:  # a wheel built without the extension: ctypes only
-    _fastpath = None
 
 #: Whether kernel runs on CPU tensors take the compiled hot path (the
 #: extension module built into the wheel); otherwise ctypes serves them.
-FAST_PATH = _fastpath is not None
-if _fastpath is not None:
-    _fastpath.setup(ctypes.cast(n.lib.tezzeret_kernel_run_dlpack, ctypes.c_void_p).value, torch.utils.dlpack.from_dlpack, DTYPE_CODES, torch.Tensor)
-    _fast_run = _fastpath.run
-else:
-    _fast_run = None
+FAST_PATH = FAST_RUN is not None
+_fast_run = FAST_RUN
 _STATUS = ctypes.POINTER(n.Status)
 
 

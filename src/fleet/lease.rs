@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::objects::ObjectNames;
-use super::remote::{Create, Got, RemoteStore, SMALL_OBJECT_LIMIT};
+use super::remote::{Create, Got, RemoteStore, Rewrites, SMALL_OBJECT_LIMIT};
 use crate::base::error::{Error, ErrorCode, Result};
 
 /// A lease object's content.
@@ -28,6 +28,7 @@ pub struct LeaseBody {
 /// A lease this forge holds. While it is held it is renewed in the
 /// background (every third of the TTL), so a compile longer than the TTL
 /// keeps it; dropping it stops the renewal (release it to remove it).
+/// A renewal is never written after the release's delete.
 #[derive(Debug)]
 pub struct Lease {
     /// The cache key it is for.
@@ -36,8 +37,8 @@ pub struct Lease {
     pub generation: u64,
     /// Older generations seen when it was won (expired; removed with it).
     stale: Vec<u64>,
-    /// The renewal task, once started.
-    renewal: Option<tokio::task::AbortHandle>,
+    /// The renewals, once started.
+    renewal: Option<Rewrites>,
 }
 
 impl Lease {
@@ -46,14 +47,6 @@ impl Lease {
         let holder = holder.to_string();
         let make = move || body_bytes(&holder, ttl);
         self.renewal = Some(remote.rewrite_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
-        }
     }
 }
 
@@ -174,7 +167,7 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
 /// holder's manifest is published or its compile failed; its renewal stops.
 pub async fn release(remote: &RemoteStore, names: &ObjectNames, mut lease: Lease) -> Result<()> {
     if let Some(renewal) = lease.renewal.take() {
-        renewal.abort();
+        renewal.stop().await;
     }
     remote.delete(&names.lease(&lease.cache_key, lease.generation)).await?;
     for &generation in &lease.stale {

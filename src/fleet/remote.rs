@@ -27,6 +27,34 @@ pub enum Create {
     Exists,
 }
 
+/// Periodic rewrites of one object (see [`RemoteStore::rewrite_every`]);
+/// dropping them stops them after the rewrite under way, if any.
+#[derive(Debug)]
+pub struct Rewrites {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Rewrites {
+    /// Stops them and waits until no rewrite is under way.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Rewrites {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// What a bounded read found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Got {
@@ -194,18 +222,23 @@ impl RemoteStore {
     }
 
     /// Rewrites an object every `every` on the store's runtime, with the
-    /// bytes `make` returns each time, until the returned handle is
-    /// aborted (failures are ignored: the next round tries again).
-    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> tokio::task::AbortHandle {
+    /// bytes `make` returns each time, until stopped (failures are ignored:
+    /// the next round tries again). A rewrite under way when it is stopped
+    /// completes first, so that nothing written after [`Rewrites::stop`]
+    /// returns can bring the object back.
+    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
-        self.runtime
-            .spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let _ = tokio::time::timeout(timeout, store.put(&location, PutPayload::from(make()))).await;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = self.runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = &mut stopped => return,
                 }
-            })
-            .abort_handle()
+                let _ = tokio::time::timeout(timeout, store.put(&location, PutPayload::from(make()))).await;
+            }
+        });
+        Rewrites { stop: Some(stop), task: Some(task) }
     }
 
     /// Stores an object only if none exists under its name (`If-None-Match: *`).

@@ -65,9 +65,14 @@ pub struct Forge {
 }
 
 impl Drop for Forge {
-    /// Stops the bus (without waiting for Redis) and records what it published.
+    /// Stops the bus (without waiting for Redis) and records what it
+    /// published; waits for fleet lease releases still under way (so that
+    /// the fleet's runtime is never left to its own tasks).
     fn drop(&mut self) {
         let _ = self.close_bus(Duration::ZERO);
+        if let Some(fleet) = &self.fleet {
+            fleet.settle();
+        }
     }
 }
 
