@@ -318,9 +318,12 @@ fn a_held_lease_is_renewed_until_released_and_expires_once_dropped() {
     config.lease_ttl = Duration::from_millis(900);
     let fleet = tezzeret::fleet::Fleet::connect(config, fleet_keys(), "renewal-test".into()).unwrap();
     let Ok(tezzeret::fleet::Claim::Won { lease, .. }) = fleet.claim("k1") else { panic!("a free key is won") };
-    // Three TTLs later it is still live: renewed in the background.
-    std::thread::sleep(Duration::from_millis(2700));
-    assert!(matches!(fleet.lease_state("k1", 0).unwrap(), LeaseState::Live { .. }), "renewed while held");
+    // Renewed in the background: its expiry moves on, twice (no timing assumed).
+    let expiry = || fleet.leases().unwrap().iter().find(|(key, ..)| key == "k1").map(|(_, body, _)| body.expires_at_ms);
+    let first = expiry().expect("the lease is in the bucket");
+    wait_for("a renewal", || expiry().is_some_and(|at| at > first));
+    let second = expiry().unwrap();
+    wait_for("another renewal", || expiry().is_some_and(|at| at > second));
     assert!(matches!(fleet.claim("k1").unwrap(), tezzeret::fleet::Claim::Held { .. }), "nobody else wins it");
     fleet.release(lease).unwrap();
     assert_eq!(fleet.lease_state("k1", 0).unwrap(), LeaseState::Gone, "released: removed");
