@@ -87,7 +87,7 @@ impl Forge {
                     }
                     Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
                     Lookup::Unavailable(error) => {
-                        self.host.log(LogLevel::Warn, &format!("fleet store unavailable, compiling locally: {error}"));
+                        self.log_outage("", &error);
                         return missing;
                     }
                     Lookup::Missing => {
@@ -111,6 +111,13 @@ impl Forge {
         if let Err(error) = self.ledger.store_fetched(record, bytes) {
             self.log_error(&format!("storing {}'s artifact from the fleet (compiling it instead)", job.blueprint_id), &error);
         }
+    }
+
+    /// Says that the bucket could not be asked (about `blueprint_id`, if
+    /// given) and that the work goes on locally.
+    fn log_outage(&mut self, blueprint_id: &str, error: &crate::base::error::Error) {
+        let about = if blueprint_id.is_empty() { String::new() } else { format!("{blueprint_id}: ") };
+        self.host.log(LogLevel::Warn, &format!("{about}fleet store unavailable, compiling locally: {error}"));
     }
 
     fn log_refusal(&mut self, job: &Job, reason: &str, why: &str) {
@@ -154,7 +161,7 @@ impl Forge {
                 }
                 Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
                 Lookup::Unavailable(error) => {
-                    self.host.log(LogLevel::Warn, &format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id));
+                    self.log_outage(&job.blueprint_id, &error);
                     return Admitted::Go(None);
                 }
                 Lookup::Missing => {}
@@ -182,7 +189,7 @@ impl Forge {
                 Admitted::Wait(generation)
             }
             Err(error) => {
-                self.host.log(LogLevel::Warn, &format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id));
+                self.log_outage(&job.blueprint_id, &error);
                 Admitted::Go(None)
             }
         }
@@ -226,19 +233,19 @@ impl Forge {
     pub(super) fn wait_for_fleet(&mut self, queue: &[Job], waiting: &mut Vec<Waiting>) -> VecDeque<(usize, Admission)> {
         let mut admitted = VecDeque::new();
         let mut pause = Duration::from_millis(2);
-        let Some(wait_bound) = self.fleet.as_ref().map(|f| f.config().lease_wait) else {
+        let Some(fleet) = self.fleet.clone() else {
             return waiting.drain(..).map(|w| (w.position, Admission::Go(None))).collect();
         };
+        let (wait_bound, publishes) = (fleet.config().lease_wait, fleet.config().publish);
         while admitted.is_empty() && !waiting.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_POLL);
             let held: Vec<(String, u64)> = waiting.iter().map(|w| (queue[w.position].cache_key.clone(), w.generation)).collect();
-            let watched = self.fleet.as_ref().expect("a fleet").watch_many(&held);
+            let watched = fleet.watch_many(&held);
             let mut still = Vec::new();
             for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
                 let job = &queue[w.position];
                 let timed_out = w.since.get_or_insert_with(Instant::now).elapsed() >= wait_bound;
-                let publishes = self.fleet.as_ref().is_some_and(|f| f.config().publish);
                 let go = match watch {
                     Watched::Lookup(Lookup::Found(record, bytes)) => {
                         self.keep_fetched(job, &record, &bytes);
@@ -249,12 +256,10 @@ impl Forge {
                         Some(None)
                     }
                     Watched::Lookup(Lookup::Unavailable(error)) => {
-                        let message = format!("{}: fleet store unavailable, compiling locally: {error}", job.blueprint_id);
-                        self.host.log(LogLevel::Warn, &message);
+                        self.log_outage(&job.blueprint_id, &error);
                         Some(None)
                     }
                     Watched::Held | Watched::Lookup(Lookup::Missing) | Watched::Expired if timed_out => {
-                        let fleet = self.fleet.as_ref().expect("a fleet");
                         fleet.count(FleetEvent::WaitTimeout);
                         fleet.count(FleetEvent::Miss);
                         let message = format!("{}: waited {wait_bound:?} for another host's compile; compiling locally", job.blueprint_id);
@@ -264,11 +269,11 @@ impl Forge {
                     Watched::Held => None,
                     // Given up or expired: a reader compiles for itself, ...
                     Watched::Lookup(Lookup::Missing) | Watched::Expired if !publishes => {
-                        self.fleet.as_ref().expect("a fleet").count(FleetEvent::Miss);
+                        fleet.count(FleetEvent::Miss);
                         Some(None)
                     }
                     // ... a publisher claims it (one waiting host wins).
-                    Watched::Lookup(Lookup::Missing) | Watched::Expired => match self.fleet.as_ref().expect("a fleet").claim(&job.cache_key) {
+                    Watched::Lookup(Lookup::Missing) | Watched::Expired => match fleet.claim(&job.cache_key) {
                         Ok(Claim::Won { lease, .. }) => Some(self.under_lease(job, lease)),
                         Ok(Claim::Held { generation, .. }) => {
                             w.generation = generation;
