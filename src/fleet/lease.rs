@@ -124,9 +124,8 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
         lease.keep_renewed(remote, names, holder, ttl);
         Claim::Won { lease, took_over }
     };
-    let (name, bytes) = body(0);
-    if remote.create(&name, bytes).await? == Create::Created {
-        return Ok(won(0, Vec::new(), false));
+    if let Some(lease) = claim_unclaimed(remote, names, cache_key, holder, ttl).await? {
+        return Ok(Claim::Won { lease, took_over: false });
     }
     if let LeaseState::Live { holder, expires_in } = state(remote, names, cache_key, 0).await? {
         return Ok(Claim::Held { holder, generation: 0, expires_in });
@@ -161,6 +160,25 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
     }
     // Still contended after several rounds: someone else is making progress.
     Ok(Claim::Held { holder: "another forge".into(), generation: newest_seen, expires_in: ttl })
+}
+
+/// Claims `cache_key` only if nobody holds or held it since its last
+/// release (generation 0 absent): one request. `None`: generation 0 exists
+/// — live, expired or about to be released; watch it with [`state`] and
+/// make a full [`claim`] once it is not live.
+pub async fn claim_unclaimed(
+    remote: &RemoteStore,
+    names: &ObjectNames,
+    cache_key: &str,
+    holder: &str,
+    ttl: Duration,
+) -> Result<Option<Lease>> {
+    if remote.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await? == Create::Exists {
+        return Ok(None);
+    }
+    let mut lease = Lease { cache_key: cache_key.to_string(), generation: 0, stale: Vec::new(), renewal: None };
+    lease.keep_renewed(remote, names, holder, ttl);
+    Ok(Some(lease))
 }
 
 /// Removes a lease (and the expired generations it replaced) once its

@@ -162,14 +162,24 @@ impl Fleet {
     }
 
     /// Watches cache keys whose leases other forges hold (`(cache key,
-    /// lease generation)`), all at once: the lease is read first (one
-    /// request while it is live), the bucket looked up once it is gone
-    /// (the holder publishes before releasing). Hits and refusals are counted.
-    pub fn watch_many(&self, held: &[(String, u64)]) -> Vec<Watched> {
-        let watches = futures::stream::iter(held.iter().map(|(key, generation)| async move {
+    /// lease generation, first look)`), all at once: the lease is read
+    /// first (one request while it is live), the bucket looked up once it
+    /// is gone (the holder publishes before releasing). At a first look
+    /// the bucket is asked first instead: a short compile is often
+    /// published by then. Hits and refusals are counted.
+    pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
+        let watches = futures::stream::iter(held.iter().map(|(key, generation, first_look)| async move {
+            if *first_look {
+                let found = self.lookup_one(key).await;
+                if !matches!(found, Lookup::Missing) {
+                    return Watched::Lookup(found);
+                }
+            }
             match lease::state(&self.remote, &self.names, key, *generation).await {
                 Ok(LeaseState::Live { .. }) => Watched::Held,
                 Ok(LeaseState::Expired) => Watched::Expired,
+                // Just looked up: missing (a claim re-checks under the lease).
+                Ok(LeaseState::Gone) if *first_look => Watched::Lookup(Lookup::Missing),
                 Ok(LeaseState::Gone) => Watched::Lookup(self.lookup_one(key).await),
                 Err(error) => {
                     self.count(FleetEvent::StoreError);
@@ -311,6 +321,23 @@ impl Fleet {
     /// Tries to claim a cache key for this forge's compile.
     pub fn claim(&self, cache_key: &str) -> Result<Claim> {
         let claimed = self.remote.run(lease::claim(&self.remote, &self.names, cache_key, &self.holder, self.config.lease_ttl));
+        self.claimed(claimed)
+    }
+
+    /// Claims a cache key only if its lease is unclaimed (one request);
+    /// otherwise answers `Held` at generation 0 without reading it — the
+    /// first watch finds out whether it is live (see [`Self::watch_many`]).
+    pub fn claim_unclaimed(&self, cache_key: &str) -> Result<Claim> {
+        let ttl = self.config.lease_ttl;
+        let won = self.remote.run(lease::claim_unclaimed(&self.remote, &self.names, cache_key, &self.holder, ttl));
+        self.claimed(won.map(|won| match won {
+            Some(lease) => Claim::Won { lease, took_over: false },
+            None => Claim::Held { holder: String::new(), generation: 0, expires_in: ttl },
+        }))
+    }
+
+    /// Counts a claim's outcome (and lets tests kill a forge that won one).
+    fn claimed(&self, claimed: Result<Claim>) -> Result<Claim> {
         if matches!(claimed, Ok(Claim::Won { .. })) {
             // Tests kill a holder here: its lease must only delay the others.
             crate::sys::failpoint::hit("fleet.leased").map_err(|e| Error::io("fleet lease failpoint", e))?;

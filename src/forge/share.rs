@@ -182,7 +182,7 @@ impl Forge {
                 }
             };
         }
-        match fleet.claim(&job.cache_key) {
+        match fleet.claim_unclaimed(&job.cache_key) {
             Ok(Claim::Won { lease, .. }) => Admitted::Go(self.under_lease(job, lease)),
             Ok(Claim::Held { generation, .. }) => {
                 fleet.count(FleetEvent::LeaseWait);
@@ -240,7 +240,8 @@ impl Forge {
         while admitted.is_empty() && !waiting.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_POLL);
-            let held: Vec<(String, u64)> = waiting.iter().map(|w| (queue[w.position].cache_key.clone(), w.generation)).collect();
+            let held: Vec<(String, u64, bool)> =
+                waiting.iter().map(|w| (queue[w.position].cache_key.clone(), w.generation, w.since.is_none())).collect();
             let watched = fleet.watch_many(&held);
             let mut still = Vec::new();
             for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
