@@ -119,10 +119,9 @@ pub async fn state(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, g
 /// key is free, two when generation 0 is live (the usual contention).
 pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<Claim> {
     let body = |generation: u64| (names.lease(cache_key, generation), body_bytes(holder, ttl));
-    let won = |generation: u64, stale: Vec<u64>, took_over: bool| {
-        let mut lease = Lease { cache_key: cache_key.to_string(), generation, stale, renewal: None };
-        lease.keep_renewed(remote, names, holder, ttl);
-        Claim::Won { lease, took_over }
+    let won = |generation: u64, stale: Vec<u64>, took_over: bool| Claim::Won {
+        lease: renewed(remote, names, cache_key, holder, ttl, generation, stale),
+        took_over,
     };
     if let Some(lease) = claim_unclaimed(remote, names, cache_key, holder, ttl).await? {
         return Ok(Claim::Won { lease, took_over: false });
@@ -176,9 +175,22 @@ pub async fn claim_unclaimed(
     if remote.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await? == Create::Exists {
         return Ok(None);
     }
-    let mut lease = Lease { cache_key: cache_key.to_string(), generation: 0, stale: Vec::new(), renewal: None };
+    Ok(Some(renewed(remote, names, cache_key, holder, ttl, 0, Vec::new())))
+}
+
+/// A generation just won, kept renewed from now on.
+fn renewed(
+    remote: &RemoteStore,
+    names: &ObjectNames,
+    cache_key: &str,
+    holder: &str,
+    ttl: Duration,
+    generation: u64,
+    stale: Vec<u64>,
+) -> Lease {
+    let mut lease = Lease { cache_key: cache_key.to_string(), generation, stale, renewal: None };
     lease.keep_renewed(remote, names, holder, ttl);
-    Ok(Some(lease))
+    lease
 }
 
 /// Removes a lease (and the expired generations it replaced) once its
