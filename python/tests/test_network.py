@@ -71,7 +71,7 @@ def seaweed():
 
 def _fleet_forge(path, endpoint, secret, public):
     fleet = tezzeret.Fleet(bucket="fleet", endpoint=endpoint, prefix="py", access_key_id=ACCESS_KEY,
-                           secret_access_key=SECRET_KEY)
+                           secret_access_key=SECRET_KEY, request_timeout=60.0)
     return tezzeret.Forge(path, strategy="fast", device="cpu", telemetry_interval=0, signing_key=secret,
                           trusted_keys=[public], fleet=fleet)
 
@@ -89,7 +89,8 @@ def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed):
     second = tezzeret.Forge(tmp_path / "b", strategy="fast", device="cpu", telemetry_interval=0, signing_key=secret,
                             trusted_keys=[public], on_catalog_update=updates.append,
                             fleet=tezzeret.Fleet(bucket="fleet", endpoint=seaweed, prefix="py",
-                                                 access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY))
+                                                 access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
+                                                 request_timeout=60.0))
     with second:
         second.compile_now("BP001")
         assert _metric(second, "tezzeret.fleet.hits") == 1

@@ -142,6 +142,8 @@ fn fleet_args(server: &SeaweedServer, prefix: &str, key: &Path) -> Vec<String> {
         &key.display().to_string(),
         "--trusted-key",
         &public.display().to_string(),
+        "--s3-timeout",
+        &server.fleet_config().request_timeout.as_secs().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -462,6 +464,7 @@ fn a_c_host_joins_the_fleet_through_its_config() {
         fleet.prefix = strings[2].as_ptr();
         fleet.access_key_id = strings[3].as_ptr();
         fleet.secret_access_key = strings[4].as_ptr();
+        fleet.request_timeout_ms = server.fleet_config().request_timeout.as_millis() as u64;
         fleet
     };
     let id = CString::new("BP001").unwrap();

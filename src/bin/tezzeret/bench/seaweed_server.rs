@@ -148,6 +148,10 @@ impl SeaweedServer {
         config.endpoint = Some(self.endpoint());
         config.credentials =
             Some(Credentials { access_key_id: ACCESS_KEY.to_string(), secret_access_key: SECRET_KEY.to_string() });
+        // A loaded machine can stall the server for seconds; a request that
+        // gave up then would turn a slow run into a wrong one. Only checks of
+        // outages want a short bound, and they set it themselves.
+        config.request_timeout = Duration::from_secs(60);
         config
     }
 
