@@ -2,6 +2,7 @@
 //! compiled (verified before anything is trusted), publishing what this
 //! host compiled, and the leases that keep two hosts from compiling the
 //! same cache key.
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -152,6 +153,20 @@ impl Fleet {
     /// The counters.
     pub fn metrics(&self) -> FleetMetrics {
         FleetMetrics { requests: self.remote.operations(), ..self.stats.snapshot() }
+    }
+
+    /// The cache keys the bucket holds a manifest of, from one listing,
+    /// when it holds at most `limit` (None when it holds more: ask key by
+    /// key instead). Only a hint: a listed manifest is still read and
+    /// verified before anything is used.
+    pub fn published_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
+        let listed = self.remote.run(self.remote.list_up_to(&self.names.manifests(), limit));
+        if listed.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
+        Ok(listed?.map(|manifests| {
+            manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).map(str::to_string).collect()
+        }))
     }
 
     /// Looks up several cache keys at once (requests overlap); answers in

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
@@ -272,9 +272,22 @@ impl RemoteStore {
 
     /// Every object whose name starts with the folder `folder` (ending in `/`).
     pub async fn list(&self, folder: &str) -> Result<Vec<Listed>> {
+        Ok(self.list_up_to(folder, usize::MAX).await?.unwrap_or_default())
+    }
+
+    /// The objects under `folder`, if there are at most `limit` of them
+    /// (None when there are more: the listing stops there instead of
+    /// paging through a large bucket).
+    pub async fn list_up_to(&self, folder: &str, limit: usize) -> Result<Option<Vec<Listed>>> {
         let prefix = Path::from(folder.trim_end_matches('/'));
-        let listing = self.store.list(Some(&prefix)).map_ok(|meta| Listed { name: meta.location.to_string(), size: meta.size });
-        self.bounded("list", folder, listing.try_collect::<Vec<_>>()).await.map_err(|e| e.into_error("list", folder))
+        let listing = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| Listed { name: meta.location.to_string(), size: meta.size })
+            .take(limit.saturating_add(1))
+            .try_collect::<Vec<_>>();
+        let listed = self.bounded("list", folder, listing).await.map_err(|e| e.into_error("list", folder))?;
+        Ok((listed.len() <= limit).then_some(listed))
     }
 }
 

@@ -74,9 +74,10 @@ impl Forge {
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
-        let missed = self.fetch_from_fleet(&queue);
+        let ready = self.start_order(&queue);
+        let missed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
-        let mut drain = Drain { ready: self.start_order(&queue), missed, waiting: Vec::new(), in_flight: VecDeque::new() };
+        let mut drain = Drain { ready, missed, waiting: Vec::new(), in_flight: VecDeque::new() };
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
@@ -115,7 +116,7 @@ impl Forge {
     /// `budget` when given (else its strategy's).
     pub(super) fn execute(&mut self, job: &Job, budget: Option<Duration>) -> JobReport {
         // Urgent: the bucket is asked, but no other host's lease is waited for.
-        self.fetch_from_fleet(std::slice::from_ref(job));
+        self.fetch_from_fleet(std::slice::from_ref(job), 0..1);
         let prepared = self.record_start(job).and_then(|_| self.prepare(job, &mut |_| {})).map(|prepared| match (prepared, budget) {
             (Prepared::Compile(mut c), Some(budget)) => {
                 c.budget = budget;

@@ -45,8 +45,15 @@ pub(super) enum Admitted {
     Wait(u64),
 }
 
-/// Jobs looked up together before a drain.
+/// Jobs looked up together before a drain; also how many of the first
+/// to start a cold listing lets claim without asking the bucket again
+/// (later ones are asked as they start: another host may have published
+/// them by then).
 const LOOKUP_BATCH: usize = 16;
+
+/// The most manifests an opening listing reads; a bucket holding more is
+/// asked key by key.
+const LISTING_LIMIT: usize = 1000;
 
 /// Unpublished artifacts read and published per retry (bounds the memory
 /// and the time a retry takes).
@@ -63,43 +70,64 @@ impl Forge {
         self.ledger.is_shared(record).then(|| fleet.artifact_url(record))
     }
 
-    /// Before a drain: looks up the queued jobs without a local artifact in
-    /// the bucket, a batch at a time (requests overlap), and stores what
-    /// verifies locally (each such job then adopts it instead of
-    /// compiling). A batch that finds nothing means a cold bucket: the
-    /// rest are asked one by one as they start. Returns the cache keys
-    /// found missing (asked again only under their lease).
-    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job]) -> HashSet<String> {
+    /// Before a drain: finds which of the jobs to start (`order`: queue
+    /// positions, in start order) have no local artifact but one in the
+    /// bucket, and stores what verifies locally (each such job then adopts
+    /// it instead of compiling). Many jobs are probed with one listing of
+    /// the bucket's manifests, a few (or a bucket too large to list) by
+    /// looking up a batch at a time until a batch finds nothing. Returns
+    /// the cache keys found missing that start first (claimed without
+    /// asking again; the claim re-checks under the lease).
+    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job], order: impl Iterator<Item = usize>) -> HashSet<String> {
         let mut missing = HashSet::new();
-        if self.fleet.is_none() {
-            return missing;
-        }
-        let wanted: Vec<&Job> = queue.iter().filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
-        for batch in wanted.chunks(LOOKUP_BATCH) {
-            let keys: Vec<String> = batch.iter().map(|j| j.cache_key.clone()).collect();
-            let found = self.fleet.as_ref().expect("a fleet").lookup_many(&keys);
-            let mut hits = 0;
-            for (job, lookup) in batch.iter().zip(found) {
-                match lookup {
-                    Lookup::Found(record, bytes) => {
-                        hits += 1;
-                        self.keep_fetched(job, &record, &bytes);
-                    }
-                    Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
-                    Lookup::Unavailable(error) => {
-                        self.log_outage("", &error);
-                        return missing;
-                    }
-                    Lookup::Missing => {
-                        missing.insert(job.cache_key.clone());
+        let Some(fleet) = self.fleet.clone() else { return missing };
+        let wanted: Vec<&Job> = order.map(|i| &queue[i]).filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
+        let listed = if wanted.len() > LOOKUP_BATCH { fleet.published_keys(LISTING_LIMIT) } else { Ok(None) };
+        match listed {
+            Err(error) => self.log_outage("", &error),
+            Ok(Some(published)) => {
+                let (present, absent): (Vec<&Job>, Vec<&Job>) = wanted.into_iter().partition(|j| published.contains(&j.cache_key));
+                missing.extend(absent.iter().take(LOOKUP_BATCH).map(|j| j.cache_key.clone()));
+                for batch in present.chunks(LOOKUP_BATCH) {
+                    if self.fetch_batch(&fleet, batch, &mut missing).is_none() {
+                        break;
                     }
                 }
             }
-            if hits == 0 {
-                break;
+            Ok(None) => {
+                for batch in wanted.chunks(LOOKUP_BATCH) {
+                    if self.fetch_batch(&fleet, batch, &mut missing).unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
             }
         }
         missing
+    }
+
+    /// Looks up one batch of jobs in the bucket, keeping what verifies and
+    /// adding the cache keys it lacks to `missing`; returns how many were
+    /// found, or None if the store could not be asked.
+    fn fetch_batch(&mut self, fleet: &Fleet, batch: &[&Job], missing: &mut HashSet<String>) -> Option<usize> {
+        let keys: Vec<String> = batch.iter().map(|j| j.cache_key.clone()).collect();
+        let mut hits = 0;
+        for (job, lookup) in batch.iter().zip(fleet.lookup_many(&keys)) {
+            match lookup {
+                Lookup::Found(record, bytes) => {
+                    hits += 1;
+                    self.keep_fetched(job, &record, &bytes);
+                }
+                Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
+                Lookup::Unavailable(error) => {
+                    self.log_outage("", &error);
+                    return None;
+                }
+                Lookup::Missing => {
+                    missing.insert(job.cache_key.clone());
+                }
+            }
+        }
+        Some(hits)
     }
 
     /// Stores a verified artifact from the bucket durably here.
