@@ -15,6 +15,9 @@ import pytest
 import tezzeret
 
 ACCESS_KEY, SECRET_KEY = "tezzeret-py", "tezzeret-py-secret"
+# A loaded machine can stall the test server for seconds: requests wait
+# this long before the forge gives up on the store.
+REQUEST_TIMEOUT = 60.0
 PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
          "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
 
@@ -71,7 +74,7 @@ def seaweed():
 
 def _fleet_forge(path, endpoint, secret, public):
     fleet = tezzeret.Fleet(bucket="fleet", endpoint=endpoint, prefix="py", access_key_id=ACCESS_KEY,
-                           secret_access_key=SECRET_KEY, request_timeout=60.0)
+                           secret_access_key=SECRET_KEY, request_timeout=REQUEST_TIMEOUT)
     return tezzeret.Forge(path, strategy="fast", device="cpu", telemetry_interval=0, signing_key=secret,
                           trusted_keys=[public], fleet=fleet)
 
@@ -90,7 +93,7 @@ def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed):
                             trusted_keys=[public], on_catalog_update=updates.append,
                             fleet=tezzeret.Fleet(bucket="fleet", endpoint=seaweed, prefix="py",
                                                  access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                                                 request_timeout=60.0))
+                                                 request_timeout=REQUEST_TIMEOUT))
     with second:
         second.compile_now("BP001")
         assert _metric(second, "tezzeret.fleet.hits") == 1
