@@ -5,9 +5,16 @@
 //! holder and expiry, written with conditional create, so exactly one
 //! forge wins each generation. A live lease makes the others wait for the
 //! holder's manifest; an expired one (its holder crashed or hung) is taken
-//! over by creating the next generation — again exactly one winner. The
-//! holder removes its lease after publishing. Expiry is judged by each
-//! forge's clock: the fleet's clocks must agree to well within the TTL.
+//! over by creating the next generation — again exactly one winner.
+//!
+//! A holder that published keeps its lease objects in the bucket (it only
+//! stops renewing them): generation 0 existing is the record that the key
+//! was claimed, so a forge that wins generation 0 knows that nobody has
+//! published the key and compiles without asking the bucket again, and a
+//! later claim of a published key fails and sends its forge to the bucket.
+//! A holder whose compile failed removes its lease, so that another forge
+//! may try. Expiry is judged by each forge's clock: the fleet's clocks
+//! must agree to well within the TTL.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -162,9 +169,10 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
 }
 
 /// Claims `cache_key` only if nobody holds or held it since its last
-/// release (generation 0 absent): one request. `None`: generation 0 exists
-/// — live, expired or about to be released; watch it with [`state`] and
-/// make a full [`claim`] once it is not live.
+/// release (generation 0 absent: the key is not published, see the module
+/// documentation): one request. `None`: generation 0 exists — live,
+/// expired, kept by a holder that published, or about to be released;
+/// look the key up, and make a full [`claim`] once its lease is not live.
 pub async fn claim_unclaimed(
     remote: &RemoteStore,
     names: &ObjectNames,
@@ -193,8 +201,25 @@ fn renewed(
     lease
 }
 
-/// Removes a lease (and the expired generations it replaced) once its
-/// holder's manifest is published or its compile failed; its renewal stops.
+/// Marks `cache_key` as claimed by `holder` for `ttl` before a publication
+/// made without a lease (one that an outage postponed): a forge claiming
+/// the key meanwhile waits for the manifest instead of compiling it.
+/// An existing generation 0 is left as it is.
+pub async fn mark_claimed(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<()> {
+    remote.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await.map(drop)
+}
+
+/// Ends a lease whose holder's manifest is in the bucket: its renewal
+/// stops and its objects stay, recording that the key was claimed.
+pub async fn keep(mut lease: Lease) {
+    if let Some(renewal) = lease.renewal.take() {
+        renewal.stop().await;
+    }
+}
+
+/// Removes a lease (and the expired generations it replaced) when the
+/// bucket does not hold its key after all (the compile failed, or its
+/// publication did), so that another forge may claim it; its renewal stops.
 pub async fn release(remote: &RemoteStore, names: &ObjectNames, mut lease: Lease) -> Result<()> {
     if let Some(renewal) = lease.renewal.take() {
         renewal.stop().await;

@@ -37,12 +37,13 @@ pub enum Lookup {
 /// What watching a cache key another forge holds the lease of found.
 #[derive(Debug)]
 pub enum Watched {
-    /// The lease is gone: what the bucket holds now (the holder's
-    /// artifact, or `Missing` when it gave up — its compile failed).
+    /// What the bucket holds: the holder's artifact, or `Missing` when
+    /// the lease is gone (the holder gave up: its compile failed).
     Lookup(Lookup),
-    /// The lease expired: its holder is presumed dead; claim it.
+    /// Nothing published and the lease expired: its holder is presumed
+    /// dead; claim it.
     Expired,
-    /// The lease is still live.
+    /// Nothing published yet, and the lease live (or not read this time).
     Held,
 }
 
@@ -81,7 +82,7 @@ pub struct Fleet {
     config: FleetConfig,
     holder: String,
     stats: FleetStats,
-    /// Lease releases under way in the background.
+    /// Leases being ended (kept or released) in the background.
     releasing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -177,25 +178,26 @@ impl Fleet {
     }
 
     /// Watches cache keys whose leases other forges hold (`(cache key,
-    /// lease generation, first look)`), all at once: the lease is read
-    /// first (one request while it is live), the bucket looked up once it
-    /// is gone (the holder publishes before releasing). At a first look
-    /// the bucket is asked first instead: a short compile is often
-    /// published by then. Hits and refusals are counted.
+    /// lease generation, read the lease)`), all at once: the bucket is
+    /// looked up (one request while nothing is published), and only then,
+    /// when asked to, the lease read — a holder that published keeps its
+    /// lease, so only the bucket says when the wait is over; the lease
+    /// says whether its holder died or gave up. Hits and refusals are
+    /// counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
-        let watches = futures::stream::iter(held.iter().map(|(key, generation, first_look)| async move {
-            if *first_look {
-                let found = self.lookup_one(key).await;
-                if !matches!(found, Lookup::Missing) {
-                    return Watched::Lookup(found);
-                }
+        let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| async move {
+            let found = self.lookup_one(key).await;
+            if !matches!(found, Lookup::Missing) || !*read_lease {
+                return match found {
+                    Lookup::Missing => Watched::Held,
+                    found => Watched::Lookup(found),
+                };
             }
             match lease::state(&self.remote, &self.names, key, *generation).await {
                 Ok(LeaseState::Live { .. }) => Watched::Held,
                 Ok(LeaseState::Expired) => Watched::Expired,
                 // Just looked up: missing (a claim re-checks under the lease).
-                Ok(LeaseState::Gone) if *first_look => Watched::Lookup(Lookup::Missing),
-                Ok(LeaseState::Gone) => Watched::Lookup(self.lookup_one(key).await),
+                Ok(LeaseState::Gone) => Watched::Lookup(Lookup::Missing),
                 Err(error) => {
                     self.count(FleetEvent::StoreError);
                     Watched::Lookup(Lookup::Unavailable(error))
@@ -259,8 +261,16 @@ impl Fleet {
     /// if it hashes right (else replaced: its name says what it must
     /// hold); a manifest already there that verifies means another forge
     /// won the race (fine), one that does not is replaced by ours.
+    ///
+    /// For an artifact compiled without a lease (an outage postponed its
+    /// publication, or it was compiled before the fleet was configured):
+    /// its key is marked as claimed first (see [`lease::mark_claimed`]).
+    /// A compile under a lease publishes with [`Self::start_publish`].
     pub fn publish(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
-        let published = self.remote.run(self.publish_async(record, bytes));
+        let published = self.remote.run(async {
+            lease::mark_claimed(&self.remote, &self.names, &record.cache_key, &self.holder, self.config.lease_ttl).await?;
+            self.publish_async(record, bytes).await
+        });
         self.count_publication(&published);
         published
     }
@@ -374,12 +384,15 @@ impl Fleet {
         state
     }
 
-    /// Gives a lease up in the background (see [`Self::settle`]); a
-    /// failure is counted and only delays others until the lease expires.
-    pub fn release_later(self: &Arc<Self>, lease: Lease) {
+    /// Ends a lease in the background (see [`Self::settle`]): kept when
+    /// the bucket holds its key (`published`), else given up — a failure
+    /// to remove it is counted and only delays others until it expires.
+    pub fn end_later(self: &Arc<Self>, lease: Lease, published: bool) {
         let fleet = Arc::clone(self);
         let task = self.remote.spawn(async move {
-            if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
+            if published {
+                lease::keep(lease).await;
+            } else if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
                 fleet.count(FleetEvent::StoreError);
             }
         });
@@ -388,7 +401,7 @@ impl Fleet {
         releasing.push(task);
     }
 
-    /// Waits until every lease given up with [`Self::release_later`] is gone.
+    /// Waits until every lease ended with [`Self::end_later`] is kept or gone.
     pub fn settle(&self) {
         let tasks: Vec<_> = std::mem::take(&mut *self.releasing.lock().unwrap_or_else(|p| p.into_inner()));
         self.remote.run(async {
@@ -461,15 +474,21 @@ impl Fleet {
         Ok(survey)
     }
 
-    /// The leases held in the bucket now: cache key, holder, time left
-    /// (zero once expired).
+    /// The leases of keys the bucket holds no manifest of (claims not
+    /// fulfilled yet: a holder that published keeps its lease): cache key,
+    /// holder, time left (zero once expired).
     pub fn leases(&self) -> Result<Vec<(String, LeaseBody, Duration)>> {
         self.remote.run(async {
             let listed = self.remote.list(&self.names.leases()).await?;
+            let manifests = self.remote.list(&self.names.manifests()).await?;
+            let published: HashSet<&str> = manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).collect();
             let mut out = Vec::new();
             for object in listed {
                 let Some(rest) = object.name.strip_prefix(&self.names.leases()) else { continue };
                 let Some((key, _)) = rest.split_once('/') else { continue };
+                if published.contains(key) {
+                    continue;
+                }
                 if let Got::Bytes(bytes) = self.remote.get(&object.name, SMALL_OBJECT_LIMIT).await? {
                     if let Ok(body) = serde_json::from_slice::<LeaseBody>(&bytes) {
                         let left = Duration::from_millis(body.expires_at_ms.saturating_sub(lease::now_ms()));

@@ -2,7 +2,7 @@
 //! or set up a compile) → compile on a worker under the job's budgets →
 //! finish (store, commit, announce — or record the failure). Draining the
 //! queue overlaps them: the next job compiles while the last is stored.
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use super::report::{JobReport, JobStatus, Progress};
-use super::share::{Admission, Admitted, Waiting};
+use super::share::{Admission, Admitted, Probed, Waiting};
 use super::telemetry::{self, events};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::hex;
@@ -54,8 +54,8 @@ pub(super) enum Prepared {
 /// jobs started.
 struct Drain {
     ready: VecDeque<(usize, Admission)>,
-    /// Cache keys the bucket was just found not to hold.
-    missed: HashSet<String>,
+    /// What the opening probe found of cache keys the bucket did not give.
+    probed: HashMap<String, Probed>,
     waiting: Vec<Waiting>,
     in_flight: VecDeque<InFlight>,
 }
@@ -75,9 +75,9 @@ impl Forge {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
         let ready = self.start_order(&queue);
-        let missed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
+        let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
-        let mut drain = Drain { ready, missed, waiting: Vec::new(), in_flight: VecDeque::new() };
+        let mut drain = Drain { ready, probed, waiting: Vec::new(), in_flight: VecDeque::new() };
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
@@ -94,7 +94,8 @@ impl Forge {
             self.start_jobs(&queue, &mut drain, progress);
             let report = self.finish(&queue[front.position], front.prepared, compiled);
             if let Some(lease) = front.lease {
-                self.release(lease);
+                let published = report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
+                self.end_lease(lease, published);
             }
             progress(Progress::Finished(front.position, total, &report));
             reports.push(report);
@@ -102,7 +103,7 @@ impl Forge {
         // Shutting down: leases of jobs that did not start go back at once.
         for (_, admission) in drain.ready {
             if let Admission::Go(Some(lease)) = admission {
-                self.release(lease);
+                self.end_lease(lease, false);
             }
         }
         if let Some(fleet) = &self.fleet {
@@ -159,10 +160,10 @@ impl Forge {
             let job = &queue[position];
             let lease = match admission {
                 Admission::Go(lease) => lease,
-                Admission::Ask => match self.admit(job, drain.missed.remove(&job.cache_key)) {
+                Admission::Ask => match self.admit(job, drain.probed.remove(&job.cache_key)) {
                     Admitted::Go(lease) => lease,
                     Admitted::Wait(generation) => {
-                        drain.waiting.push(Waiting { position, since: None, generation });
+                        drain.waiting.push(Waiting { position, since: None, generation, lease_read: None });
                         continue;
                     }
                 },

@@ -4,7 +4,7 @@
 //! key only under its lease, waiting a bounded time while another host
 //! holds it; publish every local compile, and whatever an outage left
 //! unpublished once the bucket is back.
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,18 @@ pub(super) struct Waiting {
     pub since: Option<Instant>,
     /// The generation of the lease it waits on.
     pub generation: u64,
+    /// When its lease was last read (or, before the first read, since
+    /// when it waits): the lease is read again after [`LEASE_RECHECK`].
+    pub lease_read: Option<Instant>,
+}
+
+/// What the opening probe found of a cache key the bucket did not give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probed {
+    /// The bucket does not hold it.
+    Missing,
+    /// The bucket's copy was refused (the job compiles here).
+    Refused,
 }
 
 /// What the fleet decided for a job about to start.
@@ -46,9 +58,9 @@ pub(super) enum Admitted {
 }
 
 /// Jobs looked up together before a drain; also how many of the first
-/// to start a cold listing lets claim without asking the bucket again
-/// (later ones are asked as they start: another host may have published
-/// them by then).
+/// to start a cold listing lets a reader (a member that never claims)
+/// take as missing without asking the bucket again (later ones are asked
+/// as they start: another host may have published them by then).
 const LOOKUP_BATCH: usize = 16;
 
 /// The most manifests an opening listing reads; a bucket holding more is
@@ -61,6 +73,11 @@ const SHARE_BATCH: usize = 64;
 
 /// The longest pause between two looks at the bucket while waiting.
 const MAX_POLL: Duration = Duration::from_millis(100);
+
+/// How often a waiting job reads the lease it waits on (besides looking
+/// the bucket up at every poll): bounds how long a holder that gave up,
+/// or died, goes unnoticed beyond its lease's expiry.
+const LEASE_RECHECK: Duration = Duration::from_millis(500);
 
 impl Forge {
     /// The reference a remote consumer fetches a current artifact by, when
@@ -76,10 +93,10 @@ impl Forge {
     /// it instead of compiling). Many jobs are probed with one listing of
     /// the bucket's manifests, a few (or a bucket too large to list) by
     /// looking up a batch at a time until a batch finds nothing. Returns
-    /// the cache keys found missing that start first (claimed without
-    /// asking again; the claim re-checks under the lease).
-    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job], order: impl Iterator<Item = usize>) -> HashSet<String> {
-        let mut missing = HashSet::new();
+    /// the cache keys whose copy was refused, and those found missing that
+    /// start first (a reader takes them as missing without asking again).
+    pub(super) fn fetch_from_fleet(&mut self, queue: &[Job], order: impl Iterator<Item = usize>) -> HashMap<String, Probed> {
+        let mut missing = HashMap::new();
         let Some(fleet) = self.fleet.clone() else { return missing };
         let wanted: Vec<&Job> = order.map(|i| &queue[i]).filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
         let listed = if wanted.len() > LOOKUP_BATCH { fleet.published_keys(LISTING_LIMIT) } else { Ok(None) };
@@ -87,7 +104,7 @@ impl Forge {
             Err(error) => self.log_outage("", &error),
             Ok(Some(published)) => {
                 let (present, absent): (Vec<&Job>, Vec<&Job>) = wanted.into_iter().partition(|j| published.contains(&j.cache_key));
-                missing.extend(absent.iter().take(LOOKUP_BATCH).map(|j| j.cache_key.clone()));
+                missing.extend(absent.iter().take(LOOKUP_BATCH).map(|j| (j.cache_key.clone(), Probed::Missing)));
                 for batch in present.chunks(LOOKUP_BATCH) {
                     if self.fetch_batch(&fleet, batch, &mut missing).is_none() {
                         break;
@@ -106,9 +123,9 @@ impl Forge {
     }
 
     /// Looks up one batch of jobs in the bucket, keeping what verifies and
-    /// adding the cache keys it lacks to `missing`; returns how many were
-    /// found, or None if the store could not be asked.
-    fn fetch_batch(&mut self, fleet: &Fleet, batch: &[&Job], missing: &mut HashSet<String>) -> Option<usize> {
+    /// noting in `probed` the cache keys it lacks or whose copy is refused;
+    /// returns how many were found, or None if the store could not be asked.
+    fn fetch_batch(&mut self, fleet: &Fleet, batch: &[&Job], probed: &mut HashMap<String, Probed>) -> Option<usize> {
         let keys: Vec<String> = batch.iter().map(|j| j.cache_key.clone()).collect();
         let mut hits = 0;
         for (job, lookup) in batch.iter().zip(fleet.lookup_many(&keys)) {
@@ -117,13 +134,16 @@ impl Forge {
                     hits += 1;
                     self.keep_fetched(job, &record, &bytes);
                 }
-                Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
+                Lookup::Refused(refusal, why) => {
+                    self.log_refusal(job, refusal.as_str(), &why);
+                    probed.insert(job.cache_key.clone(), Probed::Refused);
+                }
                 Lookup::Unavailable(error) => {
                     self.log_outage("", &error);
                     return None;
                 }
                 Lookup::Missing => {
-                    missing.insert(job.cache_key.clone());
+                    probed.insert(job.cache_key.clone(), Probed::Missing);
                 }
             }
         }
@@ -170,18 +190,26 @@ impl Forge {
     }
 
     /// Decides whether a job starts now. Without a fleet, or with a local
-    /// artifact to adopt, it does. Otherwise the bucket is asked (unless
-    /// `missed`: it was asked a moment ago) and the job adopts what it
-    /// holds, or compiles only under its cache key's lease: won, the bucket
-    /// is asked once more (a host may have published just before the
-    /// claim); held by another host, the job waits; the store unreachable,
-    /// it compiles locally.
-    pub(super) fn admit(&mut self, job: &Job, missed: bool) -> Admitted {
+    /// artifact to adopt, it does. Otherwise it compiles only under its
+    /// cache key's lease: won at generation 0, nobody published the key
+    /// (a holder that publishes keeps its lease), so the job compiles;
+    /// held by another host, or kept by one that published, the job waits
+    /// (and its first look at the bucket finds the published artifact);
+    /// the store unreachable, it compiles locally; the bucket's copy
+    /// refused by the probe, it compiles locally at once. A reader, which
+    /// never claims, asks the bucket (unless the probe just found the key
+    /// missing) and waits only for a live lease.
+    pub(super) fn admit(&mut self, job: &Job, probed: Option<Probed>) -> Admitted {
         let Some(fleet) = &self.fleet else { return Admitted::Go(None) };
         if !matches!(self.ledger.adoption(job), Adoption::Nothing) {
             return Admitted::Go(None);
         }
-        if !missed {
+        if probed == Some(Probed::Refused) {
+            fleet.count(FleetEvent::Miss);
+            return Admitted::Go(None);
+        }
+        let publishes = fleet.config().publish;
+        if !publishes && probed.is_none() {
             match fleet.lookup(&job.cache_key) {
                 Lookup::Found(record, bytes) => {
                     self.keep_fetched(job, &record, &bytes);
@@ -196,7 +224,7 @@ impl Forge {
             }
         }
         let fleet = self.fleet.as_ref().expect("a fleet");
-        if !fleet.config().publish {
+        if !publishes {
             // A reader never claims (it could not publish what it compiles):
             // it waits for a live holder, else compiles for itself.
             return match fleet.lease_state(&job.cache_key, 0) {
@@ -211,7 +239,10 @@ impl Forge {
             };
         }
         match fleet.claim_unclaimed(&job.cache_key) {
-            Ok(Claim::Won { lease, .. }) => Admitted::Go(self.under_lease(job, lease)),
+            Ok(Claim::Won { lease, .. }) => {
+                fleet.count(FleetEvent::Miss);
+                Admitted::Go(Some(lease))
+            }
             Ok(Claim::Held { generation, .. }) => {
                 fleet.count(FleetEvent::LeaseWait);
                 Admitted::Wait(generation)
@@ -223,14 +254,16 @@ impl Forge {
         }
     }
 
-    /// With the lease won: the bucket's artifact if it appeared meanwhile
-    /// (the lease goes back), else the lease to compile under.
+    /// With a lease won by a full claim (after its previous holder gave
+    /// up or expired, when a late publication is possible): the bucket's
+    /// artifact if it appeared meanwhile (the lease is kept, as its
+    /// publisher's would be), else the lease to compile under.
     fn under_lease(&mut self, job: &Job, lease: Lease) -> Option<Lease> {
         let fleet = self.fleet.as_ref().expect("a fleet");
         match fleet.lookup(&job.cache_key) {
             Lookup::Found(record, bytes) => {
                 self.keep_fetched(job, &record, &bytes);
-                self.release(lease);
+                self.end_lease(lease, true);
                 None
             }
             Lookup::Refused(refusal, why) => {
@@ -245,19 +278,21 @@ impl Forge {
         }
     }
 
-    /// Gives a lease back, in the background (a failure only delays
-    /// others until it expires); the drain settles them before it returns.
-    pub(super) fn release(&mut self, lease: Lease) {
+    /// Ends a lease in the background: kept when the bucket holds its key
+    /// (`published`), else given back (a failure only delays others until
+    /// it expires); the drain settles them before it returns.
+    pub(super) fn end_lease(&mut self, lease: Lease, published: bool) {
         if let Some(fleet) = &self.fleet {
-            fleet.release_later(lease);
+            fleet.end_later(lease, published);
         }
     }
 
     /// While nothing else can run: waits for jobs whose lease another host
-    /// holds, watching the bucket with a growing pause, until at least one
-    /// can start — its artifact arrived (stored here, to adopt), its lease
-    /// was given up or expired (claimed), or it waited the longest allowed
-    /// (compiled here anyway). Returns them, admitted.
+    /// holds, looking the bucket up with a growing pause (and reading the
+    /// lease now and then), until at least one can start — its artifact
+    /// arrived (stored here, to adopt), its lease was given up or expired
+    /// (claimed), or it waited the longest allowed (compiled here anyway).
+    /// Returns them, admitted.
     pub(super) fn wait_for_fleet(&mut self, queue: &[Job], waiting: &mut Vec<Waiting>) -> VecDeque<(usize, Admission)> {
         let mut admitted = VecDeque::new();
         let mut pause = Duration::from_millis(2);
@@ -268,19 +303,29 @@ impl Forge {
         while admitted.is_empty() && !waiting.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_POLL);
-            let held: Vec<(String, u64, bool)> =
-                waiting.iter().map(|w| (queue[w.position].cache_key.clone(), w.generation, w.since.is_none())).collect();
+            let now = Instant::now();
+            let held: Vec<(String, u64, bool)> = waiting
+                .iter_mut()
+                .map(|w| {
+                    let read_lease = w.lease_read.get_or_insert(now).elapsed() >= LEASE_RECHECK;
+                    if read_lease {
+                        w.lease_read = Some(now);
+                    }
+                    (queue[w.position].cache_key.clone(), w.generation, read_lease)
+                })
+                .collect();
             let watched = fleet.watch_many(&held);
             let mut still = Vec::new();
             for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
                 let job = &queue[w.position];
-                let timed_out = w.since.get_or_insert_with(Instant::now).elapsed() >= wait_bound;
+                let timed_out = w.since.get_or_insert(now).elapsed() >= wait_bound;
                 let go = match watch {
                     Watched::Lookup(Lookup::Found(record, bytes)) => {
                         self.keep_fetched(job, &record, &bytes);
                         Some(None)
                     }
                     Watched::Lookup(Lookup::Refused(refusal, why)) => {
+                        fleet.count(FleetEvent::Miss);
                         self.log_refusal(job, refusal.as_str(), &why);
                         Some(None)
                     }

@@ -337,6 +337,30 @@ fn a_held_lease_is_renewed_until_released_and_expires_once_dropped() {
 }
 
 #[test]
+fn a_published_key_keeps_its_lease_so_a_later_claim_is_sent_to_the_bucket() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-kept");
+    let keys = fleet_keys();
+    let fleet = with_prefix(&server, "kept");
+    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    // Every published key's lease stays in the bucket (renewal stopped)...
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
+    assert_eq!(store.run(store.list(&names.leases())).unwrap().len(), FIVE.len(), "one kept lease per published key");
+    // ... but is no open claim: the keys are published.
+    assert_eq!(first.service.with(|f| Ok(f.fleet().unwrap().leases().unwrap())).unwrap(), vec![]);
+    // A host claiming a published key loses, and waits for the bucket
+    // instead of compiling it again.
+    let other = tezzeret::fleet::Fleet::connect(fleet, keys, "late-host".into()).unwrap();
+    for id in FIVE {
+        let claimed = other.claim_unclaimed(&record_of(&first, id).cache_key).unwrap();
+        assert!(matches!(claimed, tezzeret::fleet::Claim::Held { .. }), "{id}: {claimed:?}");
+    }
+    assert!(matches!(other.claim_unclaimed("never-compiled").unwrap(), tezzeret::fleet::Claim::Won { .. }));
+}
+
+#[test]
 fn a_read_only_member_fetches_but_never_claims_or_publishes() {
     let server = SeaweedServer::start("fleet");
     let dir = TempDir::new("fleet-reader");

@@ -15,8 +15,9 @@ use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, JobStatus};
 use tezzeret::state::signing::{generate_keypair, KeyRing};
 use tezzeret::{Error, Result};
 
-/// Alternating rounds of each comparison.
-const ROUNDS: usize = 3;
+/// Alternating rounds of each comparison (the median is shown: a shared
+/// machine's noise moves single rounds by a third).
+const ROUNDS: usize = 5;
 
 struct Fixed(Catalog);
 
@@ -26,9 +27,18 @@ impl tezzeret::forge::Host for Fixed {
     }
 }
 
-/// Opens a forge on a fresh state directory and runs its catalog; returns
-/// the wall time from open to the last job's end (s) and the jobs it compiled.
-fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Result<(f64, usize)> {
+/// What one forge's run took.
+struct Run {
+    /// Wall time from open to the last job's end, s.
+    seconds: f64,
+    /// Jobs it compiled.
+    compiled: usize,
+    /// Requests it made to the fleet's store.
+    requests: u64,
+}
+
+/// Opens a forge on a fresh state directory and runs its catalog.
+fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Result<Run> {
     let _ = std::fs::remove_dir_all(state);
     let mut config = ForgeConfig::new(state);
     config.device = DevicePreference::Cpu;
@@ -48,7 +58,9 @@ fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Res
     if ready != expected {
         return Err(Error::invalid(format!("fleet bench run: {ready} of {expected} ready")));
     }
-    Ok((elapsed, reports.iter().filter(|r| r.status == JobStatus::Ok).count()))
+    let compiled = reports.iter().filter(|r| r.status == JobStatus::Ok).count();
+    let requests = forge.fleet().map_or(0, |f| f.metrics().requests);
+    Ok(Run { seconds: elapsed, compiled, requests })
 }
 
 /// CPU time (user + system) a process has used so far, seconds.
@@ -86,19 +98,19 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     open_and_run(&work.join("fleet-seed"), &keys, Some(fleet("warm".into())))?;
     let (mut joins, mut compiles) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        let (joined, compiled_here) = open_and_run(&work.join(format!("fleet-join-{round}")), &keys, Some(fleet("warm".into())))?;
-        if compiled_here != 0 {
-            return Err(Error::invalid(format!("a host joining a warm bucket compiled {compiled_here} jobs")));
+        let joined = open_and_run(&work.join(format!("fleet-join-{round}")), &keys, Some(fleet("warm".into())))?;
+        if joined.compiled != 0 {
+            return Err(Error::invalid(format!("a host joining a warm bucket compiled {} jobs", joined.compiled)));
         }
-        joins.push(joined);
-        compiles.push(open_and_run(&work.join(format!("fleet-alone-{round}")), &keys, None)?.0);
+        joins.push(joined.seconds);
+        compiles.push(open_and_run(&work.join(format!("fleet-alone-{round}")), &keys, None)?.seconds);
     }
     let (join, alone) = (median(joins), median(compiles));
 
     // Three hosts on a cold bucket (a fresh prefix each round) against one
     // host alone, without a fleet and as a fleet of one (it publishes all).
     let (mut fleets, mut singles, mut total_compiles) = (Vec::new(), Vec::new(), Vec::new());
-    let mut lone_members = Vec::new();
+    let (mut lone_members, mut fleet_requests, mut lone_requests) = (Vec::new(), Vec::new(), Vec::new());
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let me = std::process::id();
     for round in 0..ROUNDS {
@@ -110,23 +122,28 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
                 std::thread::spawn(move || open_and_run(&state, &keys, Some(config)))
             })
             .collect();
-        let mut compiled = 0;
+        let (mut compiled, mut requests) = (0, 0);
         for host in hosts {
-            compiled += host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))??.1;
+            let run = host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))??;
+            (compiled, requests) = (compiled + run.compiled, requests + run.requests);
         }
         fleets.push(started.elapsed().as_secs_f64());
         let (w1, m1) = (cpu_seconds(server.pid()), cpu_seconds(me));
         total_compiles.push(compiled as f64);
-        singles.push(open_and_run(&work.join(format!("fleet-single-{round}")), &keys, None)?.0);
+        fleet_requests.push(requests as f64);
+        singles.push(open_and_run(&work.join(format!("fleet-single-{round}")), &keys, None)?.seconds);
         store_cpu.push(w1 - w0);
         fleet_cpu.push(m1 - m0);
         single_cpu.push(cpu_seconds(me) - m1);
-        lone_members.push(open_and_run(&work.join(format!("fleet-lone-{round}")), &keys, Some(fleet(format!("lone-{round}"))))?.0);
+        let lone = open_and_run(&work.join(format!("fleet-lone-{round}")), &keys, Some(fleet(format!("lone-{round}"))))?;
+        lone_members.push(lone.seconds);
+        lone_requests.push(lone.requests as f64);
     }
     let lone = median(lone_members);
     let (three, single) = (median(fleets), median(singles));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let most_compiles = total_compiles.iter().copied().fold(0.0, f64::max);
     Ok(vec![
         row(
@@ -149,9 +166,20 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         ),
         row(format!("fleet: compiles in total by the three hosts (of {n})"), most_compiles, Some(format!("{n} expected")), "jobs"),
         row(
+            "fleet: store requests of the three hosts' round",
+            median(fleet_requests),
+            Some(format!("a fleet of one: {:.0}", median(lone_requests))),
+            "requests",
+        ),
+        row(
             "fleet: CPU of the three hosts' round, forges + the store server on these cores",
             (fleet_cpu + store_cpu) * 1e3,
-            Some(format!("store server {:.0} ms of it; one host alone {:.0} ms", store_cpu * 1e3, single_cpu * 1e3)),
+            Some(format!(
+                "store server {:.0} ms of it; one host alone {:.0} ms; the round's wall floor on {cores} cores: {:.0} ms",
+                store_cpu * 1e3,
+                single_cpu * 1e3,
+                (fleet_cpu + store_cpu) * 1e3 / cores as f64
+            )),
             "ms",
         ),
     ])
