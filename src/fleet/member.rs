@@ -166,7 +166,7 @@ impl Fleet {
             self.count(FleetEvent::StoreError);
         }
         Ok(listed?.map(|manifests| {
-            manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).map(str::to_string).collect()
+            ObjectNames::manifest_keys(&manifests).map(str::to_string).collect()
         }))
     }
 
@@ -186,12 +186,10 @@ impl Fleet {
     /// counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
         let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| async move {
-            let found = self.lookup_one(key).await;
-            if !matches!(found, Lookup::Missing) || !*read_lease {
-                return match found {
-                    Lookup::Missing => Watched::Held,
-                    found => Watched::Lookup(found),
-                };
+            match self.lookup_one(key).await {
+                Lookup::Missing if *read_lease => {}
+                Lookup::Missing => return Watched::Held,
+                found => return Watched::Lookup(found),
             }
             match lease::state(&self.remote, &self.names, key, *generation).await {
                 Ok(LeaseState::Live { .. }) => Watched::Held,
@@ -437,8 +435,7 @@ impl Fleet {
             leases: self.leases()?,
             ..Survey::default()
         };
-        let keys: Vec<String> =
-            manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).map(str::to_string).collect();
+        let keys: Vec<String> = ObjectNames::manifest_keys(&manifests).map(str::to_string).collect();
         let reads = futures::stream::iter(keys.iter().map(|key| async move {
             (key, self.remote.get(&self.names.manifest(key), SMALL_OBJECT_LIMIT).await)
         }))
@@ -481,7 +478,7 @@ impl Fleet {
         self.remote.run(async {
             let listed = self.remote.list(&self.names.leases()).await?;
             let manifests = self.remote.list(&self.names.manifests()).await?;
-            let published: HashSet<&str> = manifests.iter().filter_map(|m| ObjectNames::manifest_key(&m.name)).collect();
+            let published: HashSet<&str> = ObjectNames::manifest_keys(&manifests).collect();
             let mut out = Vec::new();
             for object in listed {
                 let Some(rest) = object.name.strip_prefix(&self.names.leases()) else { continue };

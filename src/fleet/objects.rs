@@ -2,6 +2,7 @@
 //! exact artifact bytes, content-addressed), `manifests/<cache key>.json`
 //! (the signed manifest) and `leases/<cache key>/<generation>.json` (claims
 //! to compile), all under the configured prefix.
+use super::remote::Listed;
 
 /// The object names of one fleet (a bucket and a prefix).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,11 @@ impl ObjectNames {
     /// The cache key a manifest object's name carries, if it is one.
     pub fn manifest_key(name: &str) -> Option<&str> {
         name.rsplit('/').next()?.strip_suffix(".json")
+    }
+
+    /// The cache keys of the manifests in a listing (other objects skipped).
+    pub fn manifest_keys(listed: &[Listed]) -> impl Iterator<Item = &str> {
+        listed.iter().filter_map(|m| Self::manifest_key(&m.name))
     }
 
     /// The reference a remote consumer fetches an artifact by:

@@ -96,30 +96,30 @@ impl Forge {
     /// the cache keys whose copy was refused, and those found missing that
     /// start first (a reader takes them as missing without asking again).
     pub(super) fn fetch_from_fleet(&mut self, queue: &[Job], order: impl Iterator<Item = usize>) -> HashMap<String, Probed> {
-        let mut missing = HashMap::new();
-        let Some(fleet) = self.fleet.clone() else { return missing };
+        let mut probed = HashMap::new();
+        let Some(fleet) = self.fleet.clone() else { return probed };
         let wanted: Vec<&Job> = order.map(|i| &queue[i]).filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
         let listed = if wanted.len() > LOOKUP_BATCH { fleet.published_keys(LISTING_LIMIT) } else { Ok(None) };
         match listed {
             Err(error) => self.log_outage("", &error),
             Ok(Some(published)) => {
                 let (present, absent): (Vec<&Job>, Vec<&Job>) = wanted.into_iter().partition(|j| published.contains(&j.cache_key));
-                missing.extend(absent.iter().take(LOOKUP_BATCH).map(|j| (j.cache_key.clone(), Probed::Missing)));
+                probed.extend(absent.iter().take(LOOKUP_BATCH).map(|j| (j.cache_key.clone(), Probed::Missing)));
                 for batch in present.chunks(LOOKUP_BATCH) {
-                    if self.fetch_batch(&fleet, batch, &mut missing).is_none() {
+                    if self.fetch_batch(&fleet, batch, &mut probed).is_none() {
                         break;
                     }
                 }
             }
             Ok(None) => {
                 for batch in wanted.chunks(LOOKUP_BATCH) {
-                    if self.fetch_batch(&fleet, batch, &mut missing).unwrap_or(0) == 0 {
+                    if self.fetch_batch(&fleet, batch, &mut probed).unwrap_or(0) == 0 {
                         break;
                     }
                 }
             }
         }
-        missing
+        probed
     }
 
     /// Looks up one batch of jobs in the bucket, keeping what verifies and
