@@ -82,7 +82,8 @@ pub struct Fleet {
     config: FleetConfig,
     holder: String,
     stats: FleetStats,
-    /// Leases being ended (kept or released) in the background.
+    /// Leases being ended (kept or released) or claims given up, in the
+    /// background.
     releasing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -99,6 +100,17 @@ impl PendingPublication {
             Ok(published) => published,
             Err(e) => Err(Error::new(ErrorCode::Internal, format!("fleet publication task failed: {e}"))),
         }
+    }
+}
+
+/// A claim of an unclaimed cache key under way (see [`Fleet::start_claim`]).
+pub struct PendingClaim {
+    task: tokio::task::JoinHandle<Result<Option<Lease>>>,
+}
+
+impl std::fmt::Debug for PendingClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingClaim").field("finished", &self.task.is_finished()).finish()
     }
 }
 
@@ -353,6 +365,46 @@ impl Fleet {
     pub fn claim_unclaimed(&self, cache_key: &str) -> Result<Claim> {
         let ttl = self.config.lease_ttl;
         let won = self.remote.run(lease::claim_unclaimed(&self.remote, &self.names, cache_key, &self.holder, ttl));
+        self.unclaimed_outcome(won)
+    }
+
+    /// Starts [`Self::claim_unclaimed`] in the background and returns at
+    /// once, so that the request overlaps the caller's work (a forge
+    /// claims its next jobs while the current ones compile);
+    /// [`Self::finish_claim`] gives the outcome, [`Self::abandon_claim`]
+    /// gives up a claim no longer wanted.
+    pub fn start_claim(self: &Arc<Self>, cache_key: &str) -> PendingClaim {
+        let (fleet, cache_key) = (Arc::clone(self), cache_key.to_string());
+        let task = self.remote.spawn(async move {
+            let ttl = fleet.config.lease_ttl;
+            lease::claim_unclaimed(&fleet.remote, &fleet.names, &cache_key, &fleet.holder, ttl).await
+        });
+        PendingClaim { task }
+    }
+
+    /// Waits for a claim started with [`Self::start_claim`]; answers as
+    /// [`Self::claim_unclaimed`] does.
+    pub fn finish_claim(&self, pending: PendingClaim) -> Result<Claim> {
+        let won = self.remote.run(pending.task).unwrap_or_else(|e| Err(Error::new(ErrorCode::Internal, format!("fleet claim task failed: {e}"))));
+        self.unclaimed_outcome(won)
+    }
+
+    /// Gives up a claim started with [`Self::start_claim`], in the
+    /// background (see [`Self::settle`]): a lease it won is removed.
+    pub fn abandon_claim(self: &Arc<Self>, pending: PendingClaim) {
+        let fleet = Arc::clone(self);
+        self.in_background(async move {
+            if let Ok(Ok(Some(lease))) = pending.task.await {
+                if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
+                    fleet.count(FleetEvent::StoreError);
+                }
+            }
+        });
+    }
+
+    /// A claim of generation 0 as a [`Claim`], counted.
+    fn unclaimed_outcome(&self, won: Result<Option<Lease>>) -> Result<Claim> {
+        let ttl = self.config.lease_ttl;
         self.claimed(won.map(|won| match won {
             Some(lease) => Claim::Won { lease, took_over: false },
             None => Claim::Held { holder: String::new(), generation: 0, expires_in: ttl },
@@ -387,19 +439,25 @@ impl Fleet {
     /// to remove it is counted and only delays others until it expires.
     pub fn end_later(self: &Arc<Self>, lease: Lease, published: bool) {
         let fleet = Arc::clone(self);
-        let task = self.remote.spawn(async move {
+        self.in_background(async move {
             if published {
                 lease::keep(lease).await;
             } else if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
                 fleet.count(FleetEvent::StoreError);
             }
         });
+    }
+
+    /// Runs lease work on the store's runtime, for [`Self::settle`] to wait on.
+    fn in_background(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let task = self.remote.spawn(work);
         let mut releasing = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
         releasing.retain(|t| !t.is_finished());
         releasing.push(task);
     }
 
-    /// Waits until every lease ended with [`Self::end_later`] is kept or gone.
+    /// Waits until every lease ended with [`Self::end_later`] is kept or
+    /// gone, and every claim given up with [`Self::abandon_claim`] undone.
     pub fn settle(&self) {
         let tasks: Vec<_> = std::mem::take(&mut *self.releasing.lock().unwrap_or_else(|p| p.into_inner()));
         self.remote.run(async {

@@ -101,11 +101,7 @@ impl Forge {
             reports.push(report);
         }
         // Shutting down: leases of jobs that did not start go back at once.
-        for (_, admission) in drain.ready {
-            if let Admission::Go(Some(lease)) = admission {
-                self.end_lease(lease, false);
-            }
-        }
+        self.give_up_admissions(drain.ready.into_iter().map(|(_, admission)| admission));
         if let Some(fleet) = &self.fleet {
             fleet.settle();
         }
@@ -153,20 +149,25 @@ impl Forge {
         let total = queue.len();
         while !drain.ready.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             let width = (self.effective_concurrency() as usize).max(1);
+            // The claims of the next job and of the `width` after it go
+            // out now, to be answered while compiles run.
+            self.claim_ahead(queue, &mut drain.ready, &drain.probed, width + 1);
             if drain.in_flight.iter().filter(|f| matches!(f.compile, Some(Ok(_)))).count() >= width {
                 return;
             }
             let (position, admission) = drain.ready.pop_front().expect("a ready job");
             let job = &queue[position];
-            let lease = match admission {
-                Admission::Go(lease) => lease,
-                Admission::Ask => match self.admit(job, drain.probed.remove(&job.cache_key)) {
-                    Admitted::Go(lease) => lease,
-                    Admitted::Wait(generation) => {
-                        drain.waiting.push(Waiting { position, since: None, generation, lease_read: None });
-                        continue;
-                    }
-                },
+            let admitted = match admission {
+                Admission::Go(lease) => Admitted::Go(lease),
+                Admission::Ask => self.admit(job, drain.probed.remove(&job.cache_key), None),
+                Admission::Claiming(claim) => self.admit(job, drain.probed.remove(&job.cache_key), Some(claim)),
+            };
+            let lease = match admitted {
+                Admitted::Go(lease) => lease,
+                Admitted::Wait(generation) => {
+                    drain.waiting.push(Waiting { position, since: None, generation, lease_read: None });
+                    continue;
+                }
             };
             progress(Progress::Started(position, total, &job.blueprint_id));
             let prepared = self.prepare(job, progress);

@@ -13,7 +13,7 @@ use super::engine::Forge;
 use super::host::LogLevel;
 use super::ledger::Adoption;
 use crate::fleet::lease::{Lease, LeaseState};
-use crate::fleet::member::PendingPublication;
+use crate::fleet::member::{PendingClaim, PendingPublication};
 use crate::fleet::{Claim, Fleet, FleetEvent, Lookup, Publication, Watched};
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
@@ -22,6 +22,9 @@ use crate::state::wal::journal::Job;
 pub(super) enum Admission {
     /// Not decided yet: ask the fleet.
     Ask,
+    /// Its claim was sent ahead (while earlier jobs compile): decided by
+    /// its answer.
+    Claiming(PendingClaim),
     /// Start it (holding this lease, when it compiles under one).
     Go(Option<Lease>),
 }
@@ -199,9 +202,14 @@ impl Forge {
     /// refused by the probe, it compiles locally at once. A reader, which
     /// never claims, asks the bucket (unless the probe just found the key
     /// missing) and waits only for a live lease.
-    pub(super) fn admit(&mut self, job: &Job, probed: Option<Probed>) -> Admitted {
+    ///
+    /// `claim`: the claim [`Self::claim_ahead`] sent for it, if any.
+    pub(super) fn admit(&mut self, job: &Job, probed: Option<Probed>, claim: Option<PendingClaim>) -> Admitted {
         let Some(fleet) = &self.fleet else { return Admitted::Go(None) };
         if !matches!(self.ledger.adoption(job), Adoption::Nothing) {
+            if let Some(claim) = claim {
+                fleet.abandon_claim(claim);
+            }
             return Admitted::Go(None);
         }
         if probed == Some(Probed::Refused) {
@@ -238,7 +246,11 @@ impl Forge {
                 }
             };
         }
-        match fleet.claim_unclaimed(&job.cache_key) {
+        let claimed = match claim {
+            Some(claim) => fleet.finish_claim(claim),
+            None => fleet.claim_unclaimed(&job.cache_key),
+        };
+        match claimed {
             Ok(Claim::Won { lease, .. }) => {
                 fleet.count(FleetEvent::Miss);
                 Admitted::Go(Some(lease))
@@ -250,6 +262,41 @@ impl Forge {
             Err(error) => {
                 self.log_outage(&job.blueprint_id, &error);
                 Admitted::Go(None)
+            }
+        }
+    }
+
+    /// Sends the claims of the first `ahead` jobs not started yet that
+    /// will claim their cache key (a publishing fleet, nothing to adopt
+    /// locally, no copy refused by the probe), so that each is answered by
+    /// the time the job starts instead of delaying it by a request.
+    pub(super) fn claim_ahead(&self, queue: &[Job], ready: &mut VecDeque<(usize, Admission)>, probed: &HashMap<String, Probed>, ahead: usize) {
+        let Some(fleet) = self.fleet.as_ref().filter(|f| f.config().publish) else { return };
+        for (position, admission) in ready.iter_mut().take(ahead) {
+            let job = &queue[*position];
+            if !matches!(admission, Admission::Ask) || probed.get(&job.cache_key) == Some(&Probed::Refused) {
+                continue;
+            }
+            *admission = match self.ledger.adoption(job) {
+                Adoption::Nothing => Admission::Claiming(fleet.start_claim(&job.cache_key)),
+                // It adopts (or compiles past) its local artifact, unclaimed.
+                Adoption::Adopt(_) | Adoption::Refused(_) => Admission::Go(None),
+            };
+        }
+    }
+
+    /// Gives up the leases of jobs that will not start (shutting down):
+    /// those won, and those whose claim is still under way.
+    pub(super) fn give_up_admissions(&mut self, admissions: impl Iterator<Item = Admission>) {
+        for admission in admissions {
+            match admission {
+                Admission::Go(Some(lease)) => self.end_lease(lease, false),
+                Admission::Claiming(claim) => {
+                    if let Some(fleet) = &self.fleet {
+                        fleet.abandon_claim(claim);
+                    }
+                }
+                Admission::Go(None) | Admission::Ask => {}
             }
         }
     }

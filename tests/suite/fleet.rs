@@ -4,10 +4,12 @@
 //! truncated artifact are refused and compiled locally (and the bucket
 //! healed); the store killed mid-run and restarted (jobs complete
 //! locally, publication catches up); a lease holder killed (another forge
-//! takes over once the lease expires); conditional create with one winner.
+//! takes over once the lease expires); a forge that stops mid-run gives
+//! back the claims it sent ahead; conditional create with one winner.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use tezzeret::fleet::manifest::SharedManifest;
 use tezzeret::fleet::remote::{Create, Got, RemoteStore};
 use tezzeret::fleet::lease::LeaseState;
 use tezzeret::fleet::{FleetConfig, FleetMetrics, Refusal};
-use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, LogLevel};
+use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, LogLevel, Progress};
 use tezzeret::state::artifact::ArtifactRecord;
 use tezzeret::state::signing::{generate_keypair, keygen, KeyRing};
 
@@ -358,6 +360,39 @@ fn a_published_key_keeps_its_lease_so_a_later_claim_is_sent_to_the_bucket() {
         assert!(matches!(claimed, tezzeret::fleet::Claim::Held { .. }), "{id}: {claimed:?}");
     }
     assert!(matches!(other.claim_unclaimed("never-compiled").unwrap(), tezzeret::fleet::Claim::Won { .. }));
+}
+
+#[test]
+fn a_drain_claims_its_next_job_ahead_and_gives_such_claims_back_when_it_stops() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-ahead");
+    let keys = fleet_keys();
+    let fleet = with_prefix(&server, "ahead");
+    let member = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
+    let lease_objects = || store.run(store.list(&names.leases())).unwrap().len();
+    let reports = member
+        .service
+        .with(|f| {
+            let stop = f.shutdown_flag();
+            Ok(f.run(&mut |progress| {
+                if matches!(progress, Progress::Started(..)) && !stop.load(Ordering::Acquire) {
+                    // The first job starts with the next one's claim sent.
+                    wait_for("the next job's claim", || lease_objects() >= 2);
+                    stop.store(true, Ordering::Release);
+                }
+            }))
+        })
+        .unwrap();
+    assert!(reports.len() < FIVE.len(), "stopped after the first job: {reports:?}");
+    // Nothing it did not publish stays claimed: another host compiles the
+    // rest without waiting for a lease.
+    assert_eq!(member.service.with(|f| Ok(f.fleet().unwrap().leases().unwrap())).unwrap(), vec![]);
+    let other = Member::open(&dir.path().join("b"), FIVE, &keys, fleet);
+    assert!(other.run().values().all(|s| matches!(s, JobStatus::Ok | JobStatus::Cached)));
+    let metrics = other.metrics();
+    assert_eq!((metrics.lease_waits, metrics.hits + metrics.published), (0, FIVE.len() as u64), "{metrics:?}");
 }
 
 #[test]
