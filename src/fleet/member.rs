@@ -385,7 +385,8 @@ impl Fleet {
     /// Waits for a claim started with [`Self::start_claim`]; answers as
     /// [`Self::claim_unclaimed`] does.
     pub fn finish_claim(&self, pending: PendingClaim) -> Result<Claim> {
-        let won = self.remote.run(pending.task).unwrap_or_else(|e| Err(Error::new(ErrorCode::Internal, format!("fleet claim task failed: {e}"))));
+        let won = self.remote.run(pending.task);
+        let won = won.unwrap_or_else(|e| Err(Error::new(ErrorCode::Internal, format!("fleet claim task failed: {e}"))));
         self.unclaimed_outcome(won)
     }
 

@@ -270,7 +270,13 @@ impl Forge {
     /// will claim their cache key (a publishing fleet, nothing to adopt
     /// locally, no copy refused by the probe), so that each is answered by
     /// the time the job starts instead of delaying it by a request.
-    pub(super) fn claim_ahead(&self, queue: &[Job], ready: &mut VecDeque<(usize, Admission)>, probed: &HashMap<String, Probed>, ahead: usize) {
+    pub(super) fn claim_ahead(
+        &self,
+        queue: &[Job],
+        ready: &mut VecDeque<(usize, Admission)>,
+        probed: &HashMap<String, Probed>,
+        ahead: usize,
+    ) {
         let Some(fleet) = self.fleet.as_ref().filter(|f| f.config().publish) else { return };
         for (position, admission) in ready.iter_mut().take(ahead) {
             let job = &queue[*position];
