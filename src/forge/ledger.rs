@@ -209,21 +209,31 @@ impl Ledger {
         record
     }
 
-    /// Stores an artifact fetched from the fleet's bucket — its record
-    /// complete and verified, its bytes checked — durably, as a local
-    /// compile's would be (not yet current: a job adopts it), and records
-    /// that the bucket holds it.
-    pub fn store_fetched(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> Result<()> {
-        self.store.put(record, bytes)?;
-        self.record_shared(record)
+    /// Stores artifacts fetched from the fleet's bucket — their records
+    /// complete and verified, their bytes checked — durably, as local
+    /// compiles' would be (not yet current: jobs adopt them), and records
+    /// that the bucket holds them; all in one durable write and one
+    /// journal append.
+    pub fn store_fetched(&mut self, fetched: &[(&ArtifactRecord, &[u8])]) -> Result<()> {
+        self.store.put_all(fetched)?;
+        let records: Vec<&ArtifactRecord> = fetched.iter().map(|&(record, _)| record).collect();
+        self.record_shared(&records)
     }
 
-    /// Durably records that the fleet's bucket holds a stored artifact.
-    pub fn record_shared(&mut self, record: &ArtifactRecord) -> Result<()> {
-        if self.is_shared(record) {
+    /// Durably records, in one journal append, that the fleet's bucket
+    /// holds these stored artifacts.
+    pub fn record_shared(&mut self, records: &[&ArtifactRecord]) -> Result<()> {
+        let mut artifacts: Vec<SharedArtifact> = Vec::with_capacity(records.len());
+        for record in records {
+            let shared = SharedArtifact::of(record);
+            if !self.journal.state().shared.contains(&shared) && !artifacts.contains(&shared) {
+                artifacts.push(shared);
+            }
+        }
+        if artifacts.is_empty() {
             return Ok(());
         }
-        self.journal.append(vec![vec![Record::Shared { artifacts: vec![SharedArtifact::of(record)] }]])
+        self.journal.append(vec![vec![Record::Shared { artifacts }]])
     }
 
     /// Whether the fleet's bucket holds this artifact (these bytes, under

@@ -130,13 +130,10 @@ impl Forge {
     /// returns how many were found, or None if the store could not be asked.
     fn fetch_batch(&mut self, fleet: &Fleet, batch: &[&Job], probed: &mut HashMap<String, Probed>) -> Option<usize> {
         let keys: Vec<String> = batch.iter().map(|j| j.cache_key.clone()).collect();
-        let mut hits = 0;
+        let mut found = Vec::new();
         for (job, lookup) in batch.iter().zip(fleet.lookup_many(&keys)) {
             match lookup {
-                Lookup::Found(record, bytes) => {
-                    hits += 1;
-                    self.keep_fetched(job, &record, &bytes);
-                }
+                Lookup::Found(record, bytes) => found.push((*job, *record, bytes)),
                 Lookup::Refused(refusal, why) => {
                     self.log_refusal(job, refusal.as_str(), &why);
                     probed.insert(job.cache_key.clone(), Probed::Refused);
@@ -150,17 +147,33 @@ impl Forge {
                 }
             }
         }
+        let hits = found.len();
+        self.keep_all_fetched(found.iter().map(|(job, record, bytes)| (*job, record, bytes.as_slice())));
         Some(hits)
     }
 
     /// Stores a verified artifact from the bucket durably here.
     fn keep_fetched(&mut self, job: &Job, record: &ArtifactRecord, bytes: &[u8]) {
-        if record.blueprint_id != job.blueprint_id {
-            self.log_refusal(job, "wrong_manifest", &format!("the bucket's artifact is of {}", record.blueprint_id));
+        self.keep_all_fetched(std::iter::once((job, record, bytes)));
+    }
+
+    /// Stores verified artifacts from the bucket durably here, all at once
+    /// (each job then adopts its own; one whose storing failed compiles).
+    fn keep_all_fetched<'a>(&mut self, fetched: impl Iterator<Item = (&'a Job, &'a ArtifactRecord, &'a [u8])>) {
+        let mut kept = Vec::new();
+        for (job, record, bytes) in fetched {
+            if record.blueprint_id == job.blueprint_id {
+                kept.push((record, bytes));
+            } else {
+                self.log_refusal(job, "wrong_manifest", &format!("the bucket's artifact is of {}", record.blueprint_id));
+            }
+        }
+        if kept.is_empty() {
             return;
         }
-        if let Err(error) = self.ledger.store_fetched(record, bytes) {
-            self.log_error(&format!("storing {}'s artifact from the fleet (compiling it instead)", job.blueprint_id), &error);
+        if let Err(error) = self.ledger.store_fetched(&kept) {
+            let ids: Vec<&str> = kept.iter().map(|(record, _)| record.blueprint_id.as_str()).collect();
+            self.log_error(&format!("storing the artifacts of {} from the fleet (compiling them instead)", ids.join(", ")), &error);
         }
     }
 
@@ -476,17 +489,21 @@ impl Forge {
     pub fn record_shared_work(&mut self, outcome: SharedOutcome) -> usize {
         let Some(fleet) = self.fleet.clone() else { return 0 };
         let retry = fleet.config().retry_interval;
-        let mut shared = 0;
-        for record in outcome.published {
-            // The bucket holds it even if it stopped being current meanwhile
-            // (answers only name the bucket's copy of current artifacts).
-            if let Err(error) = self.ledger.record_shared(&record) {
-                self.log_error("recording a publication to the fleet", &error);
-                break;
+        // The bucket holds them even if they stopped being current meanwhile
+        // (answers only name the bucket's copy of current artifacts).
+        let published: Vec<&ArtifactRecord> = outcome.published.iter().collect();
+        let shared = match self.ledger.record_shared(&published) {
+            Ok(()) => {
+                for &record in &published {
+                    self.prefetcher.set_remote(record, fleet.artifact_url(record));
+                }
+                published.len()
             }
-            self.prefetcher.set_remote(&record, fleet.artifact_url(&record));
-            shared += 1;
-        }
+            Err(error) => {
+                self.log_error("recording a publication to the fleet", &error);
+                0
+            }
+        };
         if shared > 0 {
             self.host.log(LogLevel::Info, &format!("published {shared} artifacts to the fleet store"));
         }

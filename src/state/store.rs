@@ -45,24 +45,41 @@ impl ArtifactStore {
     /// name is reused only if its content hashes to the checksum; a damaged
     /// one is replaced.
     pub fn put(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<()> {
-        let checksum = checksum_of(bytes);
-        if checksum != record.checksum || record.artifact_file != StateLayout::artifact_file_name(&checksum) {
-            return Err(Error::new(
-                ErrorCode::Internal,
-                format!("record of {} does not describe the bytes to store (sha256 {checksum})", record.blueprint_id),
-            ));
+        self.put_all(&[(record, bytes)])
+    }
+
+    /// Stores several artifacts as [`Self::put`] does each, in one durable
+    /// write: what they share (the directories' syncs) is done once.
+    pub fn put_all(&self, artifacts: &[(&ArtifactRecord, &[u8])]) -> Result<()> {
+        let mut paths: Vec<(PathBuf, PathBuf, Vec<u8>, &[u8], bool)> = Vec::with_capacity(artifacts.len());
+        for &(record, bytes) in artifacts {
+            let checksum = checksum_of(bytes);
+            if checksum != record.checksum || record.artifact_file != StateLayout::artifact_file_name(&checksum) {
+                return Err(Error::new(
+                    ErrorCode::Internal,
+                    format!("record of {} does not describe the bytes to store (sha256 {checksum})", record.blueprint_id),
+                ));
+            }
+            let (path, manifest_path) = (self.artifact_path(record), self.layout.manifest(&record.cache_key));
+            // One write per file: a cache key given twice is stored once
+            // (its first record), an artifact two cache keys share once.
+            if paths.iter().any(|(_, other, ..)| *other == manifest_path) {
+                continue;
+            }
+            let written = paths.iter().any(|(other, ..)| *other == path);
+            let intact = written || fs::read(&path).is_ok_and(|existing| checksum_of(&existing) == checksum);
+            let manifest = serde_json::to_vec_pretty(record).expect("records serialise");
+            paths.push((path, manifest_path, manifest, bytes, !intact));
         }
-        let path = self.artifact_path(record);
-        let intact = fs::read(&path).is_ok_and(|existing| checksum_of(&existing) == checksum);
-        let manifest = serde_json::to_vec_pretty(record).expect("records serialise");
-        let manifest_path = self.layout.manifest(&record.cache_key);
-        // The artifact is renamed into place before its manifest: a manifest
-        // never names an artifact that is not there.
-        let mut files: Vec<(&Path, &[u8])> = Vec::with_capacity(2);
-        if !intact {
-            files.push((&path, bytes));
+        // Each artifact is renamed into place before its manifest: a
+        // manifest never names an artifact that is not there.
+        let mut files: Vec<(&Path, &[u8])> = Vec::with_capacity(2 * paths.len());
+        for (path, manifest_path, manifest, bytes, needed) in &paths {
+            if *needed {
+                files.push((path, bytes));
+            }
+            files.push((manifest_path, manifest));
         }
-        files.push((&manifest_path, &manifest));
         durable_write_all(&files)
     }
 

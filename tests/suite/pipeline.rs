@@ -185,6 +185,37 @@ fn store_reuses_artifacts_and_recompiles_changed_descriptors() {
 }
 
 #[test]
+fn a_batch_of_artifacts_is_stored_in_one_write_or_not_at_all() {
+    use tezzeret::state::layout::StateLayout;
+    use tezzeret::state::store::ArtifactStore;
+    let source = TempDir::new("pipeline-batch-source");
+    let mut config = ForgeConfig::new(source.path());
+    config.device = DevicePreference::Cpu;
+    let mut forge = Forge::open(config, Box::new(DefaultHost)).unwrap();
+    for id in ["BP001", "BP005"] {
+        assert_eq!(forge.compile_one(id).unwrap().status, JobStatus::Ok);
+    }
+    drop(forge);
+    let from = ArtifactStore::open_existing(&StateLayout::new(source.path())).unwrap();
+    let (_, journal) = tezzeret::state::verify::read_journal(source.path()).unwrap();
+    let (a, b) = (journal.artifacts["BP001"].clone(), journal.artifacts["BP005"].clone());
+    let (bytes_a, bytes_b) = (std::fs::read(from.artifact_path(&a)).unwrap(), std::fs::read(from.artifact_path(&b)).unwrap());
+
+    let target = TempDir::new("pipeline-batch-target");
+    let store = ArtifactStore::open(&StateLayout::new(target.path())).unwrap();
+    // One record whose bytes do not match refuses the whole batch, before anything is written.
+    let err = store.put_all(&[(&a, &bytes_a), (&b, &bytes_a)]).unwrap_err();
+    assert!(err.message().contains("BP005") && err.message().contains("does not describe"), "{err}");
+    assert!(store.manifest(&a.cache_key).is_none(), "nothing of a refused batch is stored");
+    // A cache key given twice is stored once; both artifacts verify.
+    store.put_all(&[(&a, &bytes_a), (&b, &bytes_b), (&a, &bytes_a)]).unwrap();
+    for record in [&a, &b] {
+        store.verify(record).unwrap();
+        assert_eq!(store.manifest(&record.cache_key).as_ref(), Some(record));
+    }
+}
+
+#[test]
 fn quarantined_blueprints_are_refused_with_a_clear_error() {
     let dir = TempDir::new("pipeline-quarantine");
     let mut config = ForgeConfig::new(dir.path());
