@@ -381,13 +381,13 @@ impl Forge {
                 })
                 .collect();
             let watched = fleet.watch_many(&held);
-            let mut still = Vec::new();
+            let (mut still, mut fetched) = (Vec::new(), Vec::new());
             for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
                 let job = &queue[w.position];
                 let timed_out = w.since.get_or_insert(now).elapsed() >= wait_bound;
                 let go = match watch {
                     Watched::Lookup(Lookup::Found(record, bytes)) => {
-                        self.keep_fetched(job, &record, &bytes);
+                        fetched.push((job, record, bytes));
                         Some(None)
                     }
                     Watched::Lookup(Lookup::Refused(refusal, why)) => {
@@ -427,6 +427,8 @@ impl Forge {
                     None => still.push(w),
                 }
             }
+            // What arrived this round is stored in one durable write.
+            self.keep_all_fetched(fetched.iter().map(|(job, record, bytes)| (*job, &**record, bytes.as_slice())));
             *waiting = still;
         }
         admitted
