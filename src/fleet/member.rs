@@ -396,9 +396,7 @@ impl Fleet {
         let fleet = Arc::clone(self);
         self.in_background(async move {
             if let Ok(Ok(Some(lease))) = pending.task.await {
-                if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
-                    fleet.count(FleetEvent::StoreError);
-                }
+                fleet.release_counted(lease).await;
             }
         });
     }
@@ -443,10 +441,18 @@ impl Fleet {
         self.in_background(async move {
             if published {
                 lease::keep(lease).await;
-            } else if lease::release(&fleet.remote, &fleet.names, lease).await.is_err() {
-                fleet.count(FleetEvent::StoreError);
+            } else {
+                fleet.release_counted(lease).await;
             }
         });
+    }
+
+    /// Removes a lease; a failure is counted (it only delays others until
+    /// the lease expires).
+    async fn release_counted(&self, lease: Lease) {
+        if lease::release(&self.remote, &self.names, lease).await.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
     }
 
     /// Runs lease work on the store's runtime, for [`Self::settle`] to wait on.

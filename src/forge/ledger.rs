@@ -224,9 +224,9 @@ impl Ledger {
     /// holds these stored artifacts.
     pub fn record_shared(&mut self, records: &[&ArtifactRecord]) -> Result<()> {
         let mut artifacts: Vec<SharedArtifact> = Vec::with_capacity(records.len());
-        for record in records {
+        for record in records.iter().filter(|r| !self.is_shared(r)) {
             let shared = SharedArtifact::of(record);
-            if !self.journal.state().shared.contains(&shared) && !artifacts.contains(&shared) {
+            if !artifacts.contains(&shared) {
                 artifacts.push(shared);
             }
         }

@@ -51,7 +51,17 @@ impl ArtifactStore {
     /// Stores several artifacts as [`Self::put`] does each, in one durable
     /// write: what they share (the directories' syncs) is done once.
     pub fn put_all(&self, artifacts: &[(&ArtifactRecord, &[u8])]) -> Result<()> {
-        let mut paths: Vec<(PathBuf, PathBuf, Vec<u8>, &[u8], bool)> = Vec::with_capacity(artifacts.len());
+        /// One record's files, planned before anything is written.
+        struct Planned<'a> {
+            artifact_path: PathBuf,
+            manifest_path: PathBuf,
+            manifest: Vec<u8>,
+            bytes: &'a [u8],
+            /// False when the artifact file is already intact (on disk, or
+            /// written by an earlier record of the batch).
+            write_artifact: bool,
+        }
+        let mut planned: Vec<Planned> = Vec::with_capacity(artifacts.len());
         for &(record, bytes) in artifacts {
             let checksum = checksum_of(bytes);
             if checksum != record.checksum || record.artifact_file != StateLayout::artifact_file_name(&checksum) {
@@ -63,22 +73,22 @@ impl ArtifactStore {
             let (path, manifest_path) = (self.artifact_path(record), self.layout.manifest(&record.cache_key));
             // One write per file: a cache key given twice is stored once
             // (its first record), an artifact two cache keys share once.
-            if paths.iter().any(|(_, other, ..)| *other == manifest_path) {
+            if planned.iter().any(|p| p.manifest_path == manifest_path) {
                 continue;
             }
-            let written = paths.iter().any(|(other, ..)| *other == path);
+            let written = planned.iter().any(|p| p.artifact_path == path);
             let intact = written || fs::read(&path).is_ok_and(|existing| checksum_of(&existing) == checksum);
             let manifest = serde_json::to_vec_pretty(record).expect("records serialise");
-            paths.push((path, manifest_path, manifest, bytes, !intact));
+            planned.push(Planned { artifact_path: path, manifest_path, manifest, bytes, write_artifact: !intact });
         }
         // Each artifact is renamed into place before its manifest: a
         // manifest never names an artifact that is not there.
-        let mut files: Vec<(&Path, &[u8])> = Vec::with_capacity(2 * paths.len());
-        for (path, manifest_path, manifest, bytes, needed) in &paths {
-            if *needed {
-                files.push((path, bytes));
+        let mut files: Vec<(&Path, &[u8])> = Vec::with_capacity(2 * planned.len());
+        for p in &planned {
+            if p.write_artifact {
+                files.push((&p.artifact_path, p.bytes));
             }
-            files.push((manifest_path, manifest));
+            files.push((&p.manifest_path, &p.manifest));
         }
         durable_write_all(&files)
     }
