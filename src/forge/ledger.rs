@@ -27,6 +27,16 @@ pub enum Adoption {
     Nothing,
 }
 
+/// One stored artifact to make current (see [`Ledger::commit_all`]).
+pub struct Committing<'a> {
+    /// The job it ends.
+    pub seq: u64,
+    /// The artifact, stored already.
+    pub record: &'a ArtifactRecord,
+    /// Its reference in the fleet's bucket, when the bucket holds it.
+    pub remote_ref: Option<String>,
+}
+
 /// The durable state of a forge.
 pub struct Ledger {
     layout: StateLayout,
@@ -178,9 +188,16 @@ impl Ledger {
     /// Durably records that a job started; returns whether it had started
     /// before (it was in flight when the last forge stopped: a retry).
     pub fn record_start(&mut self, seq: u64) -> Result<bool> {
-        let retry = self.journal.state().started.contains(&seq);
-        self.journal.append(vec![vec![Record::Start { seq }]])?;
-        Ok(retry)
+        Ok(self.record_starts(&[seq])?.contains(&seq))
+    }
+
+    /// Durably records, in one journal append, that jobs started; returns
+    /// those that had started before (retries).
+    pub fn record_starts(&mut self, seqs: &[u64]) -> Result<Vec<u64>> {
+        let started = &self.journal.state().started;
+        let retries = seqs.iter().copied().filter(|seq| started.contains(seq)).collect();
+        self.journal.append(seqs.iter().map(|&seq| vec![Record::Start { seq }]).collect())?;
+        Ok(retries)
     }
 
     /// Durably records that a job failed and left the queue.
@@ -252,47 +269,55 @@ impl Ledger {
         self.artifacts().values().filter(|r| !self.is_shared(r)).count()
     }
 
-    /// Makes a stored artifact current: journal commit, then guard slot.
-    /// Returns the catalog update to announce (only now is it durable
-    /// everywhere) and, with a bus, its outbox entry — written in the
+    /// Makes stored artifacts current: journal commits (one transaction
+    /// each, in one append), then guard slots (one sync). Returns the
+    /// catalog updates to announce (only now are they durable everywhere)
+    /// and, with a bus, their outbox entries — each written in its
     /// commit's own transaction. Outbox entries the bus has published
-    /// (`published`) leave the outbox in the same sync. `remote_ref`, when
-    /// the fleet's bucket holds the artifact, is the update's reference
-    /// (else the local path) and is recorded shared in the same transaction.
-    pub fn commit(
+    /// (`published`) leave the outbox in the same sync. A commit's
+    /// `remote_ref`, when the fleet's bucket holds the artifact, is its
+    /// update's reference (else the local path) and is recorded shared in
+    /// the same transaction.
+    pub fn commit_all(
         &mut self,
-        seq: u64,
-        record: &ArtifactRecord,
+        commits: &[Committing<'_>],
         published: Vec<u64>,
-        remote_ref: Option<String>,
-    ) -> Result<(KernelCatalogUpdate, Option<Announcement>)> {
-        let shared = remote_ref.is_some() && !self.is_shared(record);
-        let update = KernelCatalogUpdate {
-            blueprint_id: record.blueprint_id.clone(),
-            artifact_ref: remote_ref.unwrap_or_else(|| self.store.artifact_path(record).display().to_string()),
-            checksum: record.checksum.clone(),
-            guard_digest: record.guard_digest.clone(),
-            compile_ms: record.compile_ms as f32,
-            prewarm_ms: record.prewarm_p50_ms as f32,
-        };
-        let announcement = self.announcing.as_ref().map(|prefix| {
-            let seq = self.journal.state().next_announcement;
-            Announcement { seq, message_id: format!("{prefix}-{seq}"), update: update.clone() }
-        });
-        let mut transaction = vec![Record::Commit { seq, artifact: record.clone() }];
-        if shared {
-            transaction.push(Record::Shared { artifacts: vec![SharedArtifact::of(record)] });
-        }
-        if let Some(announcement) = &announcement {
-            transaction.push(Record::Announce { announcement: announcement.clone() });
-        }
-        let mut transactions = vec![transaction];
+    ) -> Result<Vec<(KernelCatalogUpdate, Option<Announcement>)>> {
+        let mut committed = Vec::with_capacity(commits.len());
+        let mut transactions = Vec::with_capacity(commits.len() + 1);
         if !published.is_empty() {
-            transactions.insert(0, vec![Record::Published { seqs: published }]);
+            transactions.push(vec![Record::Published { seqs: published }]);
         }
+        let mut next_announcement = self.journal.state().next_announcement;
+        for commit in commits {
+            let record = commit.record;
+            let update = KernelCatalogUpdate {
+                blueprint_id: record.blueprint_id.clone(),
+                artifact_ref: commit.remote_ref.clone().unwrap_or_else(|| self.store.artifact_path(record).display().to_string()),
+                checksum: record.checksum.clone(),
+                guard_digest: record.guard_digest.clone(),
+                compile_ms: record.compile_ms as f32,
+                prewarm_ms: record.prewarm_p50_ms as f32,
+            };
+            let announcement = self.announcing.as_ref().map(|prefix| {
+                let seq = next_announcement;
+                next_announcement += 1;
+                Announcement { seq, message_id: format!("{prefix}-{seq}"), update: update.clone() }
+            });
+            let mut transaction = vec![Record::Commit { seq: commit.seq, artifact: record.clone() }];
+            if commit.remote_ref.is_some() && !self.is_shared(record) {
+                transaction.push(Record::Shared { artifacts: vec![SharedArtifact::of(record)] });
+            }
+            if let Some(announcement) = &announcement {
+                transaction.push(Record::Announce { announcement: announcement.clone() });
+            }
+            transactions.push(transaction);
+            committed.push((update, announcement));
+        }
+        let entries = commits.iter().map(|c| guard_entry(c.record)).collect::<Result<Vec<_>>>()?;
         self.journal.append(transactions)?;
-        self.guards.put(&guard_entry(record)?)?;
-        Ok((update, announcement))
+        self.guards.put_all(&entries)?;
+        Ok(committed)
     }
 
     /// Durably takes published announcements out of the outbox.

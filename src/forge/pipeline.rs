@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::Forge;
 use super::host::LogLevel;
-use super::ledger::Adoption;
+use super::ledger::{Adoption, Committing};
 use super::report::{JobReport, JobStatus, Progress};
 use super::share::{Admission, Admitted, Probed, Waiting};
 use super::telemetry::{self, events};
@@ -31,6 +31,13 @@ struct InFlight {
     compile: Option<Result<JoinHandle<Result<CompiledArtifact>>>>,
     /// The fleet lease it compiles under, given back once it is published.
     lease: Option<Lease>,
+}
+
+impl InFlight {
+    /// Whether it adopts a durable artifact (no compile).
+    fn adopts(&self) -> bool {
+        matches!(self.prepared, Ok(Prepared::Adopted(_)))
+    }
 }
 
 /// A job ready to compile.
@@ -58,6 +65,13 @@ struct Drain {
     probed: HashMap<String, Probed>,
     waiting: Vec<Waiting>,
     in_flight: VecDeque<InFlight>,
+    /// A claim was lost since the bucket was last listed.
+    lost_claim: bool,
+    /// How many jobs finished so far.
+    finished: usize,
+    /// How many jobs had finished when the bucket was last looked at
+    /// (listed, or probed by the opening lookup).
+    looked_after: usize,
 }
 
 impl Forge {
@@ -68,7 +82,7 @@ impl Forge {
     /// job's compile ends the next one starts, and the finished job is
     /// stored, committed and announced while it compiles — the forge's
     /// durable work hides behind the next compile instead of adding to it.
-    /// In a fleet, artifacts the bucket holds are fetched first (all at
+    /// Jobs adopting durable artifacts in a row commit together. In a fleet, artifacts the bucket holds are fetched first (all at
     /// once), and a job whose lease another host holds waits while the
     /// others run.
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
@@ -77,7 +91,8 @@ impl Forge {
         let ready = self.start_order(&queue);
         let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
-        let mut drain = Drain { ready, probed, waiting: Vec::new(), in_flight: VecDeque::new() };
+        let mut drain =
+            Drain { ready, probed, waiting: Vec::new(), in_flight: VecDeque::new(), lost_claim: false, finished: 0, looked_after: 0 };
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
@@ -87,18 +102,33 @@ impl Forge {
                 drain.ready = self.wait_for_fleet(&queue, &mut drain.waiting);
                 continue;
             };
-            let compiled = front.compile.map(|c| {
+            if front.adopts() {
+                // A run of adoptions in a row commits together.
+                let mut run = vec![front];
+                while let Some(next) = drain.in_flight.pop_front() {
+                    if !next.adopts() {
+                        drain.in_flight.push_front(next);
+                        break;
+                    }
+                    run.push(next);
+                }
+                self.start_jobs(&queue, &mut drain, progress);
+                let finished = self.finish_adopted(&queue, &run);
+                for (adopted, report) in run.into_iter().zip(finished) {
+                    self.hand_on(adopted.position, adopted.lease, report, total, progress, &mut reports);
+                }
+                drain.finished = reports.len();
+                continue;
+            }
+            let InFlight { position, prepared, compile, lease } = front;
+            let compiled = compile.map(|c| {
                 c.and_then(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked"))))
             });
             // The next job starts compiling before this one is stored.
             self.start_jobs(&queue, &mut drain, progress);
-            let report = self.finish(&queue[front.position], front.prepared, compiled);
-            if let Some(lease) = front.lease {
-                let published = report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
-                self.end_lease(lease, published);
-            }
-            progress(Progress::Finished(front.position, total, &report));
-            reports.push(report);
+            let report = self.finish(&queue[position], prepared, compiled);
+            self.hand_on(position, lease, report, total, progress, &mut reports);
+            drain.finished = reports.len();
         }
         // Shutting down: leases of jobs that did not start go back at once.
         self.give_up_admissions(drain.ready.into_iter().map(|(_, admission)| admission));
@@ -107,6 +137,25 @@ impl Forge {
         }
         self.share_pending();
         reports
+    }
+
+    /// After the report of the job at `position`: ends its lease (kept if
+    /// the bucket now holds its artifact) and hands the report on.
+    fn hand_on(
+        &mut self,
+        position: usize,
+        lease: Option<Lease>,
+        report: JobReport,
+        total: usize,
+        progress: &mut dyn FnMut(Progress<'_>),
+        reports: &mut Vec<JobReport>,
+    ) {
+        if let Some(lease) = lease {
+            let published = report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
+            self.end_lease(lease, published);
+        }
+        progress(Progress::Finished(position, total, &report));
+        reports.push(report);
     }
 
     /// Runs one queued job to its end on the calling thread's watch, under
@@ -147,13 +196,22 @@ impl Forge {
     /// holds are set aside to wait.
     fn start_jobs(&mut self, queue: &[Job], drain: &mut Drain, progress: &mut dyn FnMut(Progress<'_>)) {
         let total = queue.len();
+        // Adoptions in a row have their starts recorded together.
+        let mut adopting = Vec::new();
         while !drain.ready.is_empty() && !self.shutdown.load(Ordering::Acquire) {
+            // Once a claim is lost, the bucket is listed again — as soon
+            // as a job finished since the last look: the other hosts have
+            // likely published about as much meanwhile.
+            if drain.lost_claim && drain.looked_after < drain.finished {
+                (drain.lost_claim, drain.looked_after) = (false, drain.finished);
+                self.fetch_listed(queue, &mut drain.ready, &mut drain.waiting, &mut drain.probed);
+            }
             let width = (self.effective_concurrency() as usize).max(1);
             // The claims of the next job and of the `width` after it go
             // out now, to be answered while compiles run.
             self.claim_ahead(queue, &mut drain.ready, &drain.probed, width + 1);
             if drain.in_flight.iter().filter(|f| matches!(f.compile, Some(Ok(_)))).count() >= width {
-                return;
+                break;
             }
             let (position, admission) = drain.ready.pop_front().expect("a ready job");
             let job = &queue[position];
@@ -166,11 +224,16 @@ impl Forge {
                 Admitted::Go(lease) => lease,
                 Admitted::Wait(generation) => {
                     drain.waiting.push(Waiting { position, since: None, generation, lease_read: None });
+                    drain.lost_claim = true;
                     continue;
                 }
             };
             progress(Progress::Started(position, total, &job.blueprint_id));
             let prepared = self.prepare(job, progress);
+            if matches!(prepared, Ok(Prepared::Adopted(_))) {
+                adopting.push(InFlight { position, prepared, compile: None, lease });
+                continue;
+            }
             let compile = match &prepared {
                 Ok(Prepared::Compile(c)) => {
                     let execution = self.execution(width.min(drain.ready.len() + 1));
@@ -184,12 +247,28 @@ impl Forge {
             };
             // Recorded once the compile is under way, so that the msync
             // overlaps it rather than delaying it.
+            self.start_adopted(queue, &mut adopting, &mut drain.in_flight);
             let prepared = match (prepared, self.record_start(job)) {
                 (Ok(prepared), Ok(())) => Ok(prepared),
                 (Err(e), _) | (Ok(_), Err(e)) => Err(e),
             };
             drain.in_flight.push_back(InFlight { position, prepared, compile, lease });
         }
+        self.start_adopted(queue, &mut adopting, &mut drain.in_flight);
+    }
+
+    /// Records the starts of adopting jobs in one journal append and moves
+    /// them in flight (where a failure to record fails them).
+    fn start_adopted(&mut self, queue: &[Job], adopting: &mut Vec<InFlight>, in_flight: &mut VecDeque<InFlight>) {
+        if adopting.is_empty() {
+            return;
+        }
+        let seqs: Vec<u64> = adopting.iter().map(|f| queue[f.position].seq).collect();
+        match self.ledger.record_starts(&seqs) {
+            Ok(retries) => self.observer.counters.retried += retries.len() as u64,
+            Err(error) => adopting.iter_mut().for_each(|f| f.prepared = Err(error.clone())),
+        }
+        in_flight.extend(adopting.drain(..));
     }
 
     /// Records durably that a job started (a crash from here on makes its
@@ -244,7 +323,7 @@ impl Forge {
         let compiled_during = compiled.as_ref().and_then(|c| c.as_ref().ok()).map(|a| a.ran);
         let outcome = match prepared {
             Err(e) => Err(e),
-            Ok(Prepared::Adopted(record)) => self.commit(job, &record, None, false).map(|_| (JobStatus::Cached, record)),
+            Ok(Prepared::Adopted(record)) => self.commit_adopted(&[(job, &record)]).map(|_| (JobStatus::Cached, record)),
             Ok(Prepared::Compile(c)) => match compiled.expect("a compile result for a compile job") {
                 Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, name))),
                 Ok(artifact) => {
@@ -253,6 +332,38 @@ impl Forge {
                 }
             },
         };
+        self.conclude(job, outcome, compiled_during)
+    }
+
+    /// Ends jobs adopting durable artifacts: commits them together, then
+    /// reports each as [`Self::finish`] would.
+    fn finish_adopted(&mut self, queue: &[Job], run: &[InFlight]) -> Vec<JobReport> {
+        let adopted: Vec<(&Job, &ArtifactRecord)> = run
+            .iter()
+            .filter_map(|f| match &f.prepared {
+                Ok(Prepared::Adopted(record)) => Some((&queue[f.position], record)),
+                _ => None,
+            })
+            .collect();
+        let committed = self.commit_adopted(&adopted);
+        adopted
+            .into_iter()
+            .map(|(job, record)| {
+                let outcome = committed.clone().map(|()| (JobStatus::Cached, record.clone()));
+                self.conclude(job, outcome, None)
+            })
+            .collect()
+    }
+
+    /// Feeds the governor with a job's outcome, records a failure, and
+    /// reports it (`compiled_during`: how long its compile ran).
+    fn conclude(
+        &mut self,
+        job: &Job,
+        outcome: Result<(JobStatus, ArtifactRecord)>,
+        compiled_during: Option<(Instant, Instant)>,
+    ) -> JobReport {
+        let name = job.descriptor.name.clone();
         if self.shutdown.load(Ordering::Acquire) {
             if let Err(error) = outcome {
                 // Abandoned by shutdown: not a failure of the job, which stays
@@ -332,16 +443,40 @@ impl Forge {
         Ok(record)
     }
 
-    /// Makes a stored artifact current (journal, guard slot), then tells
-    /// the host: the catalog update only once it is durable everywhere.
-    /// `shared`: the fleet's bucket has just received it.
+    /// Makes a compiled artifact, stored, current (journal, guard slot),
+    /// then tells the host: the catalog update only once it is durable
+    /// everywhere. `shared`: the fleet's bucket has just received it.
     fn commit(&mut self, job: &Job, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>, shared: bool) -> Result<()> {
+        self.make_current(&[(job, record)], shared)?;
+        self.tell_committed(record, compiled);
+        Ok(())
+    }
+
+    /// Makes durable artifacts that jobs adopt current, together (one
+    /// journal append, one guard-table sync), then tells the host of each.
+    fn commit_adopted(&mut self, adopted: &[(&Job, &ArtifactRecord)]) -> Result<()> {
+        self.make_current(adopted, false)?;
+        for (_, record) in adopted {
+            self.tell_committed(record, None);
+        }
+        Ok(())
+    }
+
+    /// Commits stored artifacts in one durable step and sends their
+    /// catalog updates (to the host, and to the bus's outbox).
+    fn make_current(&mut self, commits: &[(&Job, &ArtifactRecord)], shared: bool) -> Result<()> {
         let published = self.bus.as_ref().map(|b| b.take_published()).unwrap_or_default();
-        let remote_ref = match &self.fleet {
-            Some(fleet) if shared => Some(fleet.artifact_url(record)),
-            _ => self.remote_ref(record),
-        };
-        let (update, announcement) = match self.ledger.commit(job.seq, record, published.clone(), remote_ref.clone()) {
+        let committing: Vec<Committing<'_>> = commits
+            .iter()
+            .map(|&(job, record)| {
+                let remote_ref = match &self.fleet {
+                    Some(fleet) if shared => Some(fleet.artifact_url(record)),
+                    _ => self.remote_ref(record),
+                };
+                Committing { seq: job.seq, record, remote_ref }
+            })
+            .collect();
+        let committed = match self.ledger.commit_all(&committing, published.clone()) {
             Ok(committed) => committed,
             Err(error) => {
                 // The commit may have become durable before failing (a guard
@@ -355,13 +490,20 @@ impl Forge {
                 return Err(error);
             }
         };
-        self.prefetcher.set_current(record, remote_ref);
-        self.observer.counters.completed += 1;
-        self.host.catalog_update(&leyline::encode(&update));
-        if let (Some(bus), Some(a)) = (&self.bus, &announcement) {
-            bus.announce(a.seq, &a.message_id, &a.update);
+        for (commit, (update, announcement)) in committing.into_iter().zip(committed) {
+            self.prefetcher.set_current(commit.record, commit.remote_ref);
+            self.observer.counters.completed += 1;
+            self.host.catalog_update(&leyline::encode(&update));
+            if let (Some(bus), Some(a)) = (&self.bus, &announcement) {
+                bus.announce(a.seq, &a.message_id, &a.update);
+            }
         }
+        Ok(())
+    }
 
+    /// Tells the host's telemetry and log that an artifact became current
+    /// (`compiled`: its compile's start event and start, when it compiled).
+    fn tell_committed(&mut self, record: &ArtifactRecord, compiled: Option<(TelemetryEvent, Instant)>) {
         let strategy = record.strategy.as_str();
         let mut metrics = self.observer.counters.metrics();
         metrics.push(telemetry::metric("tezzeret.compilation.duration_ms", record.compile_ms, "ms", &[("strategy", strategy)]));
@@ -381,6 +523,5 @@ impl Forge {
         }
         self.emit_telemetry(metrics, events_out);
         self.host.log(LogLevel::Debug, &format!("{id} committed ({:.1} ms compile)", record.compile_ms));
-        Ok(())
     }
 }

@@ -279,6 +279,43 @@ impl Forge {
         }
     }
 
+    /// After a claim was lost (other hosts work on this queue too): lists
+    /// the bucket's manifests once and fetches, in batches, what it holds
+    /// of the jobs not started yet and of those waiting, so that they
+    /// adopt it instead of each claiming, losing and waiting in turn.
+    /// Waiting jobs whose artifact arrived are ready again, first.
+    pub(super) fn fetch_listed(
+        &mut self,
+        queue: &[Job],
+        ready: &mut VecDeque<(usize, Admission)>,
+        waiting: &mut Vec<Waiting>,
+        probed: &mut HashMap<String, Probed>,
+    ) {
+        let Some(fleet) = self.fleet.clone() else { return };
+        let published = match fleet.published_keys(LISTING_LIMIT) {
+            Ok(Some(published)) => published,
+            // Too large to list: each job asks as it starts.
+            Ok(None) => return,
+            Err(error) => return self.log_outage("", &error),
+        };
+        let positions = ready.iter().map(|(position, _)| *position).chain(waiting.iter().map(|w| w.position));
+        let wanted: Vec<&Job> = positions
+            .map(|position| &queue[position])
+            .filter(|job| published.contains(&job.cache_key) && matches!(self.ledger.adoption(job), Adoption::Nothing))
+            .collect();
+        for batch in wanted.chunks(LOOKUP_BATCH) {
+            if self.fetch_batch(&fleet, batch, probed).is_none() {
+                break;
+            }
+        }
+        let (arrived, still): (Vec<Waiting>, Vec<Waiting>) =
+            waiting.drain(..).partition(|w| !matches!(self.ledger.adoption(&queue[w.position]), Adoption::Nothing));
+        *waiting = still;
+        for w in arrived.into_iter().rev() {
+            ready.push_front((w.position, Admission::Go(None)));
+        }
+    }
+
     /// Sends the claims of the first `ahead` jobs not started yet that
     /// will claim their cache key (a publishing fleet, nothing to adopt
     /// locally, no copy refused by the probe), so that each is answered by

@@ -344,3 +344,54 @@ fn disk_full_is_an_error_never_sigbus_and_recovery_works_after() {
     assert_eq!(catalog_of(&state), catalog_of(&reference_dir));
     assert!(tezzeret::state::verify::verify_state(&state).unwrap().problems.is_empty());
 }
+
+/// A fresh state directory holding, stored but not committed, every
+/// artifact of `reference` (as a crash between storing and committing
+/// would leave them, or a fleet's fetch): its jobs all adopt.
+fn stored_only_copy_of(reference: &Path, state: &Path) {
+    for dir in ["artifacts", "manifests"] {
+        std::fs::create_dir_all(state.join(dir)).unwrap();
+        for file in std::fs::read_dir(reference.join(dir)).unwrap().flatten() {
+            std::fs::copy(file.path(), state.join(dir).join(file.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_run_of_adoptions_commits_with_one_guard_table_sync_and_a_kill_inside_it_keeps_every_promise() {
+    let work = TempDir::new("adoptions");
+    let catalog = work.path().join("catalog.json");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let reference = work.path().join("reference");
+    assert_eq!(spawn_forge(&reference, &catalog, None, None).exit, Some(0));
+    let expected = catalog_of(&reference);
+
+    // All ten adoptions commit together: a second guard-table sync would
+    // kill the run.
+    let batched = work.path().join("batched");
+    stored_only_copy_of(&reference, &batched);
+    let run = spawn_forge(&batched, &catalog, Some("guard.msync=crash@2"), None);
+    assert_eq!(run.exit, Some(0), "the adoptions synced the guard table more than once");
+    assert!(run.compiling.is_empty(), "stored artifacts compiled again: {:?}", run.compiling);
+    assert_eq!(run.announced.len(), expected.len());
+    assert_eq!(catalog_of(&batched), expected);
+    assert!(std::fs::read_to_string(fired_log(&batched)).unwrap_or_default().is_empty());
+
+    // Killed at that one sync (the journal holds every commit, the guard
+    // slots may not be on disk yet): nothing announced, nothing lost, and
+    // the next open makes the guard table agree without compiling.
+    let killed = work.path().join("killed");
+    stored_only_copy_of(&reference, &killed);
+    let run = spawn_forge(&killed, &catalog, Some("guard.msync=crash@1"), None);
+    assert_eq!(run.exit, None, "the run was not killed at its guard-table sync");
+    assert!(run.announced.is_empty(), "announced before the guard table was durable: {:?}", run.announced);
+    let acked = run.queued.iter().map(|(id, seq)| (*seq, id.clone())).collect();
+    let problems = check_promises(&killed, &acked, &BTreeMap::new());
+    assert!(problems.is_empty(), "{problems:?}");
+    let after = spawn_forge(&killed, &catalog, None, None);
+    assert_eq!(after.exit, Some(0));
+    assert!(after.compiling.is_empty(), "stored artifacts compiled again: {:?}", after.compiling);
+    assert_eq!(catalog_of(&killed), expected);
+    let verification = tezzeret::state::verify::verify_state(&killed).unwrap();
+    assert!(verification.problems.is_empty(), "{:?}", verification.problems);
+}

@@ -322,6 +322,28 @@ fn a_table_grows_past_its_slots_and_readers_follow() {
 }
 
 #[test]
+fn entries_written_together_grow_the_table_as_needed_and_all_reopen() {
+    let dir = TempDir::new("guards-put-all");
+    let path = dir.path().join("guards.tbl");
+    let writer = GuardTable::create(&path, 4).unwrap();
+    writer.put(&entry("BP3", 1)).unwrap();
+    let reader = GuardTable::open_read_only(&path).unwrap();
+    // BP3 is replaced within the batch, after the table grew under it.
+    let batch: Vec<GuardEntry> = (0..100).map(|i| entry(&format!("BP{i}"), (i % 5) as u8)).collect();
+    writer.put_all(&batch).unwrap();
+    assert!(writer.slots() >= 100 * 4 / 3, "{} slots for 100 entries", writer.slots());
+    for e in &batch {
+        assert_eq!(reader.lookup(&e.blueprint_id).unwrap(), Lookup::Found(e.clone()));
+    }
+    writer.put_all(&[]).unwrap();
+    drop(writer);
+    let reopened = GuardTable::open_writable(&path, 4).unwrap();
+    let (entries, damaged) = reopened.entries();
+    assert_eq!((entries.len(), damaged), (100, 0));
+    assert_eq!(reopened.lookup("BP3").unwrap(), Lookup::Found(entry("BP3", 3)));
+}
+
+#[test]
 fn a_reader_in_another_process_follows_a_growing_table_and_never_loses_an_entry() {
     let dir = TempDir::new("guards-grow-race");
     let path = dir.path().join("guards.tbl");

@@ -42,15 +42,13 @@ pub enum Lookup {
 /// free one on its path), and the blueprint's entry with its slot if it has one.
 type Probe = (Option<u32>, Option<(u32, GuardEntry)>);
 
-/// What a put did.
+/// What writing a slot did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
     /// The blueprint had no slot: one was taken.
     Inserted,
     /// The blueprint's slot was rewritten.
     Replaced,
-    /// No slot is free on the blueprint's probe path: the table must grow.
-    Full,
 }
 
 /// One mapped table file (read-only or writable).
@@ -287,24 +285,28 @@ impl Mapping {
         })
     }
 
-    /// Writes (or replaces) a blueprint's slot and syncs it to disk.
-    pub fn put(&self, entry: &GuardEntry) -> Result<Put> {
+    /// Writes (or replaces) a blueprint's slot without syncing it (readers
+    /// see it at once; [`Self::sync_slots`] makes it durable). Returns what
+    /// it did and the slot written, or None when no slot is free on the
+    /// blueprint's probe path.
+    pub fn write(&self, entry: &GuardEntry) -> Result<Option<(Put, u32)>> {
         let bytes = entry.encode()?;
         let (slot, outcome) = match self.probe(&entry.blueprint_id) {
             Ok((Some(slot), Some(_))) => (slot, Put::Replaced),
             Ok((Some(slot), None)) => (slot, Put::Inserted),
-            Ok((None, _)) => return Ok(Put::Full),
+            Ok((None, _)) => return Ok(None),
             Err(_) => (self.repair_target(&entry.blueprint_id), Put::Inserted),
         };
         self.write_slot(slot, &bytes)?;
-        Ok(outcome)
+        Ok(Some((outcome, slot)))
     }
 
-    /// Marks a blueprint's slot deleted (tombstone), if it has one; returns
-    /// whether it had one.
+    /// Marks a blueprint's slot deleted (tombstone), if it has one, and
+    /// syncs it; returns whether it had one.
     pub fn remove(&self, blueprint_id: &str) -> Result<bool> {
         if let (_, Some((slot, _))) = self.probe(blueprint_id)? {
             self.write_slot(slot, &slot::tombstone())?;
+            self.sync_slots(slot, slot)?;
             return Ok(true);
         }
         Ok(false)
@@ -331,9 +333,15 @@ impl Mapping {
             self.word(slot, w).store(v, Ordering::Relaxed);
         }
         self.word(slot, 0).store(next, Ordering::Release);
-        let offset = HEADER_SIZE + slot as usize * SLOT_SIZE;
+        Ok(())
+    }
+
+    /// Syncs the slots `first..=last` to the file, in one msync.
+    pub fn sync_slots(&self, first: u32, last: u32) -> Result<()> {
+        let offset = HEADER_SIZE + first as usize * SLOT_SIZE;
+        let len = (last.saturating_sub(first) as usize + 1) * SLOT_SIZE;
         failpoint::hit("guard.msync")
-            .and_then(|_| self.map.flush_range(offset, SLOT_SIZE))
+            .and_then(|_| self.map.flush_range(offset, len))
             .map_err(|e| Error::io(format!("msync guard table {}", self.path.display()), e))
     }
 

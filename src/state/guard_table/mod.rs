@@ -176,22 +176,43 @@ impl GuardTable {
     /// Writes (or replaces) a blueprint's slot and syncs it to disk,
     /// growing the table first when it is three quarters full.
     pub fn put(&self, entry: &GuardEntry) -> Result<()> {
-        let mapping = self.own()?;
+        self.put_all(std::slice::from_ref(entry))
+    }
+
+    /// Writes (or replaces) the slots of several blueprints and syncs them
+    /// to disk together, growing the table as it fills.
+    pub fn put_all(&self, entries: &[GuardEntry]) -> Result<()> {
         if self.used.load(Ordering::Relaxed) == UNCOUNTED {
+            self.own()?;
             self.entries();
         }
-        if u64::from(self.used.load(Ordering::Relaxed)) * 4 >= u64::from(mapping.slots()) * 3 {
-            self.grow()?;
-        }
-        loop {
-            match self.own()?.put(entry)? {
-                Put::Inserted => {
-                    self.used.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Put::Replaced => return Ok(()),
-                Put::Full => self.grow()?,
+        // The slots written to the current mapping and not synced yet (a
+        // growth publishes all of them: the span starts again).
+        let mut unsynced: Option<(u32, u32)> = None;
+        for entry in entries {
+            if u64::from(self.used.load(Ordering::Relaxed)) * 4 >= u64::from(self.own()?.slots()) * 3 {
+                self.grow()?;
+                unsynced = None;
             }
+            let slot = loop {
+                match self.own()?.write(entry)? {
+                    Some((put, slot)) => {
+                        if put == Put::Inserted {
+                            self.used.fetch_add(1, Ordering::Relaxed);
+                        }
+                        break slot;
+                    }
+                    None => {
+                        self.grow()?;
+                        unsynced = None;
+                    }
+                }
+            };
+            unsynced = Some(unsynced.map_or((slot, slot), |(first, last)| (first.min(slot), last.max(slot))));
+        }
+        match unsynced {
+            Some((first, last)) => self.own()?.sync_slots(first, last),
+            None => Ok(()),
         }
     }
 
@@ -223,7 +244,7 @@ impl GuardTable {
     /// old table superseded and makes `fresh` current.
     fn replace(&self, mut fresh: Mapping, entries: &[GuardEntry]) -> Result<()> {
         for entry in entries {
-            if fresh.put(entry)? == Put::Full {
+            if fresh.write(entry)?.is_none() {
                 return Err(Error::new(ErrorCode::Internal, "a grown guard table cannot hold the old one's entries"));
             }
         }
