@@ -21,6 +21,13 @@ use crate::state::signing::KeyRing;
 /// How many requests a batch keeps in flight at once.
 const CONCURRENT_REQUESTS: usize = 16;
 
+/// From how many watched keys on one listing of the manifests is cheaper
+/// than a lookup per key (a listing costs a store about two reads).
+const WATCH_BY_LISTING: usize = 3;
+
+/// The most manifests a watch lists; a larger bucket is watched key by key.
+const WATCH_LISTING_LIMIT: usize = 1000;
+
 /// What the store holds for a cache key.
 #[derive(Debug)]
 pub enum Lookup {
@@ -191,26 +198,32 @@ impl Fleet {
 
     /// Watches cache keys whose leases other forges hold (`(cache key,
     /// lease generation, read the lease)`), all at once: the bucket is
-    /// looked up (one request while nothing is published), and only then,
-    /// when asked to, the lease read — a holder that published keeps its
-    /// lease, so only the bucket says when the wait is over; the lease
-    /// says whether its holder died or gave up. Hits and refusals are
+    /// looked up, and only then, when asked to, the lease read — a holder
+    /// that published keeps its lease, so only the bucket says when the
+    /// wait is over; the lease says whether its holder died or gave up.
+    /// While nothing is published that costs one request per key, or, for
+    /// [`WATCH_BY_LISTING`] keys or more, one listing of the manifests in
+    /// all (only those listed are then read). Hits and refusals are
     /// counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
-        let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| async move {
-            match self.lookup_one(key).await {
-                Lookup::Missing if *read_lease => {}
-                Lookup::Missing => return Watched::Held,
-                found => return Watched::Lookup(found),
-            }
-            match lease::state(&self.remote, &self.names, key, *generation).await {
-                Ok(LeaseState::Live { .. }) => Watched::Held,
-                Ok(LeaseState::Expired) => Watched::Expired,
-                // Just looked up: missing (a claim re-checks under the lease).
-                Ok(LeaseState::Gone) => Watched::Lookup(Lookup::Missing),
-                Err(error) => {
-                    self.count(FleetEvent::StoreError);
-                    Watched::Lookup(Lookup::Unavailable(error))
+        let listed = if held.len() >= WATCH_BY_LISTING { self.published_keys(WATCH_LISTING_LIMIT).ok().flatten() } else { None };
+        let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| {
+            let unlisted = listed.as_ref().is_some_and(|published| !published.contains(key));
+            async move {
+                match if unlisted { Lookup::Missing } else { self.lookup_one(key).await } {
+                    Lookup::Missing if *read_lease => {}
+                    Lookup::Missing => return Watched::Held,
+                    found => return Watched::Lookup(found),
+                }
+                match lease::state(&self.remote, &self.names, key, *generation).await {
+                    Ok(LeaseState::Live { .. }) => Watched::Held,
+                    Ok(LeaseState::Expired) => Watched::Expired,
+                    // Just looked up: missing (a claim re-checks under the lease).
+                    Ok(LeaseState::Gone) => Watched::Lookup(Lookup::Missing),
+                    Err(error) => {
+                        self.count(FleetEvent::StoreError);
+                        Watched::Lookup(Lookup::Unavailable(error))
+                    }
                 }
             }
         }))

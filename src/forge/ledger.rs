@@ -154,6 +154,14 @@ impl Ledger {
         Ok(repaired)
     }
 
+    /// Whether a manifest of the job's cache key is stored here, verified
+    /// or not: the job will not claim or fetch it, but decide at its start
+    /// by [`Self::adoption`]. Cheap (no hashing, no signature check), for
+    /// the many looks a drain takes at jobs not started yet.
+    pub fn holds_manifest(&self, job: &Job) -> bool {
+        self.store.manifest(&job.cache_key).is_some_and(|record| record.blueprint_id == job.blueprint_id)
+    }
+
     /// Whether a durable artifact of the job's cache key can be adopted
     /// instead of compiling (a crash came between storing and committing
     /// it): only if its file and signature verify.

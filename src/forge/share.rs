@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use super::engine::Forge;
 use super::host::LogLevel;
-use super::ledger::Adoption;
 use crate::fleet::lease::{Lease, LeaseState};
 use crate::fleet::member::{PendingClaim, PendingPublication};
 use crate::fleet::{Claim, Fleet, FleetEvent, Lookup, Publication, Watched};
@@ -101,7 +100,7 @@ impl Forge {
     pub(super) fn fetch_from_fleet(&mut self, queue: &[Job], order: impl Iterator<Item = usize>) -> HashMap<String, Probed> {
         let mut probed = HashMap::new();
         let Some(fleet) = self.fleet.clone() else { return probed };
-        let wanted: Vec<&Job> = order.map(|i| &queue[i]).filter(|j| matches!(self.ledger.adoption(j), Adoption::Nothing)).collect();
+        let wanted: Vec<&Job> = order.map(|i| &queue[i]).filter(|j| !self.ledger.holds_manifest(j)).collect();
         let listed = if wanted.len() > LOOKUP_BATCH { fleet.published_keys(LISTING_LIMIT) } else { Ok(None) };
         match listed {
             Err(error) => self.log_outage("", &error),
@@ -219,7 +218,7 @@ impl Forge {
     /// `claim`: the claim [`Self::claim_ahead`] sent for it, if any.
     pub(super) fn admit(&mut self, job: &Job, probed: Option<Probed>, claim: Option<PendingClaim>) -> Admitted {
         let Some(fleet) = &self.fleet else { return Admitted::Go(None) };
-        if !matches!(self.ledger.adoption(job), Adoption::Nothing) {
+        if self.ledger.holds_manifest(job) {
             if let Some(claim) = claim {
                 fleet.abandon_claim(claim);
             }
@@ -280,11 +279,13 @@ impl Forge {
     }
 
     /// After a claim was lost (other hosts work on this queue too): lists
-    /// the bucket's manifests once and fetches, in batches, what it holds
-    /// of the jobs not started yet and of those waiting, so that they
-    /// adopt it instead of each claiming, losing and waiting in turn.
-    /// Waiting jobs whose artifact arrived are ready again, first.
-    pub(super) fn fetch_listed(
+    /// the bucket's manifests once, fetches in batches what it holds of
+    /// the jobs not started yet and of those waiting (so that they adopt
+    /// it instead of each claiming, losing and waiting in turn), and
+    /// steers this host away from where the others work. Waiting jobs
+    /// whose artifact arrived are ready again, first. Only the next
+    /// [`LISTING_LIMIT`] jobs are looked at.
+    pub(super) fn look_again(
         &mut self,
         queue: &[Job],
         ready: &mut VecDeque<(usize, Admission)>,
@@ -298,21 +299,53 @@ impl Forge {
             Ok(None) => return,
             Err(error) => return self.log_outage("", &error),
         };
-        let positions = ready.iter().map(|(position, _)| *position).chain(waiting.iter().map(|w| w.position));
+        let positions = ready.iter().take(LISTING_LIMIT).map(|(position, _)| *position).chain(waiting.iter().map(|w| w.position));
         let wanted: Vec<&Job> = positions
             .map(|position| &queue[position])
-            .filter(|job| published.contains(&job.cache_key) && matches!(self.ledger.adoption(job), Adoption::Nothing))
+            .filter(|job| published.contains(&job.cache_key) && !self.ledger.holds_manifest(job))
             .collect();
         for batch in wanted.chunks(LOOKUP_BATCH) {
             if self.fetch_batch(&fleet, batch, probed).is_none() {
                 break;
             }
         }
+        self.steer(queue, ready);
         let (arrived, still): (Vec<Waiting>, Vec<Waiting>) =
-            waiting.drain(..).partition(|w| !matches!(self.ledger.adoption(&queue[w.position]), Adoption::Nothing));
+            waiting.drain(..).partition(|w| self.ledger.holds_manifest(&queue[w.position]));
         *waiting = still;
         for w in arrived.into_iter().rev() {
             ready.push_front((w.position, Admission::Go(None)));
+        }
+    }
+
+    /// Reorders the next [`LISTING_LIMIT`] jobs not started: those already
+    /// decided (claimed by this host, or adopting) stay first; then, of
+    /// each priority in turn, the others from the middle of the longest
+    /// run of them in queue order. Jobs started here and jobs waiting for
+    /// a claim another host won are not among them, so the longest run is
+    /// as far as this host knows from where every host works.
+    pub(super) fn steer(&self, queue: &[Job], ready: &mut VecDeque<(usize, Admission)>) {
+        let window = ready.len().min(LISTING_LIMIT);
+        let (mut decided, mut free) = (Vec::new(), Vec::new());
+        for (position, admission) in ready.drain(..window) {
+            match admission {
+                Admission::Ask if !self.ledger.holds_manifest(&queue[position]) => free.push(position),
+                _ => decided.push((position, admission)),
+            }
+        }
+        free.sort_unstable();
+        let mut steered = decided;
+        let mut band_start = 0;
+        while band_start < free.len() {
+            let priority = queue[free[band_start]].priority;
+            let band_len = free[band_start..].iter().take_while(|&&p| queue[p].priority == priority).count();
+            let band = &free[band_start..band_start + band_len];
+            let start = middle_of_longest_run(band);
+            steered.extend(band[start..].iter().chain(&band[..start]).map(|&p| (p, Admission::Ask)));
+            band_start += band_len;
+        }
+        for entry in steered.into_iter().rev() {
+            ready.push_front(entry);
         }
     }
 
@@ -333,10 +366,11 @@ impl Forge {
             if !matches!(admission, Admission::Ask) || probed.get(&job.cache_key) == Some(&Probed::Refused) {
                 continue;
             }
-            *admission = match self.ledger.adoption(job) {
-                Adoption::Nothing => Admission::Claiming(fleet.start_claim(&job.cache_key)),
-                // It adopts (or compiles past) its local artifact, unclaimed.
-                Adoption::Adopt(_) | Adoption::Refused(_) => Admission::Go(None),
+            // One holding a local artifact adopts (or compiles past) it, unclaimed.
+            *admission = if self.ledger.holds_manifest(job) {
+                Admission::Go(None)
+            } else {
+                Admission::Claiming(fleet.start_claim(&job.cache_key))
             };
         }
     }
@@ -583,5 +617,36 @@ impl PendingShares {
             published.push(record);
         }
         SharedOutcome { published, failed: None }
+    }
+}
+
+/// Where, in sorted queue positions, the longest run of consecutive ones
+/// has its middle (0 when there are none).
+fn middle_of_longest_run(positions: &[usize]) -> usize {
+    let (mut best, mut best_len, mut run_start) = (0, 0, 0);
+    for i in 0..positions.len() {
+        if i > 0 && positions[i] != positions[i - 1] + 1 {
+            run_start = i;
+        }
+        if i + 1 - run_start > best_len {
+            (best, best_len) = (run_start, i + 1 - run_start);
+        }
+    }
+    best + best_len / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::middle_of_longest_run;
+
+    #[test]
+    fn the_middle_of_the_longest_run_of_positions() {
+        assert_eq!(middle_of_longest_run(&[]), 0);
+        assert_eq!(middle_of_longest_run(&[7]), 0);
+        // Runs 1-2, 5-9 (the longest, middle 7 at index 4), 12.
+        assert_eq!(middle_of_longest_run(&[1, 2, 5, 6, 7, 8, 9, 12]), 4);
+        assert_eq!(middle_of_longest_run(&[0, 1, 2, 3]), 2);
+        // Equal runs: the first wins.
+        assert_eq!(middle_of_longest_run(&[0, 1, 5, 6]), 1);
     }
 }

@@ -5,7 +5,8 @@
 //! healed); the store killed mid-run and restarted (jobs complete
 //! locally, publication catches up); a lease holder killed (another forge
 //! takes over once the lease expires); a forge that stops mid-run gives
-//! back the claims it sent ahead; conditional create with one winner.
+//! back the claims it sent ahead; waiting on several keys lists the
+//! bucket once; conditional create with one winner.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,7 +21,7 @@ use tezzeret::build::catalog::Catalog;
 use tezzeret::fleet::manifest::SharedManifest;
 use tezzeret::fleet::remote::{Create, Got, RemoteStore};
 use tezzeret::fleet::lease::LeaseState;
-use tezzeret::fleet::{FleetConfig, FleetMetrics, Refusal};
+use tezzeret::fleet::{FleetConfig, FleetMetrics, Lookup, Refusal, Watched};
 use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, LogLevel, Progress};
 use tezzeret::state::artifact::ArtifactRecord;
 use tezzeret::state::signing::{generate_keypair, keygen, KeyRing};
@@ -360,6 +361,34 @@ fn a_published_key_keeps_its_lease_so_a_later_claim_is_sent_to_the_bucket() {
         assert!(matches!(claimed, tezzeret::fleet::Claim::Held { .. }), "{id}: {claimed:?}");
     }
     assert!(matches!(other.claim_unclaimed("never-compiled").unwrap(), tezzeret::fleet::Claim::Won { .. }));
+}
+
+#[test]
+fn watching_several_held_keys_lists_the_manifests_once_and_reads_only_those_listed() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-watch");
+    let keys = fleet_keys();
+    let fleet = with_prefix(&server, "watch");
+    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    let watcher = tezzeret::fleet::Fleet::connect(fleet, keys, "watcher".into()).unwrap();
+    let published: Vec<String> = FIVE.iter().map(|id| record_of(&first, id).cache_key).collect();
+    let mut held: Vec<(String, u64, bool)> = published.iter().map(|key| (key.clone(), 0, false)).collect();
+    held.extend(["not-yet-1", "not-yet-2", "not-yet-3"].map(|key| (key.to_string(), 0, false)));
+    let before = watcher.metrics().requests;
+    let watched = watcher.watch_many(&held);
+    for (key, watch) in published.iter().zip(&watched) {
+        assert!(matches!(watch, Watched::Lookup(Lookup::Found(record, _)) if record.cache_key == *key), "{key}: {watch:?}");
+    }
+    assert!(watched[FIVE.len()..].iter().all(|w| matches!(w, Watched::Held)), "{watched:?}");
+    // One listing, then a manifest and an artifact per published key; the
+    // keys the listing lacks cost nothing.
+    assert_eq!(watcher.metrics().requests - before, 1 + 2 * FIVE.len() as u64);
+    // Two keys are cheaper looked up one by one than listed.
+    let before = watcher.metrics().requests;
+    let watched = watcher.watch_many(&held[FIVE.len() - 1..]);
+    assert!(matches!(watched[0], Watched::Lookup(Lookup::Found(..))) && matches!(watched[1], Watched::Held), "{watched:?}");
+    assert_eq!(watcher.metrics().requests - before, 2 + 1);
 }
 
 #[test]
