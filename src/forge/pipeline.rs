@@ -67,8 +67,6 @@ struct Drain {
     in_flight: VecDeque<InFlight>,
     /// A claim was lost since the bucket was last listed.
     lost_claim: bool,
-    /// A claim was lost since the jobs not started were last steered.
-    unsteered: bool,
     /// How many jobs finished so far.
     finished: usize,
     /// How many jobs had finished when the bucket was last looked at
@@ -94,7 +92,7 @@ impl Forge {
         let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
         let mut drain =
-            Drain { ready, probed, waiting: Vec::new(), in_flight: VecDeque::new(), lost_claim: false, unsteered: false, finished: 0, looked_after: 0 };
+            Drain { ready, probed, waiting: Vec::new(), in_flight: VecDeque::new(), lost_claim: false, finished: 0, looked_after: 0 };
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
@@ -203,14 +201,10 @@ impl Forge {
         while !drain.ready.is_empty() && !self.shutdown.load(Ordering::Acquire) {
             // Once a claim is lost, the bucket is listed again — as soon
             // as a job finished since the last look: the other hosts have
-            // likely published about as much meanwhile. Until then the
-            // jobs not started are steered away from the lost one at once.
+            // likely published about as much meanwhile.
             if drain.lost_claim && drain.looked_after < drain.finished {
-                (drain.lost_claim, drain.unsteered, drain.looked_after) = (false, false, drain.finished);
+                (drain.lost_claim, drain.looked_after) = (false, drain.finished);
                 self.look_again(queue, &mut drain.ready, &mut drain.waiting, &mut drain.probed);
-            } else if drain.unsteered {
-                drain.unsteered = false;
-                self.steer(queue, &mut drain.ready);
             }
             let width = (self.effective_concurrency() as usize).max(1);
             // The claims of the next job and of the `width` after it go
@@ -230,7 +224,7 @@ impl Forge {
                 Admitted::Go(lease) => lease,
                 Admitted::Wait(generation) => {
                     drain.waiting.push(Waiting { position, since: None, generation, lease_read: None });
-                    (drain.lost_claim, drain.unsteered) = (true, true);
+                    drain.lost_claim = true;
                     continue;
                 }
             };

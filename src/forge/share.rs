@@ -324,7 +324,7 @@ impl Forge {
     /// run of them in queue order. Jobs started here and jobs waiting for
     /// a claim another host won are not among them, so the longest run is
     /// as far as this host knows from where every host works.
-    pub(super) fn steer(&self, queue: &[Job], ready: &mut VecDeque<(usize, Admission)>) {
+    fn steer(&self, queue: &[Job], ready: &mut VecDeque<(usize, Admission)>) {
         let window = ready.len().min(LISTING_LIMIT);
         let (mut decided, mut free) = (Vec::new(), Vec::new());
         for (position, admission) in ready.drain(..window) {
