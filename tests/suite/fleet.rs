@@ -119,6 +119,26 @@ fn with_prefix(server: &SeaweedServer, prefix: &str) -> FleetConfig {
     config
 }
 
+/// A fresh bucket (under `prefix`) into which a first member compiled
+/// and published [`FIVE`]; the server and directory live as long as it.
+struct FivePublished {
+    server: SeaweedServer,
+    dir: TempDir,
+    keys: KeyRing,
+    fleet: FleetConfig,
+    first: Member,
+}
+
+fn five_published(prefix: &str) -> FivePublished {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new(&format!("fleet-{prefix}"));
+    let keys = fleet_keys();
+    let fleet = with_prefix(&server, prefix);
+    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    FivePublished { server, dir, keys, fleet, first }
+}
+
 /// The current record of a blueprint as a member stored it.
 fn record_of(member: &Member, id: &str) -> ArtifactRecord {
     member.service.with(|f| Ok(f.artifacts()[id].clone())).unwrap()
@@ -222,12 +242,7 @@ fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
 
 #[test]
 fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
-    let server = SeaweedServer::start("fleet");
-    let dir = TempDir::new("fleet-refusals");
-    let keys = fleet_keys();
-    let fleet = with_prefix(&server, "refusals");
-    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
-    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    let FivePublished { server: _server, dir, keys, fleet, first } = five_published("refusals");
     assert_eq!(first.metrics().published, 5);
 
     // The bucket is untrusted: damage three of its entries.
@@ -341,12 +356,7 @@ fn a_held_lease_is_renewed_until_released_and_expires_once_dropped() {
 
 #[test]
 fn a_published_key_keeps_its_lease_so_a_later_claim_is_sent_to_the_bucket() {
-    let server = SeaweedServer::start("fleet");
-    let dir = TempDir::new("fleet-kept");
-    let keys = fleet_keys();
-    let fleet = with_prefix(&server, "kept");
-    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
-    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    let FivePublished { server: _server, dir: _dir, keys, fleet, first } = five_published("kept");
     // Every published key's lease stays in the bucket (renewal stopped)...
     let store = RemoteStore::connect(&fleet).unwrap();
     let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
@@ -365,12 +375,7 @@ fn a_published_key_keeps_its_lease_so_a_later_claim_is_sent_to_the_bucket() {
 
 #[test]
 fn watching_several_held_keys_lists_the_manifests_once_and_reads_only_those_listed() {
-    let server = SeaweedServer::start("fleet");
-    let dir = TempDir::new("fleet-watch");
-    let keys = fleet_keys();
-    let fleet = with_prefix(&server, "watch");
-    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
-    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    let FivePublished { server: _server, dir: _dir, keys, fleet, first } = five_published("watch");
     let watcher = tezzeret::fleet::Fleet::connect(fleet, keys, "watcher".into()).unwrap();
     let published: Vec<String> = FIVE.iter().map(|id| record_of(&first, id).cache_key).collect();
     let mut held: Vec<(String, u64, bool)> = published.iter().map(|key| (key.clone(), 0, false)).collect();
