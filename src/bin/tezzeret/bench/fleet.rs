@@ -1,8 +1,9 @@
 //! Fleet rows, on one real SeaweedFS started for the run: a new host
 //! joining a warm bucket (open → every artifact fetched, verified and
 //! durable) against compiling them, and three hosts on a cold bucket
-//! against one host compiling everything alone — alternating rounds, each
-//! pair measured side by side.
+//! against one host compiling everything alone and against three hosts
+//! each given a third with no bucket — alternating rounds, each measured
+//! side by side.
 use std::path::Path;
 use std::time::Instant;
 
@@ -39,13 +40,20 @@ struct Run {
 
 /// Opens a forge on a fresh state directory and runs its catalog.
 fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Result<Run> {
+    open_and_run_share(state, keys, fleet, (0, 1))
+}
+
+/// The same for the `share.0`-th of `share.1` equal shares of the catalog
+/// (every `share.1`-th blueprint).
+fn open_and_run_share(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>, share: (usize, usize)) -> Result<Run> {
     let _ = std::fs::remove_dir_all(state);
     let mut config = ForgeConfig::new(state);
     config.device = DevicePreference::Cpu;
     config.telemetry_interval_ms = 0;
     config.keys = keys.clone();
     config.fleet = fleet;
-    let catalog = Catalog::new(compilable())?;
+    let (nth, of) = share;
+    let catalog = Catalog::new(compilable().into_iter().skip(nth).step_by(of).collect())?;
     let expected = catalog.len();
     let started = Instant::now();
     let mut forge = Forge::open(config, Box::new(Fixed(catalog)))?;
@@ -110,6 +118,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     // Three hosts on a cold bucket (a fresh prefix each round) against one
     // host alone, without a fleet and as a fleet of one (it publishes all).
     let (mut fleets, mut singles, mut total_compiles) = (Vec::new(), Vec::new(), Vec::new());
+    let mut splits = Vec::new();
     let (mut lone_members, mut fleet_requests, mut lone_requests) = (Vec::new(), Vec::new(), Vec::new());
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let me = std::process::id();
@@ -137,10 +146,23 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         single_cpu.push(cpu_seconds(me) - m1);
         let lone = open_and_run(&work.join(format!("fleet-lone-{round}")), &keys, Some(fleet(format!("lone-{round}"))))?;
         lone_members.push(lone.seconds);
+        // The same three hosts, each given a third to compile and no
+        // bucket: what the round costs with nothing to coordinate.
+        let started = Instant::now();
+        let hosts: Vec<_> = (0..3)
+            .map(|host| {
+                let (state, keys) = (work.join(format!("fleet-split-{round}-{host}")), keys.clone());
+                std::thread::spawn(move || open_and_run_share(&state, &keys, None, (host, 3)))
+            })
+            .collect();
+        for host in hosts {
+            host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))??;
+        }
+        splits.push(started.elapsed().as_secs_f64());
         lone_requests.push(lone.requests as f64);
     }
     let lone = median(lone_members);
-    let (three, single) = (median(fleets), median(singles));
+    let (three, single, split) = (median(fleets), median(singles), median(splits));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -162,6 +184,12 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: one host alone on a cold bucket, a fleet of one (compiles and publishes all)",
             lone * 1e3,
             Some(format!("three hosts / this: {:.2}×", three / lone)),
+            "ms",
+        ),
+        row(
+            "fleet: three hosts each given a third to compile, no bucket (nothing to coordinate)",
+            split * 1e3,
+            Some(format!("three hosts sharing a bucket / this: {:.2}×; / one host alone: {:.2}×", three / split, split / single)),
             "ms",
         ),
         row(format!("fleet: compiles in total by the three hosts (of {n})"), most_compiles, Some(format!("{n} expected")), "jobs"),
