@@ -159,21 +159,25 @@ impl Ledger {
     /// by [`Self::adoption`]. Cheap (no hashing, no signature check), for
     /// the many looks a drain takes at jobs not started yet.
     pub fn holds_manifest(&self, job: &Job) -> bool {
-        self.store.manifest(&job.cache_key).is_some_and(|record| record.blueprint_id == job.blueprint_id)
+        self.manifest_of(job).is_some()
+    }
+
+    /// The stored manifest of the job's cache key, if it is of the job's
+    /// blueprint (unverified).
+    fn manifest_of(&self, job: &Job) -> Option<ArtifactRecord> {
+        self.store.manifest(&job.cache_key).filter(|record| record.blueprint_id == job.blueprint_id)
     }
 
     /// Whether a durable artifact of the job's cache key can be adopted
     /// instead of compiling (a crash came between storing and committing
     /// it): only if its file and signature verify.
     pub fn adoption(&self, job: &Job) -> Adoption {
-        match self.store.manifest(&job.cache_key) {
-            Some(record) if record.blueprint_id == job.blueprint_id => {
-                match self.check_usable(&record) {
-                    Ok(()) => Adoption::Adopt(Box::new(record)),
-                    Err(error) => Adoption::Refused(error),
-                }
-            }
-            _ => Adoption::Nothing,
+        match self.manifest_of(job) {
+            Some(record) => match self.check_usable(&record) {
+                Ok(()) => Adoption::Adopt(Box::new(record)),
+                Err(error) => Adoption::Refused(error),
+            },
+            None => Adoption::Nothing,
         }
     }
 

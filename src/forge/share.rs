@@ -107,11 +107,7 @@ impl Forge {
             Ok(Some(published)) => {
                 let (present, absent): (Vec<&Job>, Vec<&Job>) = wanted.into_iter().partition(|j| published.contains(&j.cache_key));
                 probed.extend(absent.iter().take(LOOKUP_BATCH).map(|j| (j.cache_key.clone(), Probed::Missing)));
-                for batch in present.chunks(LOOKUP_BATCH) {
-                    if self.fetch_batch(&fleet, batch, &mut probed).is_none() {
-                        break;
-                    }
-                }
+                self.fetch_batches(&fleet, &present, &mut probed);
             }
             Ok(None) => {
                 for batch in wanted.chunks(LOOKUP_BATCH) {
@@ -122,6 +118,16 @@ impl Forge {
             }
         }
         probed
+    }
+
+    /// Looks up jobs the bucket holds, [`LOOKUP_BATCH`] at a time, as
+    /// [`Self::fetch_batch`] does; stops once the store cannot be asked.
+    fn fetch_batches(&mut self, fleet: &Fleet, jobs: &[&Job], probed: &mut HashMap<String, Probed>) {
+        for batch in jobs.chunks(LOOKUP_BATCH) {
+            if self.fetch_batch(fleet, batch, probed).is_none() {
+                break;
+            }
+        }
     }
 
     /// Looks up one batch of jobs in the bucket, keeping what verifies and
@@ -304,11 +310,7 @@ impl Forge {
             .map(|position| &queue[position])
             .filter(|job| published.contains(&job.cache_key) && !self.ledger.holds_manifest(job))
             .collect();
-        for batch in wanted.chunks(LOOKUP_BATCH) {
-            if self.fetch_batch(&fleet, batch, probed).is_none() {
-                break;
-            }
-        }
+        self.fetch_batches(&fleet, &wanted, probed);
         self.steer(queue, ready);
         let (arrived, still): (Vec<Waiting>, Vec<Waiting>) =
             waiting.drain(..).partition(|w| self.ledger.holds_manifest(&queue[w.position]));

@@ -71,6 +71,24 @@ fn open_and_run_share(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>, 
     Ok(Run { seconds: elapsed, compiled, requests })
 }
 
+/// Runs three hosts at once, each on its own thread (`host` gives the
+/// index, 0 to 2, to `run`); their runs, and the wall time until the last
+/// ended, s.
+fn three_hosts(run: impl Fn(usize) -> Result<Run> + Send + Sync + Clone + 'static) -> Result<(Vec<Run>, f64)> {
+    let started = Instant::now();
+    let hosts: Vec<_> = (0..3)
+        .map(|host| {
+            let run = run.clone();
+            std::thread::spawn(move || run(host))
+        })
+        .collect();
+    let runs = hosts
+        .into_iter()
+        .map(|host| host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))?)
+        .collect::<Result<Vec<Run>>>()?;
+    Ok((runs, started.elapsed().as_secs_f64()))
+}
+
 /// CPU time (user + system) a process has used so far, seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
@@ -124,19 +142,11 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let me = std::process::id();
     for round in 0..ROUNDS {
         let (w0, m0) = (cpu_seconds(server.pid()), cpu_seconds(me));
-        let started = Instant::now();
-        let hosts: Vec<_> = (0..3)
-            .map(|host| {
-                let (state, keys, config) = (work.join(format!("fleet-cold-{round}-{host}")), keys.clone(), fleet(format!("cold-{round}")));
-                std::thread::spawn(move || open_and_run(&state, &keys, Some(config)))
-            })
-            .collect();
-        let (mut compiled, mut requests) = (0, 0);
-        for host in hosts {
-            let run = host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))??;
-            (compiled, requests) = (compiled + run.compiled, requests + run.requests);
-        }
-        fleets.push(started.elapsed().as_secs_f64());
+        let (cold, keys_of_round, config) = (work.join(format!("fleet-cold-{round}")), keys.clone(), fleet(format!("cold-{round}")));
+        let (runs, seconds) =
+            three_hosts(move |host| open_and_run(&cold.join(host.to_string()), &keys_of_round, Some(config.clone())))?;
+        let (compiled, requests) = (runs.iter().map(|r| r.compiled).sum::<usize>(), runs.iter().map(|r| r.requests).sum::<u64>());
+        fleets.push(seconds);
         let (w1, m1) = (cpu_seconds(server.pid()), cpu_seconds(me));
         total_compiles.push(compiled as f64);
         fleet_requests.push(requests as f64);
@@ -146,20 +156,12 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         single_cpu.push(cpu_seconds(me) - m1);
         let lone = open_and_run(&work.join(format!("fleet-lone-{round}")), &keys, Some(fleet(format!("lone-{round}"))))?;
         lone_members.push(lone.seconds);
+        lone_requests.push(lone.requests as f64);
         // The same three hosts, each given a third to compile and no
         // bucket: what the round costs with nothing to coordinate.
-        let started = Instant::now();
-        let hosts: Vec<_> = (0..3)
-            .map(|host| {
-                let (state, keys) = (work.join(format!("fleet-split-{round}-{host}")), keys.clone());
-                std::thread::spawn(move || open_and_run_share(&state, &keys, None, (host, 3)))
-            })
-            .collect();
-        for host in hosts {
-            host.join().map_err(|_| Error::invalid("a fleet bench host panicked"))??;
-        }
-        splits.push(started.elapsed().as_secs_f64());
-        lone_requests.push(lone.requests as f64);
+        let (split_dir, keys_of_round) = (work.join(format!("fleet-split-{round}")), keys.clone());
+        let (_, seconds) = three_hosts(move |host| open_and_run_share(&split_dir.join(host.to_string()), &keys_of_round, None, (host, 3)))?;
+        splits.push(seconds);
     }
     let lone = median(lone_members);
     let (three, single, split) = (median(fleets), median(singles), median(splits));
