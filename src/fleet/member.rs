@@ -189,6 +189,18 @@ impl Fleet {
         }))
     }
 
+    /// The cache keys any forge ever claimed (their lease's generation 0
+    /// exists: held, kept by a holder that published, or expired), from
+    /// one listing, when there are at most `limit` lease objects (None
+    /// when more). Only a hint for where to claim next.
+    pub fn claimed_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
+        let listed = self.remote.run(self.remote.list_up_to(&self.names.leases(), limit));
+        if listed.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
+        Ok(listed?.map(|leases| leases.iter().filter_map(|l| self.names.lease_key(&l.name)).map(str::to_string).collect()))
+    }
+
     /// Looks up several cache keys at once (requests overlap); answers in
     /// the same order. Hits and refusals are counted.
     pub fn lookup_many(&self, cache_keys: &[String]) -> Vec<Lookup> {

@@ -60,6 +60,14 @@ impl ObjectNames {
         name.rsplit('/').next()?.strip_suffix(".json")?.parse().ok()
     }
 
+    /// The cache key a lease object's name (under these names' prefix)
+    /// carries, if it is one.
+    pub fn lease_key<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let rest = name.strip_prefix(&self.leases())?;
+        let (key, generation) = rest.split_once('/')?;
+        Self::lease_generation(generation).map(|_| key)
+    }
+
     /// The cache key a manifest object's name carries, if it is one.
     pub fn manifest_key(name: &str) -> Option<&str> {
         name.rsplit('/').next()?.strip_suffix(".json")
@@ -88,6 +96,8 @@ mod tests {
         assert_eq!(names.manifest("k"), "runs/a/manifests/k.json");
         assert_eq!(names.lease("k", 3), "runs/a/leases/k/0000000003.json");
         assert_eq!(ObjectNames::lease_generation(&names.lease("k", 12)), Some(12));
+        assert_eq!(names.lease_key(&names.lease("k", 12)), Some("k"));
+        assert_eq!(names.lease_key(&names.manifest("k")), None);
         assert_eq!(ObjectNames::manifest_key(&names.manifest("kk")), Some("kk"));
         assert_eq!(names.artifact_url("ab"), "s3://fleet/runs/a/artifacts/ab.pt");
         assert_eq!(ObjectNames::new("fleet", "").artifact("ab"), "artifacts/ab.pt");

@@ -67,6 +67,9 @@ struct Drain {
     in_flight: VecDeque<InFlight>,
     /// A claim was lost since the bucket was last listed.
     lost_claim: bool,
+    /// The bucket's claims are few enough to list (see
+    /// [`Forge::set_aside_claimed`]); false once a listing found too many.
+    claims_listable: bool,
     /// How many jobs finished so far.
     finished: usize,
     /// How many jobs had finished when the bucket was last looked at
@@ -91,8 +94,17 @@ impl Forge {
         let ready = self.start_order(&queue);
         let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
-        let mut drain =
-            Drain { ready, probed, waiting: Vec::new(), in_flight: VecDeque::new(), lost_claim: false, finished: 0, looked_after: 0 };
+        let mut drain = Drain {
+            ready,
+            probed,
+            waiting: Vec::new(),
+            in_flight: VecDeque::new(),
+            lost_claim: false,
+            claims_listable: true,
+            finished: 0,
+            looked_after: 0,
+        };
+        self.seek_start(&queue, &mut drain.ready, &mut drain.waiting, &drain.probed);
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
@@ -225,6 +237,11 @@ impl Forge {
                 Admitted::Wait(generation) => {
                     drain.waiting.push(Waiting { position, since: None, generation, lease_read: None });
                     drain.lost_claim = true;
+                    // The next jobs are likely taken too: one listing of
+                    // the claims says which, instead of a lost claim each.
+                    if drain.claims_listable {
+                        drain.claims_listable = self.set_aside_claimed(queue, &mut drain.ready, &mut drain.waiting, &drain.probed);
+                    }
                     continue;
                 }
             };

@@ -76,6 +76,15 @@ const SHARE_BATCH: usize = 64;
 /// The longest pause between two looks at the bucket while waiting.
 const MAX_POLL: Duration = Duration::from_millis(100);
 
+/// How many places a drain tries for its first claim (see
+/// [`Forge::seek_start`]) before it keeps its random start instead.
+const SEEK_TRIES: usize = 8;
+
+/// The golden ratio's fractional part: its first multiples, however many
+/// are taken, spread over [0, 1) about evenly, so hosts seeking in turn
+/// start about evenly apart whatever their number.
+const GOLDEN_FRACTION: f64 = 0.618_033_988_749_894_9;
+
 /// How often a waiting job reads the lease it waits on (besides looking
 /// the bucket up at every poll): bounds how long a holder that gave up,
 /// or died, goes unnoticed beyond its lease's expiry.
@@ -210,6 +219,78 @@ impl Forge {
         order
     }
 
+    /// Before a drain's first compile in a publishing fleet: finds where
+    /// this host starts. Every host tries the same places in turn — the
+    /// first job left to claim, then the golden ratio's multiples of the
+    /// way through those left — claiming each, and starts at the first
+    /// it wins: hosts starting together spread over the queue at the cost
+    /// of a lost claim or two each, instead of meeting at one another's
+    /// leases all along. A job whose claim it lost waits, as after any
+    /// lost claim. Only the first run of equal priority is reordered;
+    /// without a win in [`SEEK_TRIES`] places the drain keeps its order.
+    pub(super) fn seek_start(
+        &mut self,
+        queue: &[Job],
+        ready: &mut VecDeque<(usize, Admission)>,
+        waiting: &mut Vec<Waiting>,
+        probed: &HashMap<String, Probed>,
+    ) {
+        let Some(fleet) = self.fleet.clone().filter(|f| f.config().publish) else { return };
+        let Some(&(first, _)) = ready.front() else { return };
+        let band_len = ready.iter().take_while(|(position, _)| queue[*position].priority == queue[first].priority).count();
+        let mut band: Vec<(usize, Admission)> = ready.drain(..band_len).collect();
+        let mut open: Vec<usize> = band
+            .iter()
+            .filter(|(position, admission)| {
+                let job = &queue[*position];
+                matches!(admission, Admission::Ask)
+                    && !self.ledger.holds_manifest(job)
+                    && probed.get(&job.cache_key) != Some(&Probed::Refused)
+            })
+            .map(|(position, _)| *position)
+            .collect();
+        open.sort_unstable();
+        let (mut lost, mut start) = (Vec::new(), None);
+        for nth in 0..SEEK_TRIES.min(open.len()) {
+            let position = open[((nth as f64 * GOLDEN_FRACTION).fract() * open.len() as f64) as usize];
+            if lost.contains(&position) {
+                continue;
+            }
+            let job = &queue[position];
+            match fleet.claim_unclaimed(&job.cache_key) {
+                Ok(Claim::Won { lease, .. }) => {
+                    fleet.count(FleetEvent::Miss);
+                    start = Some((position, lease));
+                    break;
+                }
+                Ok(Claim::Held { generation, .. }) => {
+                    fleet.count(FleetEvent::LeaseWait);
+                    lost.push(position);
+                    waiting.push(Waiting { position, since: None, generation, lease_read: None });
+                }
+                Err(error) => {
+                    self.log_outage(&job.blueprint_id, &error);
+                    break;
+                }
+            }
+        }
+        band.retain(|(position, _)| !lost.contains(position));
+        if let Some((position, _)) = start.as_ref().filter(|_| !lost.is_empty()) {
+            let id = &queue[*position].blueprint_id;
+            let message = format!("{id}: other hosts claimed {} of the places tried first; the queue starts here", lost.len());
+            self.host.log(LogLevel::Debug, &message);
+        }
+        if let Some((position, lease)) = start {
+            // The band runs in queue order from its offset: turned, it runs from here.
+            let at = band.iter().position(|(p, _)| *p == position).expect("a seeking place is in its band");
+            band.rotate_left(at);
+            band[0].1 = Admission::Go(Some(lease));
+        }
+        for entry in band.into_iter().rev() {
+            ready.push_front(entry);
+        }
+    }
+
     /// Decides whether a job starts now. Without a fleet, or with a local
     /// artifact to adopt, it does. Otherwise it compiles only under its
     /// cache key's lease: won at generation 0, nobody published the key
@@ -318,6 +399,55 @@ impl Forge {
         for w in arrived.into_iter().rev() {
             ready.push_front((w.position, Admission::Go(None)));
         }
+    }
+
+    /// After a lost claim (this host trails another through the queue):
+    /// lists the bucket's claims once and sets aside to wait every job
+    /// among the next [`LISTING_LIMIT`] not started whose cache key another
+    /// host claimed (working on it, or done), instead of losing a claim on
+    /// each; then steers the others as [`Self::look_again`] does, now
+    /// knowing every claimed job. A job whose copy the probe refused is
+    /// not set aside (it compiles here at once). Returns false when the
+    /// bucket holds too many claims to list (not worth trying again this
+    /// drain).
+    pub(super) fn set_aside_claimed(
+        &mut self,
+        queue: &[Job],
+        ready: &mut VecDeque<(usize, Admission)>,
+        waiting: &mut Vec<Waiting>,
+        probed: &HashMap<String, Probed>,
+    ) -> bool {
+        let Some(fleet) = self.fleet.clone() else { return false };
+        let claimed = match fleet.claimed_keys(LISTING_LIMIT) {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => return false,
+            Err(error) => {
+                self.log_outage("", &error);
+                return true;
+            }
+        };
+        let window = ready.len().min(LISTING_LIMIT);
+        let (mut kept, waited) = (Vec::with_capacity(window), waiting.len());
+        for (position, admission) in ready.drain(..window) {
+            let job = &queue[position];
+            let refused = probed.get(&job.cache_key) == Some(&Probed::Refused);
+            if matches!(admission, Admission::Ask) && claimed.contains(&job.cache_key) && !refused && !self.ledger.holds_manifest(job) {
+                fleet.count(FleetEvent::LeaseWait);
+                waiting.push(Waiting { position, since: None, generation: 0, lease_read: None });
+            } else {
+                kept.push((position, admission));
+            }
+        }
+        for entry in kept.into_iter().rev() {
+            ready.push_front(entry);
+        }
+        if waiting.len() > waited {
+            let set_aside = waiting.len() - waited;
+            let message = format!("other hosts claimed {set_aside} of the jobs not started: they wait for their artifacts (no claim sent)");
+            self.host.log(LogLevel::Debug, &message);
+        }
+        self.steer(queue, ready);
+        true
     }
 
     /// Reorders the next [`LISTING_LIMIT`] jobs not started: those already

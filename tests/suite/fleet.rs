@@ -5,8 +5,9 @@
 //! healed); the store killed mid-run and restarted (jobs complete
 //! locally, publication catches up); a lease holder killed (another forge
 //! takes over once the lease expires); a forge that stops mid-run gives
-//! back the claims it sent ahead; waiting on several keys lists the
-//! bucket once; conditional create with one winner.
+//! back the claims it sent ahead; a drain starts where no other host
+//! claimed and sets aside what others claimed; waiting on several keys
+//! lists the bucket once; conditional create with one winner.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -428,6 +429,54 @@ fn a_drain_claims_its_next_job_ahead_and_gives_such_claims_back_when_it_stops() 
     assert!(other.run().values().all(|s| matches!(s, JobStatus::Ok | JobStatus::Cached)));
     let metrics = other.metrics();
     assert_eq!((metrics.lease_waits, metrics.hits + metrics.published), (0, FIVE.len() as u64), "{metrics:?}");
+}
+
+#[test]
+fn a_drain_starts_where_no_host_claimed_and_sets_aside_what_others_claimed() {
+    let FivePublished { server, dir, keys, first, .. } = five_published("seek-keys");
+    let key_of = |id: &str| record_of(&first, id).cache_key;
+    // Another host holds the leases of `held`; the member runs FIVE and
+    // the other host gives its leases back once `release_after` holds.
+    let run_beside = |prefix: &str, held: &[&str], release_after: fn(&Progress<'_>) -> bool| {
+        let fleet = with_prefix(&server, prefix);
+        let other = tezzeret::fleet::Fleet::connect(fleet.clone(), keys.clone(), "other-host".into()).unwrap();
+        let mut leases: Vec<_> = held
+            .iter()
+            .map(|id| match other.claim(&key_of(id)).unwrap() {
+                tezzeret::fleet::Claim::Won { lease, .. } => lease,
+                held => panic!("{id}: {held:?}"),
+            })
+            .collect();
+        let member = Member::open(&dir.path().join(prefix), FIVE, &keys, fleet);
+        let mut started = Vec::new();
+        let reports = member
+            .service
+            .with(|f| {
+                Ok(f.run(&mut |progress| {
+                    if let Progress::Started(_, _, id) = progress {
+                        started.push(id.to_string());
+                    }
+                    if release_after(&progress) {
+                        leases.drain(..).for_each(|lease| other.release(lease).unwrap());
+                    }
+                }))
+            })
+            .unwrap();
+        assert!(reports.iter().all(|r| r.status == JobStatus::Ok), "{reports:?}");
+        let logs = member.seen.lock().unwrap().logs.clone();
+        (started, logs)
+    };
+    // The first job is claimed: the member tries the golden section of the
+    // five next (position 3), wins it and runs the queue on from there.
+    let (started, logs) = run_beside("seek", &["BP001"], |p| matches!(p, Progress::Started(..)));
+    assert_eq!(started, ["BP006", "BP011", "BP002", "BP005", "BP001"]);
+    assert!(logs.iter().any(|l| l.starts_with("BP006: other hosts claimed 1 of the places tried first")), "{logs:?}");
+    // The four after the first are claimed: the member starts at the first,
+    // loses the claims it sent ahead, and its first lost claim lists the
+    // bucket's claims: the last job waits without a claim of its own.
+    let (started, logs) = run_beside("aside", &["BP002", "BP005", "BP006", "BP011"], |p| matches!(p, Progress::Finished(..)));
+    assert_eq!(started[0], "BP001");
+    assert!(logs.iter().any(|l| l.starts_with("other hosts claimed 1 of the jobs not started")), "{logs:?}");
 }
 
 #[test]
