@@ -101,6 +101,11 @@ pub struct PendingPublication {
 }
 
 impl PendingPublication {
+    /// Whether it has ended ([`Self::wait`] then returns at once).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Waits for the publication's outcome.
     pub fn wait(self) -> Result<Publication> {
         match self.fleet.remote.run(self.task) {

@@ -19,6 +19,7 @@ use crate::base::leyline::{self, TelemetryEvent, TelemetryLevel};
 use crate::base::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
 use crate::build::compile::{self, CompileJob, CompiledArtifact};
 use crate::fleet::lease::Lease;
+use crate::fleet::member::PendingPublication;
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
 
@@ -38,6 +39,43 @@ impl InFlight {
     fn adopts(&self) -> bool {
         matches!(self.prepared, Ok(Prepared::Adopted(_)))
     }
+}
+
+/// A compiled job stored durably here, whose commit waits for its upload
+/// to the fleet's bucket (so that its catalog update carries the bucket's
+/// reference) while the drain goes on with other jobs.
+struct Uploading {
+    /// Its index in the drained queue.
+    position: usize,
+    /// The fleet lease it compiled under.
+    lease: Option<Lease>,
+    stored: Stored,
+}
+
+/// A compiled artifact stored durably here, not committed yet.
+struct Stored {
+    record: ArtifactRecord,
+    /// Its upload to the fleet's bucket, when there is one.
+    publication: Option<PendingPublication>,
+    /// The compile's start event and start.
+    compiled: (TelemetryEvent, Instant),
+    /// When the compile ran.
+    compiled_during: Option<(Instant, Instant)>,
+}
+
+impl Stored {
+    /// Whether it can be committed without waiting.
+    fn uploaded(&self) -> bool {
+        self.publication.as_ref().is_none_or(PendingPublication::is_finished)
+    }
+}
+
+/// What finishing a started job left to do.
+enum Finished {
+    /// Nothing: its report (committed, or failed).
+    Done(JobReport),
+    /// Its commit, once its upload ends (see [`Forge::commit_stored`]).
+    Stored(Stored),
 }
 
 /// A job ready to compile.
@@ -65,6 +103,9 @@ struct Drain {
     probed: HashMap<String, Probed>,
     waiting: Vec<Waiting>,
     in_flight: VecDeque<InFlight>,
+    /// Jobs compiled and stored here, in queue order, committed as their
+    /// uploads end.
+    uploading: VecDeque<Uploading>,
     /// A claim was lost since the bucket was last listed.
     lost_claim: bool,
     /// The bucket's claims are few enough to list (see
@@ -99,6 +140,7 @@ impl Forge {
             probed,
             waiting: Vec::new(),
             in_flight: VecDeque::new(),
+            uploading: VecDeque::new(),
             lost_claim: false,
             claims_listable: true,
             finished: 0,
@@ -108,6 +150,8 @@ impl Forge {
         loop {
             self.start_jobs(&queue, &mut drain, progress);
             let Some(front) = drain.in_flight.pop_front() else {
+                // Whatever is uploading is committed before the drain waits or ends.
+                self.commit_uploaded(&queue, &mut drain, true, progress, &mut reports);
                 if drain.waiting.is_empty() || self.shutdown.load(Ordering::Acquire) {
                     break;
                 }
@@ -115,6 +159,8 @@ impl Forge {
                 continue;
             };
             if front.adopts() {
+                // Commits stay in queue order.
+                self.commit_uploaded(&queue, &mut drain, true, progress, &mut reports);
                 // A run of adoptions in a row commits together.
                 let mut run = vec![front];
                 while let Some(next) = drain.in_flight.pop_front() {
@@ -133,14 +179,31 @@ impl Forge {
                 continue;
             }
             let InFlight { position, prepared, compile, lease } = front;
+            // Uploads that ended while jobs compiled are committed before
+            // this one's compile is waited for.
+            self.commit_uploaded(&queue, &mut drain, false, progress, &mut reports);
             let compiled = compile.map(|c| {
                 c.and_then(|h| h.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "compile thread panicked"))))
             });
             // The next job starts compiling before this one is stored.
             self.start_jobs(&queue, &mut drain, progress);
-            let report = self.finish(&queue[position], prepared, compiled);
-            self.hand_on(position, lease, report, total, progress, &mut reports);
-            drain.finished = reports.len();
+            let job = &queue[position];
+            // A blueprint's revisions follow its commits: an earlier job
+            // of the same blueprint commits before this one is stored.
+            if drain.uploading.iter().any(|u| u.stored.record.blueprint_id == job.blueprint_id) {
+                self.commit_uploaded(&queue, &mut drain, true, progress, &mut reports);
+            }
+            match self.finish_started(job, prepared, compiled) {
+                Finished::Stored(stored) => {
+                    drain.uploading.push_back(Uploading { position, lease, stored });
+                    self.commit_uploaded(&queue, &mut drain, false, progress, &mut reports);
+                }
+                Finished::Done(report) => {
+                    self.commit_uploaded(&queue, &mut drain, true, progress, &mut reports);
+                    self.hand_on(position, lease, report, total, progress, &mut reports);
+                    drain.finished = reports.len();
+                }
+            }
         }
         // Shutting down: leases of jobs that did not start go back at once.
         self.give_up_admissions(drain.ready.into_iter().map(|(_, admission)| admission));
@@ -149,6 +212,25 @@ impl Forge {
         }
         self.share_pending();
         reports
+    }
+
+    /// Commits the stored jobs whose uploads ended, in queue order (all of
+    /// them, waiting for their uploads, when `all`), and hands their
+    /// reports on.
+    fn commit_uploaded(
+        &mut self,
+        queue: &[Job],
+        drain: &mut Drain,
+        all: bool,
+        progress: &mut dyn FnMut(Progress<'_>),
+        reports: &mut Vec<JobReport>,
+    ) {
+        while drain.uploading.front().is_some_and(|u| all || u.stored.uploaded()) {
+            let Uploading { position, lease, stored } = drain.uploading.pop_front().expect("an upload");
+            let report = self.commit_stored(&queue[position], stored);
+            self.hand_on(position, lease, report, queue.len(), progress, reports);
+            drain.finished = reports.len();
+        }
     }
 
     /// After the report of the job at `position`: ends its lease (kept if
@@ -336,19 +418,40 @@ impl Forge {
     /// Ends a job whose compile (if it needed one) is done: stores and
     /// commits, feeds the governor, records a failure, reports.
     fn finish(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> JobReport {
-        let name = job.descriptor.name.clone();
+        match self.finish_started(job, prepared, compiled) {
+            Finished::Done(report) => report,
+            Finished::Stored(stored) => self.commit_stored(job, stored),
+        }
+    }
+
+    /// [`Self::finish`] up to the commit of a compiled artifact, which it
+    /// leaves to [`Self::commit_stored`] once the artifact is stored here
+    /// (its upload to the fleet's bucket may still be under way).
+    fn finish_started(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> Finished {
         let compiled_during = compiled.as_ref().and_then(|c| c.as_ref().ok()).map(|a| a.ran);
         let outcome = match prepared {
             Err(e) => Err(e),
             Ok(Prepared::Adopted(record)) => self.commit_adopted(&[(job, &record)]).map(|_| (JobStatus::Cached, record)),
             Ok(Prepared::Compile(c)) => match compiled.expect("a compile result for a compile job") {
-                Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, name))),
+                Err(e) => Err(e.context(format!("{} ({})", job.blueprint_id, job.descriptor.name))),
                 Ok(artifact) => {
                     self.observer.counters.compile_us_total += (artifact.job_ms * 1e3) as u64;
-                    self.store_compiled(job, &c, artifact).map(|record| (JobStatus::Ok, record))
+                    match self.store_compiled(job, &c, artifact, compiled_during) {
+                        Ok(stored) => return Finished::Stored(stored),
+                        Err(e) => Err(e),
+                    }
                 }
             },
         };
+        Finished::Done(self.conclude(job, outcome, compiled_during))
+    }
+
+    /// Commits a compiled artifact stored here once its upload ended
+    /// (waiting for it if need be), and reports its job.
+    fn commit_stored(&mut self, job: &Job, stored: Stored) -> JobReport {
+        let Stored { record, publication, compiled, compiled_during } = stored;
+        let shared = self.finish_publish(&record, publication);
+        let outcome = self.commit(job, &record, Some(compiled), shared).map(|()| (JobStatus::Ok, record));
         self.conclude(job, outcome, compiled_during)
     }
 
@@ -422,8 +525,15 @@ impl Forge {
         }
     }
 
-    /// Stores a compiled artifact durably and commits it.
-    fn store_compiled(&mut self, job: &Job, c: &PendingCompile, artifact: CompiledArtifact) -> Result<ArtifactRecord> {
+    /// Stores a compiled artifact durably here while its upload to the
+    /// fleet's bucket starts (see [`Self::commit_stored`] for the rest).
+    fn store_compiled(
+        &mut self,
+        job: &Job,
+        c: &PendingCompile,
+        artifact: CompiledArtifact,
+        compiled_during: Option<(Instant, Instant)>,
+    ) -> Result<Stored> {
         let descriptor = &c.job.descriptor;
         let record = ArtifactRecord {
             blueprint_id: job.blueprint_id.clone(),
@@ -453,11 +563,12 @@ impl Forge {
         let bytes = std::sync::Arc::new(artifact.bytes);
         let record = self.ledger.complete_record(record, &bytes);
         let publication = self.start_publish(&record, &bytes);
-        let stored = self.ledger.store().put(&record, &bytes);
-        let shared = self.finish_publish(&record, publication);
-        stored?;
-        self.commit(job, &record, Some((c.started.clone(), c.begun)), shared)?;
-        Ok(record)
+        if let Err(error) = self.ledger.store().put(&record, &bytes) {
+            // Not stored here: the upload ends before the lease is given up.
+            self.finish_publish(&record, publication);
+            return Err(error);
+        }
+        Ok(Stored { record, publication, compiled: (c.started.clone(), c.begun), compiled_during })
     }
 
     /// Makes a compiled artifact, stored, current (journal, guard slot),

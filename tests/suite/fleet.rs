@@ -6,7 +6,8 @@
 //! locally, publication catches up); a lease holder killed (another forge
 //! takes over once the lease expires); a forge that stops mid-run gives
 //! back the claims it sent ahead; a drain starts where no other host
-//! claimed and sets aside what others claimed; waiting on several keys
+//! claimed and sets aside what others claimed; a compiled job commits
+//! once its upload ends while the next jobs go on; waiting on several keys
 //! lists the bucket once; conditional create with one winner.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::holding_proxy::HoldingProxy;
 use super::seaweed_server::{SeaweedServer, ACCESS_KEY, SECRET_KEY};
 use super::{wait_for, TempDir};
 use tezzeret::base::leyline::{self, KernelCatalogUpdate, KernelPrefetchRequest, PrefetchAnswer};
@@ -429,6 +431,52 @@ fn a_drain_claims_its_next_job_ahead_and_gives_such_claims_back_when_it_stops() 
     assert!(other.run().values().all(|s| matches!(s, JobStatus::Ok | JobStatus::Cached)));
     let metrics = other.metrics();
     assert_eq!((metrics.lease_waits, metrics.hits + metrics.published), (0, FIVE.len() as u64), "{metrics:?}");
+}
+
+#[test]
+fn a_compiled_job_commits_once_its_upload_ends_while_the_next_jobs_go_on() {
+    let server = SeaweedServer::start("fleet");
+    // Artifact uploads are held until every job has started compiling.
+    let proxy = HoldingProxy::start(server.endpoint().trim_start_matches("http://"), "/artifacts/");
+    let dir = TempDir::new("fleet-upload");
+    let keys = fleet_keys();
+    let mut fleet = with_prefix(&server, "upload");
+    fleet.endpoint = Some(proxy.endpoint());
+    let member = Member::open(&dir.path().join("a"), FIVE, &keys, fleet);
+    let (mut compiling, mut finished, mut finished_while_held) = (Vec::new(), Vec::new(), Vec::new());
+    let reports = member
+        .service
+        .with(|f| {
+            Ok(f.run(&mut |progress| match progress {
+                Progress::Compiling(id, _) => {
+                    compiling.push(id.to_string());
+                    if compiling.len() == FIVE.len() {
+                        wait_for("the first upload to be held", || proxy.held() >= 1);
+                        proxy.release();
+                    }
+                }
+                Progress::Finished(_, _, report) => {
+                    if compiling.len() < FIVE.len() {
+                        finished_while_held.push(report.blueprint_id.clone());
+                    }
+                    finished.push(report.blueprint_id.clone());
+                }
+                _ => {}
+            }))
+        })
+        .unwrap();
+    assert!(reports.iter().all(|r| r.status == JobStatus::Ok), "{reports:?}");
+    // While the first upload was held, no job was committed and every
+    // other job compiled and was stored (before, the drain stopped at the
+    // first upload until it timed out).
+    assert_eq!(finished_while_held, Vec::<String>::new());
+    // Committed in the order they started, each once its upload ended:
+    // every catalog update names the bucket's copy.
+    assert_eq!(finished, compiling);
+    let updates = member.seen.lock().unwrap().updates.clone();
+    assert_eq!(updates.len(), FIVE.len());
+    assert!(updates.iter().all(|u| u.artifact_ref.starts_with("s3://")), "{updates:?}");
+    assert_eq!(member.unshared(), 0);
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod consumers;
 mod crash;
 mod fleet;
 mod hazards;
+mod holding_proxy;
 mod guards;
 mod header;
 mod hotpath;
