@@ -126,7 +126,8 @@ impl RemoteStore {
             endpoint = url.clone();
         }
         if endpoint.starts_with("http://") {
-            options = options.with_allow_http(true);
+            // Plain HTTP: no TLS, so the system's certificates (slow to load) are not needed.
+            options = options.with_allow_http(true).with_no_system_certificates(true);
         }
         builder = builder.with_client_options(options);
         let region = config.region.clone().or_else(|| std::env::var("AWS_REGION").ok()).unwrap_or_else(|| "us-east-1".into());
