@@ -227,7 +227,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 7
+#define TEZZERET_ABI_MINOR 8
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -332,6 +332,10 @@ typedef struct tezzeret_fleet_config {
   uint64_t retry_interval_ms;
   // Bitwise OR of `TEZZERET_FLEET_*`; default 0 (fetch and publish).
   uint32_t flags;
+  // This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank),
+  // so that hosts starting together begin in evenly spread places of
+  // their queues; default -1: none (hosts spread as they lose claims). Since ABI 0.8.
+  int64_t member_index;
 } tezzeret_fleet_config;
 
 // How to open a forge. Initialise with `tezzeret_config_init`, then set

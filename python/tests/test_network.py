@@ -74,7 +74,7 @@ def seaweed():
 
 def _fleet_forge(path, endpoint, secret, public):
     fleet = tezzeret.Fleet(bucket="fleet", endpoint=endpoint, prefix="py", access_key_id=ACCESS_KEY,
-                           secret_access_key=SECRET_KEY, request_timeout=REQUEST_TIMEOUT)
+                           secret_access_key=SECRET_KEY, request_timeout=REQUEST_TIMEOUT, member_index=0)
     return tezzeret.Forge(path, strategy="fast", device="cpu", telemetry_interval=0, signing_key=secret,
                           trusted_keys=[public], fleet=fleet)
 
@@ -111,5 +111,7 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
                        fleet=tezzeret.Fleet(bucket="Not_A_Bucket"))
     with pytest.raises(tezzeret.InvalidArgumentError, match="lease_ttl"):
         tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", lease_ttl=0))
+    with pytest.raises(tezzeret.InvalidArgumentError, match="member_index"):
+        tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", member_index=-1))
     with pytest.raises(tezzeret.InvalidArgumentError, match="redis_url"):
         tezzeret.Forge(state_dir, device="cpu", bus=tezzeret.Bus(redis_url="http://127.0.0.1/"))

@@ -69,7 +69,10 @@ class Fleet:
     published, and each blueprint compiles once for the fleet (leases).
     The forge needs ``trusted_keys`` (and a ``signing_key`` unless
     ``read_only``). Credentials left ``None`` come from the ``AWS_*``
-    environment variables."""
+    environment variables. ``member_index`` is this host's index in its
+    fleet (0, 1, 2…, e.g. a scheduler's rank): hosts starting together then
+    begin in evenly spread places; with ``None`` they spread as they lose
+    claims."""
 
     bucket: str
     endpoint: Optional[str] = None
@@ -82,6 +85,7 @@ class Fleet:
     lease_wait: float = 60.0
     request_timeout: float = 5.0
     retry_interval: float = 2.0
+    member_index: Optional[int] = None
 
     def _to_native(self, keep: List[Any]) -> n.FleetConfig:
         config = n.FleetConfig()
@@ -97,4 +101,7 @@ class Fleet:
         config.request_timeout_ms = _positive_ms(self.request_timeout, "request_timeout")
         config.retry_interval_ms = _positive_ms(self.retry_interval, "retry_interval")
         config.flags = _FLEET_READ_ONLY if self.read_only else 0
+        if self.member_index is not None and not 0 <= self.member_index <= 0xFFFF_FFFF:
+            raise InvalidArgumentError(f"member_index must be an index from 0 to 4294967295, got {self.member_index}")
+        config.member_index = -1 if self.member_index is None else self.member_index
         return config

@@ -48,6 +48,10 @@ pub struct tezzeret_fleet_config {
     pub retry_interval_ms: u64,
     /// Bitwise OR of `TEZZERET_FLEET_*`; default 0 (fetch and publish).
     pub flags: u32,
+    /// This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank),
+    /// so that hosts starting together begin in evenly spread places of
+    /// their queues; default -1: none (hosts spread as they lose claims). Since ABI 0.8.
+    pub member_index: i64,
 }
 
 /// The oldest layout accepted: up to and including `bucket`.
@@ -71,6 +75,7 @@ impl tezzeret_fleet_config {
             request_timeout_ms: ms(defaults.request_timeout),
             retry_interval_ms: ms(defaults.retry_interval),
             flags: 0,
+            member_index: -1,
         }
     }
 
@@ -107,6 +112,12 @@ impl tezzeret_fleet_config {
         config.lease_wait = Duration::from_millis(raw.lease_wait_ms);
         config.request_timeout = Duration::from_millis(raw.request_timeout_ms);
         config.retry_interval = Duration::from_millis(raw.retry_interval_ms);
+        config.member_index = match raw.member_index {
+            -1 => None,
+            index => Some(u32::try_from(index).map_err(|_| {
+                Error::invalid(format!("config.fleet.member_index {index} is neither -1 nor an index from 0 to {}", u32::MAX))
+            })?),
+        };
         config.validate().map_err(|e| e.context("config.fleet"))?;
         Ok(config)
     }

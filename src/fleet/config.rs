@@ -46,6 +46,12 @@ pub struct FleetConfig {
     /// How often unpublished artifacts are offered to the store again
     /// while it is unreachable.
     pub retry_interval: Duration,
+    /// This host's index in its fleet (0, 1, 2…, a scheduler's rank), so
+    /// that hosts starting together begin their queues in different,
+    /// evenly spread places and never race for one claim; `None` (the
+    /// default): every host tries the same places in turn and spreads as
+    /// it loses claims.
+    pub member_index: Option<u32>,
 }
 
 impl std::fmt::Debug for FleetConfig {
@@ -60,6 +66,7 @@ impl std::fmt::Debug for FleetConfig {
             .field("publish", &self.publish)
             .field("lease_ttl", &self.lease_ttl)
             .field("lease_wait", &self.lease_wait)
+            .field("member_index", &self.member_index)
             .finish_non_exhaustive()
     }
 }
@@ -68,7 +75,7 @@ impl FleetConfig {
     /// Defaults for a bucket: AWS's endpoint and credentials from the
     /// environment, no prefix, publishing on, 30 s leases, waiting up to
     /// 60 s for another host's compile, 5 s per request, retrying
-    /// publication every 2 s.
+    /// publication every 2 s, no member index.
     pub fn new(bucket: impl Into<String>) -> Self {
         FleetConfig {
             endpoint: None,
@@ -81,6 +88,7 @@ impl FleetConfig {
             lease_wait: Duration::from_secs(60),
             request_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_secs(2),
+            member_index: None,
         }
     }
 

@@ -76,14 +76,32 @@ const SHARE_BATCH: usize = 64;
 /// The longest pause between two looks at the bucket while waiting.
 const MAX_POLL: Duration = Duration::from_millis(100);
 
-/// How many places a drain tries for its first claim (see
-/// [`Forge::seek_start`]) before it keeps its random start instead.
+/// How many places of its series a drain looks at for its first claim
+/// (see [`Forge::seek_start`]) before it keeps its random start instead:
+/// eight, so that the places cover every sixth of the queue.
 const SEEK_TRIES: usize = 8;
 
-/// The golden ratio's fractional part: its first multiples, however many
-/// are taken, spread over [0, 1) about evenly, so hosts seeking in turn
-/// start about evenly apart whatever their number.
+/// The golden ratio's fractional part: its multiples, however many are
+/// taken, spread over [0, 1) about evenly, so hosts of consecutive member
+/// indices start about evenly apart whatever their number.
 const GOLDEN_FRACTION: f64 = 0.618_033_988_749_894_9;
+
+/// The places (indices into `len` jobs, each once) a drain starting at
+/// `phase` tries for its first claim, in order: the golden ratio's
+/// multiples from the `phase`-th on, as fractions of the way through.
+/// Hosts of different phases try different places first; any
+/// [`SEEK_TRIES`] consecutive multiples leave no gap wider than a sixth.
+fn seek_places(phase: u32, len: usize) -> Vec<usize> {
+    let mut places = Vec::with_capacity(SEEK_TRIES.min(len));
+    for nth in 0..SEEK_TRIES as u64 {
+        let fraction = ((u64::from(phase) + nth) as f64 * GOLDEN_FRACTION).fract();
+        let place = ((fraction * len as f64) as usize).min(len.saturating_sub(1));
+        if len > 0 && !places.contains(&place) {
+            places.push(place);
+        }
+    }
+    places
+}
 
 /// How often a waiting job reads the lease it waits on (besides looking
 /// the bucket up at every poll): bounds how long a holder that gave up,
@@ -220,14 +238,17 @@ impl Forge {
     }
 
     /// Before a drain's first compile in a publishing fleet: finds where
-    /// this host starts. Every host tries the same places in turn — the
-    /// first job left to claim, then the golden ratio's multiples of the
-    /// way through those left — claiming each, and starts at the first
-    /// it wins: hosts starting together spread over the queue at the cost
-    /// of a lost claim or two each, instead of meeting at one another's
-    /// leases all along. A job whose claim it lost waits, as after any
-    /// lost claim. Only the first run of equal priority is reordered;
-    /// without a win in [`SEEK_TRIES`] places the drain keeps its order.
+    /// this host starts. It tries the places of its series (see
+    /// [`seek_places`]; its phase is its member index, else 0) among the
+    /// jobs left to claim, claiming each, and starts at the first it wins:
+    /// hosts starting together spread over the queue instead of meeting
+    /// at one another's leases all along. Hosts of indices 0, 1, 2… start
+    /// in different places and race for no claim; hosts without one all
+    /// walk the same series and spread as they lose claims — and a store
+    /// may make the loser of a race wait (SeaweedFS retries it a second
+    /// later). A job whose claim it lost waits, as after any lost claim.
+    /// Only the first run of equal priority is reordered; without a win
+    /// the drain keeps its order.
     pub(super) fn seek_start(
         &mut self,
         queue: &[Job],
@@ -251,11 +272,9 @@ impl Forge {
             .collect();
         open.sort_unstable();
         let (mut lost, mut start) = (Vec::new(), None);
-        for nth in 0..SEEK_TRIES.min(open.len()) {
-            let position = open[((nth as f64 * GOLDEN_FRACTION).fract() * open.len() as f64) as usize];
-            if lost.contains(&position) {
-                continue;
-            }
+        let phase = fleet.config().member_index.unwrap_or(0);
+        for place in seek_places(phase, open.len()) {
+            let position = open[place];
             let job = &queue[position];
             match fleet.claim_unclaimed(&job.cache_key) {
                 Ok(Claim::Won { lease, .. }) => {
@@ -769,7 +788,27 @@ fn middle_of_longest_run(positions: &[usize]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::middle_of_longest_run;
+    use super::{middle_of_longest_run, seek_places, SEEK_TRIES};
+
+    #[test]
+    fn seek_places_spread_from_each_phase_and_cover_small_queues() {
+        // Phase 0 starts at the first job, then goes 0.618, 0.236, … of the way.
+        assert_eq!(seek_places(0, 5), [0, 3, 1, 4, 2]);
+        // Members 0, 1 and 2 of a fleet start far apart in a long queue.
+        let firsts: Vec<usize> = (0..3).map(|index| seek_places(index, 42)[0]).collect();
+        assert_eq!(firsts, [0, 25, 9]);
+        assert_eq!(seek_places(7, 1), [0]);
+        assert_eq!(seek_places(7, 0), Vec::<usize>::new());
+        // From any phase, a queue of up to six jobs is covered whole.
+        for phase in [1, 2, 3, 99, 12_345, u32::MAX] {
+            for len in 1..=6 {
+                let mut places = seek_places(phase, len);
+                places.sort_unstable();
+                assert_eq!(places, (0..len).collect::<Vec<_>>(), "phase {phase}, {len} jobs");
+            }
+            assert!(seek_places(phase, 1000).len() == SEEK_TRIES);
+        }
+    }
 
     #[test]
     fn the_middle_of_the_longest_run_of_positions() {

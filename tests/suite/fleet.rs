@@ -6,7 +6,8 @@
 //! locally, publication catches up); a lease holder killed (another forge
 //! takes over once the lease expires); a forge that stops mid-run gives
 //! back the claims it sent ahead; a drain starts where no other host
-//! claimed and sets aside what others claimed; a compiled job commits
+//! claimed (or at its member index's own place) and sets aside what
+//! others claimed; a compiled job commits
 //! once its upload ends while the next jobs go on; waiting on several keys
 //! lists the bucket once; conditional create with one winner.
 use std::collections::BTreeMap;
@@ -189,6 +190,7 @@ fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
                 .arg("--state")
                 .arg(dir.path().join(format!("host{i}")))
                 .args(fleet_args(&server, "cold", &key))
+                .args(["--fleet-index", &i.to_string()])
                 .arg("--json")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -483,10 +485,12 @@ fn a_compiled_job_commits_once_its_upload_ends_while_the_next_jobs_go_on() {
 fn a_drain_starts_where_no_host_claimed_and_sets_aside_what_others_claimed() {
     let FivePublished { server, dir, keys, first, .. } = five_published("seek-keys");
     let key_of = |id: &str| record_of(&first, id).cache_key;
-    // Another host holds the leases of `held`; the member runs FIVE and
-    // the other host gives its leases back once `release_after` holds.
-    let run_beside = |prefix: &str, held: &[&str], release_after: fn(&Progress<'_>) -> bool| {
-        let fleet = with_prefix(&server, prefix);
+    // Another host holds the leases of `held`; the member (of index
+    // `index`) runs FIVE and the other host gives its leases back once
+    // `release_after` holds.
+    let run_beside = |prefix: &str, index: u32, held: &[&str], release_after: fn(&Progress<'_>) -> bool| {
+        let mut fleet = with_prefix(&server, prefix);
+        fleet.member_index = Some(index);
         let other = tezzeret::fleet::Fleet::connect(fleet.clone(), keys.clone(), "other-host".into()).unwrap();
         let mut leases: Vec<_> = held
             .iter()
@@ -514,19 +518,25 @@ fn a_drain_starts_where_no_host_claimed_and_sets_aside_what_others_claimed() {
         let logs = member.seen.lock().unwrap().logs.clone();
         (started, logs)
     };
-    // The first job is claimed: the member tries the golden section of the
-    // five next (position 3), wins it and runs the queue on from there.
-    let (started, logs) = run_beside("seek", &["BP001"], |p| matches!(p, Progress::Started(..)));
+    // Member 0 starts at the first job. It is claimed: the member tries
+    // the golden section of the five next (position 3), wins it and runs
+    // the queue on from there.
+    let (started, logs) = run_beside("seek", 0, &["BP001"], |p| matches!(p, Progress::Started(..)));
     assert_eq!(started, ["BP006", "BP011", "BP002", "BP005", "BP001"]);
     assert!(logs.iter().any(|l| l.starts_with("BP006: other hosts claimed 1 of the places tried first")), "{logs:?}");
     // The four after the first are claimed: the member starts at the first,
     // loses the claims it sent ahead, and its first lost claim lists the
     // bucket's claims: the jobs it sent no claim for yet wait without one
     // (the last, with two compiles at once).
-    let (started, logs) = run_beside("aside", &["BP002", "BP005", "BP006", "BP011"], |p| matches!(p, Progress::Finished(..)));
+    let (started, logs) = run_beside("aside", 0, &["BP002", "BP005", "BP006", "BP011"], |p| matches!(p, Progress::Finished(..)));
     assert_eq!(started[0], "BP001");
     let set_aside = |l: &String| l.starts_with("other hosts claimed ") && l.contains(" of the jobs not started");
     assert!(logs.iter().any(set_aside), "{logs:?}");
+    // Member 1 starts at its own place, the golden section (nothing
+    // claimed: no claim lost), so that it races member 0 for no claim.
+    let (started, logs) = run_beside("index", 1, &[], |_| false);
+    assert_eq!(started, ["BP006", "BP011", "BP001", "BP002", "BP005"]);
+    assert!(!logs.iter().any(|l| l.contains("of the places tried first")), "{logs:?}");
 }
 
 #[test]
@@ -662,9 +672,10 @@ fn a_c_host_joins_the_fleet_through_its_config() {
     };
     let id = CString::new("BP001").unwrap();
     let callbacks = host_callbacks(std::ptr::null_mut(), None, None, None, None);
-    let fleet = fleet_config();
     let mut statuses = Vec::new();
-    for host in ["first", "second"] {
+    for (index, host) in ["first", "second"].into_iter().enumerate() {
+        let mut fleet = fleet_config();
+        fleet.member_index = index as i64;
         let forge = open_forge(&dir.path().join(host), &callbacks, |c| {
             c.signing_key = seed.as_ptr();
             c.trusted_keys = public.as_ptr();
@@ -708,8 +719,10 @@ fn a_c_host_joins_the_fleet_through_its_config() {
     };
     let bad = CString::new("Bad_Bucket").unwrap();
     let not_url = CString::new("127.0.0.1:9000").unwrap();
-    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 6] = [
+    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 8] = [
         (&|f| f.bucket = std::ptr::null(), "config.fleet.bucket is NULL"),
+        (&|f| f.member_index = -2, "config.fleet.member_index -2 is neither -1 nor an index"),
+        (&|f| f.member_index = 1 << 32, "config.fleet.member_index 4294967296"),
         (&|f| f.bucket = bad.as_ptr(), "fleet bucket \"Bad_Bucket\""),
         (&|f| f.endpoint = not_url.as_ptr(), "not an http:// or https:// URL"),
         (&|f| f.secret_access_key = std::ptr::null(), "set both access_key_id and secret_access_key"),

@@ -189,6 +189,11 @@ pub struct FleetArgs {
     /// How often publication is retried while the bucket is unreachable, seconds.
     #[arg(long = "s3-retry", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
     pub retry: Duration,
+    /// This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank):
+    /// hosts starting together begin in evenly spread places (default:
+    /// none, they spread as they lose claims).
+    #[arg(long = "fleet-index", value_name = "N")]
+    pub member_index: Option<u32>,
 }
 
 impl FleetArgs {
@@ -204,6 +209,7 @@ impl FleetArgs {
         config.lease_wait = self.lease_wait;
         config.request_timeout = self.timeout;
         config.retry_interval = self.retry;
+        config.member_index = self.member_index;
         config.validate()?;
         Ok(Some(config))
     }
