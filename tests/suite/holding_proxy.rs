@@ -25,8 +25,8 @@ impl Gate {
     }
 }
 
-/// The proxy; it lives as long as this value (its threads end with their
-/// connections).
+/// The proxy. Dropping it releases what it holds; the threads of its
+/// connections end with them, its listening thread with the test process.
 pub struct HoldingProxy {
     port: u16,
     gate: Arc<Gate>,
