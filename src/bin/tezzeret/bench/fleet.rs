@@ -1,9 +1,9 @@
 //! Fleet rows, on one real SeaweedFS started for the run: a new host
 //! joining a warm bucket (open → every artifact fetched, verified and
 //! durable) against compiling them, and three hosts on a cold bucket
-//! against one host compiling everything alone and against three hosts
-//! each given a third with no bucket — alternating rounds, each measured
-//! side by side.
+//! (without member indices, and given indices 0 to 2) against one host
+//! compiling everything alone and against three hosts each given a third
+//! with no bucket — alternating rounds, each measured side by side.
 use std::path::Path;
 use std::time::Instant;
 
@@ -136,7 +136,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     // Three hosts on a cold bucket (a fresh prefix each round) against one
     // host alone, without a fleet and as a fleet of one (it publishes all).
     let (mut fleets, mut singles, mut total_compiles) = (Vec::new(), Vec::new(), Vec::new());
-    let mut splits = Vec::new();
+    let (mut splits, mut indexed) = (Vec::new(), Vec::new());
     let (mut lone_members, mut fleet_requests, mut lone_requests) = (Vec::new(), Vec::new(), Vec::new());
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let me = std::process::id();
@@ -162,9 +162,16 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         let (split_dir, keys_of_round) = (work.join(format!("fleet-split-{round}")), keys.clone());
         let (_, seconds) = three_hosts(move |host| open_and_run_share(&split_dir.join(host.to_string()), &keys_of_round, None, (host, 3)))?;
         splits.push(seconds);
+        // The three on a cold bucket again, each given its member index.
+        let (cold, keys_of_round, config) = (work.join(format!("fleet-indexed-{round}")), keys.clone(), fleet(format!("indexed-{round}")));
+        let (_, seconds) = three_hosts(move |host| {
+            let config = FleetConfig { member_index: Some(host as u32), ..config.clone() };
+            open_and_run(&cold.join(host.to_string()), &keys_of_round, Some(config))
+        })?;
+        indexed.push(seconds);
     }
     let lone = median(lone_members);
-    let (three, single, split) = (median(fleets), median(singles), median(splits));
+    let (three, single, split, indexed) = (median(fleets), median(singles), median(splits), median(indexed));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -180,6 +187,12 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: three hosts on a cold bucket, open → all ready (wall)",
             three * 1e3,
             Some(format!("one host alone: {:.0} ms; ratio {:.2}× (goal ≤ 1.2×)", single * 1e3, three / single)),
+            "ms",
+        ),
+        row(
+            "fleet: three hosts on a cold bucket given member indices 0-2 (wall)",
+            indexed * 1e3,
+            Some(format!("ratio to one host alone {:.2}×; / three without indices: {:.2}×", indexed / single, indexed / three)),
             "ms",
         ),
         row(
