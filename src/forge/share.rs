@@ -93,10 +93,13 @@ const GOLDEN_FRACTION: f64 = 0.618_033_988_749_894_9;
 /// [`SEEK_TRIES`] consecutive multiples leave no gap wider than a sixth.
 fn seek_places(phase: u32, len: usize) -> Vec<usize> {
     let mut places = Vec::with_capacity(SEEK_TRIES.min(len));
+    if len == 0 {
+        return places;
+    }
     for nth in 0..SEEK_TRIES as u64 {
         let fraction = ((u64::from(phase) + nth) as f64 * GOLDEN_FRACTION).fract();
-        let place = ((fraction * len as f64) as usize).min(len.saturating_sub(1));
-        if len > 0 && !places.contains(&place) {
+        let place = ((fraction * len as f64) as usize).min(len - 1);
+        if !places.contains(&place) {
             places.push(place);
         }
     }

@@ -4,7 +4,7 @@
 //! (without member indices, and given indices 0 to 2) against one host
 //! compiling everything alone and against three hosts each given a third
 //! with no bucket — alternating rounds, each measured side by side.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::runtime::compilable;
@@ -89,6 +89,17 @@ fn three_hosts(run: impl Fn(usize) -> Result<Run> + Send + Sync + Clone + 'stati
     Ok((runs, started.elapsed().as_secs_f64()))
 }
 
+/// Three hosts on a cold bucket (a fresh prefix in `config`), each on its
+/// own state directory under `dir`, given member indices 0 to 2 when
+/// `indexed`; their runs and the wall time until the last ended, s.
+fn three_on_cold_bucket(dir: PathBuf, keys: &KeyRing, config: FleetConfig, indexed: bool) -> Result<(Vec<Run>, f64)> {
+    let keys = keys.clone();
+    three_hosts(move |host| {
+        let config = FleetConfig { member_index: indexed.then_some(host as u32), ..config.clone() };
+        open_and_run(&dir.join(host.to_string()), &keys, Some(config))
+    })
+}
+
 /// CPU time (user + system) a process has used so far, seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
@@ -142,9 +153,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let me = std::process::id();
     for round in 0..ROUNDS {
         let (w0, m0) = (cpu_seconds(server.pid()), cpu_seconds(me));
-        let (cold, keys_of_round, config) = (work.join(format!("fleet-cold-{round}")), keys.clone(), fleet(format!("cold-{round}")));
-        let (runs, seconds) =
-            three_hosts(move |host| open_and_run(&cold.join(host.to_string()), &keys_of_round, Some(config.clone())))?;
+        let (runs, seconds) = three_on_cold_bucket(work.join(format!("fleet-cold-{round}")), &keys, fleet(format!("cold-{round}")), false)?;
         let (compiled, requests) = (runs.iter().map(|r| r.compiled).sum::<usize>(), runs.iter().map(|r| r.requests).sum::<u64>());
         fleets.push(seconds);
         let (w1, m1) = (cpu_seconds(server.pid()), cpu_seconds(me));
@@ -163,11 +172,8 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         let (_, seconds) = three_hosts(move |host| open_and_run_share(&split_dir.join(host.to_string()), &keys_of_round, None, (host, 3)))?;
         splits.push(seconds);
         // The three on a cold bucket again, each given its member index.
-        let (cold, keys_of_round, config) = (work.join(format!("fleet-indexed-{round}")), keys.clone(), fleet(format!("indexed-{round}")));
-        let (runs, seconds) = three_hosts(move |host| {
-            let config = FleetConfig { member_index: Some(host as u32), ..config.clone() };
-            open_and_run(&cold.join(host.to_string()), &keys_of_round, Some(config))
-        })?;
+        let (runs, seconds) =
+            three_on_cold_bucket(work.join(format!("fleet-indexed-{round}")), &keys, fleet(format!("indexed-{round}")), true)?;
         indexed.push(seconds);
         total_compiles.push(runs.iter().map(|r| r.compiled).sum::<usize>() as f64);
     }
