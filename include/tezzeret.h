@@ -227,7 +227,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 8
+#define TEZZERET_ABI_MINOR 9
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -336,6 +336,12 @@ typedef struct tezzeret_fleet_config {
   // so that hosts starting together begin in evenly spread places of
   // their queues; default -1: none (hosts spread as they lose claims). Since ABI 0.8.
   int64_t member_index;
+  // A Redis keeping the fleet's leases instead of the bucket
+  // (`redis://host:port/db` or `unix://path`, often the bus's): a claim
+  // then costs one Redis round trip instead of a conditional create in
+  // the bucket. Every host of the fleet must use the same one. NULL (the
+  // default): leases live in the bucket. Since ABI 0.9.
+  const char *lease_redis_url;
 } tezzeret_fleet_config;
 
 // How to open a forge. Initialise with `tezzeret_config_init`, then set

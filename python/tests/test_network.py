@@ -113,5 +113,8 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
         tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", lease_ttl=0))
     with pytest.raises(tezzeret.InvalidArgumentError, match="member_index"):
         tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", member_index=-1))
+    with pytest.raises(tezzeret.InvalidArgumentError, match="fleet lease Redis"):
+        tezzeret.Forge(state_dir, device="cpu", signing_key=secret, trusted_keys=[public],
+                       fleet=tezzeret.Fleet(bucket="fleet", lease_redis="http://127.0.0.1:6379"))
     with pytest.raises(tezzeret.InvalidArgumentError, match="redis_url"):
         tezzeret.Forge(state_dir, device="cpu", bus=tezzeret.Bus(redis_url="http://127.0.0.1/"))

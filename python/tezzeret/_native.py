@@ -29,7 +29,7 @@ from ctypes import (
 import torch  # noqa: F401  (loads libtorch before libtezzeret)
 
 ABI_MAJOR = 0
-ABI_MINOR = 8
+ABI_MINOR = 9
 
 c_uint8_p = POINTER(c_uint8)
 c_int64_p = POINTER(c_int64)
@@ -99,6 +99,7 @@ class FleetConfig(Structure):
         ("retry_interval_ms", c_uint64),
         ("flags", c_uint32),
         ("member_index", c_int64),
+        ("lease_redis_url", c_char_p),
     ]
 
 

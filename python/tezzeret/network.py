@@ -72,7 +72,10 @@ class Fleet:
     environment variables. ``member_index`` is this host's index in its
     fleet (0, 1, 2…, e.g. a scheduler's rank): hosts starting together then
     begin in evenly spread places; with ``None`` they spread as they lose
-    claims."""
+    claims. ``lease_redis`` (``redis://host:port/db``, often the bus's)
+    keeps the fleet's leases in that Redis instead of the bucket: a claim
+    then costs one Redis round trip; every host of the fleet must use the
+    same one."""
 
     bucket: str
     endpoint: Optional[str] = None
@@ -86,6 +89,7 @@ class Fleet:
     request_timeout: float = 5.0
     retry_interval: float = 2.0
     member_index: Optional[int] = None
+    lease_redis: Optional[str] = None
 
     def _to_native(self, keep: List[Any]) -> n.FleetConfig:
         config = n.FleetConfig()
@@ -104,4 +108,5 @@ class Fleet:
         if self.member_index is not None and not 0 <= self.member_index <= 0xFFFF_FFFF:
             raise InvalidArgumentError(f"member_index must be an index from 0 to 4294967295, got {self.member_index}")
         config.member_index = -1 if self.member_index is None else self.member_index
+        config.lease_redis_url = _text(self.lease_redis, keep)
         return config

@@ -52,6 +52,12 @@ pub struct tezzeret_fleet_config {
     /// so that hosts starting together begin in evenly spread places of
     /// their queues; default -1: none (hosts spread as they lose claims). Since ABI 0.8.
     pub member_index: i64,
+    /// A Redis keeping the fleet's leases instead of the bucket
+    /// (`redis://host:port/db` or `unix://path`, often the bus's): a claim
+    /// then costs one Redis round trip instead of a conditional create in
+    /// the bucket. Every host of the fleet must use the same one. NULL (the
+    /// default): leases live in the bucket. Since ABI 0.9.
+    pub lease_redis_url: *const c_char,
 }
 
 /// The oldest layout accepted: up to and including `bucket`.
@@ -76,6 +82,7 @@ impl tezzeret_fleet_config {
             retry_interval_ms: ms(defaults.retry_interval),
             flags: 0,
             member_index: -1,
+            lease_redis_url: null,
         }
     }
 
@@ -118,6 +125,7 @@ impl tezzeret_fleet_config {
                 Error::invalid(format!("config.fleet.member_index {index} is neither -1 nor an index from 0 to {}", u32::MAX))
             })?),
         };
+        config.lease_redis = text(raw.lease_redis_url, "lease_redis_url")?;
         config.validate().map_err(|e| e.context("config.fleet"))?;
         Ok(config)
     }

@@ -3,7 +3,10 @@
 //!
 //! A lease is an object `leases/<cache key>/<generation>.json` holding its
 //! holder and expiry, written with conditional create, so exactly one
-//! forge wins each generation. A live lease makes the others wait for the
+//! forge wins each generation. It lives in the bucket, or in a Redis when
+//! the fleet is given one ([`super::lease_objects`]): the same objects
+//! under the same names, one round trip to Redis instead of a create in
+//! the bucket. A live lease makes the others wait for the
 //! holder's manifest; an expired one (its holder crashed or hung) is taken
 //! over by creating the next generation — again exactly one winner.
 //!
@@ -20,7 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::objects::ObjectNames;
-use super::remote::{Create, Got, RemoteStore, Rewrites, SMALL_OBJECT_LIMIT};
+use super::lease_objects::LeaseObjects;
+use super::remote::{Create, Got, Rewrites, SMALL_OBJECT_LIMIT};
 use crate::base::error::{Error, ErrorCode, Result};
 
 /// A lease object's content.
@@ -50,10 +54,10 @@ pub struct Lease {
 
 impl Lease {
     /// Keeps the lease live for as long as this value exists.
-    pub fn keep_renewed(&mut self, remote: &RemoteStore, names: &ObjectNames, holder: &str, ttl: Duration) {
+    pub fn keep_renewed(&mut self, objects: LeaseObjects<'_>, names: &ObjectNames, holder: &str, ttl: Duration) {
         let holder = holder.to_string();
         let make = move || body_bytes(&holder, ttl);
-        self.renewal = Some(remote.rewrite_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
+        self.renewal = Some(objects.rewrite_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
     }
 }
 
@@ -107,8 +111,8 @@ pub enum LeaseState {
 }
 
 /// Reads one generation of a cache key's lease.
-pub async fn state(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, generation: u64) -> Result<LeaseState> {
-    let bytes = match remote.get(&names.lease(cache_key, generation), SMALL_OBJECT_LIMIT).await? {
+pub async fn state(objects: LeaseObjects<'_>, names: &ObjectNames, cache_key: &str, generation: u64) -> Result<LeaseState> {
+    let bytes = match objects.get(&names.lease(cache_key, generation), SMALL_OBJECT_LIMIT).await? {
         Got::Bytes(bytes) => bytes,
         Got::Missing => return Ok(LeaseState::Gone),
         Got::TooLarge => return Ok(LeaseState::Expired),
@@ -124,23 +128,23 @@ pub async fn state(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, g
 
 /// Tries to claim `cache_key` for `holder` for `ttl`: one request when the
 /// key is free, two when generation 0 is live (the usual contention).
-pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<Claim> {
+pub async fn claim(objects: LeaseObjects<'_>, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<Claim> {
     let body = |generation: u64| (names.lease(cache_key, generation), body_bytes(holder, ttl));
     let won = |generation: u64, stale: Vec<u64>, took_over: bool| Claim::Won {
-        lease: renewed(remote, names, cache_key, holder, ttl, generation, stale),
+        lease: renewed(objects, names, cache_key, holder, ttl, generation, stale),
         took_over,
     };
-    if let Some(lease) = claim_unclaimed(remote, names, cache_key, holder, ttl).await? {
+    if let Some(lease) = claim_unclaimed(objects, names, cache_key, holder, ttl).await? {
         return Ok(Claim::Won { lease, took_over: false });
     }
-    if let LeaseState::Live { holder, expires_in } = state(remote, names, cache_key, 0).await? {
+    if let LeaseState::Live { holder, expires_in } = state(objects, names, cache_key, 0).await? {
         return Ok(Claim::Held { holder, generation: 0, expires_in });
     }
     // Generation 0 expired or was released: the newest generation decides.
     // A few rounds: each lost create means another forge moved first.
     let mut newest_seen = 0;
     for _ in 0..4 {
-        let mut generations: Vec<u64> = remote
+        let mut generations: Vec<u64> = objects
             .list(&names.lease_folder(cache_key))
             .await?
             .iter()
@@ -152,7 +156,7 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
             None => (0, false),
             Some(&newest) => {
                 newest_seen = newest;
-                match state(remote, names, cache_key, newest).await? {
+                match state(objects, names, cache_key, newest).await? {
                     LeaseState::Live { holder, expires_in } => return Ok(Claim::Held { holder, generation: newest, expires_in }),
                     LeaseState::Expired => (newest.checked_add(1).ok_or_else(exhausted)?, true),
                     LeaseState::Gone => (newest.checked_add(1).ok_or_else(exhausted)?, false),
@@ -160,7 +164,7 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
             }
         };
         let (name, bytes) = body(next);
-        if remote.create(&name, bytes).await? == Create::Created {
+        if objects.create(&name, bytes).await? == Create::Created {
             return Ok(won(next, generations.into_iter().filter(|&g| g < next).collect(), took_over));
         }
     }
@@ -174,21 +178,21 @@ pub async fn claim(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, h
 /// expired, kept by a holder that published, or about to be released;
 /// look the key up, and make a full [`claim`] once its lease is not live.
 pub async fn claim_unclaimed(
-    remote: &RemoteStore,
+    objects: LeaseObjects<'_>,
     names: &ObjectNames,
     cache_key: &str,
     holder: &str,
     ttl: Duration,
 ) -> Result<Option<Lease>> {
-    if remote.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await? == Create::Exists {
+    if objects.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await? == Create::Exists {
         return Ok(None);
     }
-    Ok(Some(renewed(remote, names, cache_key, holder, ttl, 0, Vec::new())))
+    Ok(Some(renewed(objects, names, cache_key, holder, ttl, 0, Vec::new())))
 }
 
 /// A generation just won, kept renewed from now on.
 fn renewed(
-    remote: &RemoteStore,
+    objects: LeaseObjects<'_>,
     names: &ObjectNames,
     cache_key: &str,
     holder: &str,
@@ -197,7 +201,7 @@ fn renewed(
     stale: Vec<u64>,
 ) -> Lease {
     let mut lease = Lease { cache_key: cache_key.to_string(), generation, stale, renewal: None };
-    lease.keep_renewed(remote, names, holder, ttl);
+    lease.keep_renewed(objects, names, holder, ttl);
     lease
 }
 
@@ -205,8 +209,8 @@ fn renewed(
 /// made without a lease (one that an outage postponed): a forge claiming
 /// the key meanwhile waits for the manifest instead of compiling it.
 /// An existing generation 0 is left as it is.
-pub async fn mark_claimed(remote: &RemoteStore, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<()> {
-    remote.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await.map(drop)
+pub async fn mark_claimed(objects: LeaseObjects<'_>, names: &ObjectNames, cache_key: &str, holder: &str, ttl: Duration) -> Result<()> {
+    objects.create(&names.lease(cache_key, 0), body_bytes(holder, ttl)).await.map(drop)
 }
 
 /// Ends a lease whose holder's manifest is in the bucket: its renewal
@@ -220,13 +224,13 @@ pub async fn keep(mut lease: Lease) {
 /// Removes a lease (and the expired generations it replaced) when the
 /// bucket does not hold its key after all (the compile failed, or its
 /// publication did), so that another forge may claim it; its renewal stops.
-pub async fn release(remote: &RemoteStore, names: &ObjectNames, mut lease: Lease) -> Result<()> {
+pub async fn release(objects: LeaseObjects<'_>, names: &ObjectNames, mut lease: Lease) -> Result<()> {
     if let Some(renewal) = lease.renewal.take() {
         renewal.stop().await;
     }
-    remote.delete(&names.lease(&lease.cache_key, lease.generation)).await?;
+    objects.delete(&names.lease(&lease.cache_key, lease.generation)).await?;
     for &generation in &lease.stale {
-        remote.delete(&names.lease(&lease.cache_key, generation)).await?;
+        objects.delete(&names.lease(&lease.cache_key, generation)).await?;
     }
     Ok(())
 }

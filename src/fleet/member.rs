@@ -10,6 +10,7 @@ use futures::StreamExt;
 
 use super::config::FleetConfig;
 use super::lease::{self, Claim, Lease, LeaseBody, LeaseState};
+use super::lease_objects::{LeaseObjects, RedisLeases};
 use super::manifest::{check_artifact, Refusal, SharedManifest};
 use super::objects::ObjectNames;
 use super::remote::{Create, Got, RemoteStore, SMALL_OBJECT_LIMIT};
@@ -84,6 +85,8 @@ pub struct Survey {
 /// A forge's connection to its fleet.
 pub struct Fleet {
     remote: RemoteStore,
+    /// The lease objects' Redis, when they are not kept in the bucket.
+    redis: Option<RedisLeases>,
     names: ObjectNames,
     keys: KeyRing,
     config: FleetConfig,
@@ -146,8 +149,26 @@ impl Fleet {
             return Err(Error::invalid("publishing to the fleet store needs a signing key (or turn publishing off to only read)"));
         }
         let remote = RemoteStore::connect(&config)?;
+        let redis = match &config.lease_redis {
+            // The connection manager lives on the store's runtime.
+            Some(url) => Some(remote.run(async { RedisLeases::connect(url, &config.bucket, config.request_timeout) })?),
+            None => None,
+        };
         let names = ObjectNames::new(&config.bucket, &config.prefix);
-        Ok(Fleet { remote, names, keys, config, holder, stats: FleetStats::default(), releasing: Mutex::new(Vec::new()) })
+        Ok(Fleet { remote, redis, names, keys, config, holder, stats: FleetStats::default(), releasing: Mutex::new(Vec::new()) })
+    }
+
+    /// The Redis server keeping the leases, if they are not in the bucket.
+    pub fn lease_redis(&self) -> Option<&str> {
+        self.redis.as_ref().map(RedisLeases::server)
+    }
+
+    /// Where the fleet's lease objects are kept.
+    fn lease_objects(&self) -> LeaseObjects<'_> {
+        match &self.redis {
+            Some(redis) => LeaseObjects::Redis(redis),
+            None => LeaseObjects::Bucket(&self.remote),
+        }
     }
 
     /// The configuration.
@@ -177,7 +198,11 @@ impl Fleet {
 
     /// The counters.
     pub fn metrics(&self) -> FleetMetrics {
-        FleetMetrics { requests: self.remote.operations(), ..self.stats.snapshot() }
+        FleetMetrics {
+            requests: self.remote.operations(),
+            lease_requests: self.redis.as_ref().map_or(0, RedisLeases::operations),
+            ..self.stats.snapshot()
+        }
     }
 
     /// The cache keys the bucket holds a manifest of, from one listing,
@@ -199,7 +224,7 @@ impl Fleet {
     /// one listing, when there are at most `limit` lease objects (None
     /// when more). Only a hint for where to claim next.
     pub fn claimed_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
-        let listed = self.remote.run(self.remote.list_up_to(&self.names.leases(), limit));
+        let listed = self.remote.run(self.lease_objects().list_up_to(&self.names.leases(), limit));
         if listed.is_err() {
             self.count(FleetEvent::StoreError);
         }
@@ -232,7 +257,7 @@ impl Fleet {
                     Lookup::Missing => return Watched::Held,
                     found => return Watched::Lookup(found),
                 }
-                match lease::state(&self.remote, &self.names, key, *generation).await {
+                match lease::state(self.lease_objects(), &self.names, key, *generation).await {
                     Ok(LeaseState::Live { .. }) => Watched::Held,
                     Ok(LeaseState::Expired) => Watched::Expired,
                     // Just looked up: missing (a claim re-checks under the lease).
@@ -308,7 +333,12 @@ impl Fleet {
     /// A compile under a lease publishes with [`Self::start_publish`].
     pub fn publish(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
         let published = self.remote.run(async {
-            lease::mark_claimed(&self.remote, &self.names, &record.cache_key, &self.holder, self.config.lease_ttl).await?;
+            // Best effort: a lease store that cannot be reached (a Redis
+            // down while the bucket is up) holds no publication back.
+            let marked = lease::mark_claimed(self.lease_objects(), &self.names, &record.cache_key, &self.holder, self.config.lease_ttl);
+            if marked.await.is_err() {
+                self.count(FleetEvent::StoreError);
+            }
             self.publish_async(record, bytes).await
         });
         self.count_publication(&published);
@@ -385,7 +415,7 @@ impl Fleet {
 
     /// Tries to claim a cache key for this forge's compile.
     pub fn claim(&self, cache_key: &str) -> Result<Claim> {
-        let claimed = self.remote.run(lease::claim(&self.remote, &self.names, cache_key, &self.holder, self.config.lease_ttl));
+        let claimed = self.remote.run(lease::claim(self.lease_objects(), &self.names, cache_key, &self.holder, self.config.lease_ttl));
         self.claimed(claimed)
     }
 
@@ -394,7 +424,7 @@ impl Fleet {
     /// first watch finds out whether it is live (see [`Self::watch_many`]).
     pub fn claim_unclaimed(&self, cache_key: &str) -> Result<Claim> {
         let ttl = self.config.lease_ttl;
-        let won = self.remote.run(lease::claim_unclaimed(&self.remote, &self.names, cache_key, &self.holder, ttl));
+        let won = self.remote.run(lease::claim_unclaimed(self.lease_objects(), &self.names, cache_key, &self.holder, ttl));
         self.unclaimed_outcome(won)
     }
 
@@ -407,7 +437,7 @@ impl Fleet {
         let (fleet, cache_key) = (Arc::clone(self), cache_key.to_string());
         let task = self.remote.spawn(async move {
             let ttl = fleet.config.lease_ttl;
-            lease::claim_unclaimed(&fleet.remote, &fleet.names, &cache_key, &fleet.holder, ttl).await
+            lease::claim_unclaimed(fleet.lease_objects(), &fleet.names, &cache_key, &fleet.holder, ttl).await
         });
         PendingClaim { task }
     }
@@ -456,7 +486,7 @@ impl Fleet {
 
     /// One generation of a cache key's lease, as it is now.
     pub fn lease_state(&self, cache_key: &str, generation: u64) -> Result<LeaseState> {
-        let state = self.remote.run(lease::state(&self.remote, &self.names, cache_key, generation));
+        let state = self.remote.run(lease::state(self.lease_objects(), &self.names, cache_key, generation));
         if state.is_err() {
             self.count(FleetEvent::StoreError);
         }
@@ -480,7 +510,7 @@ impl Fleet {
     /// Removes a lease; a failure is counted (it only delays others until
     /// the lease expires).
     async fn release_counted(&self, lease: Lease) {
-        if lease::release(&self.remote, &self.names, lease).await.is_err() {
+        if lease::release(self.lease_objects(), &self.names, lease).await.is_err() {
             self.count(FleetEvent::StoreError);
         }
     }
@@ -507,7 +537,7 @@ impl Fleet {
     /// Gives a lease up (best effort: an unreleased lease only delays
     /// others until it expires).
     pub fn release(&self, lease: Lease) -> Result<()> {
-        let released = self.remote.run(lease::release(&self.remote, &self.names, lease));
+        let released = self.remote.run(lease::release(self.lease_objects(), &self.names, lease));
         if released.is_err() {
             self.count(FleetEvent::StoreError);
         }
@@ -571,7 +601,7 @@ impl Fleet {
     /// holder, time left (zero once expired).
     pub fn leases(&self) -> Result<Vec<(String, LeaseBody, Duration)>> {
         self.remote.run(async {
-            let listed = self.remote.list(&self.names.leases()).await?;
+            let listed = self.lease_objects().list(&self.names.leases()).await?;
             let manifests = self.remote.list(&self.names.manifests()).await?;
             let published: HashSet<&str> = ObjectNames::manifest_keys(&manifests).collect();
             let mut out = Vec::new();
@@ -581,7 +611,7 @@ impl Fleet {
                 if published.contains(key) {
                     continue;
                 }
-                if let Got::Bytes(bytes) = self.remote.get(&object.name, SMALL_OBJECT_LIMIT).await? {
+                if let Got::Bytes(bytes) = self.lease_objects().get(&object.name, SMALL_OBJECT_LIMIT).await? {
                     if let Ok(body) = serde_json::from_slice::<LeaseBody>(&bytes) {
                         let left = Duration::from_millis(body.expires_at_ms.saturating_sub(lease::now_ms()));
                         out.push((key.to_string(), body, left));

@@ -4,14 +4,16 @@
 //! its artifact only if its sha256 matches ([`manifest`]). A [`Fleet`]
 //! looks artifacts up, publishes them with conditional create, and claims
 //! cache keys with leases ([`lease`]) so that each compiles once for the
-//! whole fleet; [`remote`] is the bucket as plain operations, [`objects`]
-//! where each thing lives in it, [`stats`] what was counted.
+//! whole fleet, kept in the bucket or in a Redis ([`lease_objects`]);
+//! [`remote`] is the bucket as plain operations, [`objects`] where each
+//! thing lives in it, [`stats`] what was counted.
 //!
 //! The local state directory stays each host's source of truth: what comes
 //! from the bucket is written durably into it, journaled and announced like
 //! a local compile, and an unreachable bucket never fails a job.
 pub mod config;
 pub mod lease;
+pub mod lease_objects;
 pub mod manifest;
 pub mod member;
 pub mod objects;

@@ -36,6 +36,26 @@ pub struct Rewrites {
 }
 
 impl Rewrites {
+    /// Runs `rewrite` on `runtime` every `every` until stopped (failures
+    /// are the rewrite's to ignore: the next round tries again).
+    pub fn start<F, R>(runtime: &tokio::runtime::Handle, every: Duration, rewrite: F) -> Self
+    where
+        F: Fn() -> R + Send + 'static,
+        R: Future<Output = ()> + Send,
+    {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = &mut stopped => return,
+                }
+                rewrite().await;
+            }
+        });
+        Rewrites { stop: Some(stop), task: Some(task) }
+    }
+
     /// Stops them and waits until no rewrite is under way.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -229,17 +249,12 @@ impl RemoteStore {
     /// returns can bring the object back.
     pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = self.runtime.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = &mut stopped => return,
-                }
-                let _ = tokio::time::timeout(timeout, store.put(&location, PutPayload::from(make()))).await;
+        Rewrites::start(self.runtime.handle(), every, move || {
+            let (store, location, bytes) = (store.clone(), location.clone(), PutPayload::from(make()));
+            async move {
+                let _ = tokio::time::timeout(timeout, store.put(&location, bytes)).await;
             }
-        });
-        Rewrites { stop: Some(stop), task: Some(task) }
+        })
     }
 
     /// Stores an object only if none exists under its name (`If-None-Match: *`).

@@ -41,6 +41,9 @@ pub struct FleetMetrics {
     pub store_errors: u64,
     /// Requests made to the store.
     pub requests: u64,
+    /// Commands sent to the Redis holding the leases (0 when they are in
+    /// the bucket, whose requests count in [`Self::requests`]).
+    pub lease_requests: u64,
 }
 
 impl FleetMetrics {
@@ -104,6 +107,7 @@ impl FleetStats {
             wait_timeouts: load(&self.wait_timeouts),
             store_errors: load(&self.store_errors),
             requests: 0,
+            lease_requests: 0,
         }
     }
 }
@@ -124,6 +128,7 @@ impl FleetMetrics {
             count("tezzeret.fleet.wait_timeouts", self.wait_timeouts),
             count("tezzeret.fleet.store_errors", self.store_errors),
             count("tezzeret.fleet.requests", self.requests),
+            count("tezzeret.fleet.lease_requests", self.lease_requests),
             count("tezzeret.fleet.unshared", unshared as u64),
         ];
         for (refusal, n) in &self.refusals {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::holding_proxy::HoldingProxy;
+use super::redis_server::RedisServer;
 use super::seaweed_server::{SeaweedServer, ACCESS_KEY, SECRET_KEY};
 use super::{wait_for, TempDir};
 use tezzeret::base::leyline::{self, KernelCatalogUpdate, KernelPrefetchRequest, PrefetchAnswer};
@@ -180,6 +181,32 @@ fn fleet_args(server: &SeaweedServer, prefix: &str, key: &Path) -> Vec<String> {
 #[test]
 fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
     let server = SeaweedServer::start("fleet");
+    let survey = three_hosts_compile_each_blueprint_once(&server, &[]);
+    assert_eq!(survey["lease_redis"], serde_json::Value::Null);
+    let store = RemoteStore::connect(&server.fleet_config()).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "cold");
+    assert_eq!(store.run(store.list(&names.leases())).unwrap().len(), 42, "a kept lease per key, in the bucket");
+}
+
+#[test]
+fn three_hosts_with_leases_on_redis_compile_each_blueprint_once() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let survey = three_hosts_compile_each_blueprint_once(&server, &["--fleet-lease-redis".into(), redis.url()]);
+    assert!(survey["lease_redis"].as_str().is_some_and(|s| redis.url().contains(s)), "{}", survey["lease_redis"]);
+    // The leases went to Redis, none to the bucket.
+    let store = RemoteStore::connect(&server.fleet_config()).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "cold");
+    assert_eq!(store.run(store.list(&names.leases())).unwrap().len(), 0, "no lease object in the bucket");
+    let hash = tezzeret::fleet::lease_objects::RedisLeases::hash_key(&server.bucket);
+    let kept: usize = redis::cmd("HLEN").arg(&hash).query(&mut redis.connection()).unwrap();
+    assert_eq!(kept, 42, "a kept lease per key, in Redis");
+}
+
+/// Three `tezzeret forge` processes (member indices 0-2, `extra` options)
+/// on the cold prefix `cold`: each blueprint compiled once between them,
+/// every host ending with all 42 verified; returns `fleet-status --json`.
+fn three_hosts_compile_each_blueprint_once(server: &SeaweedServer, extra: &[String]) -> serde_json::Value {
     let dir = TempDir::new("fleet-three");
     let key = dir.path().join("fleet.key");
     keygen(&key).unwrap();
@@ -189,7 +216,8 @@ fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
                 .arg("forge")
                 .arg("--state")
                 .arg(dir.path().join(format!("host{i}")))
-                .args(fleet_args(&server, "cold", &key))
+                .args(fleet_args(server, "cold", &key))
+                .args(extra)
                 .args(["--fleet-index", &i.to_string()])
                 .arg("--json")
                 .stdout(Stdio::piped())
@@ -231,7 +259,8 @@ fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
     }
     let status = tezzeret()
         .arg("fleet-status")
-        .args(&fleet_args(&server, "cold", &key)[2..8])
+        .args(&fleet_args(server, "cold", &key)[2..8])
+        .args(extra)
         .args(["--trusted-key", &format!("{}.pub", key.display()), "--json"])
         .arg("--state")
         .arg(dir.path().join("host0"))
@@ -241,8 +270,9 @@ fn three_hosts_on_a_cold_bucket_compile_each_blueprint_once() {
     let survey: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(survey["verified"].as_array().unwrap().len(), 42);
     assert_eq!(survey["artifacts"], 42);
-    assert_eq!(survey["leases"].as_array().unwrap().len(), 0, "every lease given back");
+    assert_eq!(survey["leases"].as_array().unwrap().len(), 0, "every claim fulfilled");
     assert_eq!(survey["local"]["shared"], 42);
+    survey
 }
 
 #[test]
@@ -337,9 +367,49 @@ fn a_store_outage_never_fails_a_job_and_publication_catches_up() {
 }
 
 #[test]
+fn leases_on_an_unreachable_redis_never_fail_a_job() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-no-redis");
+    let keys = fleet_keys();
+    // A port nobody listens on: every claim fails at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fleet = FleetConfig { lease_redis: Some(format!("redis://127.0.0.1:{port}")), ..with_prefix(&server, "no-redis") };
+    let member = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    assert!(member.run().values().all(|s| *s == JobStatus::Ok), "every job compiles without a lease");
+    let metrics = member.metrics();
+    assert_eq!(metrics.published, FIVE.len() as u64, "and is published to the bucket: {metrics:?}");
+    assert!(metrics.store_errors >= 1 && metrics.lease_requests >= FIVE.len() as u64, "{metrics:?}");
+    assert!(member.seen.lock().unwrap().logs.iter().any(|l| l.contains(&format!("127.0.0.1:{port}"))), "the outage is logged naming Redis");
+    let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet);
+    assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "the bucket holds everything");
+}
+
+#[test]
 fn a_held_lease_is_renewed_until_released_and_expires_once_dropped() {
     let server = SeaweedServer::start("fleet");
-    let mut config = with_prefix(&server, "renewal");
+    a_held_lease_is_renewed_until_released(with_prefix(&server, "renewal"));
+}
+
+#[test]
+fn a_held_lease_on_redis_is_renewed_until_released_and_one_racer_wins_it() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let config = FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, "renewal") };
+    a_held_lease_is_renewed_until_released(config.clone());
+    // Eight forges claiming one key at once: exactly one wins.
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let fleet = tezzeret::fleet::Fleet::connect(config.clone(), fleet_keys(), format!("racer-{i}")).unwrap();
+            std::thread::spawn(move || matches!(fleet.claim_unclaimed("raced").unwrap(), tezzeret::fleet::Claim::Won { .. }))
+        })
+        .collect();
+    let won = racers.into_iter().map(|t| t.join().unwrap()).filter(|won| *won).count();
+    assert_eq!(won, 1);
+}
+
+/// A lease won by a fleet of `config` is renewed in the background until
+/// released; one dropped without release expires and is taken over.
+fn a_held_lease_is_renewed_until_released(mut config: FleetConfig) {
     config.lease_ttl = Duration::from_millis(900);
     let fleet = tezzeret::fleet::Fleet::connect(config, fleet_keys(), "renewal-test".into()).unwrap();
     let Ok(tezzeret::fleet::Claim::Won { lease, .. }) = fleet.claim("k1") else { panic!("a free key is won") };
@@ -564,6 +634,20 @@ fn a_read_only_member_fetches_but_never_claims_or_publishes() {
 #[test]
 fn a_killed_lease_holder_delays_the_others_only_until_its_lease_expires() {
     let server = SeaweedServer::start("fleet");
+    a_killed_holder_delays_the_others_only_until_expiry(&server, None);
+}
+
+#[test]
+fn a_killed_holder_of_a_lease_on_redis_delays_the_others_only_until_expiry() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    a_killed_holder_delays_the_others_only_until_expiry(&server, Some(redis.url()));
+}
+
+/// A `tezzeret forge` killed right after winning its lease (in the bucket,
+/// or in the Redis at `lease_redis`): another forge waits for the lease
+/// to expire, takes it over and compiles.
+fn a_killed_holder_delays_the_others_only_until_expiry(server: &SeaweedServer, lease_redis: Option<String>) {
     let dir = TempDir::new("fleet-lease");
     let key = dir.path().join("fleet.key");
     keygen(&key).unwrap();
@@ -579,15 +663,17 @@ fn a_killed_lease_holder_delays_the_others_only_until_its_lease_expires() {
         .arg(dir.path().join("holder"))
         .arg("--catalog")
         .arg(&catalog_file)
-        .args(fleet_args(&server, "lease", &key))
+        .args(fleet_args(server, "lease", &key))
         .args(["--lease-ttl", "5"])
+        .args(lease_redis.iter().flat_map(|url| ["--fleet-lease-redis".to_string(), url.clone()]))
         .output()
         .unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(holder.status.signal(), Some(libc::SIGKILL), "the holder dies holding its lease");
 
-    let mut fleet = with_prefix(&server, "lease");
+    let mut fleet = with_prefix(server, "lease");
     fleet.lease_ttl = Duration::from_secs(5);
+    fleet.lease_redis = lease_redis;
     let public = tezzeret::state::signing::read_key_file(&PathBuf::from(format!("{}.pub", key.display()))).unwrap();
     let seed = tezzeret::state::signing::read_key_file(&key).unwrap();
     let keys = KeyRing::new(Some(seed), &[public]).unwrap();
@@ -719,7 +805,8 @@ fn a_c_host_joins_the_fleet_through_its_config() {
     };
     let bad = CString::new("Bad_Bucket").unwrap();
     let not_url = CString::new("127.0.0.1:9000").unwrap();
-    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 8] = [
+    let not_redis = CString::new("http://:secret@127.0.0.1:6379").unwrap();
+    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 9] = [
         (&|f| f.bucket = std::ptr::null(), "config.fleet.bucket is NULL"),
         (&|f| f.member_index = -2, "config.fleet.member_index -2 is neither -1 nor an index"),
         (&|f| f.member_index = 1 << 32, "config.fleet.member_index 4294967296"),
@@ -728,6 +815,7 @@ fn a_c_host_joins_the_fleet_through_its_config() {
         (&|f| f.secret_access_key = std::ptr::null(), "set both access_key_id and secret_access_key"),
         (&|f| f.flags = 0x10, "config.fleet.flags has unknown bits 0x10"),
         (&|f| f.lease_ttl_ms = 0, "fleet lease TTL"),
+        (&|f| f.lease_redis_url = not_redis.as_ptr(), "config.fleet: fleet lease Redis \"http://…@127.0.0.1:6379\" is not a redis://"),
     ];
     for (tune, expected) in cases {
         let (code, message) = open(tune);

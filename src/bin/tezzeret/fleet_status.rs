@@ -50,6 +50,7 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
             "refused": survey.refused.iter().map(|(r, n)| (r.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
             "artifacts": survey.artifacts,
             "artifact_bytes": survey.artifact_bytes,
+            "lease_redis": fleet.lease_redis(),
             "leases": survey.leases.iter().map(|(key, body, left)| json!({
                 "cache_key": key, "holder": body.holder, "expires_in_ms": left.as_millis() as u64,
             })).collect::<Vec<_>>(),
@@ -64,7 +65,8 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
         }
         println!("{} artifacts, {:.1} MiB", survey.artifacts, survey.artifact_bytes as f64 / f64::from(1 << 20));
         let live = survey.leases.iter().filter(|(_, _, left)| !left.is_zero()).count();
-        println!("{} leases ({live} live, {} expired)", survey.leases.len(), survey.leases.len() - live);
+        let place = fleet.lease_redis().map_or_else(|| "the bucket".to_string(), |server| format!("Redis at {server}"));
+        println!("{} leases in {place} ({live} live, {} expired)", survey.leases.len(), survey.leases.len() - live);
         for (key, body, left) in survey.leases.iter().filter(|(_, _, left)| !left.is_zero()) {
             println!("  {} held by {} for {:.1} s more", &key[..16.min(key.len())], body.holder, left.as_secs_f64());
         }
@@ -102,6 +104,8 @@ pub fn metrics_document(m: &FleetMetrics, unshared: usize) -> Value {
         "lease_takeovers": m.lease_takeovers,
         "wait_timeouts": m.wait_timeouts,
         "store_errors": m.store_errors,
+        "requests": m.requests,
+        "lease_requests": m.lease_requests,
         "unshared": unshared,
     })
 }

@@ -194,6 +194,11 @@ pub struct FleetArgs {
     /// none, they spread as they lose claims).
     #[arg(long = "fleet-index", value_name = "N")]
     pub member_index: Option<u32>,
+    /// Keep the fleet's leases in this Redis (redis://host:port/db, often
+    /// the bus's) instead of the bucket; every host of the fleet must use
+    /// the same one.
+    #[arg(long = "fleet-lease-redis", value_name = "URL")]
+    pub lease_redis: Option<String>,
 }
 
 impl FleetArgs {
@@ -210,6 +215,7 @@ impl FleetArgs {
         config.request_timeout = self.timeout;
         config.retry_interval = self.retry;
         config.member_index = self.member_index;
+        config.lease_redis = self.lease_redis.clone();
         config.validate()?;
         Ok(Some(config))
     }

@@ -1,12 +1,13 @@
 //! Fleet rows, on one real SeaweedFS started for the run: a new host
 //! joining a warm bucket (open → every artifact fetched, verified and
 //! durable) against compiling them, and three hosts on a cold bucket
-//! (without member indices, and given indices 0 to 2) against one host
-//! compiling everything alone and against three hosts each given a third
+//! (without member indices, given indices 0 to 2, and with their leases
+//! on a real Redis) against one host compiling everything alone and against three hosts each given a third
 //! with no bucket — alternating rounds, each measured side by side.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::redis_server::RedisServer;
 use super::runtime::compilable;
 use super::seaweed_server::SeaweedServer;
 use super::{row, Row};
@@ -36,6 +37,8 @@ struct Run {
     compiled: usize,
     /// Requests it made to the fleet's store.
     requests: u64,
+    /// Commands it sent to the Redis keeping the leases, if any.
+    lease_requests: u64,
 }
 
 /// Opens a forge on a fresh state directory and runs its catalog.
@@ -67,8 +70,8 @@ fn open_and_run_share(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>, 
         return Err(Error::invalid(format!("fleet bench run: {ready} of {expected} ready")));
     }
     let compiled = reports.iter().filter(|r| r.status == JobStatus::Ok).count();
-    let requests = forge.fleet().map_or(0, |f| f.metrics().requests);
-    Ok(Run { seconds: elapsed, compiled, requests })
+    let metrics = forge.fleet().map(|f| f.metrics()).unwrap_or_default();
+    Ok(Run { seconds: elapsed, compiled, requests: metrics.requests, lease_requests: metrics.lease_requests })
 }
 
 /// Runs three hosts at once, each on its own thread (`host` gives the
@@ -150,6 +153,9 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let (mut splits, mut indexed) = (Vec::new(), Vec::new());
     let (mut lone_members, mut fleet_requests, mut lone_requests) = (Vec::new(), Vec::new(), Vec::new());
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    // Leases on a Redis (as a fleet on the bus would keep them), when one starts.
+    let redis = RedisServer::try_start(false);
+    let (mut on_redis, mut on_redis_requests, mut on_redis_commands) = (Vec::new(), Vec::new(), Vec::new());
     let me = std::process::id();
     for round in 0..ROUNDS {
         let (w0, m0) = (cpu_seconds(server.pid()), cpu_seconds(me));
@@ -176,8 +182,18 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             three_on_cold_bucket(work.join(format!("fleet-indexed-{round}")), &keys, fleet(format!("indexed-{round}")), true)?;
         indexed.push(seconds);
         total_compiles.push(runs.iter().map(|r| r.compiled).sum::<usize>() as f64);
+        // The three on a cold bucket again, their leases on Redis.
+        if let Ok(redis) = &redis {
+            let config = FleetConfig { lease_redis: Some(redis.url()), ..fleet(format!("redis-{round}")) };
+            let (runs, seconds) = three_on_cold_bucket(work.join(format!("fleet-redis-{round}")), &keys, config, false)?;
+            on_redis.push(seconds);
+            on_redis_requests.push(runs.iter().map(|r| r.requests).sum::<u64>() as f64);
+            on_redis_commands.push(runs.iter().map(|r| r.lease_requests).sum::<u64>() as f64);
+            total_compiles.push(runs.iter().map(|r| r.compiled).sum::<usize>() as f64);
+        }
     }
     let lone = median(lone_members);
+    let on_redis = if on_redis.is_empty() { f64::NAN } else { median(on_redis) };
     let (three, single, split, indexed) = (median(fleets), median(singles), median(splits), median(indexed));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
@@ -202,6 +218,20 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             Some(format!("ratio to one host alone {:.2}×; / three without indices: {:.2}×", indexed / single, indexed / three)),
             "ms",
         ),
+        match &redis {
+            Ok(_) => row(
+                "fleet: three hosts on a cold bucket, leases on Redis (wall)",
+                on_redis * 1e3,
+                Some(format!(
+                    "ratio to one host alone {:.2}× (goal ≤ 1.2×); {:.0} store requests and {:.0} Redis commands",
+                    on_redis / single,
+                    median(on_redis_requests),
+                    median(on_redis_commands)
+                )),
+                "ms",
+            ),
+            Err(why) => row(format!("fleet: three hosts, leases on Redis: not measured ({why})"), f64::NAN, None, ""),
+        },
         row(
             "fleet: one host alone on a cold bucket, a fleet of one (compiles and publishes all)",
             lone * 1e3,
