@@ -28,6 +28,8 @@ pub struct RedisLeases {
     server: String,
     /// Commands sent (each one round trip, reconnections aside).
     operations: AtomicU64,
+    /// The fleet's runtime, where renewals run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for RedisLeases {
@@ -57,7 +59,8 @@ impl RedisLeases {
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| Error::invalid(format!("fleet lease Redis {server}: {e}")))?;
-        Ok(RedisLeases { connection, hash: Self::hash_key(bucket), timeout, server, operations: AtomicU64::new(0) })
+        let runtime = tokio::runtime::Handle::current();
+        Ok(RedisLeases { connection, hash: Self::hash_key(bucket), timeout, server, operations: AtomicU64::new(0), runtime })
     }
 
     /// The server (`host:port` or a socket path), for messages.
@@ -132,7 +135,7 @@ impl RedisLeases {
 
     fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (connection, hash, field, timeout) = (self.connection.clone(), self.hash.clone(), name.to_string(), self.timeout);
-        Rewrites::start(&tokio::runtime::Handle::current(), every, move || {
+        Rewrites::start(&self.runtime, every, move || {
             let mut connection = connection.clone();
             let mut command = redis::cmd("HSET");
             command.arg(&hash).arg(&field).arg(make());
@@ -203,8 +206,7 @@ impl LeaseObjects<'_> {
     }
 
     /// Rewrites an object every `every` with the bytes `make` returns, until
-    /// the returned value is stopped or dropped (see [`Rewrites`]). Called
-    /// on the fleet's runtime.
+    /// the returned value is stopped or dropped (see [`Rewrites`]).
     pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         match self {
             LeaseObjects::Bucket(remote) => remote.rewrite_every(name, every, make),
