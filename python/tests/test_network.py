@@ -1,5 +1,6 @@
 """The forge joining the fleet (a real SeaweedFS started here on free
 ports) and the bus, from Python."""
+import glob
 import http.client
 import json
 import os
@@ -56,7 +57,8 @@ def seaweed():
             f"-s3.config={root}/identities.json", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
             "-admin.ui=false"] + [f"-{flag}={port}" for flag, port in ports.items()]
     os.makedirs(f"{root}/data")
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its log files go to TMPDIR: keep them in `root`, removed below.
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, TMPDIR=root))
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     try:
         # Ready once the S3 gateway answers and the filer holds the bucket.
@@ -70,6 +72,10 @@ def seaweed():
         process.kill()
         process.wait()
         shutil.rmtree(root, ignore_errors=True)
+        # The Unix sockets a killed weed leaves in /tmp, named after its ports.
+        for port in ports.values():
+            for socket_file in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                os.remove(socket_file)
 
 
 def _fleet_forge(path, endpoint, secret, public):

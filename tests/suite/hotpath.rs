@@ -176,8 +176,9 @@ fn unsigned_artifacts_are_refused_when_keys_are_trusted() {
     // unsigned, and every use refuses them.
     let key = [9u8; 32];
     let public = *ed25519_dalek::SigningKey::from_bytes(&key).verifying_key().as_bytes();
-    let f = forged("hot-unsigned", None);
+    let mut f = forged("hot-unsigned", None);
     unsafe { tezzeret_forge_close(f.forge) };
+    f.forge = null_mut(); // closed (closing NULL on drop is a no-op)
     let callbacks = host_callbacks(null_mut(), None, None, None, None);
     let forge = open_forge(&f.dir.path().join("s"), &callbacks, |config| {
         config.strategy = TEZZERET_STRATEGY_STANDARD;
@@ -199,7 +200,6 @@ fn unsigned_artifacts_are_refused_when_keys_are_trusted() {
         assert!(code == TEZZERET_CODE_CORRUPT && msg.contains("signature_invalid"), "{code} {msg}");
         tezzeret_forge_close(forge);
     }
-    std::mem::forget(f); // its forge handle is closed above
 }
 
 fn values_of(t: &tch::Tensor) -> Vec<f32> {

