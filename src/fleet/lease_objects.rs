@@ -114,20 +114,21 @@ impl RedisLeases {
 
     async fn list_up_to(&self, folder: &str, limit: usize) -> Result<Option<Vec<Listed>>> {
         let pattern = format!("{}*", glob_escaped(folder));
-        let mut listed = Vec::new();
+        // A scan may return a field twice (the hash grew meanwhile): by name.
+        let mut listed = std::collections::BTreeMap::new();
         let mut cursor = 0u64;
         loop {
             let mut command = redis::cmd("HSCAN");
             command.arg(&self.hash).arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_STEP);
             let (next, pairs): (u64, Vec<Vec<u8>>) = self.query("list", folder, &command).await?;
             for pair in pairs.chunks_exact(2) {
-                listed.push(Listed { name: String::from_utf8_lossy(&pair[0]).into_owned(), size: pair[1].len() as u64 });
+                listed.insert(String::from_utf8_lossy(&pair[0]).into_owned(), pair[1].len() as u64);
             }
             if listed.len() > limit {
                 return Ok(None);
             }
             if next == 0 {
-                return Ok(Some(listed));
+                return Ok(Some(listed.into_iter().map(|(name, size)| Listed { name, size }).collect()));
             }
             cursor = next;
         }

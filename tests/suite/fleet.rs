@@ -407,6 +407,26 @@ fn a_held_lease_on_redis_is_renewed_until_released_and_one_racer_wins_it() {
     assert_eq!(won, 1);
 }
 
+#[test]
+fn leases_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let on_redis = |prefix: &str| FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, prefix) };
+    // Glob characters in the prefix match only themselves.
+    let fleet = tezzeret::fleet::Fleet::connect(on_redis("run[1]*"), fleet_keys(), "lister".into()).unwrap();
+    let neighbour = tezzeret::fleet::Fleet::connect(on_redis("run1x"), fleet_keys(), "neighbour".into()).unwrap();
+    assert!(matches!(neighbour.claim_unclaimed("elsewhere").unwrap(), tezzeret::fleet::Claim::Won { .. }));
+    // More leases than one scan step, so the listing pages through the hash.
+    let keys: std::collections::HashSet<String> = (0..600).map(|i| format!("key-{i:04}")).collect();
+    for key in &keys {
+        let claimed = fleet.claim_unclaimed(key).unwrap();
+        assert!(matches!(claimed, tezzeret::fleet::Claim::Won { .. }), "{key}: {claimed:?}");
+    }
+    assert_eq!(fleet.claimed_keys(1000).unwrap(), Some(keys.clone()), "this prefix's leases, each once");
+    assert_eq!(fleet.claimed_keys(599).unwrap(), None, "more than the bound: not listed");
+    assert_eq!(neighbour.claimed_keys(1000).unwrap().map(|k| k.len()), Some(1));
+}
+
 /// A lease won by a fleet of `config` is renewed in the background until
 /// released; one dropped without release expires and is taken over.
 fn a_held_lease_is_renewed_until_released(mut config: FleetConfig) {
