@@ -185,8 +185,10 @@ mod tests {
         let config = FleetConfig { lease_redis: Some("redis://:hunter2@10.0.0.5:6379/0".into()), ..FleetConfig::new("fleet-bucket") };
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2") && shown.contains("redis://…@10.0.0.5:6379/0"), "{shown}");
-        let bad = FleetConfig { lease_redis: Some("rediss://:hunter2@10.0.0.5".into()), ..config };
-        let error = bad.validate().unwrap_err().to_string();
-        assert!(!error.contains("hunter2") && error.contains("lease Redis"), "{error}");
+        for url in ["rediss://:hunter2@10.0.0.5", "redis://:hunter2@10.0.0.5:notaport"] {
+            let bad = FleetConfig { lease_redis: Some(url.into()), ..config.clone() };
+            let error = bad.validate().unwrap_err().to_string();
+            assert!(!error.contains("hunter2") && error.contains("lease Redis"), "{error}");
+        }
     }
 }
