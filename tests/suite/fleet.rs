@@ -371,8 +371,11 @@ fn leases_on_an_unreachable_redis_never_fail_a_job() {
     let server = SeaweedServer::start("fleet");
     let dir = TempDir::new("fleet-no-redis");
     let keys = fleet_keys();
-    // A port nobody listens on: every claim fails at once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A port held here (so no other test's server can take it) whose
+    // connections are closed at once: every claim fails at once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || listener.incoming().for_each(drop));
     let fleet = FleetConfig { lease_redis: Some(format!("redis://127.0.0.1:{port}")), ..with_prefix(&server, "no-redis") };
     let member = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
     assert!(member.run().values().all(|s| *s == JobStatus::Ok), "every job compiles without a lease");

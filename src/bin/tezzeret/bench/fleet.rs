@@ -2,8 +2,9 @@
 //! joining a warm bucket (open → every artifact fetched, verified and
 //! durable) against compiling them, and three hosts on a cold bucket
 //! (without member indices, given indices 0 to 2, and with their leases
-//! on a real Redis) against one host compiling everything alone and against three hosts each given a third
-//! with no bucket — alternating rounds, each measured side by side.
+//! on a real Redis) against one host compiling everything alone and
+//! against three hosts each given a third with no bucket — alternating
+//! rounds, each measured side by side.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
