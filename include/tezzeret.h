@@ -339,8 +339,10 @@ typedef struct tezzeret_fleet_config {
   // A Redis keeping the fleet's leases instead of the bucket
   // (`redis://host:port/db` or `unix://path`, often the bus's): a claim
   // then costs one Redis round trip instead of a conditional create in
-  // the bucket. Every host of the fleet must use the same one. NULL (the
-  // default): leases live in the bucket. Since ABI 0.9.
+  // the bucket, and publications are announced there, so that waiting
+  // hosts ask the bucket only for artifacts. Every host of the fleet
+  // must use the same one. NULL (the default): leases live in the
+  // bucket. Since ABI 0.9.
   const char *lease_redis_url;
 } tezzeret_fleet_config;
 

@@ -74,8 +74,9 @@ class Fleet:
     begin in evenly spread places; with ``None`` they spread as they lose
     claims. ``lease_redis`` (``redis://host:port/db``, often the bus's)
     keeps the fleet's leases in that Redis instead of the bucket: a claim
-    then costs one Redis round trip; every host of the fleet must use the
-    same one."""
+    then costs one Redis round trip, and publications are announced there,
+    so that waiting hosts ask the bucket only for artifacts; every host of
+    the fleet must use the same one."""
 
     bucket: str
     endpoint: Optional[str] = None

@@ -55,8 +55,9 @@ pub struct FleetConfig {
     /// A Redis (`redis://host:port/db` or `unix://path`) that keeps the
     /// fleet's leases instead of the bucket — often the bus's: a claim
     /// then costs one Redis round trip instead of a conditional create in
-    /// the bucket. Every host of the fleet must use the same one. `None`
-    /// (the default): leases live in the bucket.
+    /// the bucket — and announces its publications, so that waiting hosts
+    /// ask the bucket only for artifacts. Every host of the fleet must use
+    /// the same one. `None` (the default): leases live in the bucket.
     pub lease_redis: Option<String>,
 }
 

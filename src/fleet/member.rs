@@ -10,7 +10,8 @@ use futures::StreamExt;
 
 use super::config::FleetConfig;
 use super::lease::{self, Claim, Lease, LeaseBody, LeaseState};
-use super::lease_objects::{LeaseObjects, RedisLeases};
+use super::lease_objects::LeaseObjects;
+use super::redis_hash::FleetRedis;
 use super::manifest::{check_artifact, Refusal, SharedManifest};
 use super::objects::ObjectNames;
 use super::remote::{Create, Got, RemoteStore, SMALL_OBJECT_LIMIT};
@@ -85,8 +86,9 @@ pub struct Survey {
 /// A forge's connection to its fleet.
 pub struct Fleet {
     remote: RemoteStore,
-    /// The lease objects' Redis, when they are not kept in the bucket.
-    redis: Option<RedisLeases>,
+    /// The fleet's Redis, when it has one: its leases, and copies of the
+    /// manifests published (announcements read before the bucket).
+    redis: Option<FleetRedis>,
     names: ObjectNames,
     keys: KeyRing,
     config: FleetConfig,
@@ -151,16 +153,17 @@ impl Fleet {
         let remote = RemoteStore::connect(&config)?;
         let redis = match &config.lease_redis {
             // The connection manager lives on the store's runtime.
-            Some(url) => Some(remote.run(async { RedisLeases::connect(url, &config.bucket, config.request_timeout) })?),
+            Some(url) => Some(remote.run(async { FleetRedis::connect(url, &config.bucket, config.request_timeout) })?),
             None => None,
         };
         let names = ObjectNames::new(&config.bucket, &config.prefix);
         Ok(Fleet { remote, redis, names, keys, config, holder, stats: FleetStats::default(), releasing: Mutex::new(Vec::new()) })
     }
 
-    /// The Redis server keeping the leases, if they are not in the bucket.
+    /// The fleet's Redis server (keeping the leases and announcing the
+    /// publications), if it has one.
     pub fn lease_redis(&self) -> Option<&str> {
-        self.redis.as_ref().map(RedisLeases::server)
+        self.redis.as_ref().map(FleetRedis::server)
     }
 
     /// Where the fleet's lease objects are kept.
@@ -200,7 +203,7 @@ impl Fleet {
     pub fn metrics(&self) -> FleetMetrics {
         FleetMetrics {
             requests: self.remote.operations(),
-            lease_requests: self.redis.as_ref().map_or(0, RedisLeases::operations),
+            redis_requests: self.redis.as_ref().map_or(0, FleetRedis::operations),
             ..self.stats.snapshot()
         }
     }
@@ -217,6 +220,23 @@ impl Fleet {
         Ok(listed?.map(|manifests| {
             ObjectNames::manifest_keys(&manifests).map(str::to_string).collect()
         }))
+    }
+
+    /// The cache keys whose publication was announced, from one listing
+    /// (see [`Self::published_keys`]): the manifest copies in the fleet's
+    /// Redis, which cost the bucket nothing; without a Redis (or with one
+    /// that cannot be asked), the bucket's manifests. A publication whose
+    /// announcement was lost is missing here: watchers still find it by
+    /// asking the bucket now and then.
+    pub fn announced_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
+        let Some(redis) = &self.redis else { return self.published_keys(limit) };
+        match self.remote.run(redis.list_up_to(&self.names.manifests(), limit)) {
+            Ok(listed) => Ok(listed.map(|copies| ObjectNames::manifest_keys(&copies).map(str::to_string).collect())),
+            Err(_) => {
+                self.count(FleetEvent::StoreError);
+                self.published_keys(limit)
+            }
+        }
     }
 
     /// The cache keys any forge ever claimed (their lease's generation 0
@@ -239,20 +259,26 @@ impl Fleet {
     }
 
     /// Watches cache keys whose leases other forges hold (`(cache key,
-    /// lease generation, read the lease)`), all at once: the bucket is
-    /// looked up, and only then, when asked to, the lease read — a holder
-    /// that published keeps its lease, so only the bucket says when the
-    /// wait is over; the lease says whether its holder died or gave up.
-    /// While nothing is published that costs one request per key, or, for
-    /// [`WATCH_BY_LISTING`] keys or more, one listing of the manifests in
-    /// all (only those listed are then read). Hits and refusals are
-    /// counted.
+    /// lease generation, read the lease)`), all at once: the announcements
+    /// are looked up, and only then, when asked to, the lease read — a
+    /// holder that published keeps its lease, so only a publication says
+    /// when the wait is over; the lease says whether its holder died or
+    /// gave up. With a Redis the announcements are its manifest copies and
+    /// the bucket is asked only with the lease (for a publication whose
+    /// announcement was lost); without one, they are the bucket's
+    /// manifests. While nothing is announced that costs one request per
+    /// key, or, for [`WATCH_BY_LISTING`] keys or more, one listing in all
+    /// (only those listed are then read). Hits and refusals are counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
-        let listed = if held.len() >= WATCH_BY_LISTING { self.published_keys(WATCH_LISTING_LIMIT).ok().flatten() } else { None };
+        let listed = if held.len() >= WATCH_BY_LISTING { self.announced_keys(WATCH_LISTING_LIMIT).ok().flatten() } else { None };
+        let announced_by_redis = self.redis.is_some();
         let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| {
             let unlisted = listed.as_ref().is_some_and(|published| !published.contains(key));
+            // Whether the bucket's manifest is read when nothing is announced.
+            let ask_bucket = !announced_by_redis || *read_lease;
+            let skip = unlisted && !(announced_by_redis && *read_lease);
             async move {
-                match if unlisted { Lookup::Missing } else { self.lookup_one(key).await } {
+                match if skip { Lookup::Missing } else { self.lookup_in(key, ask_bucket).await } {
                     Lookup::Missing if *read_lease => {}
                     Lookup::Missing => return Watched::Held,
                     found => return Watched::Lookup(found),
@@ -279,7 +305,14 @@ impl Fleet {
     }
 
     async fn lookup_one(&self, cache_key: &str) -> Lookup {
-        let found = self.find(cache_key).await;
+        self.lookup_in(cache_key, true).await
+    }
+
+    /// Looks a cache key up in its announcement (the manifest copy in the
+    /// fleet's Redis), then, if none verifies and `ask_bucket`, in the
+    /// bucket's manifest; the artifact always comes from the bucket.
+    async fn lookup_in(&self, cache_key: &str, ask_bucket: bool) -> Lookup {
+        let found = self.find(cache_key, ask_bucket).await;
         match &found {
             Lookup::Found(..) => self.count(FleetEvent::Hit),
             Lookup::Refused(refusal, _) => self.count(FleetEvent::Refused(*refusal)),
@@ -289,7 +322,17 @@ impl Fleet {
         found
     }
 
-    async fn find(&self, cache_key: &str) -> Lookup {
+    async fn find(&self, cache_key: &str, ask_bucket: bool) -> Lookup {
+        if let Some(copy) = self.announcement(cache_key).await {
+            match SharedManifest::verify(&copy, cache_key, &self.keys) {
+                Ok(record) => return self.fetch_artifact(record).await,
+                // Only a hint: the bucket's own manifest is read instead.
+                Err((refusal, _)) => self.count(FleetEvent::Refused(refusal)),
+            }
+        }
+        if !ask_bucket {
+            return Lookup::Missing;
+        }
         let manifest = match self.remote.get(&self.names.manifest(cache_key), SMALL_OBJECT_LIMIT).await {
             Ok(Got::Bytes(bytes)) => bytes,
             Ok(Got::Missing) => return Lookup::Missing,
@@ -298,10 +341,28 @@ impl Fleet {
             }
             Err(e) => return Lookup::Unavailable(e),
         };
-        let record = match SharedManifest::verify(&manifest, cache_key, &self.keys) {
-            Ok(record) => record,
-            Err((refusal, why)) => return Lookup::Refused(refusal, why),
-        };
+        match SharedManifest::verify(&manifest, cache_key, &self.keys) {
+            Ok(record) => self.fetch_artifact(record).await,
+            Err((refusal, why)) => Lookup::Refused(refusal, why),
+        }
+    }
+
+    /// The manifest copy announcing the publication of a cache key in the
+    /// fleet's Redis, if it has one and holds it (a Redis that cannot be
+    /// asked is counted and passed over: the bucket answers instead).
+    async fn announcement(&self, cache_key: &str) -> Option<Vec<u8>> {
+        let redis = self.redis.as_ref()?;
+        match redis.get(&self.names.manifest(cache_key), SMALL_OBJECT_LIMIT).await {
+            Ok(got) => got.bytes(),
+            Err(_) => {
+                self.count(FleetEvent::StoreError);
+                None
+            }
+        }
+    }
+
+    /// The artifact a verified manifest names, from the bucket, checked.
+    async fn fetch_artifact(&self, record: ArtifactRecord) -> Lookup {
         // Never read past the size the (verified) manifest gives.
         let bytes = match self.remote.get(&self.names.artifact(&record.checksum), record.size_bytes).await {
             Ok(Got::Bytes(bytes)) => bytes,
@@ -366,9 +427,30 @@ impl Fleet {
         }
     }
 
+    /// Publishes, then announces a manifest of ours (see [`Self::announce`]).
     async fn publish_async(&self, record: &ArtifactRecord, bytes: &[u8]) -> Result<Publication> {
         let manifest = SharedManifest::sign(record, &self.keys)
-            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "publishing to the fleet store needs a signing key"))?;
+            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "publishing to the fleet store needs a signing key"))?
+            .encode();
+        let published = self.publish_objects(record, bytes, &manifest).await?;
+        if published == Publication::Published {
+            self.announce(&record.cache_key, manifest).await;
+        }
+        Ok(published)
+    }
+
+    /// Copies a manifest the bucket now holds into the fleet's Redis, if it
+    /// has one, so that waiting hosts learn of it without asking the
+    /// bucket. Best effort: a lost announcement costs watchers only time.
+    async fn announce(&self, cache_key: &str, manifest: Vec<u8>) {
+        let Some(redis) = &self.redis else { return };
+        if redis.put(&self.names.manifest(cache_key), manifest).await.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
+    }
+
+    /// Creates the artifact, then the manifest (encoded, signed), in the bucket.
+    async fn publish_objects(&self, record: &ArtifactRecord, bytes: &[u8], manifest: &[u8]) -> Result<Publication> {
         let artifact = self.names.artifact(&record.checksum);
         if self.remote.create(&artifact, bytes.to_vec()).await? == Create::Exists {
             let intact = self.remote.get(&artifact, record.size_bytes).await?.bytes().is_some_and(|there| check_artifact(record, &there).is_ok());
@@ -378,7 +460,7 @@ impl Fleet {
             }
         }
         let name = self.names.manifest(&record.cache_key);
-        if self.remote.create(&name, manifest.encode()).await? == Create::Created {
+        if self.remote.create(&name, manifest.to_vec()).await? == Create::Created {
             return Ok(Publication::Published);
         }
         // Another forge was first: its manifest stands if it verifies and
@@ -388,7 +470,7 @@ impl Fleet {
             Got::TooLarge => Err((Refusal::Malformed, String::new())),
             // Removed since (by an operator): ours goes in its place.
             Got::Missing => {
-                return Ok(match self.remote.create(&name, manifest.encode()).await? {
+                return Ok(match self.remote.create(&name, manifest.to_vec()).await? {
                     Create::Created => Publication::Published,
                     Create::Exists => Publication::LostRace,
                 })
@@ -407,7 +489,7 @@ impl Fleet {
             Ok(()) => Ok(Publication::LostRace),
             Err((refusal, _)) => {
                 self.count(FleetEvent::Refused(refusal));
-                self.remote.overwrite(&name, manifest.encode()).await?;
+                self.remote.overwrite(&name, manifest.to_vec()).await?;
                 Ok(Publication::Published)
             }
         }

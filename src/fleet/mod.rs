@@ -4,7 +4,9 @@
 //! its artifact only if its sha256 matches ([`manifest`]). A [`Fleet`]
 //! looks artifacts up, publishes them with conditional create, and claims
 //! cache keys with leases ([`lease`]) so that each compiles once for the
-//! whole fleet, kept in the bucket or in a Redis ([`lease_objects`]);
+//! whole fleet, kept in the bucket or in the fleet's Redis
+//! ([`lease_objects`]), which then also announces each publication
+//! ([`redis_hash`]);
 //! [`remote`] is the bucket as plain operations, [`objects`] where each
 //! thing lives in it, [`stats`] what was counted.
 //!
@@ -17,6 +19,7 @@ pub mod lease_objects;
 pub mod manifest;
 pub mod member;
 pub mod objects;
+pub mod redis_hash;
 pub mod remote;
 pub mod stats;
 

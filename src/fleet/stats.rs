@@ -37,13 +37,14 @@ pub struct FleetMetrics {
     pub lease_takeovers: u64,
     /// Jobs compiled locally after waiting the longest allowed for a lease.
     pub wait_timeouts: u64,
-    /// Requests to the store that failed (unreachable, timed out, refused).
+    /// Requests to the store, or to the fleet's Redis, that failed
+    /// (unreachable, timed out, refused).
     pub store_errors: u64,
     /// Requests made to the store.
     pub requests: u64,
-    /// Commands sent to the Redis holding the leases (0 when they are in
-    /// the bucket, whose requests count in [`Self::requests`]).
-    pub lease_requests: u64,
+    /// Commands sent to the fleet's Redis, for its leases and announcements
+    /// (0 without one: the leases' requests then count in [`Self::requests`]).
+    pub redis_requests: u64,
 }
 
 impl FleetMetrics {
@@ -107,7 +108,7 @@ impl FleetStats {
             wait_timeouts: load(&self.wait_timeouts),
             store_errors: load(&self.store_errors),
             requests: 0,
-            lease_requests: 0,
+            redis_requests: 0,
         }
     }
 }
@@ -128,7 +129,7 @@ impl FleetMetrics {
             count("tezzeret.fleet.wait_timeouts", self.wait_timeouts),
             count("tezzeret.fleet.store_errors", self.store_errors),
             count("tezzeret.fleet.requests", self.requests),
-            count("tezzeret.fleet.lease_requests", self.lease_requests),
+            count("tezzeret.fleet.redis_requests", self.redis_requests),
             count("tezzeret.fleet.unshared", unshared as u64),
         ];
         for (refusal, n) in &self.refusals {

@@ -388,7 +388,7 @@ impl Forge {
     }
 
     /// After a claim was lost (other hosts work on this queue too): lists
-    /// the bucket's manifests once, fetches in batches what it holds of
+    /// the announced publications once (see [`Fleet::announced_keys`]), fetches in batches what it holds of
     /// the jobs not started yet and of those waiting (so that they adopt
     /// it instead of each claiming, losing and waiting in turn), and
     /// steers this host away from where the others work. Waiting jobs
@@ -402,7 +402,7 @@ impl Forge {
         probed: &mut HashMap<String, Probed>,
     ) {
         let Some(fleet) = self.fleet.clone() else { return };
-        let published = match fleet.published_keys(LISTING_LIMIT) {
+        let published = match fleet.announced_keys(LISTING_LIMIT) {
             Ok(Some(published)) => published,
             // Too large to list: each job asks as it starts.
             Ok(None) => return,

@@ -9,7 +9,8 @@
 //! claimed (or at its member index's own place) and sets aside what
 //! others claimed; a compiled job commits
 //! once its upload ends while the next jobs go on; waiting on several keys
-//! lists the bucket once; conditional create with one winner.
+//! lists the bucket once (or, with a Redis, its announcements, and asks
+//! the bucket only for artifacts); conditional create with one winner.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -198,9 +199,12 @@ fn three_hosts_with_leases_on_redis_compile_each_blueprint_once() {
     let store = RemoteStore::connect(&server.fleet_config()).unwrap();
     let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "cold");
     assert_eq!(store.run(store.list(&names.leases())).unwrap().len(), 0, "no lease object in the bucket");
-    let hash = tezzeret::fleet::lease_objects::RedisLeases::hash_key(&server.bucket);
-    let kept: usize = redis::cmd("HLEN").arg(&hash).query(&mut redis.connection()).unwrap();
-    assert_eq!(kept, 42, "a kept lease per key, in Redis");
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&server.bucket);
+    let fields: Vec<String> = redis::cmd("HKEYS").arg(&hash).query(&mut redis.connection()).unwrap();
+    let count_under = |folder: String| fields.iter().filter(|f| f.starts_with(&folder)).count();
+    assert_eq!(count_under(names.leases()), 42, "a kept lease per key, in Redis: {fields:?}");
+    assert_eq!(count_under(names.manifests()), 42, "a publication announced per key: {fields:?}");
+    assert_eq!(fields.len(), 84);
 }
 
 /// Three `tezzeret forge` processes (member indices 0-2, `extra` options)
@@ -381,7 +385,7 @@ fn leases_on_an_unreachable_redis_never_fail_a_job() {
     assert!(member.run().values().all(|s| *s == JobStatus::Ok), "every job compiles without a lease");
     let metrics = member.metrics();
     assert_eq!(metrics.published, FIVE.len() as u64, "and is published to the bucket: {metrics:?}");
-    assert!(metrics.store_errors >= 1 && metrics.lease_requests >= FIVE.len() as u64, "{metrics:?}");
+    assert!(metrics.store_errors >= 1 && metrics.redis_requests >= FIVE.len() as u64, "{metrics:?}");
     assert!(member.seen.lock().unwrap().logs.iter().any(|l| l.contains(&format!("127.0.0.1:{port}"))), "the outage is logged naming Redis");
     let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet);
     assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "the bucket holds everything");
@@ -492,6 +496,57 @@ fn watching_several_held_keys_lists_the_manifests_once_and_reads_only_those_list
     let before = watcher.metrics().requests;
     let watched = watcher.watch_many(&held[FIVE.len()..FIVE.len() + 2]);
     assert!(watched.iter().all(|w| matches!(w, Watched::Held)), "{watched:?}");
+    assert_eq!(watcher.metrics().requests - before, 2);
+}
+
+#[test]
+fn publications_are_announced_in_redis_so_watchers_ask_the_bucket_only_for_artifacts() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let dir = TempDir::new("fleet-announced");
+    let keys = fleet_keys();
+    let fleet = FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, "announced") };
+    let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
+    assert!(first.run().values().all(|s| *s == JobStatus::Ok));
+    // Each publication's manifest is copied into the fleet's Redis, byte for byte.
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&fleet.bucket);
+    let mut connection = redis.connection();
+    let published: Vec<String> = FIVE.iter().map(|id| record_of(&first, id).cache_key).collect();
+    for key in &published {
+        let copy: Vec<u8> = redis::cmd("HGET").arg(&hash).arg(names.manifest(key)).query(&mut connection).unwrap();
+        let there = store.run(store.get(&names.manifest(key), 1 << 20)).unwrap().bytes().unwrap();
+        assert_eq!(copy, there, "{key}: the announcement is the bucket's manifest");
+    }
+    // A watcher lists the announcements in Redis and asks the bucket for
+    // each announced artifact only; keys not announced cost it nothing.
+    let watcher = tezzeret::fleet::Fleet::connect(fleet, keys, "watcher".into()).unwrap();
+    let mut held: Vec<(String, u64, bool)> = published.iter().map(|key| (key.clone(), 0, false)).collect();
+    held.extend(["not-yet-1", "not-yet-2"].map(|key| (key.to_string(), 0, false)));
+    let (before, redis_before) = (watcher.metrics().requests, watcher.metrics().redis_requests);
+    let watched = watcher.watch_many(&held);
+    for (key, watch) in published.iter().zip(&watched) {
+        assert!(matches!(watch, Watched::Lookup(Lookup::Found(record, _)) if record.cache_key == *key), "{key}: {watch:?}");
+    }
+    assert!(watched[FIVE.len()..].iter().all(|w| matches!(w, Watched::Held)), "{watched:?}");
+    assert_eq!(watcher.metrics().requests - before, FIVE.len() as u64, "one artifact read per announced key");
+    assert_eq!(watcher.metrics().redis_requests - redis_before, 1 + FIVE.len() as u64, "a listing, then a copy per key");
+    // A lost announcement: the bucket is asked only when the lease is read.
+    let _: i64 = redis::cmd("HDEL").arg(&hash).arg(names.manifest(&published[0])).query(&mut connection).unwrap();
+    let before = watcher.metrics().requests;
+    let watched = watcher.watch_many(&[(published[0].clone(), 0, false)]);
+    assert!(matches!(watched[..], [Watched::Held]), "{watched:?}");
+    assert_eq!(watcher.metrics().requests, before, "nothing asked of the bucket between lease reads");
+    let watched = watcher.watch_many(&[(published[0].clone(), 0, true)]);
+    assert!(matches!(watched[..], [Watched::Lookup(Lookup::Found(..))]), "{watched:?}");
+    assert_eq!(watcher.metrics().requests - before, 2, "the bucket's manifest and artifact");
+    // An announcement that does not verify is passed over (and counted):
+    // the bucket's manifest is used.
+    let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.manifest(&published[1])).arg("{not a manifest").query(&mut connection).unwrap();
+    let (before, malformed) = (watcher.metrics().requests, refused(&watcher.metrics(), Refusal::Malformed));
+    assert!(matches!(watcher.lookup(&published[1]), Lookup::Found(..)));
+    assert_eq!(refused(&watcher.metrics(), Refusal::Malformed), malformed + 1);
     assert_eq!(watcher.metrics().requests - before, 2);
 }
 

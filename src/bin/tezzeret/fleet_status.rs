@@ -105,7 +105,7 @@ pub fn metrics_document(m: &FleetMetrics, unshared: usize) -> Value {
         "wait_timeouts": m.wait_timeouts,
         "store_errors": m.store_errors,
         "requests": m.requests,
-        "lease_requests": m.lease_requests,
+        "redis_requests": m.redis_requests,
         "unshared": unshared,
     })
 }

@@ -39,7 +39,7 @@ struct Run {
     /// Requests it made to the fleet's store.
     requests: u64,
     /// Commands it sent to the Redis keeping the leases, if any.
-    lease_requests: u64,
+    redis_requests: u64,
 }
 
 /// Opens a forge on a fresh state directory and runs its catalog.
@@ -72,7 +72,7 @@ fn open_and_run_share(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>, 
     }
     let compiled = reports.iter().filter(|r| r.status == JobStatus::Ok).count();
     let metrics = forge.fleet().map(|f| f.metrics()).unwrap_or_default();
-    Ok(Run { seconds: elapsed, compiled, requests: metrics.requests, lease_requests: metrics.lease_requests })
+    Ok(Run { seconds: elapsed, compiled, requests: metrics.requests, redis_requests: metrics.redis_requests })
 }
 
 /// Runs three hosts at once, each on its own thread (`host` gives the
@@ -116,9 +116,10 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / per_second
 }
 
+/// The median (NaN when nothing was measured).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The fleet rows, or one row saying why they could not run.
@@ -157,6 +158,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     // Leases on a Redis (as a fleet on the bus would keep them), when one starts.
     let redis = RedisServer::try_start(false);
     let (mut on_redis, mut on_redis_requests, mut on_redis_commands) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut on_redis_cpu, mut on_redis_store_cpu) = (Vec::new(), Vec::new());
     let me = std::process::id();
     for round in 0..ROUNDS {
         let (w0, m0) = (cpu_seconds(server.pid()), cpu_seconds(me));
@@ -186,15 +188,20 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         // The three on a cold bucket again, their leases on Redis.
         if let Ok(redis) = &redis {
             let config = FleetConfig { lease_redis: Some(redis.url()), ..fleet(format!("redis-{round}")) };
+            let servers = || cpu_seconds(server.pid()) + cpu_seconds(redis.pid());
+            let (s0, m0) = (servers(), cpu_seconds(me));
             let (runs, seconds) = three_on_cold_bucket(work.join(format!("fleet-redis-{round}")), &keys, config, false)?;
+            let (s1, m1) = (servers(), cpu_seconds(me));
+            on_redis_cpu.push(s1 - s0 + m1 - m0);
+            on_redis_store_cpu.push(s1 - s0);
             on_redis.push(seconds);
             on_redis_requests.push(runs.iter().map(|r| r.requests).sum::<u64>() as f64);
-            on_redis_commands.push(runs.iter().map(|r| r.lease_requests).sum::<u64>() as f64);
+            on_redis_commands.push(runs.iter().map(|r| r.redis_requests).sum::<u64>() as f64);
             total_compiles.push(runs.iter().map(|r| r.compiled).sum::<usize>() as f64);
         }
     }
     let lone = median(lone_members);
-    let on_redis = if on_redis.is_empty() { f64::NAN } else { median(on_redis) };
+    let on_redis = median(on_redis);
     let (three, single, split, indexed) = (median(fleets), median(singles), median(splits), median(indexed));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
@@ -233,6 +240,17 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             ),
             Err(why) => row(format!("fleet: three hosts, leases on Redis: not measured ({why})"), f64::NAN, None, ""),
         },
+        row(
+            "fleet: CPU of the three hosts' round with leases on Redis, forges + the servers",
+            median(on_redis_cpu.clone()) * 1e3,
+            Some(format!(
+                "store and Redis servers {:.0} ms of it; one host alone {:.0} ms; wall floor on {cores} cores: {:.0} ms",
+                median(on_redis_store_cpu) * 1e3,
+                single_cpu * 1e3,
+                median(on_redis_cpu) * 1e3 / cores as f64
+            )),
+            "ms",
+        ),
         row(
             "fleet: one host alone on a cold bucket, a fleet of one (compiles and publishes all)",
             lone * 1e3,

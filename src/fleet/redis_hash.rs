@@ -1,0 +1,172 @@
+//! A fleet's Redis, when it is given one: its lease objects live there
+//! instead of in the bucket (a claim costs one Redis round trip instead of
+//! a conditional create, the dearest request an S3 store serves), and each
+//! publication is announced there with a copy of its signed manifest, so
+//! that waiting hosts learn of it, and fetch it, without asking the bucket
+//! for manifests. A copy is only a hint: it is verified like the bucket's
+//! manifest, and the bucket stays the fleet's record.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::config::redacted_url;
+use super::remote::{Create, Got, Listed, Rewrites};
+use crate::base::error::{Error, ErrorCode, Result};
+
+/// How many fields one `HSCAN` step looks at.
+const SCAN_STEP: usize = 256;
+
+/// A fleet's Redis: one hash (field: the object's name in the bucket,
+/// value: its bytes) shared by every forge of the fleet, holding its lease
+/// objects and copies of its published manifests.
+pub struct FleetRedis {
+    connection: ConnectionManager,
+    /// The hash's key: one per bucket, so fleets on different buckets can
+    /// share a Redis (the object names already carry the prefix).
+    hash: String,
+    timeout: Duration,
+    /// The server, for messages (without credentials).
+    server: String,
+    /// Commands sent (each one round trip, reconnections aside).
+    operations: AtomicU64,
+    /// The fleet's runtime, where renewals run.
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for FleetRedis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetRedis").field("server", &self.server).field("hash", &self.hash).finish_non_exhaustive()
+    }
+}
+
+impl FleetRedis {
+    /// The hash of the fleet on `bucket`.
+    pub fn hash_key(bucket: &str) -> String {
+        format!("tezzeret:fleet:{bucket}")
+    }
+
+    /// Prepares the connection to the Redis at `url` (made at the first
+    /// command, and again after a failure: an unreachable Redis is not an
+    /// error here). Must run inside the fleet's tokio runtime.
+    pub fn connect(url: &str, bucket: &str, timeout: Duration) -> Result<Self> {
+        let client =
+            redis::Client::open(url).map_err(|e| Error::invalid(format!("fleet Redis {:?}: {e}", redacted_url(url))))?;
+        let server = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| Error::invalid(format!("fleet Redis {server}: {e}")))?;
+        let runtime = tokio::runtime::Handle::current();
+        Ok(FleetRedis { connection, hash: Self::hash_key(bucket), timeout, server, operations: AtomicU64::new(0), runtime })
+    }
+
+    /// The server (`host:port` or a socket path), for messages.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Commands sent so far.
+    pub fn operations(&self) -> u64 {
+        self.operations.load(Ordering::Relaxed)
+    }
+
+    /// Runs one command, bounded by the request timeout; errors name the
+    /// server, the command and the object.
+    async fn query<T: redis::FromRedisValue>(&self, what: &str, name: &str, command: &redis::Cmd) -> Result<T> {
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        let mut connection = self.connection.clone();
+        match tokio::time::timeout(self.timeout, command.query_async::<T>(&mut connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Error::new(ErrorCode::Io, format!("fleet Redis {}: {what} {name}: {e}", self.server))),
+            Err(_) => Err(Error::new(
+                ErrorCode::Io,
+                format!("fleet Redis {}: {what} {name}: no answer within {:?}", self.server, self.timeout),
+            )),
+        }
+    }
+
+    fn command(&self, name: &str, verb: &str) -> redis::Cmd {
+        let mut command = redis::cmd(verb);
+        command.arg(&self.hash).arg(name);
+        command
+    }
+
+    /// Stores an object only if none exists under its name (one winner).
+    pub async fn create(&self, name: &str, bytes: Vec<u8>) -> Result<Create> {
+        let created: i64 = self.query("create", name, self.command(name, "HSETNX").arg(bytes)).await?;
+        Ok(if created == 1 { Create::Created } else { Create::Exists })
+    }
+
+    /// An object's bytes; one larger than `limit` is `Got::TooLarge`.
+    pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
+        let bytes: Option<Vec<u8>> = self.query("get", name, &self.command(name, "HGET")).await?;
+        Ok(match bytes {
+            None => Got::Missing,
+            Some(bytes) if bytes.len() as u64 > limit => Got::TooLarge,
+            Some(bytes) => Got::Bytes(bytes),
+        })
+    }
+
+    /// Stores an object, replacing what its name held.
+    pub async fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.query::<i64>("put", name, self.command(name, "HSET").arg(bytes)).await.map(drop)
+    }
+
+    /// Removes an object (one already gone is not an error).
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        self.query::<i64>("delete", name, &self.command(name, "HDEL")).await.map(drop)
+    }
+
+    /// The objects under `folder` if there are at most `limit` of them.
+    pub async fn list_up_to(&self, folder: &str, limit: usize) -> Result<Option<Vec<Listed>>> {
+        let pattern = format!("{}*", glob_escaped(folder));
+        // A scan may return a field twice (the hash grew meanwhile): by name.
+        let mut listed = std::collections::BTreeMap::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut command = redis::cmd("HSCAN");
+            command.arg(&self.hash).arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_STEP);
+            let (next, pairs): (u64, Vec<Vec<u8>>) = self.query("list", folder, &command).await?;
+            for pair in pairs.chunks_exact(2) {
+                listed.insert(String::from_utf8_lossy(&pair[0]).into_owned(), pair[1].len() as u64);
+            }
+            if listed.len() > limit {
+                return Ok(None);
+            }
+            if next == 0 {
+                return Ok(Some(listed.into_iter().map(|(name, size)| Listed { name, size }).collect()));
+            }
+            cursor = next;
+        }
+    }
+
+    /// Rewrites an object every `every` (see [`Rewrites`]).
+    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
+        let (connection, hash, field, timeout) = (self.connection.clone(), self.hash.clone(), name.to_string(), self.timeout);
+        Rewrites::start(&self.runtime, every, move || {
+            let mut connection = connection.clone();
+            let mut command = redis::cmd("HSET");
+            command.arg(&hash).arg(&field).arg(make());
+            async move {
+                let _ = tokio::time::timeout(timeout, command.query_async::<i64>(&mut connection)).await;
+            }
+        })
+    }
+}
+
+/// `text` with Redis glob pattern characters escaped.
+fn glob_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
