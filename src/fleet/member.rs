@@ -30,6 +30,17 @@ const WATCH_BY_LISTING: usize = 3;
 /// The most manifests a watch lists; a larger bucket is watched key by key.
 const WATCH_LISTING_LIMIT: usize = 1000;
 
+/// Artifacts up to this size are relayed through the fleet's Redis when
+/// they are published, so that waiting hosts fetch them without asking
+/// the bucket (larger ones come from the bucket only).
+pub const RELAY_LIMIT: u64 = 256 << 10;
+
+/// How long Redis keeps a relayed artifact: enough for the hosts waiting
+/// on its publication; later ones fetch it from the bucket. Redis thus
+/// holds at most what was published in the last five minutes, each copy
+/// no larger than [`RELAY_LIMIT`].
+pub const RELAY_TTL: Duration = Duration::from_secs(300);
+
 /// What the store holds for a cache key.
 #[derive(Debug)]
 pub enum Lookup {
@@ -361,8 +372,29 @@ impl Fleet {
         }
     }
 
-    /// The artifact a verified manifest names, from the bucket, checked.
+    /// The relayed copy of a small artifact, if the fleet's Redis holds it
+    /// (a Redis that cannot be asked is counted and passed over).
+    async fn relayed(&self, record: &ArtifactRecord) -> Option<Vec<u8>> {
+        let redis = self.redis.as_ref().filter(|_| record.size_bytes <= RELAY_LIMIT)?;
+        match redis.relayed(&self.names.artifact(&record.checksum), record.size_bytes).await {
+            Ok(got) => got.bytes(),
+            Err(_) => {
+                self.count(FleetEvent::StoreError);
+                None
+            }
+        }
+    }
+
+    /// The artifact a verified manifest names, checked: relayed by the
+    /// fleet's Redis if it is small and fresh, else from the bucket.
     async fn fetch_artifact(&self, record: ArtifactRecord) -> Lookup {
+        if let Some(bytes) = self.relayed(&record).await {
+            match check_artifact(&record, &bytes) {
+                Ok(()) => return Lookup::Found(Box::new(record), bytes),
+                // Only a hint: the bucket's own copy is read instead.
+                Err((refusal, _)) => self.count(FleetEvent::Refused(refusal)),
+            }
+        }
         // Never read past the size the (verified) manifest gives.
         let bytes = match self.remote.get(&self.names.artifact(&record.checksum), record.size_bytes).await {
             Ok(Got::Bytes(bytes)) => bytes,
@@ -434,17 +466,24 @@ impl Fleet {
             .encode();
         let published = self.publish_objects(record, bytes, &manifest).await?;
         if published == Publication::Published {
-            self.announce(&record.cache_key, manifest).await;
+            self.announce(record, bytes, manifest).await;
         }
         Ok(published)
     }
 
     /// Copies a manifest the bucket now holds into the fleet's Redis, if it
     /// has one, so that waiting hosts learn of it without asking the
-    /// bucket. Best effort: a lost announcement costs watchers only time.
-    async fn announce(&self, cache_key: &str, manifest: Vec<u8>) {
+    /// bucket — relaying its artifact first if it is small, so that they
+    /// fetch that without asking the bucket either. Best effort: a lost
+    /// announcement costs watchers only time, a lost relay a bucket read.
+    async fn announce(&self, record: &ArtifactRecord, bytes: &[u8], manifest: Vec<u8>) {
         let Some(redis) = &self.redis else { return };
-        if redis.put(&self.names.manifest(cache_key), manifest).await.is_err() {
+        if bytes.len() as u64 <= RELAY_LIMIT
+            && redis.relay(&self.names.artifact(&record.checksum), bytes.to_vec(), RELAY_TTL).await.is_err()
+        {
+            self.count(FleetEvent::StoreError);
+        }
+        if redis.put(&self.names.manifest(&record.cache_key), manifest).await.is_err() {
             self.count(FleetEvent::StoreError);
         }
     }

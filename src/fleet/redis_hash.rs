@@ -2,9 +2,11 @@
 //! instead of in the bucket (a claim costs one Redis round trip instead of
 //! a conditional create, the dearest request an S3 store serves), and each
 //! publication is announced there with a copy of its signed manifest, so
-//! that waiting hosts learn of it, and fetch it, without asking the bucket
-//! for manifests. A copy is only a hint: it is verified like the bucket's
-//! manifest, and the bucket stays the fleet's record.
+//! that waiting hosts learn of it without asking the bucket for manifests;
+//! a small artifact is relayed too, for a few minutes, so that they fetch
+//! it without asking the bucket at all. Copies are only hints: each is
+//! verified like the bucket's objects, and the bucket stays the fleet's
+//! record.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -115,6 +117,34 @@ impl FleetRedis {
     /// Stores an object, replacing what its name held.
     pub async fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
         self.query::<i64>("put", name, self.command(name, "HSET").arg(bytes)).await.map(drop)
+    }
+
+    /// The key of the relayed copy of the object `name`.
+    pub fn relay_key(&self, name: &str) -> String {
+        format!("{}:relay:{name}", self.hash)
+    }
+
+    /// Keeps a copy of the object `name` under a key of its own, which
+    /// Redis drops after `ttl` (so relayed artifacts cost memory only
+    /// while they are fresh).
+    pub async fn relay(&self, name: &str, bytes: Vec<u8>, ttl: Duration) -> Result<()> {
+        let mut command = redis::cmd("SET");
+        command.arg(self.relay_key(name)).arg(bytes).arg("PX").arg(ttl.as_millis().max(1) as u64);
+        self.query::<()>("relay", name, &command).await
+    }
+
+    /// The relayed copy of the object `name`, not read past `limit` bytes
+    /// (`Got::TooLarge`: the Redis is untrusted too).
+    pub async fn relayed(&self, name: &str, limit: u64) -> Result<Got> {
+        let mut command = redis::cmd("GETRANGE");
+        // The end is inclusive: one byte past the limit tells it was exceeded.
+        command.arg(self.relay_key(name)).arg(0).arg(limit);
+        let bytes: Vec<u8> = self.query("relayed", name, &command).await?;
+        Ok(match bytes.len() as u64 {
+            0 => Got::Missing,
+            n if n > limit => Got::TooLarge,
+            _ => Got::Bytes(bytes),
+        })
     }
 
     /// Removes an object (one already gone is not an error).

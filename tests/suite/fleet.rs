@@ -9,8 +9,8 @@
 //! claimed (or at its member index's own place) and sets aside what
 //! others claimed; a compiled job commits
 //! once its upload ends while the next jobs go on; waiting on several keys
-//! lists the bucket once (or, with a Redis, its announcements, and asks
-//! the bucket only for artifacts); conditional create with one winner.
+//! lists the bucket once (or, with a Redis, its announcements, and takes
+//! small artifacts from its relay); conditional create with one winner.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -205,6 +205,8 @@ fn three_hosts_with_leases_on_redis_compile_each_blueprint_once() {
     assert_eq!(count_under(names.leases()), 42, "a kept lease per key, in Redis: {fields:?}");
     assert_eq!(count_under(names.manifests()), 42, "a publication announced per key: {fields:?}");
     assert_eq!(fields.len(), 84);
+    let relayed: Vec<String> = redis::cmd("KEYS").arg(format!("{hash}:relay:*")).query(&mut redis.connection()).unwrap();
+    assert_eq!(relayed.len(), 42, "every (small) artifact relayed: {relayed:?}");
 }
 
 /// Three `tezzeret forge` processes (member indices 0-2, `extra` options)
@@ -500,7 +502,7 @@ fn watching_several_held_keys_lists_the_manifests_once_and_reads_only_those_list
 }
 
 #[test]
-fn publications_are_announced_in_redis_so_watchers_ask_the_bucket_only_for_artifacts() {
+fn publications_are_announced_and_small_artifacts_relayed_in_redis_so_watchers_skip_the_bucket() {
     let server = SeaweedServer::start("fleet");
     let redis = RedisServer::start();
     let dir = TempDir::new("fleet-announced");
@@ -508,19 +510,29 @@ fn publications_are_announced_in_redis_so_watchers_ask_the_bucket_only_for_artif
     let fleet = FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, "announced") };
     let first = Member::open(&dir.path().join("a"), FIVE, &keys, fleet.clone());
     assert!(first.run().values().all(|s| *s == JobStatus::Ok));
-    // Each publication's manifest is copied into the fleet's Redis, byte for byte.
+    // Each publication's manifest is copied into the fleet's Redis, byte
+    // for byte, and its artifact relayed for a few minutes.
     let store = RemoteStore::connect(&fleet).unwrap();
     let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
     let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&fleet.bucket);
+    let relay_key = |name: String| format!("{hash}:relay:{name}");
     let mut connection = redis.connection();
-    let published: Vec<String> = FIVE.iter().map(|id| record_of(&first, id).cache_key).collect();
-    for key in &published {
+    let records: Vec<ArtifactRecord> = FIVE.iter().map(|id| record_of(&first, id)).collect();
+    let published: Vec<String> = records.iter().map(|r| r.cache_key.clone()).collect();
+    for record in &records {
+        let (key, artifact) = (&record.cache_key, names.artifact(&record.checksum));
         let copy: Vec<u8> = redis::cmd("HGET").arg(&hash).arg(names.manifest(key)).query(&mut connection).unwrap();
         let there = store.run(store.get(&names.manifest(key), 1 << 20)).unwrap().bytes().unwrap();
         assert_eq!(copy, there, "{key}: the announcement is the bucket's manifest");
+        let relayed: Vec<u8> = redis::cmd("GET").arg(relay_key(artifact.clone())).query(&mut connection).unwrap();
+        let there = store.run(store.get(&artifact, 1 << 30)).unwrap().bytes().unwrap();
+        assert_eq!(relayed, there, "{key}: the relayed artifact is the bucket's");
+        let ttl_ms: i64 = redis::cmd("PTTL").arg(relay_key(artifact)).query(&mut connection).unwrap();
+        let relay_ttl = tezzeret::fleet::member::RELAY_TTL.as_millis() as i64;
+        assert!(ttl_ms > 0 && ttl_ms <= relay_ttl, "{key}: relayed for {ttl_ms} ms");
     }
-    // A watcher lists the announcements in Redis and asks the bucket for
-    // each announced artifact only; keys not announced cost it nothing.
+    // A watcher lists the announcements and fetches what they announce
+    // from Redis alone; keys not announced cost it nothing.
     let watcher = tezzeret::fleet::Fleet::connect(fleet, keys, "watcher".into()).unwrap();
     let mut held: Vec<(String, u64, bool)> = published.iter().map(|key| (key.clone(), 0, false)).collect();
     held.extend(["not-yet-1", "not-yet-2"].map(|key| (key.to_string(), 0, false)));
@@ -530,9 +542,10 @@ fn publications_are_announced_in_redis_so_watchers_ask_the_bucket_only_for_artif
         assert!(matches!(watch, Watched::Lookup(Lookup::Found(record, _)) if record.cache_key == *key), "{key}: {watch:?}");
     }
     assert!(watched[FIVE.len()..].iter().all(|w| matches!(w, Watched::Held)), "{watched:?}");
-    assert_eq!(watcher.metrics().requests - before, FIVE.len() as u64, "one artifact read per announced key");
-    assert_eq!(watcher.metrics().redis_requests - redis_before, 1 + FIVE.len() as u64, "a listing, then a copy per key");
-    // A lost announcement: the bucket is asked only when the lease is read.
+    assert_eq!(watcher.metrics().requests, before, "nothing asked of the bucket");
+    assert_eq!(watcher.metrics().redis_requests - redis_before, 1 + 2 * FIVE.len() as u64, "a listing, a copy and a relay per key");
+    // A lost announcement: the bucket's manifest is read only when the
+    // lease is read.
     let _: i64 = redis::cmd("HDEL").arg(&hash).arg(names.manifest(&published[0])).query(&mut connection).unwrap();
     let before = watcher.metrics().requests;
     let watched = watcher.watch_many(&[(published[0].clone(), 0, false)]);
@@ -540,14 +553,28 @@ fn publications_are_announced_in_redis_so_watchers_ask_the_bucket_only_for_artif
     assert_eq!(watcher.metrics().requests, before, "nothing asked of the bucket between lease reads");
     let watched = watcher.watch_many(&[(published[0].clone(), 0, true)]);
     assert!(matches!(watched[..], [Watched::Lookup(Lookup::Found(..))]), "{watched:?}");
-    assert_eq!(watcher.metrics().requests - before, 2, "the bucket's manifest and artifact");
+    assert_eq!(watcher.metrics().requests - before, 1, "the bucket's manifest (the artifact still relayed)");
     // An announcement that does not verify is passed over (and counted):
     // the bucket's manifest is used.
     let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.manifest(&published[1])).arg("{not a manifest").query(&mut connection).unwrap();
     let (before, malformed) = (watcher.metrics().requests, refused(&watcher.metrics(), Refusal::Malformed));
     assert!(matches!(watcher.lookup(&published[1]), Lookup::Found(..)));
     assert_eq!(refused(&watcher.metrics(), Refusal::Malformed), malformed + 1);
-    assert_eq!(watcher.metrics().requests - before, 2);
+    assert_eq!(watcher.metrics().requests - before, 1);
+    // A relayed artifact that does not hash right is passed over (and
+    // counted), as is one gone: the bucket's artifact is read.
+    let tampered = relay_key(names.artifact(&records[2].checksum));
+    let mut bytes: Vec<u8> = redis::cmd("GET").arg(&tampered).query(&mut connection).unwrap();
+    bytes[0] ^= 1;
+    let _: () = redis::cmd("SET").arg(&tampered).arg(bytes).query(&mut connection).unwrap();
+    let (before, mismatched) = (watcher.metrics().requests, refused(&watcher.metrics(), Refusal::ChecksumMismatch));
+    assert!(matches!(watcher.lookup(&published[2]), Lookup::Found(..)));
+    assert_eq!(refused(&watcher.metrics(), Refusal::ChecksumMismatch), mismatched + 1);
+    assert_eq!(watcher.metrics().requests - before, 1, "the bucket's artifact");
+    let _: i64 = redis::cmd("DEL").arg(relay_key(names.artifact(&records[3].checksum))).query(&mut connection).unwrap();
+    let before = watcher.metrics().requests;
+    assert!(matches!(watcher.lookup(&published[3]), Lookup::Found(..)));
+    assert_eq!(watcher.metrics().requests - before, 1, "the bucket's artifact");
 }
 
 #[test]
