@@ -21,7 +21,8 @@ const SCAN_STEP: usize = 256;
 
 /// A fleet's Redis: one hash (field: the object's name in the bucket,
 /// value: its bytes) shared by every forge of the fleet, holding its lease
-/// objects and copies of its published manifests.
+/// objects and copies of its published manifests, and beside it a key per
+/// relayed artifact (see [`Self::relay`]).
 pub struct FleetRedis {
     connection: ConnectionManager,
     /// The hash's key: one per bucket, so fleets on different buckets can
