@@ -162,12 +162,12 @@ impl Fleet {
             return Err(Error::invalid("publishing to the fleet store needs a signing key (or turn publishing off to only read)"));
         }
         let remote = RemoteStore::connect(&config)?;
+        let names = ObjectNames::new(&config.bucket, &config.prefix);
         let redis = match &config.lease_redis {
             // The connection manager lives on the store's runtime.
-            Some(url) => Some(remote.run(async { FleetRedis::connect(url, &config.bucket, config.request_timeout) })?),
+            Some(url) => Some(remote.run(async { FleetRedis::connect(url, &names, config.request_timeout) })?),
             None => None,
         };
-        let names = ObjectNames::new(&config.bucket, &config.prefix);
         Ok(Fleet { remote, redis, names, keys, config, holder, stats: FleetStats::default(), releasing: Mutex::new(Vec::new()) })
     }
 

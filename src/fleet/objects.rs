@@ -20,6 +20,17 @@ impl ObjectNames {
         ObjectNames { bucket: bucket.to_string(), prefix }
     }
 
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Where the fleet's objects are: the bucket, `/`, then the prefix
+    /// (with its trailing `/`, if any).
+    pub fn root(&self) -> String {
+        format!("{}/{}", self.bucket, self.prefix)
+    }
+
     /// The artifact with this sha256 (hex).
     pub fn artifact(&self, sha256: &str) -> String {
         format!("{}artifacts/{sha256}.pt", self.prefix)

@@ -13,6 +13,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::config::redacted_url;
+use super::objects::ObjectNames;
 use super::remote::{Create, Got, Listed, Rewrites};
 use crate::base::error::{Error, ErrorCode, Result};
 
@@ -25,9 +26,12 @@ const SCAN_STEP: usize = 256;
 /// relayed artifact (see [`Self::relay`]).
 pub struct FleetRedis {
     connection: ConnectionManager,
-    /// The hash's key: one per bucket, so fleets on different buckets can
-    /// share a Redis (the object names already carry the prefix).
+    /// The hash's key: one per bucket and prefix, so that fleets on
+    /// different buckets or prefixes share a Redis without one's listings
+    /// scanning the other's objects.
     hash: String,
+    /// What the keys of relayed artifacts start with (their names follow).
+    relay_prefix: String,
     timeout: Duration,
     /// The server, for messages (without credentials).
     server: String,
@@ -44,15 +48,15 @@ impl std::fmt::Debug for FleetRedis {
 }
 
 impl FleetRedis {
-    /// The hash of the fleet on `bucket`.
-    pub fn hash_key(bucket: &str) -> String {
-        format!("tezzeret:fleet:{bucket}")
+    /// The hash of the fleet whose objects are `names`.
+    pub fn hash_key(names: &ObjectNames) -> String {
+        format!("tezzeret:fleet:{}", names.root())
     }
 
     /// Prepares the connection to the Redis at `url` (made at the first
     /// command, and again after a failure: an unreachable Redis is not an
     /// error here). Must run inside the fleet's tokio runtime.
-    pub fn connect(url: &str, bucket: &str, timeout: Duration) -> Result<Self> {
+    pub fn connect(url: &str, names: &ObjectNames, timeout: Duration) -> Result<Self> {
         let client =
             redis::Client::open(url).map_err(|e| Error::invalid(format!("fleet Redis {:?}: {e}", redacted_url(url))))?;
         let server = client.get_connection_info().addr().to_string();
@@ -65,7 +69,15 @@ impl FleetRedis {
         let connection = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| Error::invalid(format!("fleet Redis {server}: {e}")))?;
         let runtime = tokio::runtime::Handle::current();
-        Ok(FleetRedis { connection, hash: Self::hash_key(bucket), timeout, server, operations: AtomicU64::new(0), runtime })
+        Ok(FleetRedis {
+            connection,
+            hash: Self::hash_key(names),
+            relay_prefix: format!("tezzeret:fleet-relay:{}/", names.bucket()),
+            timeout,
+            server,
+            operations: AtomicU64::new(0),
+            runtime,
+        })
     }
 
     /// The server (`host:port` or a socket path), for messages.
@@ -122,7 +134,7 @@ impl FleetRedis {
 
     /// The key of the relayed copy of the object `name`.
     pub fn relay_key(&self, name: &str) -> String {
-        format!("{}:relay:{name}", self.hash)
+        format!("{}{name}", self.relay_prefix)
     }
 
     /// Keeps a copy of the object `name` under a key of its own, which

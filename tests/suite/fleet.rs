@@ -199,13 +199,14 @@ fn three_hosts_with_leases_on_redis_compile_each_blueprint_once() {
     let store = RemoteStore::connect(&server.fleet_config()).unwrap();
     let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "cold");
     assert_eq!(store.run(store.list(&names.leases())).unwrap().len(), 0, "no lease object in the bucket");
-    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&server.bucket);
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
     let fields: Vec<String> = redis::cmd("HKEYS").arg(&hash).query(&mut redis.connection()).unwrap();
     let count_under = |folder: String| fields.iter().filter(|f| f.starts_with(&folder)).count();
     assert_eq!(count_under(names.leases()), 42, "a kept lease per key, in Redis: {fields:?}");
     assert_eq!(count_under(names.manifests()), 42, "a publication announced per key: {fields:?}");
     assert_eq!(fields.len(), 84);
-    let relayed: Vec<String> = redis::cmd("KEYS").arg(format!("{hash}:relay:*")).query(&mut redis.connection()).unwrap();
+    let pattern = format!("tezzeret:fleet-relay:{}/cold/artifacts/*", server.bucket);
+    let relayed: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut redis.connection()).unwrap();
     assert_eq!(relayed.len(), 42, "every (small) artifact relayed: {relayed:?}");
 }
 
@@ -514,8 +515,9 @@ fn publications_are_announced_and_small_artifacts_relayed_in_redis_so_watchers_s
     // for byte, and its artifact relayed for a few minutes.
     let store = RemoteStore::connect(&fleet).unwrap();
     let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
-    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&fleet.bucket);
-    let relay_key = |name: String| format!("{hash}:relay:{name}");
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
+    let bucket = fleet.bucket.clone();
+    let relay_key = |name: String| format!("tezzeret:fleet-relay:{bucket}/{name}");
     let mut connection = redis.connection();
     let records: Vec<ArtifactRecord> = FIVE.iter().map(|id| record_of(&first, id)).collect();
     let published: Vec<String> = records.iter().map(|r| r.cache_key.clone()).collect();
