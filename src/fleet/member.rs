@@ -41,6 +41,19 @@ pub const RELAY_LIMIT: u64 = 256 << 10;
 /// no larger than [`RELAY_LIMIT`].
 pub const RELAY_TTL: Duration = Duration::from_secs(300);
 
+/// Where a lookup reads a cache key's manifest.
+#[derive(Debug, Clone, Copy)]
+struct Sources {
+    /// The copy announcing its publication in the fleet's Redis.
+    announcement: bool,
+    /// The bucket's own manifest, when the announcement gives nothing usable.
+    bucket: bool,
+}
+
+impl Sources {
+    const BOTH: Sources = Sources { announcement: true, bucket: true };
+}
+
 /// What the store holds for a cache key.
 #[derive(Debug)]
 pub enum Lookup {
@@ -285,11 +298,12 @@ impl Fleet {
         let announced_by_redis = self.redis.is_some();
         let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| {
             let unlisted = listed.as_ref().is_some_and(|published| !published.contains(key));
-            // Whether the bucket's manifest is read when nothing is announced.
-            let ask_bucket = !announced_by_redis || *read_lease;
+            // The announcement unless the listing just showed there is none;
+            // the bucket without a Redis, or with one when the lease is read.
+            let sources = Sources { announcement: !unlisted, bucket: !announced_by_redis || *read_lease };
             let skip = unlisted && !(announced_by_redis && *read_lease);
             async move {
-                match if skip { Lookup::Missing } else { self.lookup_in(key, ask_bucket).await } {
+                match if skip { Lookup::Missing } else { self.lookup_in(key, sources).await } {
                     Lookup::Missing if *read_lease => {}
                     Lookup::Missing => return Watched::Held,
                     found => return Watched::Lookup(found),
@@ -316,14 +330,15 @@ impl Fleet {
     }
 
     async fn lookup_one(&self, cache_key: &str) -> Lookup {
-        self.lookup_in(cache_key, true).await
+        self.lookup_in(cache_key, Sources::BOTH).await
     }
 
-    /// Looks a cache key up in its announcement (the manifest copy in the
-    /// fleet's Redis), then, if none verifies and `ask_bucket`, in the
-    /// bucket's manifest; the artifact always comes from the bucket.
-    async fn lookup_in(&self, cache_key: &str, ask_bucket: bool) -> Lookup {
-        let found = self.find(cache_key, ask_bucket).await;
+    /// Looks a cache key up in the `sources` given: its announcement (the
+    /// manifest copy in the fleet's Redis), then, if that finds nothing
+    /// usable, the bucket's manifest (the fleet's record). The artifact
+    /// comes from the relay when it is there, else from the bucket.
+    async fn lookup_in(&self, cache_key: &str, sources: Sources) -> Lookup {
+        let found = self.find(cache_key, sources).await;
         match &found {
             Lookup::Found(..) => self.count(FleetEvent::Hit),
             Lookup::Refused(refusal, _) => self.count(FleetEvent::Refused(*refusal)),
@@ -333,15 +348,32 @@ impl Fleet {
         found
     }
 
-    async fn find(&self, cache_key: &str, ask_bucket: bool) -> Lookup {
-        if let Some(copy) = self.announcement(cache_key).await {
-            match SharedManifest::verify(&copy, cache_key, &self.keys) {
-                Ok(record) => return self.fetch_artifact(record).await,
-                // Only a hint: the bucket's own manifest is read instead.
-                Err((refusal, _)) => self.count(FleetEvent::Refused(refusal)),
+    async fn find(&self, cache_key: &str, sources: Sources) -> Lookup {
+        if sources.announcement {
+            // A copy that does not verify is only counted when the bucket
+            // is asked instead (a watch between lease reads sees it again).
+            let counted = |refusal| {
+                if sources.bucket {
+                    self.count(FleetEvent::Refused(refusal));
+                }
+            };
+            match self.announcement(cache_key).await {
+                Got::Bytes(copy) => match SharedManifest::verify(&copy, cache_key, &self.keys) {
+                    Ok(record) => {
+                        let found = self.fetch_artifact(record).await;
+                        // The bucket stays the record: its manifest may name
+                        // another artifact (an operator replaced the entry).
+                        if matches!(found, Lookup::Found(..)) || !sources.bucket {
+                            return found;
+                        }
+                    }
+                    Err((refusal, _)) => counted(refusal),
+                },
+                Got::TooLarge => counted(Refusal::Malformed),
+                Got::Missing => {}
             }
         }
-        if !ask_bucket {
+        if !sources.bucket {
             return Lookup::Missing;
         }
         let manifest = match self.remote.get(&self.names.manifest(cache_key), SMALL_OBJECT_LIMIT).await {
@@ -359,15 +391,15 @@ impl Fleet {
     }
 
     /// The manifest copy announcing the publication of a cache key in the
-    /// fleet's Redis, if it has one and holds it (a Redis that cannot be
-    /// asked is counted and passed over: the bucket answers instead).
-    async fn announcement(&self, cache_key: &str) -> Option<Vec<u8>> {
-        let redis = self.redis.as_ref()?;
+    /// fleet's Redis (`Missing` without one; a Redis that cannot be asked
+    /// is counted and passed over: the bucket answers instead).
+    async fn announcement(&self, cache_key: &str) -> Got {
+        let Some(redis) = self.redis.as_ref() else { return Got::Missing };
         match redis.get(&self.names.manifest(cache_key), SMALL_OBJECT_LIMIT).await {
-            Ok(got) => got.bytes(),
+            Ok(got) => got,
             Err(_) => {
                 self.count(FleetEvent::StoreError);
-                None
+                Got::Missing
             }
         }
     }
@@ -377,6 +409,11 @@ impl Fleet {
     async fn relayed(&self, record: &ArtifactRecord) -> Option<Vec<u8>> {
         let redis = self.redis.as_ref().filter(|_| record.size_bytes <= RELAY_LIMIT)?;
         match redis.relayed(&self.names.artifact(&record.checksum), record.size_bytes).await {
+            Ok(Got::TooLarge) => {
+                // Larger than its manifest says, as the bucket's copy would be refused.
+                self.count(FleetEvent::Refused(Refusal::ChecksumMismatch));
+                None
+            }
             Ok(got) => got.bytes(),
             Err(_) => {
                 self.count(FleetEvent::StoreError);

@@ -20,6 +20,20 @@ use crate::base::error::{Error, ErrorCode, Result};
 /// How many fields one `HSCAN` step looks at.
 const SCAN_STEP: usize = 256;
 
+/// A field's value if it is at most `ARGV[2]` bytes; its size (an integer)
+/// if it is larger, so that no oversized value crosses the network.
+const BOUNDED_GET: &str = "local n = redis.call('HSTRLEN', KEYS[1], ARGV[1]) \
+    if n > tonumber(ARGV[2]) then return n end \
+    return redis.call('HGET', KEYS[1], ARGV[1])";
+
+/// One `HSCAN` step (cursor `ARGV[1]`, pattern `ARGV[2]`, count `ARGV[3]`)
+/// answering names and sizes instead of values: the next cursor, then each
+/// name followed by its value's length.
+const NAMES_AND_SIZES: &str = "local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3]) \
+    local out = {} \
+    for i = 1, #r[2], 2 do out[#out + 1] = r[2][i]; out[#out + 1] = string.len(r[2][i + 1]) end \
+    return {r[1], out}";
+
 /// A fleet's Redis: one hash (field: the object's name in the bucket,
 /// value: its bytes) shared by every forge of the fleet, holding its lease
 /// objects and copies of its published manifests, and beside it a key per
@@ -117,14 +131,20 @@ impl FleetRedis {
         Ok(if created == 1 { Create::Created } else { Create::Exists })
     }
 
-    /// An object's bytes; one larger than `limit` is `Got::TooLarge`.
+    /// An object's bytes; one larger than `limit` is `Got::TooLarge`, and
+    /// is not sent (the Redis is untrusted too: its size is read first, on
+    /// the server, by [`BOUNDED_GET`]).
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
-        let bytes: Option<Vec<u8>> = self.query("get", name, &self.command(name, "HGET")).await?;
-        Ok(match bytes {
-            None => Got::Missing,
-            Some(bytes) if bytes.len() as u64 > limit => Got::TooLarge,
-            Some(bytes) => Got::Bytes(bytes),
-        })
+        let mut command = redis::cmd("EVAL");
+        command.arg(BOUNDED_GET).arg(1).arg(&self.hash).arg(name).arg(limit);
+        let value: redis::Value = self.query("get", name, &command).await?;
+        match value {
+            redis::Value::Nil => Ok(Got::Missing),
+            redis::Value::Int(_) => Ok(Got::TooLarge),
+            redis::Value::BulkString(bytes) if bytes.len() as u64 <= limit => Ok(Got::Bytes(bytes)),
+            redis::Value::BulkString(_) => Ok(Got::TooLarge),
+            other => Err(Error::new(ErrorCode::Io, format!("fleet Redis {}: get {name}: unexpected answer {other:?}", self.server))),
+        }
     }
 
     /// Stores an object, replacing what its name held.
@@ -172,11 +192,11 @@ impl FleetRedis {
         let mut listed = std::collections::BTreeMap::new();
         let mut cursor = 0u64;
         loop {
-            let mut command = redis::cmd("HSCAN");
-            command.arg(&self.hash).arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_STEP);
-            let (next, pairs): (u64, Vec<Vec<u8>>) = self.query("list", folder, &command).await?;
-            for pair in pairs.chunks_exact(2) {
-                listed.insert(String::from_utf8_lossy(&pair[0]).into_owned(), pair[1].len() as u64);
+            let mut command = redis::cmd("EVAL");
+            command.arg(NAMES_AND_SIZES).arg(1).arg(&self.hash).arg(cursor).arg(&pattern).arg(SCAN_STEP);
+            let (next, found): (u64, Vec<(Vec<u8>, u64)>) = self.query("list", folder, &command).await?;
+            for (name, size) in found {
+                listed.insert(String::from_utf8_lossy(&name).into_owned(), size);
             }
             if listed.len() > limit {
                 return Ok(None);

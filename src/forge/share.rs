@@ -318,7 +318,7 @@ impl Forge {
     /// cache key's lease: won at generation 0, nobody published the key
     /// (a holder that publishes keeps its lease), so the job compiles;
     /// held by another host, or kept by one that published, the job waits
-    /// (and its first look at the bucket finds the published artifact);
+    /// (and its first look finds the published artifact);
     /// the store unreachable, it compiles locally; the bucket's copy
     /// refused by the probe, it compiles locally at once. A reader, which
     /// never claims, asks the bucket (unless the probe just found the key
@@ -388,9 +388,10 @@ impl Forge {
     }
 
     /// After a claim was lost (other hosts work on this queue too): lists
-    /// the announced publications once (see [`Fleet::announced_keys`]), fetches in batches what it holds of
-    /// the jobs not started yet and of those waiting (so that they adopt
-    /// it instead of each claiming, losing and waiting in turn), and
+    /// the announced publications once (see [`Fleet::announced_keys`]),
+    /// fetches in batches what was published of the jobs not started yet
+    /// and of those waiting (so that they adopt it instead of each
+    /// claiming, losing and waiting in turn), and
     /// steers this host away from where the others work. Waiting jobs
     /// whose artifact arrived are ready again, first. Only the next
     /// [`LISTING_LIMIT`] jobs are looked at.

@@ -535,7 +535,7 @@ fn publications_are_announced_and_small_artifacts_relayed_in_redis_so_watchers_s
     }
     // A watcher lists the announcements and fetches what they announce
     // from Redis alone; keys not announced cost it nothing.
-    let watcher = tezzeret::fleet::Fleet::connect(fleet, keys, "watcher".into()).unwrap();
+    let watcher = tezzeret::fleet::Fleet::connect(fleet, keys.clone(), "watcher".into()).unwrap();
     let mut held: Vec<(String, u64, bool)> = published.iter().map(|key| (key.clone(), 0, false)).collect();
     held.extend(["not-yet-1", "not-yet-2"].map(|key| (key.to_string(), 0, false)));
     let (before, redis_before) = (watcher.metrics().requests, watcher.metrics().redis_requests);
@@ -577,6 +577,38 @@ fn publications_are_announced_and_small_artifacts_relayed_in_redis_so_watchers_s
     let before = watcher.metrics().requests;
     assert!(matches!(watcher.lookup(&published[3]), Lookup::Found(..)));
     assert_eq!(watcher.metrics().requests - before, 1, "the bucket's artifact");
+    // An announcement larger than any manifest is refused without being
+    // sent (its size is read on the server): the bucket's manifest is used.
+    let oversized = vec![b'{'; 5 << 20];
+    let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.manifest(&published[1])).arg(oversized).query(&mut connection).unwrap();
+    let (before, malformed) = (watcher.metrics().requests, refused(&watcher.metrics(), Refusal::Malformed));
+    let redis_bytes_before = redis_bytes_sent(&mut connection);
+    assert!(matches!(watcher.lookup(&published[1]), Lookup::Found(..)));
+    assert_eq!(refused(&watcher.metrics(), Refusal::Malformed), malformed + 1);
+    assert_eq!(watcher.metrics().requests - before, 1);
+    assert!(redis_bytes_sent(&mut connection) - redis_bytes_before < 1 << 20, "the oversized value was not sent");
+    // The bucket stays the record: an announcement that verifies but whose
+    // artifact the bucket no longer holds gives way to the bucket's
+    // manifest, which (replaced by an operator) names another artifact.
+    let mut replacement = records[4].clone();
+    (replacement.checksum, replacement.size_bytes) = (records[0].checksum.clone(), records[0].size_bytes);
+    replacement.artifact_file = records[0].artifact_file.clone();
+    keys.sign_record(&mut replacement);
+    let manifest = SharedManifest::sign(&replacement, &keys).unwrap().encode();
+    store.run(store.overwrite(&names.manifest(&published[4]), manifest)).unwrap();
+    store.run(store.delete(&names.artifact(&records[4].checksum))).unwrap();
+    let _: i64 = redis::cmd("DEL").arg(relay_key(names.artifact(&records[4].checksum))).query(&mut connection).unwrap();
+    match watcher.lookup(&published[4]) {
+        Lookup::Found(record, _) => assert_eq!(record.checksum, records[0].checksum, "the bucket's manifest's artifact"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Bytes the Redis server has sent to its clients so far.
+fn redis_bytes_sent(connection: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(connection).unwrap();
+    let line = info.lines().find_map(|l| l.strip_prefix("total_net_output_bytes:")).expect("INFO stats gives the bytes sent");
+    line.trim().parse().unwrap()
 }
 
 #[test]
