@@ -361,9 +361,10 @@ impl Fleet {
                 Got::Bytes(copy) => match SharedManifest::verify(&copy, cache_key, &self.keys) {
                     Ok(record) => {
                         let found = self.fetch_artifact(record).await;
-                        // The bucket stays the record: its manifest may name
-                        // another artifact (an operator replaced the entry).
-                        if matches!(found, Lookup::Found(..)) || !sources.bucket {
+                        // Otherwise the bucket, the record, decides (when it
+                        // is asked): its manifest may name another artifact
+                        // (an operator replaced the entry).
+                        if matches!(found, Lookup::Found(..)) {
                             return found;
                         }
                     }
