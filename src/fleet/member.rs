@@ -349,6 +349,9 @@ impl Fleet {
     }
 
     async fn find(&self, cache_key: &str, sources: Sources) -> Lookup {
+        // What the announcement's artifact gave, if it was not usable: the
+        // bucket's manifest naming the same artifact gives the same.
+        let mut announced: Option<(String, Lookup)> = None;
         if sources.announcement {
             // A copy that does not verify is only counted when the bucket
             // is asked instead (a watch between lease reads sees it again).
@@ -360,6 +363,7 @@ impl Fleet {
             match self.announcement(cache_key).await {
                 Got::Bytes(copy) => match SharedManifest::verify(&copy, cache_key, &self.keys) {
                     Ok(record) => {
+                        let checksum = record.checksum.clone();
                         let found = self.fetch_artifact(record).await;
                         // Otherwise the bucket, the record, decides (when it
                         // is asked): its manifest may name another artifact
@@ -367,6 +371,7 @@ impl Fleet {
                         if matches!(found, Lookup::Found(..)) {
                             return found;
                         }
+                        announced = Some((checksum, found));
                     }
                     Err((refusal, _)) => counted(refusal),
                 },
@@ -386,7 +391,10 @@ impl Fleet {
             Err(e) => return Lookup::Unavailable(e),
         };
         match SharedManifest::verify(&manifest, cache_key, &self.keys) {
-            Ok(record) => self.fetch_artifact(record).await,
+            Ok(record) => match announced {
+                Some((checksum, found)) if checksum == record.checksum => found,
+                _ => self.fetch_artifact(record).await,
+            },
             Err((refusal, why)) => Lookup::Refused(refusal, why),
         }
     }
@@ -517,7 +525,7 @@ impl Fleet {
     async fn announce(&self, record: &ArtifactRecord, bytes: &[u8], manifest: Vec<u8>) {
         let Some(redis) = &self.redis else { return };
         if bytes.len() as u64 <= RELAY_LIMIT
-            && redis.relay(&self.names.artifact(&record.checksum), bytes.to_vec(), RELAY_TTL).await.is_err()
+            && redis.relay(&self.names.artifact(&record.checksum), bytes, RELAY_TTL).await.is_err()
         {
             self.count(FleetEvent::StoreError);
         }

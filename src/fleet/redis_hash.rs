@@ -153,14 +153,14 @@ impl FleetRedis {
     }
 
     /// The key of the relayed copy of the object `name`.
-    pub fn relay_key(&self, name: &str) -> String {
+    fn relay_key(&self, name: &str) -> String {
         format!("{}{name}", self.relay_prefix)
     }
 
     /// Keeps a copy of the object `name` under a key of its own, which
     /// Redis drops after `ttl` (so relayed artifacts cost memory only
     /// while they are fresh).
-    pub async fn relay(&self, name: &str, bytes: Vec<u8>, ttl: Duration) -> Result<()> {
+    pub async fn relay(&self, name: &str, bytes: &[u8], ttl: Duration) -> Result<()> {
         let mut command = redis::cmd("SET");
         command.arg(self.relay_key(name)).arg(bytes).arg("PX").arg(ttl.as_millis().max(1) as u64);
         self.query::<()>("relay", name, &command).await

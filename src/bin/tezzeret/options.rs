@@ -195,8 +195,8 @@ pub struct FleetArgs {
     #[arg(long = "fleet-index", value_name = "N")]
     pub member_index: Option<u32>,
     /// Keep the fleet's leases in this Redis (redis://host:port/db, often
-    /// the bus's) instead of the bucket; every host of the fleet must use
-    /// the same one.
+    /// the bus's) instead of the bucket, and announce publications there;
+    /// every host of the fleet must use the same one.
     #[arg(long = "fleet-lease-redis", value_name = "URL")]
     pub lease_redis: Option<String>,
 }
