@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::base::error::{Error, Result};
+use crate::base::redact::redacted_url;
 
 /// The streams a forge reads and writes (Esper's names by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +78,7 @@ pub struct BusConfig {
 impl std::fmt::Debug for BusConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BusConfig")
-            .field("redis_url", &self.redis_url)
+            .field("redis_url", &redacted_url(&self.redis_url))
             .field("streams", &self.streams)
             .field("group", &self.group)
             .field("consumer", &self.consumer)
@@ -114,9 +115,9 @@ impl BusConfig {
     pub fn validate(&self) -> Result<()> {
         let url = &self.redis_url;
         if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-            return Err(Error::invalid(format!("bus redis_url {url:?} is not a redis://, rediss:// or unix:// URL")));
+            return Err(Error::invalid(format!("bus redis_url {:?} is not a redis://, rediss:// or unix:// URL", redacted_url(url))));
         }
-        redis::Client::open(url.as_str()).map_err(|e| Error::invalid(format!("bus redis_url {url:?}: {e}")))?;
+        redis::Client::open(url.as_str()).map_err(|e| Error::invalid(format!("bus redis_url {:?}: {e}", redacted_url(url))))?;
         let s = &self.streams;
         for (field, name) in [
             ("requests", &s.requests),
@@ -164,4 +165,20 @@ const MAX_WINDOW: Duration = Duration::from_secs(365 * 24 * 3600);
 /// `tezzeret-<hostname>-<pid>`: unique among live processes of a fleet.
 fn default_consumer() -> String {
     format!("tezzeret-{}-{}", crate::sys::host::hostname(), std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BusConfig;
+
+    #[test]
+    fn redis_passwords_are_never_shown() {
+        let config = BusConfig::new("redis://:hunter2@10.0.0.5:6379/0");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("redis://…@10.0.0.5:6379/0"), "{shown}");
+        for url in ["http://:hunter2@10.0.0.5", "redis://:hunter2@10.0.0.5:notaport"] {
+            let error = BusConfig::new(url).validate().unwrap_err().to_string();
+            assert!(!error.contains("hunter2") && error.contains("redis_url"), "{error}");
+        }
+    }
 }

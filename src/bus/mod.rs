@@ -27,6 +27,7 @@ use publisher::Queue;
 pub use stats::BusStats;
 
 use crate::base::error::{Error, Result};
+use crate::base::redact::redacted_url;
 use crate::base::leyline::{KernelCatalogUpdate, KernelPrefetchRequest, PrefetchAnswer, TelemetryPacket};
 
 /// Answers prefetch requests (the forge's prefetcher): called on the
@@ -76,7 +77,7 @@ impl Bus {
     pub fn start(config: BusConfig, answerer: Arc<dyn Answerer>) -> Result<Bus> {
         config.validate()?;
         let client = redis::Client::open(config.redis_url.as_str())
-            .map_err(|e| Error::invalid(format!("bus redis_url {:?}: {e}", config.redis_url)))?;
+            .map_err(|e| Error::invalid(format!("bus redis_url {:?}: {e}", redacted_url(&config.redis_url))))?;
         let shared = Arc::new(Shared { config, client, queue: Mutex::default(), wake: Condvar::new(), stats: BusStats::default() });
         let mut bus = Bus { shared: shared.clone(), threads: Vec::new() };
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::base::error::{Error, Result};
+use crate::base::redact::redacted_url;
 
 /// S3 credentials given explicitly (otherwise the usual `AWS_*`
 /// environment variables are read).
@@ -143,14 +144,6 @@ impl FleetConfig {
             }
         }
         Ok(())
-    }
-}
-
-/// A Redis URL without its password (for messages and debug output).
-pub(crate) fn redacted_url(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) if at > scheme.len() => format!("{scheme}://…{}", &url[at..]),
-        _ => url.to_string(),
     }
 }
 

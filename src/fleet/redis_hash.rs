@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::config::redacted_url;
+use crate::base::redact::redacted_url;
 use super::objects::ObjectNames;
 use super::remote::{Create, Got, Listed, Rewrites};
 use crate::base::error::{Error, ErrorCode, Result};
