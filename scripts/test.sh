@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: the Rust suite (unit, C ABI, Leyline, pipeline, CLI,
-# header drift, the bus against a real redis-server) and the C/C++
-# consumers (installed into a temporary prefix, built by CMake with -Wall
-# -Wextra -Werror and with ASan+UBSan, then run; the threaded C++ hosts also
-# under ThreadSanitizer against a TSan build), then the Python package:
-# built into a wheel by pip, installed into the torch environment, tested
-# with pytest. Installs what is missing first (libtorch into ~/.cache,
-# cmake, redis-server, pytest).
+# header drift, the bus against a real redis-server, the fleet against a
+# real SeaweedFS, the C/C++ consumers
+# installed into a temporary prefix, built by CMake with -Wall -Wextra
+# -Werror and with ASan+UBSan, then run; the threaded C++ hosts also under
+# ThreadSanitizer against a TSan build), the API docs (no broken or private
+# link), then the Python package: built into a wheel by pip, installed into
+# the torch environment, tested with pytest. Installs what is missing first
+# (libtorch into ~/.cache, cmake, redis-server, pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-build-deps.sh
@@ -18,6 +19,8 @@ cargo build --lib --bins
 # The library instrumented for ThreadSanitizer (its own target directory).
 bash scripts/build-tsan.sh >/dev/null
 cargo test --no-fail-fast "$@"
+# The API docs build without a broken or private link.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib --quiet
 # The wheel packs the dev build made above (no second, release build here).
 TEZZERET_WHEEL_PROFILE=dev "$TEZZERET_PYTHON" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./python
 "$TEZZERET_PYTHON" -m pytest -q -p no:cacheprovider python/tests

@@ -4,7 +4,7 @@
 //! Conventions: fallible functions return `tezzeret_status*` (NULL = OK);
 //! out-parameters are written only on success; structs start with
 //! `struct_size`; enums cross as `uint32_t`; handles are opaque, made by
-//! [`into_handle`] and freed by [`free_handle`], and their free functions
+//! `args::into_handle` and freed by `args::free_handle`, and their free functions
 //! accept NULL. Every unsafe operation sits in its own block with the
 //! reason it is sound.
 #![allow(non_camel_case_types)]

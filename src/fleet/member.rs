@@ -291,7 +291,7 @@ impl Fleet {
     /// the bucket is asked only with the lease (for a publication whose
     /// announcement was lost); without one, they are the bucket's
     /// manifests. While nothing is announced that costs one request per
-    /// key, or, for [`WATCH_BY_LISTING`] keys or more, one listing in all
+    /// key, or, for three keys or more (`WATCH_BY_LISTING`), one listing in all
     /// (only those listed are then read). Hits and refusals are counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
         let listed = if held.len() >= WATCH_BY_LISTING { self.announced_keys(WATCH_LISTING_LIMIT).ok().flatten() } else { None };

@@ -133,7 +133,7 @@ impl FleetRedis {
 
     /// An object's bytes; one larger than `limit` is `Got::TooLarge`, and
     /// is not sent (the Redis is untrusted too: its size is read first, on
-    /// the server, by [`BOUNDED_GET`]).
+    /// the server, by the `BOUNDED_GET` script).
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
         let mut command = redis::cmd("EVAL");
         command.arg(BOUNDED_GET).arg(1).arg(&self.hash).arg(name).arg(limit);

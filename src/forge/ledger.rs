@@ -223,7 +223,7 @@ impl Ledger {
     }
 
     /// Stores a compiled artifact durably — file, then signed manifest —
-    /// and returns its complete record (not yet current: see [`Self::commit`]).
+    /// and returns its complete record (not yet current: see [`Self::commit_all`]).
     pub fn store_artifact(&self, record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
         let record = self.complete_record(record, bytes);
         self.store.put(&record, bytes)?;

@@ -56,7 +56,7 @@ pub struct JobReport {
     pub compiled_during: Option<(std::time::Instant, std::time::Instant)>,
 }
 
-/// Progress notifications of [`Forge::run`].
+/// Progress notifications of [`Forge::run`](crate::forge::Forge::run).
 #[derive(Debug)]
 pub enum Progress<'a> {
     /// Jobs are durably enqueued (acknowledged): (blueprint id, sequence number).
