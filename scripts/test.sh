@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: the Rust suite (unit, C ABI, Leyline, pipeline, CLI,
 # header drift, the bus against a real redis-server, the fleet against a
-# real SeaweedFS, the C/C++ consumers
-# installed into a temporary prefix, built by CMake with -Wall -Wextra
-# -Werror and with ASan+UBSan, then run; the threaded C++ hosts also under
-# ThreadSanitizer against a TSan build), the API docs (no broken or private
-# link), then the Python package: built into a wheel by pip, installed into
-# the torch environment, tested with pytest. Installs what is missing first
-# (libtorch into ~/.cache, cmake, redis-server, pytest).
+# real SeaweedFS, the C/C++ consumers installed into a temporary prefix,
+# built by CMake with -Wall -Wextra -Werror and with ASan+UBSan, then run;
+# the threaded C++ hosts also under ThreadSanitizer against a TSan build),
+# the API docs (no broken or private link), then the Python package: built
+# into a wheel by pip, installed into the torch environment, tested with
+# pytest. Installs what is missing first (libtorch into ~/.cache, cmake,
+# redis-server, pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-build-deps.sh
