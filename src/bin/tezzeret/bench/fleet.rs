@@ -122,6 +122,12 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The lowest and highest of the ratios of paired rounds (`a[i] / b[i]`),
+/// for a row to show how far single rounds spread around its median.
+fn spread(a: &[f64], b: &[f64]) -> (f64, f64) {
+    a.iter().zip(b).map(|(x, y)| x / y).fold((f64::NAN, f64::NAN), |(lo, hi), r| (lo.min(r), hi.max(r)))
+}
+
 /// The fleet rows, or one row saying why they could not run.
 pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let server = match SeaweedServer::try_start("bench") {
@@ -201,6 +207,8 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         }
     }
     let lone = median(lone_members);
+    // Each round's three hosts against that round's host alone.
+    let (three_spread, on_redis_spread) = (spread(&fleets, &singles), spread(&on_redis, &singles));
     let on_redis = median(on_redis);
     let (three, single, split, indexed) = (median(fleets), median(singles), median(splits), median(indexed));
 
@@ -217,7 +225,13 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         row(
             "fleet: three hosts on a cold bucket, open → all ready (wall)",
             three * 1e3,
-            Some(format!("one host alone: {:.0} ms; ratio {:.2}× (goal ≤ 1.2×)", single * 1e3, three / single)),
+            Some(format!(
+                "one host alone: {:.0} ms; ratio {:.2}× (goal ≤ 1.2×; single rounds {:.2}–{:.2}×)",
+                single * 1e3,
+                three / single,
+                three_spread.0,
+                three_spread.1
+            )),
             "ms",
         ),
         row(
@@ -231,8 +245,10 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
                 "fleet: three hosts on a cold bucket, leases on Redis (wall)",
                 on_redis * 1e3,
                 Some(format!(
-                    "ratio to one host alone {:.2}× (goal ≤ 1.2×); {:.0} store requests and {:.0} Redis commands",
+                    "ratio to one host alone {:.2}× (goal ≤ 1.2×; single rounds {:.2}–{:.2}×); {:.0} store requests and {:.0} Redis commands",
                     on_redis / single,
+                    on_redis_spread.0,
+                    on_redis_spread.1,
                     median(on_redis_requests),
                     median(on_redis_commands)
                 )),
@@ -244,10 +260,11 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: CPU of the three hosts' round with leases on Redis, forges + the servers",
             median(on_redis_cpu.clone()) * 1e3,
             Some(format!(
-                "store and Redis servers {:.0} ms of it; one host alone {:.0} ms; wall floor on {cores} cores: {:.0} ms",
+                "store and Redis servers {:.0} ms of it; one host alone {:.0} ms; wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
                 median(on_redis_store_cpu) * 1e3,
                 single_cpu * 1e3,
-                median(on_redis_cpu) * 1e3 / cores as f64
+                median(on_redis_cpu.clone()) * 1e3 / cores as f64,
+                median(on_redis_cpu) / cores as f64 / single
             )),
             "ms",
         ),
@@ -274,10 +291,11 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: CPU of the three hosts' round, forges + the store server on these cores",
             (fleet_cpu + store_cpu) * 1e3,
             Some(format!(
-                "store server {:.0} ms of it; one host alone {:.0} ms; the round's wall floor on {cores} cores: {:.0} ms",
+                "store server {:.0} ms of it; one host alone {:.0} ms; the round's wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
                 store_cpu * 1e3,
                 single_cpu * 1e3,
-                (fleet_cpu + store_cpu) * 1e3 / cores as f64
+                (fleet_cpu + store_cpu) * 1e3 / cores as f64,
+                (fleet_cpu + store_cpu) / cores as f64 / single
             )),
             "ms",
         ),
