@@ -347,6 +347,9 @@ fn verify(dir: &Path, trusted: &[PathBuf]) -> Result<bool> {
 }
 
 fn bench_command(only: Option<&str>, json: bool) -> Result<bool> {
+    if let Some(served) = bench::serve_fleet_host_if_asked() {
+        return served.map(|()| true);
+    }
     let work = std::env::temp_dir().join(format!("tezzeret-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io(format!("create {}", work.display()), e))?;

@@ -4,10 +4,13 @@
 //! (without member indices, given indices 0 to 2, and with their leases
 //! on a real Redis) against one host compiling everything alone and
 //! against three hosts each given a third with no bucket — alternating
-//! rounds, each measured side by side.
+//! rounds, each measured side by side. The hosts are forges in this
+//! process, except in the rounds of host processes (leases on Redis),
+//! where each host, and the host alone, is a process of its own.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::host_process::{self, FleetSpec, Hosts};
 use super::redis_server::RedisServer;
 use super::runtime::compilable;
 use super::seaweed_server::SeaweedServer;
@@ -31,19 +34,19 @@ impl tezzeret::forge::Host for Fixed {
 }
 
 /// What one forge's run took.
-struct Run {
+pub(super) struct Run {
     /// Wall time from open to the last job's end, s.
-    seconds: f64,
+    pub seconds: f64,
     /// Jobs it compiled.
-    compiled: usize,
+    pub compiled: usize,
     /// Requests it made to the fleet's store.
-    requests: u64,
+    pub requests: u64,
     /// Commands it sent to the Redis keeping the leases, if any.
-    redis_requests: u64,
+    pub redis_requests: u64,
 }
 
 /// Opens a forge on a fresh state directory and runs its catalog.
-fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Result<Run> {
+pub(super) fn open_and_run(state: &Path, keys: &KeyRing, fleet: Option<FleetConfig>) -> Result<Run> {
     open_and_run_share(state, keys, fleet, (0, 1))
 }
 
@@ -206,6 +209,28 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             total_compiles.push(runs.iter().map(|r| r.compiled).sum::<usize>() as f64);
         }
     }
+    // The three with their leases on Redis again, as processes of their
+    // own (real hosts share no libtorch, allocator or runtime), against one
+    // host alone in a process of its own.
+    let (mut processes, mut processes_alone) = (Vec::new(), Vec::new());
+    if let Ok(redis) = &redis {
+        for round in 0..ROUNDS {
+            let fleet = FleetSpec {
+                endpoint: server.fleet_config().endpoint.unwrap_or_default(),
+                bucket: server.bucket.clone(),
+                prefix: format!("processes-{round}"),
+                lease_redis: Some(redis.url()),
+            };
+            let state = |name: String| work.join(format!("fleet-{name}-{round}"));
+            let hosts: Vec<_> =
+                (0..3).map(|host| host_process::spec(&state(format!("process-{host}")), Some(fleet.clone()), &seed, &public)).collect();
+            let (seconds, compiled) = Hosts::start(&hosts)?.go()?;
+            processes.push(seconds);
+            total_compiles.push(compiled as f64);
+            let (seconds, _) = Hosts::start(&[host_process::spec(&state("process-alone".into()), None, &seed, &public)])?.go()?;
+            processes_alone.push(seconds);
+        }
+    }
     let lone = median(lone_members);
     // Each round's three hosts against that round's host alone.
     let (three_spread, on_redis_spread) = (spread(&fleets, &singles), spread(&on_redis, &singles));
@@ -268,6 +293,22 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             )),
             "ms",
         ),
+        match &redis {
+            Ok(_) => {
+                let (three, alone, (lowest, highest)) = (median(processes.clone()), median(processes_alone.clone()), spread(&processes, &processes_alone));
+                row(
+                    "fleet: three hosts as processes of their own on a cold bucket, leases on Redis (wall)",
+                    three * 1e3,
+                    Some(format!(
+                        "one host alone in a process of its own: {:.0} ms; ratio {:.2}× (goal ≤ 1.2×; single rounds {lowest:.2}–{highest:.2}×)",
+                        alone * 1e3,
+                        three / alone
+                    )),
+                    "ms",
+                )
+            }
+            Err(why) => row(format!("fleet: three host processes, leases on Redis: not measured ({why})"), f64::NAN, None, ""),
+        },
         row(
             "fleet: one host alone on a cold bucket, a fleet of one (compiles and publishes all)",
             lone * 1e3,

@@ -21,6 +21,7 @@ use tezzeret::{Error, Result};
 
 mod bus;
 mod fleet;
+mod host_process;
 pub mod measure;
 mod redis_server;
 mod runtime;
@@ -29,6 +30,12 @@ mod seaweed_server;
 mod server_process;
 
 use measure::{fdatasync_us, p50, sample_job, sample_us};
+
+/// Runs as one of the fleet rows' host processes when started as one
+/// (`None` otherwise): see [`host_process`].
+pub fn serve_fleet_host_if_asked() -> Option<Result<()>> {
+    host_process::serve_if_asked()
+}
 
 /// One row of the table.
 #[derive(Debug, Clone, serde::Serialize)]
