@@ -66,7 +66,7 @@ impl std::fmt::Debug for FleetConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret key.
         f.debug_struct("FleetConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.as_deref().map(redacted_url))
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
             .field("region", &self.region)
@@ -114,7 +114,7 @@ impl FleetConfig {
         }
         if let Some(endpoint) = &self.endpoint {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(Error::invalid(format!("fleet endpoint {endpoint:?} is not an http:// or https:// URL")));
+                return Err(Error::invalid(format!("fleet endpoint {:?} is not an http:// or https:// URL", redacted_url(endpoint))));
             }
         }
         let prefix = self.prefix.trim_matches('/');
@@ -179,10 +179,18 @@ mod tests {
         let config = FleetConfig { lease_redis: Some("redis://:hunter2@10.0.0.5:6379/0".into()), ..FleetConfig::new("fleet-bucket") };
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2") && shown.contains("redis://…@10.0.0.5:6379/0"), "{shown}");
-        for url in ["rediss://:hunter2@10.0.0.5", "redis://:hunter2@10.0.0.5:notaport"] {
+        for url in ["rediss://:hunter2@10.0.0.5", "redis://:hunter2@10.0.0.5:notaport", "tcp://10.0.0.5?pass=hunter2"] {
             let bad = FleetConfig { lease_redis: Some(url.into()), ..config.clone() };
             let error = bad.validate().unwrap_err().to_string();
             assert!(!error.contains("hunter2") && error.contains("lease Redis"), "{error}");
         }
+        // A password in a socket URL's query, or credentials in the endpoint.
+        let socket = FleetConfig { lease_redis: Some("unix:///run/redis.sock?pass=hunter2".into()), ..config.clone() };
+        assert!(!format!("{socket:?}").contains("hunter2"), "{socket:?}");
+        let endpoint = FleetConfig { endpoint: Some("http://key:hunter2@10.0.0.6:8333".into()), ..config.clone() };
+        assert!(!format!("{endpoint:?}").contains("hunter2"), "{endpoint:?}");
+        let bad_endpoint = FleetConfig { endpoint: Some("ftp://key:hunter2@10.0.0.6".into()), ..config };
+        let error = bad_endpoint.validate().unwrap_err().to_string();
+        assert!(!error.contains("hunter2") && error.contains("endpoint"), "{error}");
     }
 }

@@ -26,12 +26,19 @@ const BOUNDED_GET: &str = "local n = redis.call('HSTRLEN', KEYS[1], ARGV[1]) \
     if n > tonumber(ARGV[2]) then return n end \
     return redis.call('HGET', KEYS[1], ARGV[1])";
 
+/// The longest field name a listing answers (S3's limit on an object's
+/// name): a longer one is no object of the fleet's, and is not sent.
+const NAME_LIMIT: usize = 1024;
+
 /// One `HSCAN` step (cursor `ARGV[1]`, pattern `ARGV[2]`, count `ARGV[3]`)
 /// answering names and sizes instead of values: the next cursor, then each
-/// name followed by its value's length.
+/// name of at most `ARGV[4]` bytes followed by its value's length.
 const NAMES_AND_SIZES: &str = "local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3]) \
     local out = {} \
-    for i = 1, #r[2], 2 do out[#out + 1] = r[2][i]; out[#out + 1] = string.len(r[2][i + 1]) end \
+    local longest = tonumber(ARGV[4]) \
+    for i = 1, #r[2], 2 do \
+        if string.len(r[2][i]) <= longest then out[#out + 1] = r[2][i]; out[#out + 1] = string.len(r[2][i + 1]) end \
+    end \
     return {r[1], out}";
 
 /// A fleet's Redis: one hash (field: the object's name in the bucket,
@@ -185,7 +192,8 @@ impl FleetRedis {
         self.query::<i64>("delete", name, &self.command(name, "HDEL")).await.map(drop)
     }
 
-    /// The objects under `folder` if there are at most `limit` of them.
+    /// The objects under `folder` if there are at most `limit` of them
+    /// (names longer than any of the fleet's are passed over, unsent).
     pub async fn list_up_to(&self, folder: &str, limit: usize) -> Result<Option<Vec<Listed>>> {
         let pattern = format!("{}*", glob_escaped(folder));
         // A scan may return a field twice (the hash grew meanwhile): by name.
@@ -193,7 +201,7 @@ impl FleetRedis {
         let mut cursor = 0u64;
         loop {
             let mut command = redis::cmd("EVAL");
-            command.arg(NAMES_AND_SIZES).arg(1).arg(&self.hash).arg(cursor).arg(&pattern).arg(SCAN_STEP);
+            command.arg(NAMES_AND_SIZES).arg(1).arg(&self.hash).arg(cursor).arg(&pattern).arg(SCAN_STEP).arg(NAME_LIMIT);
             let (next, found): (u64, Vec<(Vec<u8>, u64)>) = self.query("list", folder, &command).await?;
             for (name, size) in found {
                 listed.insert(String::from_utf8_lossy(&name).into_owned(), size);

@@ -17,6 +17,7 @@ pub const SMALL_OBJECT_LIMIT: u64 = 4 << 20;
 
 use super::config::FleetConfig;
 use crate::base::error::{Error, ErrorCode, Result};
+use crate::base::redact::redacted_url;
 
 /// What a conditional create found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,10 +141,10 @@ impl RemoteStore {
                 max_retries: 2,
                 retry_timeout: timeout,
             });
-        let mut endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "aws".into());
+        let mut endpoint = std::env::var("AWS_ENDPOINT_URL").map_or_else(|_| "aws".into(), |url| redacted_url(&url));
         if let Some(url) = &config.endpoint {
             builder = builder.with_endpoint(url);
-            endpoint = url.clone();
+            endpoint = redacted_url(url);
         }
         if endpoint.starts_with("http://") {
             // Plain HTTP: no TLS, so the system's certificates (slow to load) are not needed.

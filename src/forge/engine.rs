@@ -3,6 +3,7 @@
 //! conservative mode), the [`Observer`] (counters), the [`Prefetcher`] and
 //! the host, and is what callers hold. Queueing lives in `queue.rs`, the
 //! compile pipeline in `pipeline.rs`, cache maintenance in `cache.rs`.
+use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +62,10 @@ pub struct Forge {
     /// Where this forge starts each run of equal priority in a fleet
     /// (random: hosts starting together begin at different blueprints).
     pub(super) fleet_offset: usize,
+    /// Cache keys whose publication this forge completed although their
+    /// job then failed here (the local store or commit): their leases are
+    /// kept, as the bucket holds them.
+    pub(super) published_but_failed: HashSet<String>,
     _lock: StateLock,
 }
 
@@ -120,6 +125,7 @@ impl Forge {
             fleet: None,
             fleet_retry_at: None,
             fleet_offset: 0,
+            published_but_failed: HashSet::new(),
             _lock: lock,
         };
         for (record, error) in forge.ledger.retire_unverified()? {

@@ -210,6 +210,8 @@ impl Forge {
         if let Some(fleet) = &self.fleet {
             fleet.settle();
         }
+        // Every lease of the drain has ended: what was kept for them is moot.
+        self.published_but_failed.clear();
         self.share_pending();
         reports
     }
@@ -234,7 +236,8 @@ impl Forge {
     }
 
     /// After the report of the job at `position`: ends its lease (kept if
-    /// the bucket now holds its artifact) and hands the report on.
+    /// the bucket now holds its artifact, even when the job failed here
+    /// after publishing it) and hands the report on.
     fn hand_on(
         &mut self,
         position: usize,
@@ -245,7 +248,8 @@ impl Forge {
         reports: &mut Vec<JobReport>,
     ) {
         if let Some(lease) = lease {
-            let published = report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
+            let published_here = self.published_but_failed.remove(&lease.cache_key);
+            let published = published_here || report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
             self.end_lease(lease, published);
         }
         progress(Progress::Finished(position, total, &report));
@@ -451,7 +455,10 @@ impl Forge {
     fn commit_stored(&mut self, job: &Job, stored: Stored) -> JobReport {
         let Stored { record, publication, compiled, compiled_during } = stored;
         let shared = self.finish_publish(&record, publication);
-        let outcome = self.commit(job, &record, Some(compiled), shared).map(|()| (JobStatus::Ok, record));
+        let outcome = self.commit(job, &record, Some(compiled), shared).map(|()| (JobStatus::Ok, record.clone()));
+        if shared && outcome.is_err() {
+            self.published_but_failed.insert(record.cache_key);
+        }
         self.conclude(job, outcome, compiled_during)
     }
 
@@ -564,8 +571,11 @@ impl Forge {
         let record = self.ledger.complete_record(record, &bytes);
         let publication = self.start_publish(&record, &bytes);
         if let Err(error) = self.ledger.store().put(&record, &bytes) {
-            // Not stored here: the upload ends before the lease is given up.
-            self.finish_publish(&record, publication);
+            // Not stored here: the upload ends before the lease is ended
+            // (kept if the bucket now holds the artifact).
+            if self.finish_publish(&record, publication) {
+                self.published_but_failed.insert(record.cache_key.clone());
+            }
             return Err(error);
         }
         Ok(Stored { record, publication, compiled: (c.started.clone(), c.begun), compiled_during })

@@ -435,6 +435,28 @@ fn leases_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     assert_eq!(fleet.claimed_keys(1000).unwrap(), Some(keys.clone()), "this prefix's leases, each once");
     assert_eq!(fleet.claimed_keys(599).unwrap(), None, "more than the bound: not listed");
     assert_eq!(neighbour.claimed_keys(1000).unwrap().map(|k| k.len()), Some(1));
+
+    // The Redis is untrusted: a field name longer than any object's is
+    // passed over on the server, never sent.
+    let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "run[1]*");
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
+    let mut connection = redis.connection();
+    let huge = names.lease(&"x".repeat(4 << 20), 0);
+    let _: i64 = redis::cmd("HSET").arg(&hash).arg(&huge).arg("{}").query(&mut connection).unwrap();
+    let sent_before = redis_bytes_sent(&mut connection);
+    let listed = fleet.claimed_keys(1000).unwrap();
+    assert!(listed.as_ref() == Some(&keys), "the long name is no key of the fleet's ({:?} keys)", listed.map(|k| k.len()));
+    let sent = redis_bytes_sent(&mut connection) - sent_before;
+    assert!(sent < 1 << 20, "the 4 MiB name was not sent: {sent} bytes");
+    // A key with more lease objects than takeovers leave is waited for
+    // (bounded), not read whole.
+    for generation in 0..300 {
+        let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.lease("junk", generation)).arg("{}").query(&mut connection).unwrap();
+    }
+    match fleet.claim("junk").unwrap() {
+        tezzeret::fleet::Claim::Held { holder, .. } => assert!(holder.contains("more than"), "{holder}"),
+        won => panic!("a key with 300 lease objects is not claimed: {won:?}"),
+    }
 }
 
 /// A lease won by a fleet of `config` is renewed in the background until
@@ -457,6 +479,46 @@ fn a_held_lease_is_renewed_until_released(mut config: FleetConfig) {
     drop(lease);
     wait_for("the dropped lease to expire", || fleet.lease_state("k2", 0).unwrap() == LeaseState::Expired);
     assert!(matches!(fleet.claim("k2").unwrap(), tezzeret::fleet::Claim::Won { took_over: true, .. }));
+}
+
+/// A catalog file under `dir` holding only BP001.
+fn bp001_catalog(dir: &Path) -> PathBuf {
+    let catalog_file = dir.join("catalog.json");
+    let text = std::fs::read_to_string(super::repo_root().join("data/karn-default-catalog.json")).unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let one: Vec<_> = all.into_iter().filter(|d| d["blueprint_id"] == "BP001").collect();
+    std::fs::write(&catalog_file, serde_json::to_string(&one).unwrap()).unwrap();
+    catalog_file
+}
+
+#[test]
+fn a_job_that_fails_here_after_publishing_keeps_its_lease() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-published-failed");
+    let key = dir.path().join("fleet.key");
+    keygen(&key).unwrap();
+    // The artifact is uploaded while it is stored here; storing it fails.
+    let run = tezzeret()
+        .env("TEZZERET_FAILPOINTS", "store.write=error@1")
+        .arg("forge")
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--catalog")
+        .arg(bp001_catalog(dir.path()))
+        .args(fleet_args(&server, "published-failed", &key))
+        .output()
+        .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(log.contains("BP001 failed") && log.contains("injected"), "the local store failed: {log}");
+    let fleet = with_prefix(&server, "published-failed");
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
+    let manifests = store.run(store.list(&names.manifests())).unwrap();
+    assert_eq!(manifests.len(), 1, "the bucket holds the publication: {log}");
+    // Its lease stays: a host claiming the key later is sent to the bucket
+    // instead of compiling it again.
+    let leases = store.run(store.list(&names.leases())).unwrap();
+    assert_eq!(leases.len(), 1, "the published key's lease is kept: {leases:?}");
 }
 
 #[test]
@@ -577,6 +639,17 @@ fn publications_are_announced_and_small_artifacts_relayed_in_redis_so_watchers_s
     let before = watcher.metrics().requests;
     assert!(matches!(watcher.lookup(&published[3]), Lookup::Found(..)));
     assert_eq!(watcher.metrics().requests - before, 1, "the bucket's artifact");
+    // A relayed artifact larger than its manifest says is not read past
+    // that size: refused (counted), and the bucket's artifact is read.
+    let mut bytes = store.run(store.get(&names.artifact(&records[2].checksum), 1 << 30)).unwrap().bytes().unwrap();
+    bytes.extend(std::iter::repeat_n(0u8, 5 << 20));
+    let _: () = redis::cmd("SET").arg(&tampered).arg(bytes).query(&mut connection).unwrap();
+    let (before, mismatched) = (watcher.metrics().requests, refused(&watcher.metrics(), Refusal::ChecksumMismatch));
+    let redis_bytes_before = redis_bytes_sent(&mut connection);
+    assert!(matches!(watcher.lookup(&published[2]), Lookup::Found(..)));
+    assert_eq!(refused(&watcher.metrics(), Refusal::ChecksumMismatch), mismatched + 1);
+    assert_eq!(watcher.metrics().requests - before, 1, "the bucket's artifact");
+    assert!(redis_bytes_sent(&mut connection) - redis_bytes_before < 1 << 20, "the oversized relay was not sent whole");
     // An announcement larger than any manifest is refused without being
     // sent (its size is read on the server): the bucket's manifest is used.
     let oversized = vec![b'{'; 5 << 20];
@@ -790,11 +863,7 @@ fn a_killed_holder_delays_the_others_only_until_expiry(server: &SeaweedServer, l
     let dir = TempDir::new("fleet-lease");
     let key = dir.path().join("fleet.key");
     keygen(&key).unwrap();
-    let catalog_file = dir.path().join("catalog.json");
-    let text = std::fs::read_to_string(super::repo_root().join("data/karn-default-catalog.json")).unwrap();
-    let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let one: Vec<_> = all.into_iter().filter(|d| d["blueprint_id"] == "BP001").collect();
-    std::fs::write(&catalog_file, serde_json::to_string(&one).unwrap()).unwrap();
+    let catalog_file = bp001_catalog(dir.path());
     let holder = tezzeret()
         .env("TEZZERET_FAILPOINTS", "fleet.leased=crash@1")
         .arg("forge")
