@@ -29,7 +29,7 @@ use crate::base::error::{Error, ErrorCode, Result};
 
 /// The most lease objects a claim reads for one cache key: each takeover
 /// of an expired lease leaves one more until a holder releases them, so a
-/// key with more holds objects that are none of the fleet's.
+/// key with as many holds objects that are none of the fleet's.
 const MAX_GENERATIONS: usize = 256;
 
 /// A lease object's content.
@@ -149,13 +149,12 @@ pub async fn claim(objects: LeaseObjects<'_>, names: &ObjectNames, cache_key: &s
     // A few rounds: each lost create means another forge moved first.
     let mut newest_seen = 0;
     for _ in 0..4 {
-        let Some(listed) = objects.list_up_to(&names.lease_folder(cache_key), MAX_GENERATIONS).await? else {
+        let Some(mut generations) = objects.generations(names, cache_key, MAX_GENERATIONS).await? else {
             // More than takeovers ever leave: not the fleet's doing. Waited
             // for as a live lease is (a bounded wait), never read whole.
             let holder = format!("unknown (more than {MAX_GENERATIONS} lease objects)");
             return Ok(Claim::Held { holder, generation: newest_seen, expires_in: ttl });
         };
-        let mut generations: Vec<u64> = listed.iter().filter_map(|o| ObjectNames::lease_generation(&o.name)).collect();
         generations.sort_unstable();
         let exhausted = || Error::new(ErrorCode::Corrupt, format!("fleet lease generations of {cache_key} are exhausted"));
         let (next, took_over) = match generations.last() {

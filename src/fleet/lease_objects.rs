@@ -5,6 +5,7 @@
 //! lease logic ([`super::lease`]) is one.
 use std::time::Duration;
 
+use super::objects::ObjectNames;
 use super::redis_hash::FleetRedis;
 use super::remote::{Create, Got, Listed, RemoteStore, Rewrites};
 use crate::base::error::Result;
@@ -53,6 +54,21 @@ impl LeaseObjects<'_> {
         match self {
             LeaseObjects::Bucket(remote) => remote.list_up_to(folder, limit).await,
             LeaseObjects::Redis(redis) => redis.list_up_to(folder, limit).await,
+        }
+    }
+
+    /// The generations of a cache key's lease objects, if there are fewer
+    /// than `max` (None otherwise). In the bucket one listing of the key's
+    /// folder; in Redis a lookup of generations 0 to `max` - 1 by name
+    /// (a scan would read the whole fleet's hash).
+    pub async fn generations(&self, names: &ObjectNames, cache_key: &str, max: usize) -> Result<Option<Vec<u64>>> {
+        let folder = names.lease_folder(cache_key);
+        match self {
+            LeaseObjects::Bucket(remote) => Ok(remote
+                .list_up_to(&folder, max.saturating_sub(1))
+                .await?
+                .map(|listed| listed.iter().filter_map(|o| ObjectNames::lease_generation(&o.name)).collect())),
+            LeaseObjects::Redis(redis) => redis.lease_generations(&folder, max).await,
         }
     }
 
