@@ -3,6 +3,7 @@
 //! host compiled, and the leases that keep two hosts from compiling the
 //! same cache key.
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -121,6 +122,10 @@ pub struct Fleet {
     /// Leases being ended (kept or released) or claims given up, in the
     /// background.
     releasing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set once a watch found more announcements than it lists: they are
+    /// never removed, so later watches look their keys up one by one
+    /// without listing again.
+    too_many_to_watch_by_listing: AtomicBool,
 }
 
 /// A publication under way (see [`Fleet::start_publish`]).
@@ -181,7 +186,17 @@ impl Fleet {
             Some(url) => Some(remote.run(async { FleetRedis::connect(url, &names, config.request_timeout) })?),
             None => None,
         };
-        Ok(Fleet { remote, redis, names, keys, config, holder, stats: FleetStats::default(), releasing: Mutex::new(Vec::new()) })
+        Ok(Fleet {
+            remote,
+            redis,
+            names,
+            keys,
+            config,
+            holder,
+            stats: FleetStats::default(),
+            releasing: Mutex::new(Vec::new()),
+            too_many_to_watch_by_listing: AtomicBool::new(false),
+        })
     }
 
     /// The fleet's Redis server (keeping the leases and announcing the
@@ -292,9 +307,19 @@ impl Fleet {
     /// announcement was lost); without one, they are the bucket's
     /// manifests. While nothing is announced that costs one request per
     /// key, or, for three keys or more (`WATCH_BY_LISTING`), one listing in all
-    /// (only those listed are then read). Hits and refusals are counted.
+    /// (only those listed are then read) — until a listing finds more than
+    /// `WATCH_LISTING_LIMIT`: the announcements only grow, so from then on
+    /// this fleet looks keys up one by one. Hits and refusals are counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
-        let listed = if held.len() >= WATCH_BY_LISTING { self.announced_keys(WATCH_LISTING_LIMIT).ok().flatten() } else { None };
+        let by_listing = held.len() >= WATCH_BY_LISTING && !self.too_many_to_watch_by_listing.load(Ordering::Relaxed);
+        let listed = match by_listing.then(|| self.announced_keys(WATCH_LISTING_LIMIT)) {
+            Some(Ok(Some(listed))) => Some(listed),
+            Some(Ok(None)) => {
+                self.too_many_to_watch_by_listing.store(true, Ordering::Relaxed);
+                None
+            }
+            Some(Err(_)) | None => None,
+        };
         let announced_by_redis = self.redis.is_some();
         let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| {
             let unlisted = listed.as_ref().is_some_and(|published| !published.contains(key));

@@ -247,7 +247,9 @@ impl RemoteStore {
     /// bytes `make` returns each time, until stopped (failures are ignored:
     /// the next round tries again). A rewrite under way when it is stopped
     /// completes first, so that nothing written after [`Rewrites::stop`]
-    /// returns can bring the object back.
+    /// returns can bring the object back — unless it gave up after the
+    /// request timeout while the store still held it: a store that applies
+    /// it later brings a released lease back until it expires (one TTL).
     pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
         Rewrites::start(self.runtime.handle(), every, move || {

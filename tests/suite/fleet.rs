@@ -418,7 +418,7 @@ fn a_held_lease_on_redis_is_renewed_until_released_and_one_racer_wins_it() {
 }
 
 #[test]
-fn leases_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
+fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     let server = SeaweedServer::start("fleet");
     let redis = RedisServer::start();
     let on_redis = |prefix: &str| FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, prefix) };
@@ -457,6 +457,22 @@ fn leases_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
         tezzeret::fleet::Claim::Held { holder, .. } => assert!(holder.contains("more than"), "{holder}"),
         won => panic!("a key with 300 lease objects is not claimed: {won:?}"),
     }
+    // Announcements are never removed: once a watch finds more than it
+    // lists, later watches look their keys up one by one without listing.
+    let mut announce = redis::pipe();
+    for i in 0..1001 {
+        announce.cmd("HSET").arg(&hash).arg(names.manifest(&format!("published-{i}"))).arg("{}").ignore();
+    }
+    let _: () = announce.query(&mut connection).unwrap();
+    let held: Vec<(String, u64, bool)> = (0..3).map(|i| (format!("waited-{i}"), 0, false)).collect();
+    let mut watch = || {
+        let before = fleet.metrics().redis_requests;
+        assert!(fleet.watch_many(&held).iter().all(|w| matches!(w, Watched::Held)));
+        fleet.metrics().redis_requests - before
+    };
+    let first = watch();
+    assert!(first > 3 + 3, "a listing of several steps, then a lookup per key: {first} commands");
+    assert_eq!(watch(), 3, "a lookup per key, no listing");
 }
 
 /// A lease won by a fleet of `config` is renewed in the background until
