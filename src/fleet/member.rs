@@ -278,10 +278,11 @@ impl Fleet {
         }
     }
 
-    /// The cache keys any forge ever claimed (their lease's generation 0
-    /// exists: held, kept by a holder that published, or expired), from
-    /// one listing, when there are at most `limit` lease objects (None
-    /// when more). Only a hint for where to claim next.
+    /// The cache keys any forge claimed and did not give back (lease
+    /// objects of theirs exist: held, kept by a holder that published,
+    /// expired or taken over), from one listing, when there are at most
+    /// `limit` lease objects (None when more). Only a hint for where to
+    /// claim next.
     pub fn claimed_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
         let listed = self.remote.run(self.lease_objects().list_up_to(&self.names.leases(), limit));
         if listed.is_err() {
