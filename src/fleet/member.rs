@@ -307,10 +307,11 @@ impl Fleet {
     /// the bucket is asked only with the lease (for a publication whose
     /// announcement was lost); without one, they are the bucket's
     /// manifests. While nothing is announced that costs one request per
-    /// key, or, for three keys or more (`WATCH_BY_LISTING`), one listing in all
-    /// (only those listed are then read) — until a listing finds more than
-    /// `WATCH_LISTING_LIMIT`: the announcements only grow, so from then on
-    /// this fleet looks keys up one by one. Hits and refusals are counted.
+    /// key, or, for three keys or more (`WATCH_BY_LISTING`), one listing
+    /// in all (only those listed are then read) — until a listing finds
+    /// more than `WATCH_LISTING_LIMIT`: the announcements only grow, so
+    /// from then on this fleet looks keys up one by one. Hits and refusals
+    /// are counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
         let by_listing = held.len() >= WATCH_BY_LISTING && !self.too_many_to_watch_by_listing.load(Ordering::Relaxed);
         let listed = match by_listing.then(|| self.announced_keys(WATCH_LISTING_LIMIT)) {
