@@ -465,7 +465,7 @@ fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     }
     let _: () = announce.query(&mut connection).unwrap();
     let held: Vec<(String, u64, bool)> = (0..3).map(|i| (format!("waited-{i}"), 0, false)).collect();
-    let mut watch = || {
+    let watch = || {
         let before = fleet.metrics().redis_requests;
         assert!(fleet.watch_many(&held).iter().all(|w| matches!(w, Watched::Held)));
         fleet.metrics().redis_requests - before
