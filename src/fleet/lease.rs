@@ -29,7 +29,7 @@ use crate::base::error::{Error, ErrorCode, Result};
 
 /// The most lease objects a claim reads for one cache key: each takeover
 /// of an expired lease leaves one more until a holder releases them, so a
-/// key with as many holds objects that are none of the fleet's.
+/// key with more holds objects that are none of the fleet's.
 const MAX_GENERATIONS: usize = 256;
 
 /// A lease object's content.

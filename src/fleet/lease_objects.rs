@@ -57,15 +57,17 @@ impl LeaseObjects<'_> {
         }
     }
 
-    /// The generations of a cache key's lease objects, if there are fewer
-    /// than `max` (None otherwise). In the bucket one listing of the key's
-    /// folder; in Redis a lookup of generations 0 to `max` - 1 by name
-    /// (a scan would read the whole fleet's hash).
+    /// The generations of a cache key's lease objects, if there are at
+    /// most `max` (None: more). In the bucket one listing of the key's
+    /// folder; in Redis a lookup by name of generations 0 to `max` (a
+    /// scan would read the whole fleet's hash), None when generation `max`
+    /// exists — which takes `max` takeovers, leaving more than `max`
+    /// objects.
     pub async fn generations(&self, names: &ObjectNames, cache_key: &str, max: usize) -> Result<Option<Vec<u64>>> {
         let folder = names.lease_folder(cache_key);
         match self {
             LeaseObjects::Bucket(remote) => Ok(remote
-                .list_up_to(&folder, max.saturating_sub(1))
+                .list_up_to(&folder, max)
                 .await?
                 .map(|listed| listed.iter().filter_map(|o| ObjectNames::lease_generation(&o.name)).collect())),
             LeaseObjects::Redis(redis) => redis.lease_generations(&folder, max).await,

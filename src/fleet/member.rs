@@ -268,12 +268,18 @@ impl Fleet {
     /// announcement was lost is missing here: watchers still find it by
     /// asking the bucket now and then.
     pub fn announced_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
-        let Some(redis) = &self.redis else { return self.published_keys(limit) };
+        self.announced_listing(limit).0
+    }
+
+    /// [`Self::announced_keys`], and whether the announcements themselves
+    /// answered (false: the bucket, for a Redis that could not be asked).
+    fn announced_listing(&self, limit: usize) -> (Result<Option<HashSet<String>>>, bool) {
+        let Some(redis) = &self.redis else { return (self.published_keys(limit), true) };
         match self.remote.run(redis.list_up_to(&self.names.manifests(), limit)) {
-            Ok(listed) => Ok(listed.map(|copies| ObjectNames::manifest_keys(&copies).map(str::to_string).collect())),
+            Ok(listed) => (Ok(listed.map(|copies| ObjectNames::manifest_keys(&copies).map(str::to_string).collect())), true),
             Err(_) => {
                 self.count(FleetEvent::StoreError);
-                self.published_keys(limit)
+                (self.published_keys(limit), false)
             }
         }
     }
@@ -314,13 +320,16 @@ impl Fleet {
     /// are counted.
     pub fn watch_many(&self, held: &[(String, u64, bool)]) -> Vec<Watched> {
         let by_listing = held.len() >= WATCH_BY_LISTING && !self.too_many_to_watch_by_listing.load(Ordering::Relaxed);
-        let listed = match by_listing.then(|| self.announced_keys(WATCH_LISTING_LIMIT)) {
-            Some(Ok(Some(listed))) => Some(listed),
-            Some(Ok(None)) => {
-                self.too_many_to_watch_by_listing.store(true, Ordering::Relaxed);
+        let listed = match by_listing.then(|| self.announced_listing(WATCH_LISTING_LIMIT)) {
+            Some((Ok(Some(listed)), _)) => Some(listed),
+            Some((Ok(None), first_hand)) => {
+                // Only the announcements' own count says so for good.
+                if first_hand {
+                    self.too_many_to_watch_by_listing.store(true, Ordering::Relaxed);
+                }
                 None
             }
-            Some(Err(_)) | None => None,
+            Some((Err(_), _)) | None => None,
         };
         let announced_by_redis = self.redis.is_some();
         let watches = futures::stream::iter(held.iter().map(|(key, generation, read_lease)| {

@@ -41,11 +41,11 @@ const NAMES_AND_SIZES: &str = "local r = redis.call('HSCAN', KEYS[1], ARGV[1], '
     end \
     return {r[1], out}";
 
-/// Which generations, from 0 to `ARGV[2]` - 1, of the lease objects in
+/// Which generations, from 0 to `ARGV[2]`, of the lease objects in
 /// the folder `ARGV[1]` exist (named as `ObjectNames::lease` names them):
 /// looked up by name, so a claim costs the same however large the hash.
 const LEASE_GENERATIONS: &str = "local out = {} \
-    for g = 0, tonumber(ARGV[2]) - 1 do \
+    for g = 0, tonumber(ARGV[2]) do \
         if redis.call('HEXISTS', KEYS[1], string.format('%s%010d.json', ARGV[1], g)) == 1 then out[#out + 1] = g end \
     end \
     return out";
@@ -225,14 +225,14 @@ impl FleetRedis {
         }
     }
 
-    /// The generations below `max` of the lease objects in `folder` (a
-    /// cache key's lease folder); None when generation `max` - 1 exists
-    /// (more than takeovers ever leave).
+    /// The generations up to `max` of the lease objects in `folder` (a
+    /// cache key's lease folder); None when generation `max` exists (more
+    /// than `max` takeovers).
     pub async fn lease_generations(&self, folder: &str, max: usize) -> Result<Option<Vec<u64>>> {
         let mut command = redis::cmd("EVAL");
         command.arg(LEASE_GENERATIONS).arg(1).arg(&self.hash).arg(folder).arg(max);
         let generations: Vec<u64> = self.query("list", folder, &command).await?;
-        Ok((!generations.contains(&(max as u64).saturating_sub(1))).then_some(generations))
+        Ok((!generations.contains(&(max as u64))).then_some(generations))
     }
 
     /// Rewrites an object every `every` (see [`Rewrites`]).

@@ -274,7 +274,10 @@ impl Forge {
             }
             _ => None,
         };
-        self.finish(job, prepared, compiled)
+        let report = self.finish(job, prepared, compiled);
+        // No lease to end here (an urgent job claims none).
+        self.published_but_failed.clear();
+        report
     }
 
     /// How a compile runs when `concurrent` compile at once: on the forge's

@@ -27,6 +27,7 @@ use tezzeret::build::catalog::Catalog;
 use tezzeret::fleet::manifest::SharedManifest;
 use tezzeret::fleet::remote::{Create, Got, RemoteStore};
 use tezzeret::fleet::lease::LeaseState;
+use tezzeret::fleet::objects::ObjectNames;
 use tezzeret::fleet::{FleetConfig, FleetMetrics, Lookup, Refusal, Watched};
 use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, LogLevel, Progress};
 use tezzeret::state::artifact::ArtifactRecord;
@@ -390,8 +391,25 @@ fn leases_on_an_unreachable_redis_never_fail_a_job() {
     assert_eq!(metrics.published, FIVE.len() as u64, "and is published to the bucket: {metrics:?}");
     assert!(metrics.store_errors >= 1 && metrics.redis_requests >= FIVE.len() as u64, "{metrics:?}");
     assert!(member.seen.lock().unwrap().logs.iter().any(|l| l.contains(&format!("127.0.0.1:{port}"))), "the outage is logged naming Redis");
-    let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet);
+    let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet.clone());
     assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "the bucket holds everything");
+    // Watches list the bucket for a Redis that cannot be asked; the bucket
+    // holding more manifests than a watch lists says nothing of the
+    // announcements, so later watches still try to list them.
+    use futures::StreamExt;
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let names = ObjectNames::new(&fleet.bucket, &fleet.prefix);
+    let manifests: Vec<String> = (0..1001).map(|i| names.manifest(&format!("filler-{i}"))).collect();
+    let creates = futures::stream::iter(manifests.iter().map(|name| store.create(name, b"{}".to_vec()))).buffer_unordered(16);
+    assert!(store.run(creates.collect::<Vec<_>>()).iter().all(|c| c.is_ok()));
+    let watcher = tezzeret::fleet::Fleet::connect(fleet, keys, "watcher".into()).unwrap();
+    let held: Vec<(String, u64, bool)> = (0..3).map(|i| (format!("waited-{i}"), 0, false)).collect();
+    for round in 0..2 {
+        let before = watcher.metrics().requests;
+        assert!(watcher.watch_many(&held).iter().all(|w| matches!(w, Watched::Held)));
+        // (Between lease reads the keys' manifests are not asked of the bucket.)
+        assert_eq!(watcher.metrics().requests - before, 1, "watch {round}: a listing of the bucket");
+    }
 }
 
 #[test]
@@ -448,15 +466,6 @@ fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     assert!(listed.as_ref() == Some(&keys), "the long name is no key of the fleet's ({:?} keys)", listed.map(|k| k.len()));
     let sent = redis_bytes_sent(&mut connection) - sent_before;
     assert!(sent < 1 << 20, "the 4 MiB name was not sent: {sent} bytes");
-    // A key with more lease objects than takeovers leave is waited for
-    // (bounded), not read whole.
-    for generation in 0..300 {
-        let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.lease("junk", generation)).arg("{}").query(&mut connection).unwrap();
-    }
-    match fleet.claim("junk").unwrap() {
-        tezzeret::fleet::Claim::Held { holder, .. } => assert!(holder.contains("more than"), "{holder}"),
-        won => panic!("a key with 300 lease objects is not claimed: {won:?}"),
-    }
     // Announcements are never removed: once a watch finds more than it
     // lists, later watches look their keys up one by one without listing.
     let mut announce = redis::pipe();
@@ -473,6 +482,48 @@ fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     let first = watch();
     assert!(first > 3 + 3, "a listing of several steps, then a lookup per key: {first} commands");
     assert_eq!(watch(), 3, "a lookup per key, no listing");
+}
+
+#[test]
+fn a_claim_reads_at_most_256_lease_objects_of_a_key_in_the_bucket_or_on_redis() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let bucket = with_prefix(&server, "many-generations");
+    let on_redis = FleetConfig { lease_redis: Some(redis.url()), ..bucket.clone() };
+    let names = ObjectNames::new(&server.bucket, "many-generations");
+    let store = RemoteStore::connect(&bucket).unwrap();
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
+    let mut connection = redis.connection();
+    // Unreadable lease objects (a torn or foreign write reads as expired)
+    // for generations 0 to `count` - 1 of `key`, in the bucket or on Redis.
+    let mut plant = |key: &str, count: u64, in_redis: bool| {
+        if in_redis {
+            let mut pipe = redis::pipe();
+            for generation in 0..count {
+                pipe.cmd("HSET").arg(&hash).arg(names.lease(key, generation)).arg("{}").ignore();
+            }
+            let _: () = pipe.query(&mut connection).unwrap();
+        } else {
+            let leases: Vec<String> = (0..count).map(|generation| names.lease(key, generation)).collect();
+            let created = store.run(futures::future::join_all(leases.iter().map(|name| store.create(name, b"{}".to_vec()))));
+            assert!(created.iter().all(|c| matches!(c, Ok(Create::Created))), "{created:?}");
+        }
+    };
+    for (config, in_redis) in [(bucket, false), (on_redis, true)] {
+        let fleet = tezzeret::fleet::Fleet::connect(config, fleet_keys(), "many".into()).unwrap();
+        // 256 expired generations: the next one is taken over.
+        plant("at-the-bound", 256, in_redis);
+        match fleet.claim("at-the-bound").unwrap() {
+            tezzeret::fleet::Claim::Won { lease, took_over } => assert!(lease.generation == 256 && took_over, "{lease:?}"),
+            held => panic!("256 lease objects are read (redis: {in_redis}): {held:?}"),
+        }
+        // One more: more than takeovers leave; waited for, not read whole.
+        plant("past-the-bound", 257, in_redis);
+        match fleet.claim("past-the-bound").unwrap() {
+            tezzeret::fleet::Claim::Held { holder, .. } => assert!(holder.contains("more than 256"), "{holder}"),
+            won => panic!("257 lease objects are not read (redis: {in_redis}): {won:?}"),
+        }
+    }
 }
 
 /// A lease won by a fleet of `config` is renewed in the background until
@@ -513,28 +564,42 @@ fn a_job_that_fails_here_after_publishing_keeps_its_lease() {
     let dir = TempDir::new("fleet-published-failed");
     let key = dir.path().join("fleet.key");
     keygen(&key).unwrap();
-    // The artifact is uploaded while it is stored here; storing it fails.
-    let run = tezzeret()
-        .env("TEZZERET_FAILPOINTS", "store.write=error@1")
-        .arg("forge")
-        .arg("--state")
-        .arg(dir.path().join("state"))
-        .arg("--catalog")
-        .arg(bp001_catalog(dir.path()))
-        .args(fleet_args(&server, "published-failed", &key))
-        .output()
-        .unwrap();
-    let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    assert!(log.contains("BP001 failed") && log.contains("injected"), "the local store failed: {log}");
-    let fleet = with_prefix(&server, "published-failed");
-    let store = RemoteStore::connect(&fleet).unwrap();
-    let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
-    let manifests = store.run(store.list(&names.manifests())).unwrap();
-    assert_eq!(manifests.len(), 1, "the bucket holds the publication: {log}");
-    // Its lease stays: a host claiming the key later is sent to the bucket
-    // instead of compiling it again.
-    let leases = store.run(store.list(&names.leases())).unwrap();
-    assert_eq!(leases.len(), 1, "the published key's lease is kept: {leases:?}");
+    // The artifact is uploaded while it is stored here: storing it fails,
+    // or (stored) its commit fails at the guard slot.
+    for (failpoint, prefix) in [("store.write=error@1", "store-failed"), ("guard.write=error@1", "commit-failed")] {
+        let run = tezzeret()
+            .env("TEZZERET_FAILPOINTS", failpoint)
+            .arg("forge")
+            .arg("--state")
+            .arg(dir.path().join(prefix))
+            .arg("--catalog")
+            .arg(bp001_catalog(dir.path()))
+            .args(fleet_args(&server, prefix, &key))
+            .output()
+            .unwrap();
+        let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        assert!(log.contains("BP001 failed") && log.contains("injected"), "{failpoint}: the job failed here: {log}");
+        let fleet = with_prefix(&server, prefix);
+        let store = RemoteStore::connect(&fleet).unwrap();
+        let names = tezzeret::fleet::objects::ObjectNames::new(&fleet.bucket, &fleet.prefix);
+        let manifests = store.run(store.list(&names.manifests())).unwrap();
+        assert_eq!(manifests.len(), 1, "{failpoint}: the bucket holds the publication: {log}");
+        let leases = store.run(store.list(&names.leases())).unwrap();
+        assert_eq!(leases.len(), 1, "{failpoint}: the published key's lease is kept: {leases:?}");
+        // A host claiming the key later is sent to the bucket instead of
+        // compiling it again.
+        let cache_key = ObjectNames::manifest_key(&manifests[0].name).unwrap();
+        let later = tezzeret::fleet::Fleet::connect(fleet.clone(), fleet_key_pair_of(&key), "later".into()).unwrap();
+        let claimed = later.claim_unclaimed(cache_key).unwrap();
+        assert!(matches!(claimed, tezzeret::fleet::Claim::Held { .. }), "{failpoint}: {claimed:?}");
+    }
+}
+
+/// The key ring of a key pair written by `keygen` at `key`.
+fn fleet_key_pair_of(key: &Path) -> KeyRing {
+    let public = tezzeret::state::signing::read_key_file(&PathBuf::from(format!("{}.pub", key.display()))).unwrap();
+    let seed = tezzeret::state::signing::read_key_file(key).unwrap();
+    KeyRing::new(Some(seed), &[public]).unwrap()
 }
 
 #[test]
@@ -898,9 +963,7 @@ fn a_killed_holder_delays_the_others_only_until_expiry(server: &SeaweedServer, l
     let mut fleet = with_prefix(server, "lease");
     fleet.lease_ttl = Duration::from_secs(5);
     fleet.lease_redis = lease_redis;
-    let public = tezzeret::state::signing::read_key_file(&PathBuf::from(format!("{}.pub", key.display()))).unwrap();
-    let seed = tezzeret::state::signing::read_key_file(&key).unwrap();
-    let keys = KeyRing::new(Some(seed), &[public]).unwrap();
+    let keys = fleet_key_pair_of(&key);
     let taker = Member::open(&dir.path().join("taker"), &["BP001"], &keys, fleet.clone());
     let leases = taker.service.with(|f| Ok(f.fleet().unwrap().leases().unwrap())).unwrap();
     assert_eq!(leases.len(), 1, "the dead holder's lease is in the bucket");
