@@ -75,7 +75,8 @@ impl LeaseObjects<'_> {
     }
 
     /// Rewrites an object every `every` with the bytes `make` returns, until
-    /// the returned value is stopped or dropped (see [`Rewrites`]).
+    /// the returned value is stopped or dropped (see [`Rewrites`]). On Redis
+    /// only while the object still holds a lease of the same holder.
     pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         match self {
             LeaseObjects::Bucket(remote) => remote.rewrite_every(name, every, make),

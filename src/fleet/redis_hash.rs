@@ -50,6 +50,18 @@ const LEASE_GENERATIONS: &str = "local out = {} \
     end \
     return out";
 
+/// A lease's renewal: writes `ARGV[2]` to the field `ARGV[1]` only if it
+/// still holds a lease of the same holder, so that a renewal arriving late
+/// never brings back a released lease nor overwrites another holder's.
+const RENEW: &str = "local current = redis.call('HGET', KEYS[1], ARGV[1]) \
+    if not current then return 0 end \
+    local ok_old, old = pcall(cjson.decode, current) \
+    local ok_new, new = pcall(cjson.decode, ARGV[2]) \
+    if not (ok_old and ok_new and type(old) == 'table' and type(new) == 'table') then return 0 end \
+    if old.holder ~= new.holder then return 0 end \
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
+    return 1";
+
 /// A fleet's Redis: one hash (field: the object's name in the bucket,
 /// value: its bytes) shared by every forge of the fleet, holding its lease
 /// objects and copies of its published manifests, and beside it a key per
@@ -235,13 +247,16 @@ impl FleetRedis {
         Ok((!generations.contains(&(max as u64))).then_some(generations))
     }
 
-    /// Rewrites an object every `every` (see [`Rewrites`]).
+    /// Renews a lease object every `every` with the body `make` returns
+    /// (see [`Rewrites`]) — only while it still holds a lease of the same
+    /// holder (the `RENEW` script): a renewal that arrives after the lease
+    /// was released, or taken by another holder, writes nothing.
     pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (connection, hash, field, timeout) = (self.connection.clone(), self.hash.clone(), name.to_string(), self.timeout);
         Rewrites::start(&self.runtime, every, move || {
             let mut connection = connection.clone();
-            let mut command = redis::cmd("HSET");
-            command.arg(&hash).arg(&field).arg(make());
+            let mut command = redis::cmd("EVAL");
+            command.arg(RENEW).arg(1).arg(&hash).arg(&field).arg(make());
             async move {
                 let _ = tokio::time::timeout(timeout, command.query_async::<i64>(&mut connection)).await;
             }

@@ -250,6 +250,7 @@ impl RemoteStore {
     /// returns can bring the object back — unless it gave up after the
     /// request timeout while the store still held it: a store that applies
     /// it later brings a released lease back until it expires (one TTL).
+    /// (Leases on Redis are renewed only while they are still there.)
     pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
         Rewrites::start(self.runtime.handle(), every, move || {

@@ -436,6 +436,42 @@ fn a_held_lease_on_redis_is_renewed_until_released_and_one_racer_wins_it() {
 }
 
 #[test]
+fn a_renewal_on_redis_never_brings_back_a_released_lease_nor_takes_another_holders() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let mut config = FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, "late-renewal") };
+    config.lease_ttl = Duration::from_millis(900);
+    let fleet = tezzeret::fleet::Fleet::connect(config, fleet_keys(), "renewer".into()).unwrap();
+    let won = |key: &str| match fleet.claim(key).unwrap() {
+        tezzeret::fleet::Claim::Won { lease, .. } => lease,
+        held => panic!("{key}: {held:?}"),
+    };
+    let (gone, taken, kept) = (won("gone"), won("taken"), won("kept"));
+    // Behind the renewals' back, as a late renewal would find them: one
+    // lease released, one held by another forge.
+    let names = ObjectNames::new(&server.bucket, "late-renewal");
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
+    let mut connection = redis.connection();
+    let _: i64 = redis::cmd("HDEL").arg(&hash).arg(names.lease("gone", 0)).query(&mut connection).unwrap();
+    let other = format!(r#"{{"holder":"another-forge","expires_at_ms":{}}}"#, u64::MAX / 2);
+    let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.lease("taken", 0)).arg(&other).query(&mut connection).unwrap();
+    // Every lease renews on the same schedule: three renewals of the one
+    // left alone mean the others' renewals have run since, at least once.
+    let expiry = || fleet.leases().unwrap().iter().find(|(key, ..)| key == "kept").map(|(_, body, _)| body.expires_at_ms);
+    for renewal in 0..3 {
+        let before = expiry().expect("the kept lease is there");
+        wait_for(&format!("renewal {renewal} of the kept lease"), || expiry().is_some_and(|at| at > before));
+    }
+    let exists: i64 = redis::cmd("HEXISTS").arg(&hash).arg(names.lease("gone", 0)).query(&mut connection).unwrap();
+    assert_eq!(exists, 0, "a released lease is not brought back by its renewal");
+    let holder: String = redis::cmd("HGET").arg(&hash).arg(names.lease("taken", 0)).query(&mut connection).unwrap();
+    assert_eq!(holder, other, "another forge's lease is not overwritten");
+    for lease in [gone, taken, kept] {
+        fleet.release(lease).unwrap();
+    }
+}
+
+#[test]
 fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     let server = SeaweedServer::start("fleet");
     let redis = RedisServer::start();
