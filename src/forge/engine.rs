@@ -59,8 +59,9 @@ pub struct Forge {
     /// While the bucket is unreachable: when unpublished artifacts are
     /// offered to it again.
     pub(super) fleet_retry_at: Option<Instant>,
-    /// Where this forge starts each run of equal priority in a fleet
-    /// (random: hosts starting together begin at different blueprints).
+    /// Where this forge starts each run of equal priority in a fleet, and
+    /// its seek's phase without a member index (random: hosts starting
+    /// together begin at different blueprints).
     pub(super) fleet_offset: usize,
     /// Cache keys whose publication this forge completed although their
     /// job then failed here (the local store or commit): their leases are

@@ -242,14 +242,15 @@ impl Forge {
 
     /// Before a drain's first compile in a publishing fleet: finds where
     /// this host starts. It tries the places of its series (see
-    /// [`seek_places`]; its phase is its member index, else 0) among the
-    /// jobs left to claim, claiming each, and starts at the first it wins:
-    /// hosts starting together spread over the queue instead of meeting
-    /// at one another's leases all along. Hosts of indices 0, 1, 2… start
-    /// in different places and race for no claim; hosts without one all
-    /// walk the same series and spread as they lose claims — and a store
-    /// may make the loser of a race wait (SeaweedFS retries it a second
-    /// later). A job whose claim it lost waits, as after any lost claim.
+    /// [`seek_places`]; its phase is its member index, else this forge's
+    /// random offset) among the jobs left to claim, claiming each, and
+    /// starts at the first it wins: hosts starting together spread over
+    /// the queue instead of meeting at one another's leases all along.
+    /// Hosts of indices 0, 1, 2… start in different places and race for no
+    /// claim; hosts without one start at random places and rarely race —
+    /// which matters, as a store may make the loser of a race wait
+    /// (SeaweedFS retries it a second later). A job whose claim it lost
+    /// waits, as after any lost claim.
     /// Only the first run of equal priority is reordered; without a win
     /// the drain keeps its order.
     pub(super) fn seek_start(
@@ -275,7 +276,7 @@ impl Forge {
             .collect();
         open.sort_unstable();
         let (mut lost, mut start) = (Vec::new(), None);
-        let phase = fleet.config().member_index.unwrap_or(0);
+        let phase = fleet.config().member_index.unwrap_or(self.fleet_offset as u32);
         for place in seek_places(phase, open.len()) {
             let position = open[place];
             let job = &queue[position];
