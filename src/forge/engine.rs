@@ -3,7 +3,6 @@
 //! conservative mode), the [`Observer`] (counters), the [`Prefetcher`] and
 //! the host, and is what callers hold. Queueing lives in `queue.rs`, the
 //! compile pipeline in `pipeline.rs`, cache maintenance in `cache.rs`.
-use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,10 +62,6 @@ pub struct Forge {
     /// its seek's phase without a member index (random: hosts starting
     /// together begin at different blueprints).
     pub(super) fleet_offset: usize,
-    /// Cache keys whose publication this forge completed although their
-    /// job then failed here (the local store or commit): their leases are
-    /// kept, as the bucket holds them.
-    pub(super) published_but_failed: HashSet<String>,
     _lock: StateLock,
 }
 
@@ -126,7 +121,6 @@ impl Forge {
             fleet: None,
             fleet_retry_at: None,
             fleet_offset: 0,
-            published_but_failed: HashSet::new(),
             _lock: lock,
         };
         for (record, error) in forge.ledger.retire_unverified()? {

@@ -72,8 +72,9 @@ impl Stored {
 
 /// What finishing a started job left to do.
 enum Finished {
-    /// Nothing: its report (committed, or failed).
-    Done(JobReport),
+    /// Nothing: its report (committed, or failed), and whether this forge
+    /// published its artifact to the fleet's bucket all the same.
+    Done(JobReport, bool),
     /// Its commit, once its upload ends (see [`Forge::commit_stored`]).
     Stored(Stored),
 }
@@ -173,7 +174,7 @@ impl Forge {
                 self.start_jobs(&queue, &mut drain, progress);
                 let finished = self.finish_adopted(&queue, &run);
                 for (adopted, report) in run.into_iter().zip(finished) {
-                    self.hand_on(adopted.position, adopted.lease, report, total, progress, &mut reports);
+                    self.hand_on(adopted.position, adopted.lease, report, false, total, progress, &mut reports);
                 }
                 drain.finished = reports.len();
                 continue;
@@ -198,9 +199,9 @@ impl Forge {
                     drain.uploading.push_back(Uploading { position, lease, stored });
                     self.commit_uploaded(&queue, &mut drain, false, progress, &mut reports);
                 }
-                Finished::Done(report) => {
+                Finished::Done(report, published) => {
                     self.commit_uploaded(&queue, &mut drain, true, progress, &mut reports);
-                    self.hand_on(position, lease, report, total, progress, &mut reports);
+                    self.hand_on(position, lease, report, published, total, progress, &mut reports);
                     drain.finished = reports.len();
                 }
             }
@@ -210,8 +211,6 @@ impl Forge {
         if let Some(fleet) = &self.fleet {
             fleet.settle();
         }
-        // Every lease of the drain has ended: what was kept for them is moot.
-        self.published_but_failed.clear();
         self.share_pending();
         reports
     }
@@ -229,27 +228,28 @@ impl Forge {
     ) {
         while drain.uploading.front().is_some_and(|u| all || u.stored.uploaded()) {
             let Uploading { position, lease, stored } = drain.uploading.pop_front().expect("an upload");
-            let report = self.commit_stored(&queue[position], stored);
-            self.hand_on(position, lease, report, queue.len(), progress, reports);
+            let (report, published) = self.commit_stored(&queue[position], stored);
+            self.hand_on(position, lease, report, published, queue.len(), progress, reports);
             drain.finished = reports.len();
         }
     }
 
     /// After the report of the job at `position`: ends its lease (kept if
-    /// the bucket now holds its artifact, even when the job failed here
-    /// after publishing it) and hands the report on.
+    /// the bucket now holds its artifact — `published` says so of a job
+    /// that failed here after publishing it) and hands the report on.
+    #[allow(clippy::too_many_arguments)]
     fn hand_on(
         &mut self,
         position: usize,
         lease: Option<Lease>,
         report: JobReport,
+        published: bool,
         total: usize,
         progress: &mut dyn FnMut(Progress<'_>),
         reports: &mut Vec<JobReport>,
     ) {
         if let Some(lease) = lease {
-            let published_here = self.published_but_failed.remove(&lease.cache_key);
-            let published = published_here || report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
+            let published = published || report.record.as_ref().is_some_and(|r| self.ledger.is_shared(r));
             self.end_lease(lease, published);
         }
         progress(Progress::Finished(position, total, &report));
@@ -274,10 +274,7 @@ impl Forge {
             }
             _ => None,
         };
-        let report = self.finish(job, prepared, compiled);
-        // No lease to end here (an urgent job claims none).
-        self.published_but_failed.clear();
-        report
+        self.finish(job, prepared, compiled)
     }
 
     /// How a compile runs when `concurrent` compile at once: on the forge's
@@ -426,8 +423,8 @@ impl Forge {
     /// commits, feeds the governor, records a failure, reports.
     fn finish(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> JobReport {
         match self.finish_started(job, prepared, compiled) {
-            Finished::Done(report) => report,
-            Finished::Stored(stored) => self.commit_stored(job, stored),
+            Finished::Done(report, _) => report,
+            Finished::Stored(stored) => self.commit_stored(job, stored).0,
         }
     }
 
@@ -436,6 +433,7 @@ impl Forge {
     /// (its upload to the fleet's bucket may still be under way).
     fn finish_started(&mut self, job: &Job, prepared: Result<Prepared>, compiled: Option<Result<CompiledArtifact>>) -> Finished {
         let compiled_during = compiled.as_ref().and_then(|c| c.as_ref().ok()).map(|a| a.ran);
+        let mut published = false;
         let outcome = match prepared {
             Err(e) => Err(e),
             Ok(Prepared::Adopted(record)) => self.commit_adopted(&[(job, &record)]).map(|_| (JobStatus::Cached, record)),
@@ -445,24 +443,25 @@ impl Forge {
                     self.observer.counters.compile_us_total += (artifact.job_ms * 1e3) as u64;
                     match self.store_compiled(job, &c, artifact, compiled_during) {
                         Ok(stored) => return Finished::Stored(stored),
-                        Err(e) => Err(e),
+                        Err((e, uploaded)) => {
+                            published = uploaded;
+                            Err(e)
+                        }
                     }
                 }
             },
         };
-        Finished::Done(self.conclude(job, outcome, compiled_during))
+        Finished::Done(self.conclude(job, outcome, compiled_during), published)
     }
 
     /// Commits a compiled artifact stored here once its upload ended
-    /// (waiting for it if need be), and reports its job.
-    fn commit_stored(&mut self, job: &Job, stored: Stored) -> JobReport {
+    /// (waiting for it if need be), and reports its job; also whether the
+    /// bucket now holds the artifact (even if the commit failed).
+    fn commit_stored(&mut self, job: &Job, stored: Stored) -> (JobReport, bool) {
         let Stored { record, publication, compiled, compiled_during } = stored;
         let shared = self.finish_publish(&record, publication);
-        let outcome = self.commit(job, &record, Some(compiled), shared).map(|()| (JobStatus::Ok, record.clone()));
-        if shared && outcome.is_err() {
-            self.published_but_failed.insert(record.cache_key);
-        }
-        self.conclude(job, outcome, compiled_during)
+        let outcome = self.commit(job, &record, Some(compiled), shared).map(|()| (JobStatus::Ok, record));
+        (self.conclude(job, outcome, compiled_during), shared)
     }
 
     /// Ends jobs adopting durable artifacts: commits them together, then
@@ -537,13 +536,14 @@ impl Forge {
 
     /// Stores a compiled artifact durably here while its upload to the
     /// fleet's bucket starts (see [`Self::commit_stored`] for the rest).
+    /// On failure, also whether the bucket now holds the artifact.
     fn store_compiled(
         &mut self,
         job: &Job,
         c: &PendingCompile,
         artifact: CompiledArtifact,
         compiled_during: Option<(Instant, Instant)>,
-    ) -> Result<Stored> {
+    ) -> std::result::Result<Stored, (Error, bool)> {
         let descriptor = &c.job.descriptor;
         let record = ArtifactRecord {
             blueprint_id: job.blueprint_id.clone(),
@@ -576,10 +576,7 @@ impl Forge {
         if let Err(error) = self.ledger.store().put(&record, &bytes) {
             // Not stored here: the upload ends before the lease is ended
             // (kept if the bucket now holds the artifact).
-            if self.finish_publish(&record, publication) {
-                self.published_but_failed.insert(record.cache_key.clone());
-            }
-            return Err(error);
+            return Err((error, self.finish_publish(&record, publication)));
         }
         Ok(Stored { record, publication, compiled: (c.started.clone(), c.begun), compiled_during })
     }
