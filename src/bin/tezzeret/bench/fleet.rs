@@ -216,7 +216,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     if let Ok(redis) = &redis {
         for round in 0..ROUNDS {
             let fleet = FleetSpec {
-                endpoint: server.fleet_config().endpoint.unwrap_or_default(),
+                endpoint: server.endpoint(),
                 bucket: server.bucket.clone(),
                 prefix: format!("processes-{round}"),
                 lease_redis: Some(redis.url()),

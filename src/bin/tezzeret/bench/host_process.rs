@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::fleet::{open_and_run, Run};
 use super::runtime::compilable;
-use super::seaweed_server::{ACCESS_KEY, SECRET_KEY};
+use super::seaweed_server::SeaweedServer;
 use tezzeret::base::hex;
 use tezzeret::build::compile::{self, CompileJob, JobLimits, Strategy};
-use tezzeret::fleet::{Credentials, FleetConfig};
+use tezzeret::fleet::FleetConfig;
 use tezzeret::state::signing::KeyRing;
 use tezzeret::{Error, Result};
 
@@ -54,10 +54,7 @@ pub struct FleetSpec {
 
 impl FleetSpec {
     fn config(&self) -> FleetConfig {
-        let mut config = FleetConfig::new(&self.bucket);
-        config.endpoint = Some(self.endpoint.clone());
-        config.credentials = Some(Credentials { access_key_id: ACCESS_KEY.into(), secret_access_key: SECRET_KEY.into() });
-        config.request_timeout = std::time::Duration::from_secs(60);
+        let mut config = SeaweedServer::fleet_config_at(&self.bucket, &self.endpoint);
         config.prefix = self.prefix.clone();
         config.lease_redis = self.lease_redis.clone();
         config

@@ -148,8 +148,14 @@ impl SeaweedServer {
 
     /// A fleet configuration for its bucket, signed with the test identity.
     pub fn fleet_config(&self) -> FleetConfig {
-        let mut config = FleetConfig::new(&self.bucket);
-        config.endpoint = Some(self.endpoint());
+        Self::fleet_config_at(&self.bucket, &self.endpoint())
+    }
+
+    /// The same for a server known only by its bucket and endpoint (from
+    /// another process).
+    pub fn fleet_config_at(bucket: &str, endpoint: &str) -> FleetConfig {
+        let mut config = FleetConfig::new(bucket);
+        config.endpoint = Some(endpoint.to_string());
         config.credentials =
             Some(Credentials { access_key_id: ACCESS_KEY.to_string(), secret_access_key: SECRET_KEY.to_string() });
         // A loaded machine can stall the server for seconds; a request that
