@@ -44,7 +44,8 @@ pub struct LeaseBody {
 /// A lease this forge holds. While it is held it is renewed in the
 /// background (every third of the TTL), so a compile longer than the TTL
 /// keeps it; dropping it stops the renewal (release it to remove it).
-/// A renewal is never written after the release's delete.
+/// A renewal writes only over a lease of the same holder: never after the
+/// release's delete, never over another holder's lease.
 #[derive(Debug)]
 pub struct Lease {
     /// The cache key it is for.
@@ -62,7 +63,7 @@ impl Lease {
     pub fn keep_renewed(&mut self, objects: LeaseObjects<'_>, names: &ObjectNames, holder: &str, ttl: Duration) {
         let holder = holder.to_string();
         let make = move || body_bytes(&holder, ttl);
-        self.renewal = Some(objects.rewrite_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
+        self.renewal = Some(objects.renew_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
     }
 }
 
@@ -70,6 +71,15 @@ impl Lease {
 fn body_bytes(holder: &str, ttl: Duration) -> Vec<u8> {
     let body = LeaseBody { holder: holder.to_string(), expires_at_ms: now_ms().saturating_add(ttl.as_millis() as u64) };
     serde_json::to_vec(&body).expect("leases serialise")
+}
+
+/// Whether two lease objects' bytes name the same holder (both must be
+/// leases): a renewal writes over a lease only if it is its holder's.
+pub fn same_holder(current: &[u8], new: &[u8]) -> bool {
+    match (serde_json::from_slice::<LeaseBody>(current), serde_json::from_slice::<LeaseBody>(new)) {
+        (Ok(current), Ok(new)) => current.holder == new.holder,
+        _ => false,
+    }
 }
 
 /// What trying to claim a cache key found.

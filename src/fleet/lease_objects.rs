@@ -5,6 +5,7 @@
 //! lease logic ([`super::lease`]) is one.
 use std::time::Duration;
 
+use super::lease::same_holder;
 use super::objects::ObjectNames;
 use super::redis_hash::FleetRedis;
 use super::remote::{Create, Got, Listed, RemoteStore, Rewrites};
@@ -74,13 +75,16 @@ impl LeaseObjects<'_> {
         }
     }
 
-    /// Rewrites an object every `every` with the bytes `make` returns, until
-    /// the returned value is stopped or dropped (see [`Rewrites`]). On Redis
-    /// only while the object still holds a lease of the same holder.
-    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
+    /// Renews a lease object every `every` with the bytes `make` returns,
+    /// until the returned value is stopped or dropped (see [`Rewrites`]) —
+    /// only while it still holds a lease of the same holder, so that a
+    /// renewal reaching the store late never brings back a released lease
+    /// nor overwrites another holder's (in the bucket each write is
+    /// conditional on the object's ETag, on Redis a script checks).
+    pub fn renew_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Rewrites {
         match self {
-            LeaseObjects::Bucket(remote) => remote.rewrite_every(name, every, make),
-            LeaseObjects::Redis(redis) => redis.rewrite_every(name, every, make),
+            LeaseObjects::Bucket(remote) => remote.renew_every(name, every, make, same_holder),
+            LeaseObjects::Redis(redis) => redis.renew_every(name, every, make),
         }
     }
 }

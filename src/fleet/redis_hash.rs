@@ -251,7 +251,7 @@ impl FleetRedis {
     /// (see [`Rewrites`]) — only while it still holds a lease of the same
     /// holder (the `RENEW` script): a renewal that arrives after the lease
     /// was released, or taken by another holder, writes nothing.
-    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
+    pub fn renew_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (connection, hash, field, timeout) = (self.connection.clone(), self.hash.clone(), name.to_string(), self.timeout);
         Rewrites::start(&self.runtime, every, move || {
             let mut connection = connection.clone();

@@ -4,13 +4,15 @@
 //! tokio runtime so that callers (the forge's threads, behind the C ABI)
 //! stay synchronous, and batches of requests run concurrently on it.
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
+};
 
 /// The largest manifest or lease object read (a manifest is a few KiB).
 pub const SMALL_OBJECT_LIMIT: u64 = 4 << 20;
@@ -28,7 +30,7 @@ pub enum Create {
     Exists,
 }
 
-/// Periodic rewrites of one object (see [`RemoteStore::rewrite_every`]);
+/// Periodic rewrites of one object (see [`RemoteStore::renew_every`]);
 /// dropping them stops them after the rewrite under way, if any.
 #[derive(Debug)]
 pub struct Rewrites {
@@ -225,17 +227,7 @@ impl RemoteStore {
     /// timeout grows with the limit (at least 1 MiB/s is expected).
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
         let location = Path::from(name);
-        let read = async {
-            let mut body = self.store.get(&location).await?.into_stream();
-            let mut bytes = Vec::new();
-            while let Some(chunk) = body.try_next().await? {
-                if bytes.len() as u64 + chunk.len() as u64 > limit {
-                    return Ok(Got::TooLarge);
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            Ok(Got::Bytes(bytes))
-        };
+        let read = async { read_tagged(&self.store, &location, limit).await.map(|(got, _)| got) };
         match self.bounded_for("get", name, limit, read).await {
             Ok(got) => Ok(got),
             Err(StoreError::NotFound) => Ok(Got::Missing),
@@ -243,20 +235,45 @@ impl RemoteStore {
         }
     }
 
-    /// Rewrites an object every `every` on the store's runtime, with the
-    /// bytes `make` returns each time, until stopped (failures are ignored:
-    /// the next round tries again). A rewrite under way when it is stopped
-    /// completes first, so that nothing written after [`Rewrites::stop`]
-    /// returns can bring the object back — unless it gave up after the
-    /// request timeout while the store still held it: a store that applies
-    /// it later brings a released lease back until it expires (one TTL).
-    /// (Leases on Redis are renewed only while they are still there.)
-    pub fn rewrite_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
+    /// Renews an object every `every` on the store's runtime with the bytes
+    /// `make` returns, until stopped — only while it is the object this
+    /// renewal last wrote, or, read again, one `still_ours` accepts
+    /// (given its bytes and the new ones). Each write is conditional on
+    /// the object's ETag (`If-Match`), so a renewal that reaches the store
+    /// late, after the object was removed or replaced, writes nothing; when
+    /// a write's outcome is unknown (no answer, or the object changed),
+    /// the next round reads the object again first. Failures are
+    /// otherwise ignored: the next round tries again.
+    pub fn renew_every(
+        &self,
+        name: &str,
+        every: Duration,
+        make: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+        still_ours: impl Fn(&[u8], &[u8]) -> bool + Send + Sync + 'static,
+    ) -> Rewrites {
         let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
+        // The ETag of the renewal's last write, when its outcome is known.
+        let written: Arc<Mutex<Option<String>>> = Arc::default();
+        let (make, still_ours) = (Arc::new(make), Arc::new(still_ours));
         Rewrites::start(self.runtime.handle(), every, move || {
-            let (store, location, bytes) = (store.clone(), location.clone(), PutPayload::from(make()));
+            let (store, location, written) = (store.clone(), location.clone(), written.clone());
+            let (make, still_ours) = (make.clone(), still_ours.clone());
             async move {
-                let _ = tokio::time::timeout(timeout, store.put(&location, bytes)).await;
+                let bytes = make();
+                let last = written.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let e_tag = match last {
+                    Some(e_tag) => e_tag,
+                    None => match tokio::time::timeout(timeout, read_tagged(&store, &location, SMALL_OBJECT_LIMIT)).await {
+                        Ok(Ok((Got::Bytes(current), Some(e_tag)))) if still_ours(&current, &bytes) => e_tag,
+                        // Gone, another's, unreadable or unanswered: nothing written.
+                        _ => return,
+                    },
+                };
+                let mode = PutMode::Update(UpdateVersion { e_tag: Some(e_tag), version: None });
+                let put = store.put_opts(&location, PutPayload::from(bytes), PutOptions { mode, ..Default::default() });
+                if let Ok(Ok(done)) = tokio::time::timeout(timeout, put).await {
+                    *written.lock().unwrap_or_else(|p| p.into_inner()) = done.e_tag;
+                }
             }
         })
     }
@@ -309,6 +326,21 @@ impl RemoteStore {
         let listed = self.bounded("list", folder, listing).await.map_err(|e| e.into_error("list", folder))?;
         Ok((listed.len() <= limit).then_some(listed))
     }
+}
+
+/// An object's bytes (up to `limit`, see [`RemoteStore::get`]) and its ETag.
+async fn read_tagged(store: &AmazonS3, location: &Path, limit: u64) -> object_store::Result<(Got, Option<String>)> {
+    let found = store.get(location).await?;
+    let e_tag = found.meta.e_tag.clone();
+    let mut body = found.into_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.try_next().await? {
+        if bytes.len() as u64 + chunk.len() as u64 > limit {
+            return Ok((Got::TooLarge, e_tag));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((Got::Bytes(bytes), e_tag))
 }
 
 /// How one operation ended, before the caller decides what is an error.

@@ -436,37 +436,73 @@ fn a_held_lease_on_redis_is_renewed_until_released_and_one_racer_wins_it() {
 }
 
 #[test]
+fn a_renewal_in_the_bucket_never_brings_back_a_released_lease_nor_takes_another_holders() {
+    let server = SeaweedServer::start("fleet");
+    let config = with_prefix(&server, "late-renewal");
+    let bucket = tezzeret::fleet::remote::RemoteStore::connect(&config).unwrap();
+    a_renewal_writes_only_over_a_lease_of_its_holder(
+        config,
+        |name| bucket.run(bucket.delete(name)).unwrap(),
+        |name, bytes| bucket.run(bucket.overwrite(name, bytes.as_bytes().to_vec())).unwrap(),
+        |name| bucket.run(bucket.get(name, 1 << 20)).unwrap().bytes().map(|b| String::from_utf8(b).unwrap()),
+    );
+}
+
+#[test]
 fn a_renewal_on_redis_never_brings_back_a_released_lease_nor_takes_another_holders() {
     let server = SeaweedServer::start("fleet");
     let redis = RedisServer::start();
-    let mut config = FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, "late-renewal") };
+    let config = FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, "late-renewal") };
+    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&ObjectNames::new(&server.bucket, "late-renewal"));
+    let connection = std::cell::RefCell::new(redis.connection());
+    let command = |name: &str, args: &[&str]| {
+        let mut command = redis::cmd(name);
+        command.arg(&hash).arg(args);
+        command
+    };
+    a_renewal_writes_only_over_a_lease_of_its_holder(
+        config,
+        |name| command("HDEL", &[name]).query::<i64>(&mut *connection.borrow_mut()).map(drop).unwrap(),
+        |name, bytes| command("HSET", &[name, bytes]).query::<i64>(&mut *connection.borrow_mut()).map(drop).unwrap(),
+        |name| command("HGET", &[name]).query(&mut *connection.borrow_mut()).unwrap(),
+    );
+}
+
+/// Four leases renewed in the background while, behind their back (as
+/// another writer, or a late request, would: `remove`, `put` and `read`
+/// reach where the fleet keeps its lease objects), one is released, one
+/// replaced by another holder's and one rewritten by its own holder (as a
+/// renewal whose answer was lost would be): the first two are never
+/// written again, the others are still renewed.
+fn a_renewal_writes_only_over_a_lease_of_its_holder(
+    mut config: FleetConfig,
+    remove: impl Fn(&str),
+    put: impl Fn(&str, &str),
+    read: impl Fn(&str) -> Option<String>,
+) {
     config.lease_ttl = Duration::from_millis(900);
+    let names = ObjectNames::new(&config.bucket, &config.prefix);
     let fleet = tezzeret::fleet::Fleet::connect(config, fleet_keys(), "renewer".into()).unwrap();
     let won = |key: &str| match fleet.claim(key).unwrap() {
         tezzeret::fleet::Claim::Won { lease, .. } => lease,
         held => panic!("{key}: {held:?}"),
     };
-    let (gone, taken, kept) = (won("gone"), won("taken"), won("kept"));
-    // Behind the renewals' back, as a late renewal would find them: one
-    // lease released, one held by another forge.
-    let names = ObjectNames::new(&server.bucket, "late-renewal");
-    let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
-    let mut connection = redis.connection();
-    let _: i64 = redis::cmd("HDEL").arg(&hash).arg(names.lease("gone", 0)).query(&mut connection).unwrap();
+    let leases = [won("gone"), won("taken"), won("rewritten"), won("kept")];
+    remove(&names.lease("gone", 0));
     let other = format!(r#"{{"holder":"another-forge","expires_at_ms":{}}}"#, u64::MAX / 2);
-    let _: i64 = redis::cmd("HSET").arg(&hash).arg(names.lease("taken", 0)).arg(&other).query(&mut connection).unwrap();
+    put(&names.lease("taken", 0), &other);
+    put(&names.lease("rewritten", 0), r#"{"holder":"renewer","expires_at_ms":1}"#);
     // Every lease renews on the same schedule: three renewals of the one
     // left alone mean the others' renewals have run since, at least once.
-    let expiry = || fleet.leases().unwrap().iter().find(|(key, ..)| key == "kept").map(|(_, body, _)| body.expires_at_ms);
+    let expiry = |key: &str| fleet.leases().unwrap().iter().find(|(k, ..)| k == key).map(|(_, body, _)| body.expires_at_ms);
     for renewal in 0..3 {
-        let before = expiry().expect("the kept lease is there");
-        wait_for(&format!("renewal {renewal} of the kept lease"), || expiry().is_some_and(|at| at > before));
+        let before = expiry("kept").expect("the kept lease is there");
+        wait_for(&format!("renewal {renewal} of the kept lease"), || expiry("kept").is_some_and(|at| at > before));
     }
-    let exists: i64 = redis::cmd("HEXISTS").arg(&hash).arg(names.lease("gone", 0)).query(&mut connection).unwrap();
-    assert_eq!(exists, 0, "a released lease is not brought back by its renewal");
-    let holder: String = redis::cmd("HGET").arg(&hash).arg(names.lease("taken", 0)).query(&mut connection).unwrap();
-    assert_eq!(holder, other, "another forge's lease is not overwritten");
-    for lease in [gone, taken, kept] {
+    wait_for("a renewal of the lease its holder rewrote", || expiry("rewritten").is_some_and(|at| at > 1));
+    assert_eq!(read(&names.lease("gone", 0)), None, "a released lease is not brought back by its renewal");
+    assert_eq!(read(&names.lease("taken", 0)), Some(other), "another forge's lease is not overwritten");
+    for lease in leases {
         fleet.release(lease).unwrap();
     }
 }
