@@ -314,7 +314,8 @@ typedef struct tezzeret_fleet_config {
   const char *bucket;
   // S3 endpoint, e.g. `http://127.0.0.1:8333`; NULL = AWS (or `AWS_ENDPOINT_URL`).
   const char *endpoint;
-  // Object names start with this prefix; NULL = the bucket's root.
+  // Object names start with this prefix (ASCII letters, digits, `-`,
+  // `_`, `.` and `/`); NULL = the bucket's root.
   const char *prefix;
   // Region requests are signed for; NULL = `AWS_REGION` or `us-east-1`.
   const char *region;
@@ -334,7 +335,8 @@ typedef struct tezzeret_fleet_config {
   uint32_t flags;
   // This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank),
   // so that hosts starting together begin in evenly spread places of
-  // their queues; default -1: none (hosts spread as they lose claims). Since ABI 0.8.
+  // their queues; default -1: none (each host starts at a random
+  // place). Since ABI 0.8.
   int64_t member_index;
   // A Redis keeping the fleet's leases instead of the bucket
   // (`redis://host:port/db` or `unix://path`, often the bus's): a claim

@@ -69,10 +69,11 @@ class Fleet:
     published, and each blueprint compiles once for the fleet (leases).
     The forge needs ``trusted_keys`` (and a ``signing_key`` unless
     ``read_only``). Credentials left ``None`` come from the ``AWS_*``
-    environment variables. ``member_index`` is this host's index in its
-    fleet (0, 1, 2…, e.g. a scheduler's rank): hosts starting together then
-    begin in evenly spread places; with ``None`` they spread as they lose
-    claims. ``lease_redis`` (``redis://host:port/db``, often the bus's)
+    environment variables; ``prefix`` holds ASCII letters, digits, ``-``,
+    ``_``, ``.`` and ``/`` only. ``member_index`` is this host's index in
+    its fleet (0, 1, 2…, e.g. a scheduler's rank): hosts starting together
+    then begin in evenly spread places; with ``None`` each starts at a
+    random place. ``lease_redis`` (``redis://host:port/db``, often the bus's)
     keeps the fleet's leases in that Redis instead of the bucket: a claim
     then costs one Redis round trip, and publications are announced there,
     so that waiting hosts ask the bucket only for artifacts; every host of

@@ -30,7 +30,8 @@ pub struct tezzeret_fleet_config {
     pub bucket: *const c_char,
     /// S3 endpoint, e.g. `http://127.0.0.1:8333`; NULL = AWS (or `AWS_ENDPOINT_URL`).
     pub endpoint: *const c_char,
-    /// Object names start with this prefix; NULL = the bucket's root.
+    /// Object names start with this prefix (ASCII letters, digits, `-`,
+    /// `_`, `.` and `/`); NULL = the bucket's root.
     pub prefix: *const c_char,
     /// Region requests are signed for; NULL = `AWS_REGION` or `us-east-1`.
     pub region: *const c_char,
@@ -50,7 +51,8 @@ pub struct tezzeret_fleet_config {
     pub flags: u32,
     /// This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank),
     /// so that hosts starting together begin in evenly spread places of
-    /// their queues; default -1: none (hosts spread as they lose claims). Since ABI 0.8.
+    /// their queues; default -1: none (each host starts at a random
+    /// place). Since ABI 0.8.
     pub member_index: i64,
     /// A Redis keeping the fleet's leases instead of the bucket
     /// (`redis://host:port/db` or `unix://path`, often the bus's): a claim

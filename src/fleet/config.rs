@@ -25,7 +25,8 @@ pub struct FleetConfig {
     /// The bucket (it must exist).
     pub bucket: String,
     /// Object names start with this (`fleet-a` → `fleet-a/artifacts/…`);
-    /// empty: the bucket's root.
+    /// empty: the bucket's root. ASCII letters, digits, `-`, `_`, `.` and
+    /// `/` only, so that every store names the objects alike.
     pub prefix: String,
     /// The region requests are signed for (`AWS_REGION` or `us-east-1`
     /// when `None`).
@@ -113,13 +114,28 @@ impl FleetConfig {
             )));
         }
         if let Some(endpoint) = &self.endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            let Some(address) = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")) else {
                 return Err(Error::invalid(format!("fleet endpoint {:?} is not an http:// or https:// URL", redacted_url(endpoint))));
+            };
+            let authority = address.split(['/', '?', '#']).next().unwrap_or_default();
+            if authority.contains('@') {
+                return Err(Error::invalid(format!(
+                    "fleet endpoint {:?} carries credentials: requests are signed with an access key and secret instead \
+                     (the fleet's credentials, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+                    redacted_url(endpoint)
+                )));
             }
         }
         let prefix = self.prefix.trim_matches('/');
         if prefix.split('/').any(|part| (part.is_empty() && !prefix.is_empty()) || part == "." || part == "..") {
             return Err(Error::invalid(format!("fleet prefix {:?} has an empty, '.' or '..' part", self.prefix)));
+        }
+        if let Some(odd) = prefix.chars().find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))) {
+            return Err(Error::invalid(format!(
+                "fleet prefix {:?} has the character {odd:?}: only ASCII letters, digits, '-', '_', '.' and '/' \
+                 name objects the same in every S3 store and in s3:// references",
+                self.prefix
+            )));
         }
         if let Some(url) = &self.lease_redis {
             if !(url.starts_with("redis://") || url.starts_with("unix://")) {
@@ -163,6 +179,9 @@ mod tests {
             (FleetConfig { endpoint: Some("127.0.0.1:9000".into()), ..ok.clone() }, "endpoint"),
             (FleetConfig { prefix: "a//b".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "a/../b".into(), ..ok.clone() }, "prefix"),
+            (FleetConfig { prefix: "run-é".into(), ..ok.clone() }, "prefix"),
+            (FleetConfig { prefix: "q?x".into(), ..ok.clone() }, "prefix"),
+            (FleetConfig { prefix: "*".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { lease_ttl: std::time::Duration::ZERO, ..ok.clone() }, "lease TTL"),
             (FleetConfig { lease_redis: Some("http://127.0.0.1:6379".into()), ..ok.clone() }, "lease Redis"),
             (FleetConfig { lease_redis: Some("redis://127.0.0.1:notaport".into()), ..ok.clone() }, "lease Redis"),
@@ -171,7 +190,10 @@ mod tests {
             let error = config.validate().unwrap_err();
             assert!(error.message().contains(field), "{field}: {error}");
         }
-        FleetConfig { lease_redis: Some("redis://127.0.0.1:6379/2".into()), ..ok }.validate().unwrap();
+        FleetConfig { lease_redis: Some("redis://127.0.0.1:6379/2".into()), ..ok.clone() }.validate().unwrap();
+        FleetConfig { prefix: "/runs/2026-12_07.a/".into(), endpoint: Some("https://s3.example:9000/base?x=@".into()), ..ok }
+            .validate()
+            .unwrap();
     }
 
     #[test]
@@ -189,6 +211,8 @@ mod tests {
         assert!(!format!("{socket:?}").contains("hunter2"), "{socket:?}");
         let endpoint = FleetConfig { endpoint: Some("http://key:hunter2@10.0.0.6:8333".into()), ..config.clone() };
         assert!(!format!("{endpoint:?}").contains("hunter2"), "{endpoint:?}");
+        let error = endpoint.validate().unwrap_err().to_string();
+        assert!(!error.contains("hunter2") && error.contains("carries credentials"), "{error}");
         let bad_endpoint = FleetConfig { endpoint: Some("ftp://key:hunter2@10.0.0.6".into()), ..config };
         let error = bad_endpoint.validate().unwrap_err().to_string();
         assert!(!error.contains("hunter2") && error.contains("endpoint"), "{error}");

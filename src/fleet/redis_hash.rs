@@ -275,3 +275,14 @@ fn glob_escaped(text: &str) -> String {
     }
     escaped
 }
+
+#[cfg(test)]
+mod tests {
+    use super::glob_escaped;
+
+    #[test]
+    fn glob_characters_match_only_themselves() {
+        assert_eq!(glob_escaped("run-1/leases/"), "run-1/leases/");
+        assert_eq!(glob_escaped(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+    }
+}

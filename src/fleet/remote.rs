@@ -213,7 +213,7 @@ impl RemoteStore {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound),
             Ok(Err(object_store::Error::AlreadyExists { .. })) => Err(StoreError::Exists),
-            Ok(Err(e)) => Err(StoreError::Failed(Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: {e}")))),
+            Ok(Err(e)) => Err(StoreError::Failed(Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: {}", one_line(&e))))),
             Err(_) => Err(StoreError::Failed(Error::new(
                 ErrorCode::Io,
                 format!("fleet store: {what} {name}: no answer from {} within {timeout:?}", self.endpoint),
@@ -328,6 +328,34 @@ impl RemoteStore {
     }
 }
 
+/// A store error as one line: an S3 error document in it is cut to its
+/// code and message, and a failure to get credentials from the instance
+/// metadata service (the last place asked) says that none were given.
+fn one_line(error: &object_store::Error) -> String {
+    let text = error.to_string();
+    let mut line = match text.find("<?xml").or_else(|| text.find("<Error>")) {
+        Some(at) => {
+            let document = &text[at..];
+            let field = |tag: &str| document.split(&format!("<{tag}>")).nth(1)?.split(&format!("</{tag}>")).next();
+            let head = text[..at].trim_end().trim_end_matches(':');
+            match (field("Code"), field("Message")) {
+                (Some(code), Some(message)) => format!("{head}: {code}: {message}"),
+                (Some(code), None) => format!("{head}: {code}"),
+                _ => head.to_string(),
+            }
+        }
+        None => text.clone(),
+    };
+    line = line.replace(['\r', '\n'], " ");
+    if text.contains("169.254.169.254") {
+        line.push_str(
+            " (no credentials were given — the fleet's, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY — \
+             so they were asked of the instance metadata service)",
+        );
+    }
+    line
+}
+
 /// An object's bytes (up to `limit`, see [`RemoteStore::get`]) and its ETag.
 async fn read_tagged(store: &AmazonS3, location: &Path, limit: u64) -> object_store::Result<(Got, Option<String>)> {
     let found = store.get(location).await?;
@@ -357,5 +385,29 @@ impl StoreError {
             StoreError::NotFound => Error::new(ErrorCode::NotFound, format!("fleet store: {what} {name}: no such object")),
             StoreError::Exists => Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: the object exists")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    fn generic(text: &str) -> object_store::Error {
+        object_store::Error::Generic { store: "S3", source: text.to_string().into() }
+    }
+
+    #[test]
+    fn store_errors_are_one_line_without_the_error_document() {
+        let forbidden = generic(
+            "Error performing PUT http://h/b/k - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n\
+             <Error><Code>SignatureDoesNotMatch</Code><Message>Check your key.</Message><Key>k</Key></Error>",
+        );
+        let line = one_line(&forbidden);
+        assert!(line.ends_with("403 Forbidden: SignatureDoesNotMatch: Check your key."), "{line}");
+        assert!(!line.contains('\n') && !line.contains("<Key>"), "{line}");
+        let plain = one_line(&generic("connection refused"));
+        assert!(plain.contains("connection refused") && !plain.contains("credentials"), "{plain}");
+        let metadata = one_line(&generic("Error performing PUT http://169.254.169.254/latest/api/token - 403 Forbidden"));
+        assert!(metadata.contains("no credentials were given"), "{metadata}");
     }
 }

@@ -23,7 +23,8 @@ pub struct FleetStats {
 pub struct FleetMetrics {
     /// Artifacts fetched from the store, verified and adopted.
     pub hits: u64,
-    /// Jobs compiled locally because the store had no artifact for them.
+    /// Jobs compiled locally because no artifact could be had from the
+    /// store: none there, the one there refused, or the store unreachable.
     pub misses: u64,
     /// Objects refused, by reason (in [`Refusal::ALL`]'s order).
     pub refusals: Vec<(Refusal, u64)>,

@@ -219,6 +219,15 @@ impl Forge {
         self.host.log(LogLevel::Warn, &format!("{about}fleet store unavailable, compiling locally: {error}"));
     }
 
+    /// Says that the bucket could not be asked about `job`, which thus
+    /// compiles here (counted as a miss: no artifact could be had).
+    fn compile_here_after_outage(&mut self, job: &Job, error: &crate::base::error::Error) {
+        self.log_outage(&job.blueprint_id, error);
+        if let Some(fleet) = &self.fleet {
+            fleet.count(FleetEvent::Miss);
+        }
+    }
+
     fn log_refusal(&mut self, job: &Job, reason: &str, why: &str) {
         self.host.log(LogLevel::Warn, &format!("{}: the fleet store's copy is refused ({reason}: {why}); compiling locally", job.blueprint_id));
     }
@@ -347,7 +356,7 @@ impl Forge {
                 }
                 Lookup::Refused(refusal, why) => self.log_refusal(job, refusal.as_str(), &why),
                 Lookup::Unavailable(error) => {
-                    self.log_outage(&job.blueprint_id, &error);
+                    self.compile_here_after_outage(job, &error);
                     return Admitted::Go(None);
                 }
                 Lookup::Missing => {}
@@ -382,7 +391,7 @@ impl Forge {
                 Admitted::Wait(generation)
             }
             Err(error) => {
-                self.log_outage(&job.blueprint_id, &error);
+                self.compile_here_after_outage(job, &error);
                 Admitted::Go(None)
             }
         }
@@ -623,7 +632,7 @@ impl Forge {
                         Some(None)
                     }
                     Watched::Lookup(Lookup::Unavailable(error)) => {
-                        self.log_outage(&job.blueprint_id, &error);
+                        self.compile_here_after_outage(job, &error);
                         Some(None)
                     }
                     Watched::Held | Watched::Lookup(Lookup::Missing) | Watched::Expired if timed_out => {
@@ -646,7 +655,10 @@ impl Forge {
                             w.generation = generation;
                             None
                         }
-                        Err(_) => Some(None),
+                        Err(error) => {
+                            self.compile_here_after_outage(job, &error);
+                            Some(None)
+                        }
                     },
                 };
                 match go {

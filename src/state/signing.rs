@@ -35,14 +35,27 @@ impl std::fmt::Debug for KeyRing {
 }
 
 impl KeyRing {
-    /// A key ring from a 32-byte secret seed (optional) and trusted public keys.
+    /// A key ring from a 32-byte secret seed (optional) and trusted public
+    /// keys. With both, the signing key's public half must be trusted:
+    /// otherwise everything it signs would be refused, by this forge too.
     pub fn new(signing_seed: Option<[u8; 32]>, trusted: &[[u8; 32]]) -> Result<Self> {
         let trusted = trusted
             .iter()
             .enumerate()
             .map(|(i, k)| VerifyingKey::from_bytes(k).map_err(|e| Error::invalid(format!("trusted key {i} is not an ed25519 public key: {e}"))))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KeyRing { signing: signing_seed.map(|s| SigningKey::from_bytes(&s)), trusted })
+        let signing = signing_seed.map(|s| SigningKey::from_bytes(&s));
+        if let Some(key) = signing.as_ref().filter(|_| !trusted.is_empty()) {
+            let public = key.verifying_key();
+            if !trusted.contains(&public) {
+                return Err(Error::invalid(format!(
+                    "the signing key's public key {} is not among the trusted keys: what it signs would be refused, \
+                     here too (trust it, or check that the signing key is the secret file, not its .pub)",
+                    hex(public.as_bytes())
+                )));
+            }
+        }
+        Ok(KeyRing { signing, trusted })
     }
 
     /// Whether artifacts are verified (trusted keys are configured).

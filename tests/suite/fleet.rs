@@ -211,6 +211,40 @@ fn three_hosts_with_leases_on_redis_compile_each_blueprint_once() {
     assert_eq!(relayed.len(), 42, "every (small) artifact relayed: {relayed:?}");
 }
 
+#[test]
+fn a_forge_run_that_cannot_use_its_store_says_why_and_counts_what_it_compiled() {
+    let server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-wrong-secret");
+    let key = dir.path().join("fleet.key");
+    keygen(&key).unwrap();
+    let out = tezzeret()
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .arg("forge")
+        .arg("--state")
+        .arg(dir.path().join("host"))
+        .args(fleet_args(&server, "wrong-secret", &key))
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The first warnings name the cause, on one line each; the rest are counted.
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("tezzeret: Warn:")).collect();
+    assert_eq!(warnings.len(), 5, "{stderr}");
+    assert!(warnings.iter().all(|w| w.contains("fleet store unavailable") && w.contains("SignatureDoesNotMatch")), "{stderr}");
+    assert!(!stderr.contains("<?xml") && stderr.contains("more warnings"), "{stderr}");
+    let document: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let compiled = document["artifacts"].as_array().unwrap().iter().filter(|a| a["status"] == "ok").count();
+    assert_eq!(compiled, 42);
+    assert_eq!(document["fleet"]["misses"], 42, "every compile is counted as compiled here");
+    assert_eq!(document["fleet"]["unshared"], 42);
+
+    // Store options without a bucket are a mistake, not a run without a fleet.
+    let out = tezzeret().arg("forge").arg("--state").arg(dir.path().join("other")).args(["--s3-endpoint", &server.endpoint()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--s3-bucket"));
+}
+
 /// Three `tezzeret forge` processes (member indices 0-2, `extra` options)
 /// on the cold prefix `cold`: each blueprint compiled once between them,
 /// every host ending with all 42 verified; returns `fleet-status --json`.
@@ -512,8 +546,8 @@ fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
     let server = SeaweedServer::start("fleet");
     let redis = RedisServer::start();
     let on_redis = |prefix: &str| FleetConfig { lease_redis: Some(redis.url()), ..with_prefix(&server, prefix) };
-    // Glob characters in the prefix match only themselves.
-    let fleet = tezzeret::fleet::Fleet::connect(on_redis("run[1]*"), fleet_keys(), "lister".into()).unwrap();
+    // A neighbour whose prefix starts with this one's is none of its objects.
+    let fleet = tezzeret::fleet::Fleet::connect(on_redis("run1"), fleet_keys(), "lister".into()).unwrap();
     let neighbour = tezzeret::fleet::Fleet::connect(on_redis("run1x"), fleet_keys(), "neighbour".into()).unwrap();
     assert!(matches!(neighbour.claim_unclaimed("elsewhere").unwrap(), tezzeret::fleet::Claim::Won { .. }));
     // More leases than one scan step, so the listing pages through the hash.
@@ -528,7 +562,7 @@ fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
 
     // The Redis is untrusted: a field name longer than any object's is
     // passed over on the server, never sent.
-    let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "run[1]*");
+    let names = tezzeret::fleet::objects::ObjectNames::new(&server.bucket, "run1");
     let hash = tezzeret::fleet::redis_hash::FleetRedis::hash_key(&names);
     let mut connection = redis.connection();
     let huge = names.lease(&"x".repeat(4 << 20), 0);

@@ -263,3 +263,22 @@ fn keygen_through_the_c_abi_makes_a_fresh_pair_whose_public_key_is_the_secrets()
     assert_eq!(ed25519_dalek::SigningKey::from_bytes(&secret2).verifying_key().to_bytes(), public2);
     tezzeret::state::signing::KeyRing::new(Some(secret), &[public]).expect("a usable key ring");
 }
+
+#[test]
+fn a_signing_key_must_be_among_the_trusted_keys_when_there_are_any() {
+    let work = TempDir::new("sign-untrusted-signer");
+    let (secret, public) = keygen(work.path(), "signer");
+    let (_, other) = keygen(work.path(), "other");
+    let seed = read_key_file(&secret).unwrap();
+    let (public, other) = (read_key_file(&public).unwrap(), read_key_file(&other).unwrap());
+    let error = KeyRing::new(Some(seed), &[other]).unwrap_err().to_string();
+    assert!(error.contains("signing key") && error.contains("not among the trusted keys"), "{error}");
+    KeyRing::new(Some(seed), &[other, public]).unwrap();
+    KeyRing::new(Some(seed), &[]).unwrap();
+    // The usual slip: the public file given as the signing key.
+    let state = work.path().join("s");
+    let pub_file = format!("{}.pub", work.path().join("signer").display());
+    let (code, text) = tezzeret(&["forge", "--state", state.to_str().unwrap(), "--signing-key", &pub_file, "--trusted-key", &pub_file]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("not among the trusted keys"), "{text}");
+}

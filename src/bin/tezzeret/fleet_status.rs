@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::options::{keys, FleetArgs};
+use super::options::{keys, FleetStoreArgs};
 use tezzeret::fleet::{Fleet, FleetMetrics};
 use tezzeret::state::verify::read_journal;
 use tezzeret::state::wal::journal::SharedArtifact;
@@ -16,7 +16,7 @@ use tezzeret::{Error, Result};
 #[derive(Args)]
 pub struct FleetStatusArgs {
     #[command(flatten)]
-    fleet: FleetArgs,
+    fleet: FleetStoreArgs,
     /// Trust this public key (repeatable): manifests are verified with it.
     #[arg(long = "trusted-key", value_name = "FILE", required = true)]
     trusted_keys: Vec<PathBuf>,
@@ -30,7 +30,7 @@ pub struct FleetStatusArgs {
 
 /// Prints the bucket's survey; exits 1 when a manifest is refused.
 pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
-    let mut config = args.fleet.config()?.ok_or_else(|| Error::invalid("fleet-status needs --s3-bucket NAME"))?;
+    let mut config = args.fleet.validated()?.ok_or_else(|| Error::invalid("fleet-status needs --s3-bucket NAME"))?;
     config.publish = false;
     let fleet = Fleet::connect(config, keys(None, &args.trusted_keys)?, "fleet-status".into())?;
     let survey = fleet.survey()?;
@@ -66,9 +66,14 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
         println!("{} artifacts, {:.1} MiB", survey.artifacts, survey.artifact_bytes as f64 / f64::from(1 << 20));
         let live = survey.leases.iter().filter(|(_, _, left)| !left.is_zero()).count();
         let place = fleet.lease_redis().map_or_else(|| "the bucket".to_string(), |server| format!("Redis at {server}"));
-        println!("{} leases in {place} ({live} live, {} expired)", survey.leases.len(), survey.leases.len() - live);
-        for (key, body, left) in survey.leases.iter().filter(|(_, _, left)| !left.is_zero()) {
-            println!("  {} held by {} for {:.1} s more", &key[..16.min(key.len())], body.holder, left.as_secs_f64());
+        let pending = survey.leases.len();
+        println!("{pending} claims not published yet, leases in {place} ({live} live, {} expired)", pending - live);
+        for (key, body, left) in &survey.leases {
+            if left.is_zero() {
+                println!("  {key}: expired, was held by {}", body.holder);
+            } else {
+                println!("  {key}: held by {} for {:.1} s more", body.holder, left.as_secs_f64());
+            }
         }
         if let Some((current, shared)) = local {
             println!("local catalog: {current} artifacts, {shared} in the bucket, {} not yet", current - shared);

@@ -144,18 +144,31 @@ fn main() -> ExitCode {
 }
 
 /// The CLI's host: a fixed catalog; with `--trace-events`, catalog updates
-/// are printed to stderr as `announced <id> <checksum>` lines; with `log`,
-/// the forge's log lines (info and above) too.
+/// are printed to stderr as `announced <id> <checksum>` lines; the forge's
+/// log lines as `log` says.
 struct CliHost {
     catalog: Option<Catalog>,
     trace: bool,
-    log: bool,
+    log: CliLog,
+}
+
+/// What the CLI does with the forge's log lines.
+enum CliLog {
+    /// Info and above printed to stderr as they come (a long-running service).
+    Printed,
+    /// Warnings and errors kept, to be shown after the run's progress
+    /// ([`show_kept_warnings`]): why a fleet store or a job misbehaved.
+    Kept(std::sync::Arc<std::sync::Mutex<Vec<String>>>),
 }
 
 impl Host for CliHost {
     fn log(&mut self, level: LogLevel, message: &str) {
-        if self.log && level >= LogLevel::Info {
-            eprintln!("tezzeret: {level:?}: {message}");
+        match &self.log {
+            CliLog::Printed if level >= LogLevel::Info => eprintln!("tezzeret: {level:?}: {message}"),
+            CliLog::Kept(kept) if level >= LogLevel::Warn => {
+                kept.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{level:?}: {message}"));
+            }
+            _ => {}
         }
     }
 
@@ -169,6 +182,21 @@ impl Host for CliHost {
                 trace_line(&format!("announced {} {}", update.blueprint_id, update.checksum));
             }
         }
+    }
+}
+
+/// The most warnings a run shows; the rest are counted.
+const WARNINGS_SHOWN: usize = 5;
+
+/// Prints the first [`WARNINGS_SHOWN`] warnings kept during a run to
+/// stderr, and how many more there were.
+fn show_kept_warnings(kept: &std::sync::Mutex<Vec<String>>) {
+    let kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    for line in kept.iter().take(WARNINGS_SHOWN) {
+        eprintln!("tezzeret: {line}");
+    }
+    if kept.len() > WARNINGS_SHOWN {
+        eprintln!("tezzeret: … and {} more warnings", kept.len() - WARNINGS_SHOWN);
     }
 }
 
@@ -189,10 +217,13 @@ fn forge(args: ForgeArgs) -> Result<bool> {
     let allow_quarantine = config.allow_quarantine;
 
     let started = Instant::now();
-    let service = ForgeService::open(config, Box::new(CliHost { catalog, trace: args.trace_events, log: false }))?;
+    let warnings = std::sync::Arc::default();
+    let host = CliHost { catalog, trace: args.trace_events, log: CliLog::Kept(std::sync::Arc::clone(&warnings)) };
+    let service = ForgeService::open(config, Box::new(host))?;
     let mut progress = ProgressView::new(args.trace_events);
     let reports = service.with(|forge| Ok(forge.run(&mut |event| progress.show(event))))?;
     progress.finish();
+    show_kept_warnings(&warnings);
     let elapsed = started.elapsed();
 
     if args.json {

@@ -158,64 +158,91 @@ impl BusArgs {
     }
 }
 
-/// How the forge shares artifacts with its fleet (an S3-compatible bucket).
-/// Credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+/// Where a fleet's artifacts are: its S3-compatible bucket (and the Redis
+/// keeping its leases, if any). Credentials come from `AWS_ACCESS_KEY_ID`
+/// and `AWS_SECRET_ACCESS_KEY`.
 #[derive(Args)]
-pub struct FleetArgs {
+pub struct FleetStoreArgs {
     /// The fleet's bucket (no fleet without it); needs --trusted-key.
     #[arg(long = "s3-bucket", value_name = "NAME")]
     pub bucket: Option<String>,
     /// The S3 endpoint, e.g. http://127.0.0.1:8333 (default: AWS, or AWS_ENDPOINT_URL).
-    #[arg(long = "s3-endpoint", value_name = "URL")]
+    #[arg(long = "s3-endpoint", value_name = "URL", requires = "bucket")]
     pub endpoint: Option<String>,
-    /// Object names start with this prefix.
-    #[arg(long = "s3-prefix", value_name = "PREFIX", default_value = "")]
+    /// Object names start with this prefix (ASCII letters, digits, '-', '_', '.', '/').
+    #[arg(long = "s3-prefix", value_name = "PREFIX", default_value = "", requires = "bucket")]
     pub prefix: String,
     /// Region requests are signed for (default AWS_REGION or us-east-1).
-    #[arg(long = "s3-region", value_name = "REGION")]
+    #[arg(long = "s3-region", value_name = "REGION", requires = "bucket")]
     pub region: Option<String>,
-    /// Only fetch from the bucket, never publish (no signing key needed).
-    #[arg(long = "fleet-read-only")]
-    pub read_only: bool,
-    /// How long a claim to compile a blueprint holds, seconds.
-    #[arg(long = "lease-ttl", value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
-    pub lease_ttl: Duration,
-    /// How long to wait for another host's compile before compiling, seconds.
-    #[arg(long = "lease-wait", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
-    pub lease_wait: Duration,
     /// The longest one request to the bucket may take, seconds.
-    #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
     pub timeout: Duration,
-    /// How often publication is retried while the bucket is unreachable, seconds.
-    #[arg(long = "s3-retry", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
-    pub retry: Duration,
-    /// This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank):
-    /// hosts starting together begin in evenly spread places (default:
-    /// none, they spread as they lose claims).
-    #[arg(long = "fleet-index", value_name = "N")]
-    pub member_index: Option<u32>,
     /// Keep the fleet's leases in this Redis (redis://host:port/db, often
     /// the bus's) instead of the bucket, and announce publications there;
     /// every host of the fleet must use the same one.
-    #[arg(long = "fleet-lease-redis", value_name = "URL")]
+    #[arg(long = "fleet-lease-redis", value_name = "URL", requires = "bucket")]
     pub lease_redis: Option<String>,
+}
+
+impl FleetStoreArgs {
+    /// The fleet configuration these name (not validated), or `None`
+    /// without `--s3-bucket`.
+    fn config(&self) -> Option<FleetConfig> {
+        let bucket = self.bucket.as_ref()?;
+        let mut config = FleetConfig::new(bucket);
+        config.endpoint = self.endpoint.clone();
+        config.prefix = self.prefix.clone();
+        config.region = self.region.clone();
+        config.request_timeout = self.timeout;
+        config.lease_redis = self.lease_redis.clone();
+        Some(config)
+    }
+
+    /// The validated fleet configuration, or `None` without `--s3-bucket`.
+    pub fn validated(&self) -> Result<Option<FleetConfig>> {
+        let config = self.config();
+        if let Some(config) = &config {
+            config.validate()?;
+        }
+        Ok(config)
+    }
+}
+
+/// How the forge shares artifacts with its fleet: where they are, and how
+/// this host takes part.
+#[derive(Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub store: FleetStoreArgs,
+    /// Only fetch from the bucket, never publish (no signing key needed).
+    #[arg(long = "fleet-read-only", requires = "bucket")]
+    pub read_only: bool,
+    /// How long a claim to compile a blueprint holds, seconds.
+    #[arg(long = "lease-ttl", value_name = "SECONDS", default_value = "30", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    pub lease_ttl: Duration,
+    /// How long to wait for another host's compile before compiling, seconds.
+    #[arg(long = "lease-wait", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    pub lease_wait: Duration,
+    /// How often publication is retried while the bucket is unreachable, seconds.
+    #[arg(long = "s3-retry", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    pub retry: Duration,
+    /// This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank):
+    /// hosts starting together begin in evenly spread places (default:
+    /// none, each starts at a random place).
+    #[arg(long = "fleet-index", value_name = "N", requires = "bucket", allow_negative_numbers = true)]
+    pub member_index: Option<u32>,
 }
 
 impl FleetArgs {
     /// The fleet configuration, or `None` without `--s3-bucket`.
     pub fn config(&self) -> Result<Option<FleetConfig>> {
-        let Some(bucket) = &self.bucket else { return Ok(None) };
-        let mut config = FleetConfig::new(bucket);
-        config.endpoint = self.endpoint.clone();
-        config.prefix = self.prefix.clone();
-        config.region = self.region.clone();
+        let Some(mut config) = self.store.config() else { return Ok(None) };
         config.publish = !self.read_only;
         config.lease_ttl = self.lease_ttl;
         config.lease_wait = self.lease_wait;
-        config.request_timeout = self.timeout;
         config.retry_interval = self.retry;
         config.member_index = self.member_index;
-        config.lease_redis = self.lease_redis.clone();
         config.validate()?;
         Ok(Some(config))
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::options::{parse_seconds, BusArgs, FleetArgs, OpenArgs};
-use super::{trace_line, CliHost};
+use super::{trace_line, CliHost, CliLog};
 use tezzeret::forge::ForgeService;
 use tezzeret::{Error, Result};
 
@@ -76,7 +76,7 @@ pub fn serve(args: ServeArgs) -> Result<bool> {
     config.telemetry_interval_ms = args.telemetry.as_millis().max(1) as u64;
     let catalog = args.open.catalog()?;
     let signals = termination_signals()?;
-    let host = CliHost { catalog, trace: args.trace_events, log: true };
+    let host = CliHost { catalog, trace: args.trace_events, log: CliLog::Printed };
     let service = ForgeService::open(config, Box::new(host))?;
     let shutdown = service.with(|forge| Ok(forge.shutdown_flag()))?;
     // A signal during the first pass abandons its running compile.
