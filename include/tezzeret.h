@@ -373,7 +373,9 @@ typedef struct tezzeret_config {
   // (default) = unsigned. Borrowed for the call; the library keeps a copy.
   const uint8_t *signing_key;
   // `trusted_key_count` ed25519 public keys (32 bytes each, contiguous);
-  // when any are given, every artifact's signature is verified on use.
+  // when any are given, every artifact's signature is verified on use,
+  // and a `signing_key` must be one of theirs (else the open fails with
+  // `TEZZERET_CODE_INVALID_ARGUMENT`: everything it signed would be refused).
   const uint8_t *trusted_keys;
   // Number of keys at `trusted_keys`; default 0.
   size_t trusted_key_count;

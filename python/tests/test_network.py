@@ -124,3 +124,33 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
                        fleet=tezzeret.Fleet(bucket="fleet", lease_redis="http://127.0.0.1:6379"))
     with pytest.raises(tezzeret.InvalidArgumentError, match="redis_url"):
         tezzeret.Forge(state_dir, device="cpu", bus=tezzeret.Bus(redis_url="http://127.0.0.1/"))
+    # Wrong types and out-of-range numbers name the option, in Python's terms.
+    keys = dict(signing_key=secret, trusted_keys=[public])
+    for fleet, named in [
+        (tezzeret.Fleet(bucket="fleet", member_index="a"), "member_index"),
+        (tezzeret.Fleet(bucket="fleet", member_index=True), "member_index"),
+        (tezzeret.Fleet(bucket="fleet", lease_ttl="30"), "lease_ttl"),
+        (tezzeret.Fleet(bucket="fleet", lease_wait=float("inf")), "lease_wait"),
+        (tezzeret.Fleet(bucket="fleet", lease_wait=float("nan")), "lease_wait"),
+        (tezzeret.Fleet(bucket="fleet", request_timeout=1e30), "request_timeout"),
+        (tezzeret.Fleet(bucket=123), "bucket"),
+        (tezzeret.Fleet(bucket="fleet", endpoint="http://127.0.0.1:9000/some/path"), "has a path"),
+    ]:
+        with pytest.raises(tezzeret.InvalidArgumentError, match=named):
+            tezzeret.Forge(state_dir, device="cpu", fleet=fleet, **keys)
+    with pytest.raises(tezzeret.InvalidArgumentError, match="trusted_keys"):
+        tezzeret.Forge(state_dir, device="cpu", signing_key=secret, trusted_keys=public)
+    stranger, _ = tezzeret.keygen()
+    with pytest.raises(tezzeret.InvalidArgumentError, match="not among the trusted keys"):
+        tezzeret.Forge(state_dir, device="cpu", signing_key=stranger, trusted_keys=[public])
+
+
+def test_configs_never_show_their_secrets():
+    fleet = tezzeret.Fleet(bucket="fleet", endpoint="http://127.0.0.1:9000", secret_access_key="hunter2",
+                           lease_redis="redis://:hunter3@10.0.0.5:6379/0")
+    shown = repr(fleet)
+    assert "hunter2" not in shown and "hunter3" not in shown, shown
+    assert "redis://…@10.0.0.5:6379/0" in shown and "bucket='fleet'" in shown, shown
+    bus = tezzeret.Bus(redis_url="redis://user:hunter4@cache:6379?x=1", secret=b"hunter5")
+    shown = repr(bus)
+    assert "hunter4" not in shown and "hunter5" not in shown and "redis://…@cache:6379?…" in shown, shown

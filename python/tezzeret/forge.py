@@ -92,7 +92,11 @@ class Forge(Closing):
     ``descriptors`` is what to compile: Leyline ``BlueprintDescriptor``
     objects or bytes, or a callable returning them (called at open and at
     every refresh); ``None`` means the embedded default catalog. ``bus``
-    joins the Oona bus and ``fleet`` a fleet's shared bucket. The
+    joins the Oona bus and ``fleet`` a fleet's shared bucket.
+    ``signing_key`` (a 32-byte ed25519 seed) signs artifacts and
+    ``trusted_keys`` (32-byte public keys) verify them on use; with both,
+    the signing key's public half must be among the trusted ones (else
+    opening raises :class:`InvalidArgumentError`). The
     callbacks receive decoded messages and may be called on the forge's
     background thread; an exception raised in one is logged (logger
     ``tezzeret``) and never reaches the forge.
@@ -138,15 +142,18 @@ class Forge(Closing):
         config.telemetry_interval_ms = _ms(telemetry_interval, "telemetry_interval")
         keep: List[Any] = []
         if signing_key is not None:
-            if len(signing_key) != 32:
-                raise InvalidArgumentError(f"signing_key must be 32 bytes, got {len(signing_key)}")
+            if not isinstance(signing_key, (bytes, bytearray)) or len(signing_key) != 32:
+                got = len(signing_key) if isinstance(signing_key, (bytes, bytearray)) else type(signing_key).__name__
+                raise InvalidArgumentError(f"signing_key must be 32 bytes, got {got}")
             seed = (ctypes.c_uint8 * 32).from_buffer_copy(signing_key)
             keep.append(seed)
             config.signing_key = ctypes.cast(seed, n.c_uint8_p)
+        if isinstance(trusted_keys, (bytes, bytearray, memoryview, str)):
+            raise InvalidArgumentError("trusted_keys must be a sequence of 32-byte keys (a list), not one key")
         if trusted_keys:
-            joined = b"".join(trusted_keys)
-            if any(len(k) != 32 for k in trusted_keys):
+            if any(not isinstance(k, (bytes, bytearray)) or len(k) != 32 for k in trusted_keys):
                 raise InvalidArgumentError("every trusted key must be 32 bytes")
+            joined = b"".join(trusted_keys)
             keys = (ctypes.c_uint8 * len(joined)).from_buffer_copy(joined)
             keep.append(keys)
             config.trusted_keys = ctypes.cast(keys, n.c_uint8_p)

@@ -3,6 +3,8 @@ fleet sharing artifacts through an S3-compatible bucket."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -14,21 +16,57 @@ _BUS_NO_PUBLISH = 2
 _FLEET_READ_ONLY = 1
 
 
+# The longest time given in seconds (a year): larger ones are mistakes.
+_MAX_SECONDS = 365 * 24 * 3600
+
+
 def _positive_ms(seconds: float, what: str) -> int:
-    if seconds <= 0:
-        raise InvalidArgumentError(f"{what} must be > 0 seconds, got {seconds}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise InvalidArgumentError(f"{what} must be a number of seconds, got {seconds!r}")
+    if not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
+        raise InvalidArgumentError(f"{what} must be more than 0 and at most {_MAX_SECONDS} seconds, got {seconds}")
     return max(1, int(round(seconds * 1000)))
 
 
-def _text(value: Optional[str], keep: List[Any]) -> Optional[bytes]:
+def _text(value: Optional[str], keep: List[Any], what: str) -> Optional[bytes]:
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{what} must be a string, got {value!r}")
     encoded = value.encode()
     keep.append(encoded)
     return encoded
 
 
-@dataclass(frozen=True)
+def _redacted_url(url: str) -> str:
+    """``url`` with any credentials (up to the last ``@``) and query cut."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    else:
+        scheme += sep
+    at = rest.rfind("@")
+    credentials, address = ("…", rest[at:]) if at >= 0 else ("", rest)
+    before, question, _ = address.partition("?")
+    return f"{scheme}{credentials}{before}{'?…' if question else ''}"
+
+
+def _repr(config: Any, secrets: tuple = (), urls: tuple = ()) -> str:
+    """A dataclass's repr with its secrets hidden and its URLs redacted."""
+    parts = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is not None and field.name in secrets:
+            shown = "'…'"
+        elif isinstance(value, str) and field.name in urls:
+            shown = repr(_redacted_url(value))
+        else:
+            shown = repr(value)
+        parts.append(f"{field.name}={shown}")
+    return f"{type(config).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True, repr=False)
 class Bus:
     """The Oona bus to join: prefetch requests answered from the forge's
     catalog, catalog updates and telemetry published. ``secret`` signs and
@@ -47,9 +85,9 @@ class Bus:
     def _to_native(self, keep: List[Any]) -> n.BusConfig:
         config = n.BusConfig()
         check(n.lib.tezzeret_bus_config_init(ctypes.byref(config), ctypes.sizeof(n.BusConfig)))
-        config.redis_url = _text(self.redis_url, keep)
-        config.group = _text(self.group, keep)
-        config.consumer = _text(self.consumer, keep)
+        config.redis_url = _text(self.redis_url, keep, "redis_url")
+        config.group = _text(self.group, keep, "group")
+        config.consumer = _text(self.consumer, keep, "consumer")
         if self.secret is not None:
             secret = (ctypes.c_uint8 * len(self.secret)).from_buffer_copy(self.secret)
             keep.append(secret)
@@ -61,8 +99,11 @@ class Bus:
         config.flags = (0 if self.prefetch else _BUS_NO_PREFETCH) | (0 if self.publish else _BUS_NO_PUBLISH)
         return config
 
+    def __repr__(self) -> str:
+        return _repr(self, secrets=("secret",), urls=("redis_url",))
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Fleet:
     """The fleet's S3-compatible bucket: artifacts other hosts compiled are
     fetched and verified before compiling, what this forge compiles is
@@ -96,19 +137,23 @@ class Fleet:
     def _to_native(self, keep: List[Any]) -> n.FleetConfig:
         config = n.FleetConfig()
         check(n.lib.tezzeret_fleet_config_init(ctypes.byref(config), ctypes.sizeof(n.FleetConfig)))
-        config.bucket = _text(self.bucket, keep)
-        config.endpoint = _text(self.endpoint, keep)
-        config.prefix = _text(self.prefix, keep)
-        config.region = _text(self.region, keep)
-        config.access_key_id = _text(self.access_key_id, keep)
-        config.secret_access_key = _text(self.secret_access_key, keep)
+        config.bucket = _text(self.bucket, keep, "bucket")
+        config.endpoint = _text(self.endpoint, keep, "endpoint")
+        config.prefix = _text(self.prefix, keep, "prefix")
+        config.region = _text(self.region, keep, "region")
+        config.access_key_id = _text(self.access_key_id, keep, "access_key_id")
+        config.secret_access_key = _text(self.secret_access_key, keep, "secret_access_key")
         config.lease_ttl_ms = _positive_ms(self.lease_ttl, "lease_ttl")
         config.lease_wait_ms = _positive_ms(self.lease_wait, "lease_wait")
         config.request_timeout_ms = _positive_ms(self.request_timeout, "request_timeout")
         config.retry_interval_ms = _positive_ms(self.retry_interval, "retry_interval")
         config.flags = _FLEET_READ_ONLY if self.read_only else 0
-        if self.member_index is not None and not 0 <= self.member_index <= 0xFFFF_FFFF:
-            raise InvalidArgumentError(f"member_index must be an index from 0 to 4294967295, got {self.member_index}")
+        index = self.member_index
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 0xFFFF_FFFF):
+            raise InvalidArgumentError(f"member_index must be an index from 0 to 4294967295, got {index!r}")
         config.member_index = -1 if self.member_index is None else self.member_index
-        config.lease_redis_url = _text(self.lease_redis, keep)
+        config.lease_redis_url = _text(self.lease_redis, keep, "lease_redis")
         return config
+
+    def __repr__(self) -> str:
+        return _repr(self, secrets=("secret_access_key",), urls=("endpoint", "lease_redis"))

@@ -58,7 +58,9 @@ pub struct tezzeret_config {
     /// (default) = unsigned. Borrowed for the call; the library keeps a copy.
     pub signing_key: *const u8,
     /// `trusted_key_count` ed25519 public keys (32 bytes each, contiguous);
-    /// when any are given, every artifact's signature is verified on use.
+    /// when any are given, every artifact's signature is verified on use,
+    /// and a `signing_key` must be one of theirs (else the open fails with
+    /// `TEZZERET_CODE_INVALID_ARGUMENT`: everything it signed would be refused).
     pub trusted_keys: *const u8,
     /// Number of keys at `trusted_keys`; default 0.
     pub trusted_key_count: usize,

@@ -51,8 +51,7 @@ pub struct FleetConfig {
     /// This host's index in its fleet (0, 1, 2…, a scheduler's rank), so
     /// that hosts starting together begin their queues in different,
     /// evenly spread places and never race for one claim; `None` (the
-    /// default): every host tries the same places in turn and spreads as
-    /// it loses claims.
+    /// default): each host starts at a random place.
     pub member_index: Option<u32>,
     /// A Redis (`redis://host:port/db` or `unix://path`) that keeps the
     /// fleet's leases instead of the bucket — often the bus's: a claim
@@ -114,17 +113,7 @@ impl FleetConfig {
             )));
         }
         if let Some(endpoint) = &self.endpoint {
-            let Some(address) = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")) else {
-                return Err(Error::invalid(format!("fleet endpoint {:?} is not an http:// or https:// URL", redacted_url(endpoint))));
-            };
-            let authority = address.split(['/', '?', '#']).next().unwrap_or_default();
-            if authority.contains('@') {
-                return Err(Error::invalid(format!(
-                    "fleet endpoint {:?} carries credentials: requests are signed with an access key and secret instead \
-                     (the fleet's credentials, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
-                    redacted_url(endpoint)
-                )));
-            }
+            check_endpoint(endpoint, "fleet endpoint")?;
         }
         let prefix = self.prefix.trim_matches('/');
         if prefix.split('/').any(|part| (part.is_empty() && !prefix.is_empty()) || part == "." || part == "..") {
@@ -149,18 +138,50 @@ impl FleetConfig {
                 return Err(Error::invalid("fleet credentials have an empty access key id or secret key"));
             }
         }
-        for (field, value, least) in [
-            ("lease TTL", self.lease_ttl, Duration::from_millis(100)),
-            ("lease wait", self.lease_wait, Duration::ZERO),
-            ("request timeout", self.request_timeout, Duration::from_millis(10)),
-            ("retry interval", self.retry_interval, Duration::from_millis(10)),
+        for (what, field, value, least) in [
+            ("lease TTL", "lease_ttl", self.lease_ttl, Duration::from_millis(100)),
+            ("lease wait", "lease_wait", self.lease_wait, Duration::ZERO),
+            ("request timeout", "request_timeout", self.request_timeout, Duration::from_millis(10)),
+            ("retry interval", "retry_interval", self.retry_interval, Duration::from_millis(10)),
         ] {
             if value < least || value > MAX_TIME {
-                return Err(Error::invalid(format!("fleet {field} {value:?} is outside {least:?}..={MAX_TIME:?}")));
+                let seconds = |d: Duration| d.as_secs_f64();
+                return Err(Error::invalid(format!(
+                    "fleet {what} ({field}) of {} s is outside {} s to {} s",
+                    seconds(value),
+                    seconds(least),
+                    seconds(MAX_TIME)
+                )));
             }
         }
         Ok(())
     }
+}
+
+/// Refuses an S3 endpoint (`what` names it) that is not a plain
+/// `http(s)://host[:port]`: a path would be taken for the bucket, and
+/// credentials in it would be shown in every error.
+pub fn check_endpoint(endpoint: &str, what: &str) -> Result<()> {
+    let Some(address) = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://")) else {
+        return Err(Error::invalid(format!("{what} {:?} is not an http:// or https:// URL", redacted_url(endpoint))));
+    };
+    let authority = address.split(['/', '?', '#']).next().unwrap_or_default();
+    let rest = &address[authority.len()..];
+    if !(rest.is_empty() || rest == "/") {
+        return Err(Error::invalid(format!(
+            "{what} {:?} has a path or query: give the server's address only \
+             (http://host:port); the bucket and prefix are named separately",
+            redacted_url(endpoint)
+        )));
+    }
+    if authority.contains('@') {
+        return Err(Error::invalid(format!(
+            "{what} {:?} carries credentials: requests are signed with an access key and secret instead \
+             (the fleet's credentials, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+            redacted_url(endpoint)
+        )));
+    }
+    Ok(())
 }
 
 /// The longest lease, wait or timeout accepted (a day).
@@ -177,12 +198,14 @@ mod tests {
         let cases: Vec<(FleetConfig, &str)> = vec![
             (FleetConfig { bucket: "A".into(), ..ok.clone() }, "bucket"),
             (FleetConfig { endpoint: Some("127.0.0.1:9000".into()), ..ok.clone() }, "endpoint"),
+            (FleetConfig { endpoint: Some("http://127.0.0.1:9000/some/path".into()), ..ok.clone() }, "has a path"),
+            (FleetConfig { endpoint: Some("http://127.0.0.1:9000?region=x".into()), ..ok.clone() }, "has a path"),
             (FleetConfig { prefix: "a//b".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "a/../b".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "run-é".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "q?x".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "*".into(), ..ok.clone() }, "prefix"),
-            (FleetConfig { lease_ttl: std::time::Duration::ZERO, ..ok.clone() }, "lease TTL"),
+            (FleetConfig { lease_ttl: std::time::Duration::ZERO, ..ok.clone() }, "lease TTL (lease_ttl) of 0 s is outside 0.1 s to 86400 s"),
             (FleetConfig { lease_redis: Some("http://127.0.0.1:6379".into()), ..ok.clone() }, "lease Redis"),
             (FleetConfig { lease_redis: Some("redis://127.0.0.1:notaport".into()), ..ok.clone() }, "lease Redis"),
         ];
@@ -191,7 +214,7 @@ mod tests {
             assert!(error.message().contains(field), "{field}: {error}");
         }
         FleetConfig { lease_redis: Some("redis://127.0.0.1:6379/2".into()), ..ok.clone() }.validate().unwrap();
-        FleetConfig { prefix: "/runs/2026-12_07.a/".into(), endpoint: Some("https://s3.example:9000/base?x=@".into()), ..ok }
+        FleetConfig { prefix: "/runs/2026-12_07.a/".into(), endpoint: Some("https://s3.example:9000/".into()), ..ok }
             .validate()
             .unwrap();
     }

@@ -44,8 +44,9 @@ pub struct LeaseBody {
 /// A lease this forge holds. While it is held it is renewed in the
 /// background (every third of the TTL), so a compile longer than the TTL
 /// keeps it; dropping it stops the renewal (release it to remove it).
-/// A renewal writes only over a lease of the same holder: never after the
-/// release's delete, never over another holder's lease.
+/// A renewal writes only over a live lease of the same holder: never after
+/// the release's delete, never over another holder's lease, never bringing
+/// back one that expired (another forge may have taken it over).
 #[derive(Debug)]
 pub struct Lease {
     /// The cache key it is for.
@@ -73,11 +74,13 @@ fn body_bytes(holder: &str, ttl: Duration) -> Vec<u8> {
     serde_json::to_vec(&body).expect("leases serialise")
 }
 
-/// Whether two lease objects' bytes name the same holder (both must be
-/// leases): a renewal writes over a lease only if it is its holder's.
-pub fn same_holder(current: &[u8], new: &[u8]) -> bool {
+/// Whether a renewal writing the lease `new` may replace the lease
+/// `current` (both must be leases): only its own holder's, still live — an
+/// expired one may have been taken over (the next generation), and
+/// reviving it would make two holders.
+pub fn renewable(current: &[u8], new: &[u8]) -> bool {
     match (serde_json::from_slice::<LeaseBody>(current), serde_json::from_slice::<LeaseBody>(new)) {
-        (Ok(current), Ok(new)) => current.holder == new.holder,
+        (Ok(current), Ok(new)) => current.holder == new.holder && current.expires_at_ms > now_ms(),
         _ => false,
     }
 }

@@ -5,7 +5,7 @@
 //! lease logic ([`super::lease`]) is one.
 use std::time::Duration;
 
-use super::lease::same_holder;
+use super::lease::renewable;
 use super::objects::ObjectNames;
 use super::redis_hash::FleetRedis;
 use super::remote::{Create, Got, Listed, RemoteStore, Rewrites};
@@ -77,13 +77,13 @@ impl LeaseObjects<'_> {
 
     /// Renews a lease object every `every` with the bytes `make` returns,
     /// until the returned value is stopped or dropped (see [`Rewrites`]) —
-    /// only while it still holds a lease of the same holder, so that a
-    /// renewal reaching the store late never brings back a released lease
-    /// nor overwrites another holder's (in the bucket each write is
-    /// conditional on the object's ETag, on Redis a script checks).
+    /// only while it still holds a live lease of the same holder, so that a
+    /// renewal reaching the store late never brings back a released or
+    /// expired lease nor overwrites another holder's (in the bucket each
+    /// write is conditional on the object's ETag, on Redis a script checks).
     pub fn renew_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Rewrites {
         match self {
-            LeaseObjects::Bucket(remote) => remote.renew_every(name, every, make, same_holder),
+            LeaseObjects::Bucket(remote) => remote.renew_every(name, every, make, renewable),
             LeaseObjects::Redis(redis) => redis.renew_every(name, every, make),
         }
     }

@@ -126,6 +126,11 @@ pub struct Fleet {
     /// never removed, so later watches look their keys up one by one
     /// without listing again.
     too_many_to_watch_by_listing: AtomicBool,
+    /// The first failure of the fleet's Redis that was passed over (the
+    /// bucket answered instead), until the forge reports it; set once.
+    passed_over: Mutex<Option<Error>>,
+    /// Whether a passed-over failure was noted (later ones are only counted).
+    passed_over_noted: AtomicBool,
 }
 
 /// A publication under way (see [`Fleet::start_publish`]).
@@ -196,6 +201,8 @@ impl Fleet {
             stats: FleetStats::default(),
             releasing: Mutex::new(Vec::new()),
             too_many_to_watch_by_listing: AtomicBool::new(false),
+            passed_over: Mutex::new(None),
+            passed_over_noted: AtomicBool::new(false),
         })
     }
 
@@ -238,6 +245,24 @@ impl Fleet {
         self.stats.count(event);
     }
 
+    /// Counts a failure of the fleet's Redis that is passed over (the
+    /// bucket answers instead, or a best-effort write is skipped) and, if
+    /// it is the first, keeps it for [`Self::take_passed_over`].
+    fn pass_over(&self, error: Error) {
+        self.count(FleetEvent::StoreError);
+        if !self.passed_over_noted.swap(true, Ordering::Relaxed) {
+            let server = self.lease_redis().unwrap_or_default().to_string();
+            *self.passed_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.context(format!("fleet Redis {server}")));
+        }
+    }
+
+    /// The first failure of the fleet's Redis that was passed over without
+    /// failing anything, once, for the forge to log (later ones are only
+    /// counted in the store errors).
+    pub fn take_passed_over(&self) -> Option<Error> {
+        self.passed_over.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// The counters.
     pub fn metrics(&self) -> FleetMetrics {
         FleetMetrics {
@@ -277,8 +302,8 @@ impl Fleet {
         let Some(redis) = &self.redis else { return (self.published_keys(limit), true) };
         match self.remote.run(redis.list_up_to(&self.names.manifests(), limit)) {
             Ok(listed) => (Ok(listed.map(|copies| ObjectNames::manifest_keys(&copies).map(str::to_string).collect())), true),
-            Err(_) => {
-                self.count(FleetEvent::StoreError);
+            Err(error) => {
+                self.pass_over(error);
                 (self.published_keys(limit), false)
             }
         }
@@ -442,8 +467,8 @@ impl Fleet {
         let Some(redis) = self.redis.as_ref() else { return Got::Missing };
         match redis.get(&self.names.manifest(cache_key), SMALL_OBJECT_LIMIT).await {
             Ok(got) => got,
-            Err(_) => {
-                self.count(FleetEvent::StoreError);
+            Err(error) => {
+                self.pass_over(error);
                 Got::Missing
             }
         }
@@ -460,8 +485,8 @@ impl Fleet {
                 None
             }
             Ok(got) => got.bytes(),
-            Err(_) => {
-                self.count(FleetEvent::StoreError);
+            Err(error) => {
+                self.pass_over(error);
                 None
             }
         }
@@ -560,13 +585,13 @@ impl Fleet {
     /// announcement costs watchers only time, a lost relay a bucket read.
     async fn announce(&self, record: &ArtifactRecord, bytes: &[u8], manifest: Vec<u8>) {
         let Some(redis) = &self.redis else { return };
-        if bytes.len() as u64 <= RELAY_LIMIT
-            && redis.relay(&self.names.artifact(&record.checksum), bytes, RELAY_TTL).await.is_err()
-        {
-            self.count(FleetEvent::StoreError);
+        if bytes.len() as u64 <= RELAY_LIMIT {
+            if let Err(error) = redis.relay(&self.names.artifact(&record.checksum), bytes, RELAY_TTL).await {
+                self.pass_over(error);
+            }
         }
-        if redis.put(&self.names.manifest(&record.cache_key), manifest).await.is_err() {
-            self.count(FleetEvent::StoreError);
+        if let Err(error) = redis.put(&self.names.manifest(&record.cache_key), manifest).await {
+            self.pass_over(error);
         }
     }
 

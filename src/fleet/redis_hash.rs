@@ -51,14 +51,17 @@ const LEASE_GENERATIONS: &str = "local out = {} \
     return out";
 
 /// A lease's renewal: writes `ARGV[2]` to the field `ARGV[1]` only if it
-/// still holds a lease of the same holder, so that a renewal arriving late
-/// never brings back a released lease nor overwrites another holder's.
+/// still holds a lease of the same holder, live at `ARGV[3]` (ms since the
+/// Unix epoch, by the renewing host's clock), so that a renewal arriving
+/// late never brings back a released or expired lease nor overwrites
+/// another holder's.
 const RENEW: &str = "local current = redis.call('HGET', KEYS[1], ARGV[1]) \
     if not current then return 0 end \
     local ok_old, old = pcall(cjson.decode, current) \
     local ok_new, new = pcall(cjson.decode, ARGV[2]) \
     if not (ok_old and ok_new and type(old) == 'table' and type(new) == 'table') then return 0 end \
     if old.holder ~= new.holder then return 0 end \
+    if type(old.expires_at_ms) ~= 'number' or old.expires_at_ms <= tonumber(ARGV[3]) then return 0 end \
     redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
     return 1";
 
@@ -248,15 +251,15 @@ impl FleetRedis {
     }
 
     /// Renews a lease object every `every` with the body `make` returns
-    /// (see [`Rewrites`]) — only while it still holds a lease of the same
-    /// holder (the `RENEW` script): a renewal that arrives after the lease
-    /// was released, or taken by another holder, writes nothing.
+    /// (see [`Rewrites`]) — only while it still holds a live lease of the
+    /// same holder (the `RENEW` script): a renewal that arrives after the
+    /// lease was released, expired or taken by another holder writes nothing.
     pub fn renew_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (connection, hash, field, timeout) = (self.connection.clone(), self.hash.clone(), name.to_string(), self.timeout);
         Rewrites::start(&self.runtime, every, move || {
             let mut connection = connection.clone();
             let mut command = redis::cmd("EVAL");
-            command.arg(RENEW).arg(1).arg(&hash).arg(&field).arg(make());
+            command.arg(RENEW).arg(1).arg(&hash).arg(&field).arg(make()).arg(super::lease::now_ms());
             async move {
                 let _ = tokio::time::timeout(timeout, command.query_async::<i64>(&mut connection)).await;
             }

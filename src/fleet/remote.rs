@@ -17,7 +17,7 @@ use object_store::{
 /// The largest manifest or lease object read (a manifest is a few KiB).
 pub const SMALL_OBJECT_LIMIT: u64 = 4 << 20;
 
-use super::config::FleetConfig;
+use super::config::{check_endpoint, FleetConfig};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::redact::redacted_url;
 
@@ -143,7 +143,16 @@ impl RemoteStore {
                 max_retries: 2,
                 retry_timeout: timeout,
             });
-        let mut endpoint = std::env::var("AWS_ENDPOINT_URL").map_or_else(|_| "aws".into(), |url| redacted_url(&url));
+        let mut endpoint = "aws".to_string();
+        if config.endpoint.is_none() {
+            // An endpoint from the environment must be as plain as a configured one.
+            for variable in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
+                if let Some(url) = std::env::var(variable).ok().filter(|url| !url.is_empty()) {
+                    check_endpoint(&url, variable)?;
+                    endpoint = redacted_url(&url);
+                }
+            }
+        }
         if let Some(url) = &config.endpoint {
             builder = builder.with_endpoint(url);
             endpoint = redacted_url(url);
@@ -236,13 +245,15 @@ impl RemoteStore {
     }
 
     /// Renews an object every `every` on the store's runtime with the bytes
-    /// `make` returns, until stopped — only while it is the object this
-    /// renewal last wrote, or, read again, one `still_ours` accepts
-    /// (given its bytes and the new ones). Each write is conditional on
-    /// the object's ETag (`If-Match`), so a renewal that reaches the store
+    /// `make` returns, until stopped — only while `still_ours` accepts what
+    /// the object holds (given those bytes and the new ones): the bytes
+    /// this renewal last wrote, as long as the object is unchanged since,
+    /// else the object read again. Each write is conditional on the
+    /// object's ETag (`If-Match`), so a renewal that reaches the store
     /// late, after the object was removed or replaced, writes nothing; when
     /// a write's outcome is unknown (no answer, or the object changed),
-    /// the next round reads the object again first. Failures are
+    /// the next round reads the object again first. (A store that gives no
+    /// ETag is written unconditionally, after the read.) Failures are
     /// otherwise ignored: the next round tries again.
     pub fn renew_every(
         &self,
@@ -252,8 +263,7 @@ impl RemoteStore {
         still_ours: impl Fn(&[u8], &[u8]) -> bool + Send + Sync + 'static,
     ) -> Rewrites {
         let (store, location, timeout) = (self.store.clone(), Path::from(name), self.timeout);
-        // The ETag of the renewal's last write, when its outcome is known.
-        let written: Arc<Mutex<Option<String>>> = Arc::default();
+        let written: Arc<Mutex<Option<LastWrite>>> = Arc::default();
         let (make, still_ours) = (Arc::new(make), Arc::new(still_ours));
         Rewrites::start(self.runtime.handle(), every, move || {
             let (store, location, written) = (store.clone(), location.clone(), written.clone());
@@ -261,18 +271,24 @@ impl RemoteStore {
             async move {
                 let bytes = make();
                 let last = written.lock().unwrap_or_else(|p| p.into_inner()).take();
-                let e_tag = match last {
-                    Some(e_tag) => e_tag,
+                let (current, e_tag) = match last {
+                    Some((e_tag, last_bytes)) => (last_bytes, Some(e_tag)),
                     None => match tokio::time::timeout(timeout, read_tagged(&store, &location, SMALL_OBJECT_LIMIT)).await {
-                        Ok(Ok((Got::Bytes(current), Some(e_tag)))) if still_ours(&current, &bytes) => e_tag,
-                        // Gone, another's, unreadable or unanswered: nothing written.
+                        Ok(Ok((Got::Bytes(current), e_tag))) => (current, e_tag),
+                        // Gone, unreadable or unanswered: nothing written.
                         _ => return,
                     },
                 };
-                let mode = PutMode::Update(UpdateVersion { e_tag: Some(e_tag), version: None });
-                let put = store.put_opts(&location, PutPayload::from(bytes), PutOptions { mode, ..Default::default() });
+                if !still_ours(&current, &bytes) {
+                    return;
+                }
+                let mode = match e_tag {
+                    Some(e_tag) => PutMode::Update(UpdateVersion { e_tag: Some(e_tag), version: None }),
+                    None => PutMode::Overwrite,
+                };
+                let put = store.put_opts(&location, PutPayload::from(bytes.clone()), PutOptions { mode, ..Default::default() });
                 if let Ok(Ok(done)) = tokio::time::timeout(timeout, put).await {
-                    *written.lock().unwrap_or_else(|p| p.into_inner()) = done.e_tag;
+                    *written.lock().unwrap_or_else(|p| p.into_inner()) = done.e_tag.map(|e_tag| (e_tag, bytes));
                 }
             }
         })
@@ -355,6 +371,10 @@ fn one_line(error: &object_store::Error) -> String {
     }
     line
 }
+
+/// A renewal's last write whose outcome is known: the ETag the store
+/// gave it, and its bytes.
+type LastWrite = (String, Vec<u8>);
 
 /// An object's bytes (up to `limit`, see [`RemoteStore::get`]) and its ETag.
 async fn read_tagged(store: &AmazonS3, location: &Path, limit: u64) -> object_store::Result<(Got, Option<String>)> {

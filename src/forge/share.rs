@@ -147,6 +147,7 @@ impl Forge {
                 }
             }
         }
+        self.log_passed_over();
         probed
     }
 
@@ -217,6 +218,15 @@ impl Forge {
     fn log_outage(&mut self, blueprint_id: &str, error: &crate::base::error::Error) {
         let about = if blueprint_id.is_empty() { String::new() } else { format!("{blueprint_id}: ") };
         self.host.log(LogLevel::Warn, &format!("{about}fleet store unavailable, compiling locally: {error}"));
+    }
+
+    /// Logs the first failure of the fleet's Redis that was passed over
+    /// (the bucket answered instead), once; later ones are only counted.
+    fn log_passed_over(&mut self) {
+        if let Some(error) = self.fleet.as_ref().and_then(|fleet| fleet.take_passed_over()) {
+            let message = format!("{error}; the bucket answers instead (later failures are only counted in store_errors)");
+            self.host.log(LogLevel::Warn, &message);
+        }
     }
 
     /// Says that the bucket could not be asked about `job`, which thus
@@ -425,6 +435,7 @@ impl Forge {
             .filter(|job| published.contains(&job.cache_key) && !self.ledger.holds_manifest(job))
             .collect();
         self.fetch_batches(&fleet, &wanted, probed);
+        self.log_passed_over();
         self.steer(queue, ready);
         let (arrived, still): (Vec<Waiting>, Vec<Waiting>) =
             waiting.drain(..).partition(|w| self.ledger.holds_manifest(&queue[w.position]));
@@ -669,6 +680,7 @@ impl Forge {
             // What arrived this round is stored in one durable write.
             self.keep_all_fetched(fetched.iter().map(|(job, record, bytes)| (*job, &**record, bytes.as_slice())));
             *waiting = still;
+            self.log_passed_over();
         }
         admitted
     }
@@ -686,7 +698,9 @@ impl Forge {
     pub(super) fn finish_publish(&mut self, record: &ArtifactRecord, pending: Option<PendingPublication>) -> bool {
         let Some(pending) = pending else { return false };
         let retry = self.fleet.as_ref().map(|f| f.config().retry_interval).unwrap_or_default();
-        match pending.wait() {
+        let outcome = pending.wait();
+        self.log_passed_over();
+        match outcome {
             Ok(Publication::Published | Publication::LostRace) => true,
             Err(error) => {
                 let message = format!("{}: publishing to the fleet store failed (retried later): {error}", record.blueprint_id);

@@ -50,7 +50,7 @@ impl KeyRing {
             if !trusted.contains(&public) {
                 return Err(Error::invalid(format!(
                     "the signing key's public key {} is not among the trusted keys: what it signs would be refused, \
-                     here too (trust it, or check that the signing key is the secret file, not its .pub)",
+                     here too (trust it, or check that the signing key is the secret key, not a public one)",
                     hex(public.as_bytes())
                 )));
             }

@@ -427,6 +427,12 @@ fn leases_on_an_unreachable_redis_never_fail_a_job() {
     assert!(member.seen.lock().unwrap().logs.iter().any(|l| l.contains(&format!("127.0.0.1:{port}"))), "the outage is logged naming Redis");
     let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet.clone());
     assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "the bucket holds everything");
+    // Its announcements were read from the bucket instead: said once, naming Redis.
+    let logs = joiner.seen.lock().unwrap().logs.clone();
+    let passed_over: Vec<&String> = logs.iter().filter(|l| l.contains("the bucket answers instead")).collect();
+    assert_eq!(passed_over.len(), 1, "{logs:?}");
+    assert!(passed_over[0].contains(&format!("fleet Redis 127.0.0.1:{port}")), "{logs:?}");
+    assert!(joiner.metrics().store_errors > 1, "later failures are counted");
     // Watches list the bucket for a Redis that cannot be asked; the bucket
     // holding more manifests than a watch lists says nothing of the
     // announcements, so later watches still try to list them.
@@ -502,11 +508,12 @@ fn a_renewal_on_redis_never_brings_back_a_released_lease_nor_takes_another_holde
     );
 }
 
-/// Four leases renewed in the background while, behind their back (as
-/// another writer, or a late request, would: `remove`, `put` and `read`
-/// reach where the fleet keeps its lease objects), one is released, one
-/// replaced by another holder's and one rewritten by its own holder (as a
-/// renewal whose answer was lost would be): the first two are never
+/// Leases renewed in the background, each at least once, while behind
+/// their back (as another writer, or a late request, would: `remove`,
+/// `put` and `read` reach where the fleet keeps its lease objects) one is
+/// released, one replaced by another holder's, one rewritten by its own
+/// holder (as a renewal whose answer was lost would be) and one made to
+/// have expired: the released, replaced and expired ones are never
 /// written again, the others are still renewed.
 fn a_renewal_writes_only_over_a_lease_of_its_holder(
     mut config: FleetConfig,
@@ -521,21 +528,32 @@ fn a_renewal_writes_only_over_a_lease_of_its_holder(
         tezzeret::fleet::Claim::Won { lease, .. } => lease,
         held => panic!("{key}: {held:?}"),
     };
-    let leases = [won("gone"), won("taken"), won("rewritten"), won("kept")];
+    let keys = ["gone", "taken", "rewritten", "expired", "kept"];
+    let leases = keys.map(won);
+    let expiry = |key: &str| fleet.leases().unwrap().iter().find(|(k, ..)| k == key).map(|(_, body, _)| body.expires_at_ms);
+    // Renewed once each: from now on each renewal is conditional on what
+    // it last wrote (in the bucket, the ETag of its last write).
+    for key in keys {
+        let claimed = expiry(key).expect("the lease is there");
+        wait_for(&format!("a first renewal of {key}"), || expiry(key).is_some_and(|at| at > claimed));
+    }
     remove(&names.lease("gone", 0));
     let other = format!(r#"{{"holder":"another-forge","expires_at_ms":{}}}"#, u64::MAX / 2);
     put(&names.lease("taken", 0), &other);
-    put(&names.lease("rewritten", 0), r#"{"holder":"renewer","expires_at_ms":1}"#);
+    let rewritten_until = tezzeret::fleet::lease::now_ms() + 60_000;
+    put(&names.lease("rewritten", 0), &format!(r#"{{"holder":"renewer","expires_at_ms":{rewritten_until}}}"#));
+    let expired = r#"{"holder":"renewer","expires_at_ms":1}"#;
+    put(&names.lease("expired", 0), expired);
     // Every lease renews on the same schedule: three renewals of the one
     // left alone mean the others' renewals have run since, at least once.
-    let expiry = |key: &str| fleet.leases().unwrap().iter().find(|(k, ..)| k == key).map(|(_, body, _)| body.expires_at_ms);
     for renewal in 0..3 {
         let before = expiry("kept").expect("the kept lease is there");
         wait_for(&format!("renewal {renewal} of the kept lease"), || expiry("kept").is_some_and(|at| at > before));
     }
-    wait_for("a renewal of the lease its holder rewrote", || expiry("rewritten").is_some_and(|at| at > 1));
+    wait_for("a renewal of the lease its holder rewrote", || expiry("rewritten").is_some_and(|at| at != rewritten_until));
     assert_eq!(read(&names.lease("gone", 0)), None, "a released lease is not brought back by its renewal");
     assert_eq!(read(&names.lease("taken", 0)), Some(other), "another forge's lease is not overwritten");
+    assert_eq!(read(&names.lease("expired", 0)).as_deref(), Some(expired), "an expired lease is not revived");
     for lease in leases {
         fleet.release(lease).unwrap();
     }

@@ -157,8 +157,35 @@ enum CliLog {
     /// Info and above printed to stderr as they come (a long-running service).
     Printed,
     /// Warnings and errors kept, to be shown after the run's progress
-    /// ([`show_kept_warnings`]): why a fleet store or a job misbehaved.
-    Kept(std::sync::Arc<std::sync::Mutex<Vec<String>>>),
+    /// ([`KeptWarnings::show`]): why a fleet store or a job misbehaved.
+    Kept(std::sync::Arc<std::sync::Mutex<KeptWarnings>>),
+}
+
+/// The first [`WARNINGS_SHOWN`] warnings of a run, and how many more came.
+#[derive(Default)]
+struct KeptWarnings {
+    first: Vec<String>,
+    more: usize,
+}
+
+impl KeptWarnings {
+    fn keep(&mut self, line: String) {
+        if self.first.len() < WARNINGS_SHOWN {
+            self.first.push(line);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Prints them to stderr, and how many more there were.
+    fn show(&self) {
+        for line in &self.first {
+            eprintln!("tezzeret: {line}");
+        }
+        if self.more > 0 {
+            eprintln!("tezzeret: … and {} more warnings", self.more);
+        }
+    }
 }
 
 impl Host for CliHost {
@@ -166,7 +193,7 @@ impl Host for CliHost {
         match &self.log {
             CliLog::Printed if level >= LogLevel::Info => eprintln!("tezzeret: {level:?}: {message}"),
             CliLog::Kept(kept) if level >= LogLevel::Warn => {
-                kept.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{level:?}: {message}"));
+                kept.lock().unwrap_or_else(|p| p.into_inner()).keep(format!("{level:?}: {message}"));
             }
             _ => {}
         }
@@ -188,18 +215,6 @@ impl Host for CliHost {
 /// The most warnings a run shows; the rest are counted.
 const WARNINGS_SHOWN: usize = 5;
 
-/// Prints the first [`WARNINGS_SHOWN`] warnings kept during a run to
-/// stderr, and how many more there were.
-fn show_kept_warnings(kept: &std::sync::Mutex<Vec<String>>) {
-    let kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-    for line in kept.iter().take(WARNINGS_SHOWN) {
-        eprintln!("tezzeret: {line}");
-    }
-    if kept.len() > WARNINGS_SHOWN {
-        eprintln!("tezzeret: … and {} more warnings", kept.len() - WARNINGS_SHOWN);
-    }
-}
-
 /// One machine-readable event line on stderr, written at once.
 fn trace_line(line: &str) {
     let mut err = std::io::stderr().lock();
@@ -217,13 +232,16 @@ fn forge(args: ForgeArgs) -> Result<bool> {
     let allow_quarantine = config.allow_quarantine;
 
     let started = Instant::now();
-    let warnings = std::sync::Arc::default();
+    let warnings: std::sync::Arc<std::sync::Mutex<KeptWarnings>> = std::sync::Arc::default();
     let host = CliHost { catalog, trace: args.trace_events, log: CliLog::Kept(std::sync::Arc::clone(&warnings)) };
-    let service = ForgeService::open(config, Box::new(host))?;
+    // Shown whatever the outcome: they say why a run failed, too.
+    let show_warnings = || warnings.lock().unwrap_or_else(|p| p.into_inner()).show();
+    let service = ForgeService::open(config, Box::new(host)).inspect_err(|_| show_warnings())?;
     let mut progress = ProgressView::new(args.trace_events);
-    let reports = service.with(|forge| Ok(forge.run(&mut |event| progress.show(event))))?;
+    let reports = service.with(|forge| Ok(forge.run(&mut |event| progress.show(event))));
     progress.finish();
-    show_kept_warnings(&warnings);
+    show_warnings();
+    let reports = reports?;
     let elapsed = started.elapsed();
 
     if args.json {
