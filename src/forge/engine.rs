@@ -125,7 +125,13 @@ impl Forge {
         };
         for (record, error) in forge.ledger.retire_unverified()? {
             forge.prefetcher.withdraw(&record.blueprint_id);
-            forge.host.log(LogLevel::Error, &format!("{error}; removed from the catalog"));
+            // A key taken out of the trusted set retires its artifacts on
+            // purpose; anything else is damage.
+            if forge.ledger.keys().signed_by_untrusted_key(&record) {
+                forge.host.log(LogLevel::Warn, &format!("{error}; retired (its key is no longer trusted), it compiles again"));
+            } else {
+                forge.host.log(LogLevel::Error, &format!("{error}; removed from the catalog"));
+            }
         }
         let repaired = forge.ledger.sync_guard_table()?;
         if let Some(bus_config) = forge.config.bus.clone() {

@@ -102,6 +102,14 @@ impl KeyRing {
         }
     }
 
+    /// Whether a record carries a well-formed signature by a key that is
+    /// not trusted: retired by a key rotation, rather than unsigned or
+    /// changed since it was signed.
+    pub fn signed_by_untrusted_key(&self, record: &ArtifactRecord) -> bool {
+        let manifest = Manifest::of(record).canonical_bytes();
+        record.signature.as_ref().is_some_and(|signed| self.check(signed, &manifest) == Err(SignatureProblem::UntrustedKey))
+    }
+
     /// Signs arbitrary bytes (None without a signing key).
     pub fn sign_bytes(&self, bytes: &[u8]) -> Option<ManifestSignature> {
         let key = self.signing.as_ref()?;

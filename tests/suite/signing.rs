@@ -161,19 +161,25 @@ fn keys_rotate_and_a_removed_key_retires_its_artifacts() {
         let (code, text) = tezzeret(&args);
         assert_eq!(code, 0, "{text}");
         let doc: serde_json::Value = serde_json::from_str(&text[..text.rfind('}').unwrap() + 1]).unwrap();
-        doc["artifacts"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        let statuses = doc["artifacts"].as_array().unwrap().iter().map(|a| a["status"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+        (statuses, text)
     };
-    assert_eq!(forge(&old_secret, &[&op]), ["ok", "ok"]);
+    assert_eq!(forge(&old_secret, &[&op]).0, ["ok", "ok"]);
     // Rotation: sign with the new key, trust both: old artifacts still verify (reused).
-    assert_eq!(forge(&new_secret, &[&op, &np]), ["cached", "cached"]);
+    assert_eq!(forge(&new_secret, &[&op, &np]).0, ["cached", "cached"]);
     let (code, _) = tezzeret(&["verify", "--state", &s, "--trusted-key", &op, "--trusted-key", &np]);
     assert_eq!(code, 0);
     // The old key removed from the trusted set: its artifacts fail…
     let (code, text) = tezzeret(&["verify", "--state", &s, "--trusted-key", &np]);
     assert_eq!(code, 1);
     assert!(text.contains("signature_invalid") && text.contains("untrusted key"), "{text}");
-    // …and the forge retires them at open and signs new ones, at a higher revision.
-    assert_eq!(forge(&new_secret, &[&np]), ["ok", "ok"]);
+    // …and the forge retires them at open (a warning: retiring them is
+    // the point of removing the key) and signs new ones, at a higher revision.
+    let (statuses, text) = forge(&new_secret, &[&np]);
+    assert_eq!(statuses, ["ok", "ok"]);
+    let retired: Vec<&str> = text.lines().filter(|l| l.contains("retired (its key is no longer trusted)")).collect();
+    assert!(retired.len() == 2 && retired.iter().all(|l| l.starts_with("tezzeret: Warn: ")), "{text}");
+    assert!(!text.contains("Error: "), "{text}");
     let new_key = read_key_file(&new_public).unwrap();
     for r in records(&state) {
         assert_eq!(r.signature.as_ref().unwrap().public_key, tezzeret::base::hex::encode(&new_key));
