@@ -19,7 +19,7 @@ use crate::base::leyline::{self, TelemetryEvent, TelemetryLevel};
 use crate::base::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
 use crate::build::compile::{self, CompileJob, CompiledArtifact};
 use crate::fleet::lease::Lease;
-use crate::fleet::member::PendingPublication;
+use crate::fleet::publish::PendingPublication;
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
 

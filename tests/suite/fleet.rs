@@ -797,7 +797,7 @@ fn publications_are_announced_and_small_artifacts_relayed_in_redis_so_watchers_s
         let there = store.run(store.get(&artifact, 1 << 30)).unwrap().bytes().unwrap();
         assert_eq!(relayed, there, "{key}: the relayed artifact is the bucket's");
         let ttl_ms: i64 = redis::cmd("PTTL").arg(relay_key(artifact)).query(&mut connection).unwrap();
-        let relay_ttl = tezzeret::fleet::member::RELAY_TTL.as_millis() as i64;
+        let relay_ttl = tezzeret::fleet::publish::RELAY_TTL.as_millis() as i64;
         assert!(ttl_ms > 0 && ttl_ms <= relay_ttl, "{key}: relayed for {ttl_ms} ms");
     }
     // A watcher lists the announcements and fetches what they announce
