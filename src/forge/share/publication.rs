@@ -1,0 +1,133 @@
+//! Publishing what this host compiled: each compile's upload overlaps its
+//! local durable store, and whatever an outage left unpublished is
+//! published once the bucket is back (from the durable record).
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::fleet::publish::PendingPublication;
+use crate::fleet::{Fleet, Publication};
+use crate::forge::engine::Forge;
+use crate::forge::host::LogLevel;
+use crate::state::artifact::ArtifactRecord;
+
+/// Unpublished artifacts read and published per retry (bounds the memory
+/// and the time a retry takes).
+const SHARE_BATCH: usize = 64;
+
+impl Forge {
+    /// Starts publishing a compiled artifact (its record complete) while
+    /// the caller stores it locally; None without a publishing fleet.
+    pub(in crate::forge) fn start_publish(&self, record: &ArtifactRecord, bytes: &Arc<Vec<u8>>) -> Option<PendingPublication> {
+        let fleet = self.fleet.as_ref().filter(|f| f.config().publish)?;
+        Some(fleet.start_publish(record.clone(), Arc::clone(bytes)))
+    }
+
+    /// Waits for a publication started with [`Self::start_publish`];
+    /// returns whether the bucket now holds the artifact (false: an outage
+    /// — it is published later, see [`Forge::share_pending`]).
+    pub(in crate::forge) fn finish_publish(&mut self, record: &ArtifactRecord, pending: Option<PendingPublication>) -> bool {
+        let Some(pending) = pending else { return false };
+        let retry = self.fleet.as_ref().map(|f| f.config().retry_interval).unwrap_or_default();
+        let outcome = pending.wait();
+        self.log_passed_over();
+        match outcome {
+            Ok(Publication::Published | Publication::LostRace) => true,
+            Err(error) => {
+                let message = format!("{}: publishing to the fleet store failed (retried later): {error}", record.blueprint_id);
+                self.host.log(LogLevel::Warn, &message);
+                self.fleet_retry_at = Some(Instant::now() + retry);
+                false
+            }
+        }
+    }
+
+    /// Publishes every current artifact the bucket does not hold yet (an
+    /// outage left them, or they were compiled before the fleet was
+    /// configured); stops at the first failure and tries again after the
+    /// retry interval. Returns how many were published.
+    pub fn share_pending(&mut self) -> usize {
+        let Some(pending) = self.unshared_work() else { return 0 };
+        let outcome = pending.publish();
+        self.record_shared_work(outcome)
+    }
+
+    /// What [`Self::share_pending`] would publish now, read from the local
+    /// store, to publish without the forge's lock (`None`: nothing to do,
+    /// or not yet time to retry).
+    pub fn unshared_work(&mut self) -> Option<PendingShares> {
+        let fleet = self.fleet.as_ref().filter(|f| f.config().publish)?.clone();
+        if self.fleet_retry_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        let mut artifacts = Vec::new();
+        for record in self.ledger.unshared(SHARE_BATCH) {
+            match self.ledger.store().read_verified(&record) {
+                Ok(bytes) => artifacts.push((record, bytes)),
+                Err(error) => self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error),
+            }
+        }
+        (!artifacts.is_empty()).then_some(PendingShares { fleet, artifacts })
+    }
+
+    /// Records what a publication of [`PendingShares`] achieved; returns
+    /// how many artifacts the bucket now holds that it did not.
+    pub fn record_shared_work(&mut self, outcome: SharedOutcome) -> usize {
+        let Some(fleet) = self.fleet.clone() else { return 0 };
+        let retry = fleet.config().retry_interval;
+        // The bucket holds them even if they stopped being current meanwhile
+        // (answers only name the bucket's copy of current artifacts).
+        let published: Vec<&ArtifactRecord> = outcome.published.iter().collect();
+        let shared = match self.ledger.record_shared(&published) {
+            Ok(()) => {
+                for &record in &published {
+                    self.prefetcher.set_remote(record, fleet.artifact_url(record));
+                }
+                published.len()
+            }
+            Err(error) => {
+                self.log_error("recording a publication to the fleet", &error);
+                0
+            }
+        };
+        if shared > 0 {
+            self.host.log(LogLevel::Info, &format!("published {shared} artifacts to the fleet store"));
+        }
+        match outcome.failed {
+            Some(error) => {
+                if self.fleet_retry_at.is_none() {
+                    self.host.log(LogLevel::Warn, &format!("fleet store unavailable; publication retried every {retry:?}: {error}"));
+                }
+                self.fleet_retry_at = Some(Instant::now() + retry);
+            }
+            None => self.fleet_retry_at = None,
+        }
+        shared
+    }
+}
+
+/// Artifacts waiting to be published, with the fleet to publish them to:
+/// publishing needs no forge lock.
+pub struct PendingShares {
+    fleet: Arc<Fleet>,
+    artifacts: Vec<(ArtifactRecord, Vec<u8>)>,
+}
+
+/// What publishing [`PendingShares`] achieved.
+pub struct SharedOutcome {
+    published: Vec<ArtifactRecord>,
+    failed: Option<crate::base::error::Error>,
+}
+
+impl PendingShares {
+    /// Publishes them in order, stopping at the first failure.
+    pub fn publish(self) -> SharedOutcome {
+        let mut published = Vec::new();
+        for (record, bytes) in self.artifacts {
+            if let Err(error) = self.fleet.publish(&record, &bytes) {
+                return SharedOutcome { published, failed: Some(error) };
+            }
+            published.push(record);
+        }
+        SharedOutcome { published, failed: None }
+    }
+}
