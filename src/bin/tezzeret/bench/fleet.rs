@@ -234,11 +234,16 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let lone = median(lone_members);
     // Each round's three hosts against that round's host alone.
     let (three_spread, on_redis_spread) = (spread(&fleets, &singles), spread(&on_redis, &singles));
+    let processes_spread = spread(&processes, &processes_alone);
     let on_redis = median(on_redis);
+    let (on_redis_cpu, on_redis_store_cpu) = (median(on_redis_cpu), median(on_redis_store_cpu));
+    let (processes, processes_alone) = (median(processes), median(processes_alone));
     let (three, single, split, indexed) = (median(fleets), median(singles), median(splits), median(indexed));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A round's wall floor: its CPU spread over every core.
+    let floor = |cpu: f64| cpu / cores as f64;
     let most_compiles = total_compiles.iter().copied().fold(0.0, f64::max);
     Ok(vec![
         row(
@@ -283,19 +288,19 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         },
         row(
             "fleet: CPU of the three hosts' round with leases on Redis, forges + the servers",
-            median(on_redis_cpu.clone()) * 1e3,
+            on_redis_cpu * 1e3,
             Some(format!(
                 "store and Redis servers {:.0} ms of it; one host alone {:.0} ms; wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
-                median(on_redis_store_cpu) * 1e3,
+                on_redis_store_cpu * 1e3,
                 single_cpu * 1e3,
-                median(on_redis_cpu.clone()) * 1e3 / cores as f64,
-                median(on_redis_cpu) / cores as f64 / single
+                floor(on_redis_cpu) * 1e3,
+                floor(on_redis_cpu) / single
             )),
             "ms",
         ),
         match &redis {
             Ok(_) => {
-                let (three, alone, (lowest, highest)) = (median(processes.clone()), median(processes_alone.clone()), spread(&processes, &processes_alone));
+                let (three, alone, (lowest, highest)) = (processes, processes_alone, processes_spread);
                 row(
                     "fleet: three hosts as processes of their own on a cold bucket, leases on Redis (wall)",
                     three * 1e3,
@@ -335,8 +340,8 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
                 "store server {:.0} ms of it; one host alone {:.0} ms; the round's wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
                 store_cpu * 1e3,
                 single_cpu * 1e3,
-                (fleet_cpu + store_cpu) * 1e3 / cores as f64,
-                (fleet_cpu + store_cpu) / cores as f64 / single
+                floor(fleet_cpu + store_cpu) * 1e3,
+                floor(fleet_cpu + store_cpu) / single
             )),
             "ms",
         ),
