@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::redis_server::RedisServer;
-use super::{wait_for, FixedCatalog, TempDir};
+use super::{catalog_file, wait_for, FixedCatalog, TempDir};
 use tezzeret::base::leyline::{
     self, BusEnvelope, BusMessageType, KernelArtifactError, KernelArtifactReady, KernelCatalogUpdate, KernelPrefetchRequest,
     TelemetryPacket, Timestamp,
@@ -29,16 +29,6 @@ const SECRET: &[u8] = b"kasmina-and-tezzeret";
 pub fn tiny_catalog(ids: &[&str]) -> Catalog {
     let all = Catalog::default_catalog();
     Catalog::new(ids.iter().map(|id| all.get(id).expect("known id").clone()).collect()).unwrap()
-}
-
-/// The same catalog as a JSON file for the CLI.
-fn catalog_file(dir: &std::path::Path, ids: &[&str]) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(super::repo_root().join("data/karn-default-catalog.json")).unwrap();
-    let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let chosen: Vec<_> = all.into_iter().filter(|d| ids.contains(&d["blueprint_id"].as_str().unwrap())).collect();
-    let path = dir.join("catalog.json");
-    std::fs::write(&path, serde_json::to_string(&chosen).unwrap()).unwrap();
-    path
 }
 
 const CHEAP: &[&str] = &["BP001", "BP002", "BP005"];

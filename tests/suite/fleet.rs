@@ -672,16 +672,6 @@ fn a_held_lease_is_renewed_until_released(mut config: FleetConfig) {
     assert!(matches!(fleet.claim("k2").unwrap(), tezzeret::fleet::Claim::Won { took_over: true, .. }));
 }
 
-/// A catalog file under `dir` holding only BP001.
-fn bp001_catalog(dir: &Path) -> PathBuf {
-    let catalog_file = dir.join("catalog.json");
-    let text = std::fs::read_to_string(super::repo_root().join("data/karn-default-catalog.json")).unwrap();
-    let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    let one: Vec<_> = all.into_iter().filter(|d| d["blueprint_id"] == "BP001").collect();
-    std::fs::write(&catalog_file, serde_json::to_string(&one).unwrap()).unwrap();
-    catalog_file
-}
-
 #[test]
 fn a_job_that_fails_here_after_publishing_keeps_its_lease() {
     let server = SeaweedServer::start("fleet");
@@ -697,7 +687,7 @@ fn a_job_that_fails_here_after_publishing_keeps_its_lease() {
             .arg("--state")
             .arg(dir.path().join(prefix))
             .arg("--catalog")
-            .arg(bp001_catalog(dir.path()))
+            .arg(super::catalog_file(dir.path(), &["BP001"]))
             .args(fleet_args(&server, prefix, &key))
             .output()
             .unwrap();
@@ -1068,7 +1058,7 @@ fn a_killed_holder_delays_the_others_only_until_expiry(server: &SeaweedServer, l
     let dir = TempDir::new("fleet-lease");
     let key = dir.path().join("fleet.key");
     keygen(&key).unwrap();
-    let catalog_file = bp001_catalog(dir.path());
+    let catalog_file = super::catalog_file(dir.path(), &["BP001"]);
     let holder = tezzeret()
         .env("TEZZERET_FAILPOINTS", "fleet.leased=crash@1")
         .arg("forge")

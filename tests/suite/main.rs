@@ -128,6 +128,17 @@ pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A catalog file `catalog.json` under `dir` holding only the default
+/// catalog's blueprints `ids` (for the CLI).
+pub fn catalog_file(dir: &std::path::Path, ids: &[&str]) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("data/karn-default-catalog.json")).unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let chosen: Vec<_> = all.into_iter().filter(|d| ids.contains(&d["blueprint_id"].as_str().unwrap())).collect();
+    let path = dir.join("catalog.json");
+    std::fs::write(&path, serde_json::to_string(&chosen).unwrap()).unwrap();
+    path
+}
+
 /// The repository root.
 pub fn repo_root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
