@@ -119,6 +119,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / per_second
 }
 
+/// The whole machine's CPU time so far, in clock ticks: (busy, all). Busy
+/// is user, nice, system and interrupt time; all adds idle, I/O wait and
+/// time stolen by the hypervisor.
+fn machine_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return (0, 0) };
+    let line = stat.lines().next().unwrap_or("");
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0)).collect();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6);
+    (busy, busy + at(3) + at(4) + at(7))
+}
+
+/// How many cores were busy on average between two [`machine_ticks`]
+/// readings (NaN when none could be read).
+fn busy_cores(before: (u64, u64), after: (u64, u64), cores: usize) -> f64 {
+    let (busy, all) = (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1));
+    if all == 0 {
+        return f64::NAN;
+    }
+    cores as f64 * busy as f64 / all as f64
+}
+
 /// The median (NaN when nothing was measured).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -164,20 +187,26 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let (mut splits, mut indexed) = (Vec::new(), Vec::new());
     let (mut lone_members, mut fleet_requests, mut lone_requests) = (Vec::new(), Vec::new(), Vec::new());
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    // How busy the whole machine kept its cores during each round.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (mut fleet_busy, mut single_busy) = (Vec::new(), Vec::new());
     // Leases on a Redis (as a fleet on the bus would keep them), when one starts.
     let redis = RedisServer::try_start(false);
     let (mut on_redis, mut on_redis_requests, mut on_redis_commands) = (Vec::new(), Vec::new(), Vec::new());
     let (mut on_redis_cpu, mut on_redis_store_cpu) = (Vec::new(), Vec::new());
     let me = std::process::id();
     for round in 0..ROUNDS {
-        let (w0, m0) = (cpu_seconds(server.pid()), cpu_seconds(me));
+        let (w0, m0, t0) = (cpu_seconds(server.pid()), cpu_seconds(me), machine_ticks());
         let (runs, seconds) = three_on_cold_bucket(work.join(format!("fleet-cold-{round}")), &keys, fleet(format!("cold-{round}")), false)?;
+        let t1 = machine_ticks();
+        fleet_busy.push(busy_cores(t0, t1, cores));
         let (compiled, requests) = (runs.iter().map(|r| r.compiled).sum::<usize>(), runs.iter().map(|r| r.requests).sum::<u64>());
         fleets.push(seconds);
         let (w1, m1) = (cpu_seconds(server.pid()), cpu_seconds(me));
         total_compiles.push(compiled as f64);
         fleet_requests.push(requests as f64);
         singles.push(open_and_run(&work.join(format!("fleet-single-{round}")), &keys, None)?.seconds);
+        single_busy.push(busy_cores(t1, machine_ticks(), cores));
         store_cpu.push(w1 - w0);
         fleet_cpu.push(m1 - m0);
         single_cpu.push(cpu_seconds(me) - m1);
@@ -241,7 +270,6 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let (three, single, split, indexed) = (median(fleets), median(singles), median(splits), median(indexed));
 
     let (store_cpu, fleet_cpu, single_cpu) = (median(store_cpu), median(fleet_cpu), median(single_cpu));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // A round's wall floor: its CPU spread over every core.
     let floor = |cpu: f64| cpu / cores as f64;
     let most_compiles = total_compiles.iter().copied().fold(0.0, f64::max);
@@ -344,6 +372,15 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
                 floor(fleet_cpu + store_cpu) / single
             )),
             "ms",
+        ),
+        row(
+            "fleet: cores busy during the three hosts' round on a cold bucket (whole machine, mean)",
+            median(fleet_busy),
+            Some(format!(
+                "one host alone: {:.2} of {cores}; a round keeping every core busy takes its CPU time over {cores} cores",
+                median(single_busy)
+            )),
+            "cores",
         ),
     ])
 }
