@@ -194,6 +194,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     let redis = RedisServer::try_start(false);
     let (mut on_redis, mut on_redis_requests, mut on_redis_commands) = (Vec::new(), Vec::new(), Vec::new());
     let (mut on_redis_cpu, mut on_redis_store_cpu) = (Vec::new(), Vec::new());
+    let mut on_redis_busy = Vec::new();
     let me = std::process::id();
     for round in 0..ROUNDS {
         let (w0, m0, t0) = (cpu_seconds(server.pid()), cpu_seconds(me), machine_ticks());
@@ -227,9 +228,10 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         if let Ok(redis) = &redis {
             let config = FleetConfig { lease_redis: Some(redis.url()), ..fleet(format!("redis-{round}")) };
             let servers = || cpu_seconds(server.pid()) + cpu_seconds(redis.pid());
-            let (s0, m0) = (servers(), cpu_seconds(me));
+            let (s0, m0, t0) = (servers(), cpu_seconds(me), machine_ticks());
             let (runs, seconds) = three_on_cold_bucket(work.join(format!("fleet-redis-{round}")), &keys, config, false)?;
             let (s1, m1) = (servers(), cpu_seconds(me));
+            on_redis_busy.push(busy_cores(t0, machine_ticks(), cores));
             on_redis_cpu.push(s1 - s0 + m1 - m0);
             on_redis_store_cpu.push(s1 - s0);
             on_redis.push(seconds);
@@ -318,11 +320,12 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: CPU of the three hosts' round with leases on Redis, forges + the servers",
             on_redis_cpu * 1e3,
             Some(format!(
-                "store and Redis servers {:.0} ms of it; one host alone {:.0} ms; wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
+                "store and Redis servers {:.0} ms of it; one host alone {:.0} ms; wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall); cores busy: {:.2}",
                 on_redis_store_cpu * 1e3,
                 single_cpu * 1e3,
                 floor(on_redis_cpu) * 1e3,
-                floor(on_redis_cpu) / single
+                floor(on_redis_cpu) / single,
+                median(on_redis_busy)
             )),
             "ms",
         ),
