@@ -6,7 +6,10 @@
 //! against three hosts each given a third with no bucket — alternating
 //! rounds, each measured side by side. The hosts are forges in this
 //! process, except in the rounds of host processes (leases on Redis),
-//! where each host, and the host alone, is a process of its own.
+//! where each host, and the host alone, is a process of its own. Beside
+//! their wall times: their CPU, their requests, and how many of the
+//! machine's cores were busy (a round keeping every core busy is bound by
+//! CPU: its wall is its CPU over the cores).
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
