@@ -81,6 +81,11 @@ impl Bus {
         let shared = Arc::new(Shared { config, client, queue: Mutex::default(), wake: Condvar::new(), stats: BusStats::default() });
         let mut bus = Bus { shared: shared.clone(), threads: Vec::new() };
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            let body = move || {
+                // A Redis that drops the connection must not end the host.
+                crate::sys::signals::hold_broken_pipe_signal_for_this_thread();
+                body()
+            };
             std::thread::Builder::new().name(name.into()).spawn(body).map_err(|e| Error::io("start a bus thread", e))
         };
         if shared.config.publish {

@@ -20,6 +20,7 @@ pub const SMALL_OBJECT_LIMIT: u64 = 4 << 20;
 use super::config::{check_endpoint, FleetConfig};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::redact::redacted_url;
+use crate::sys::signals;
 
 /// What a conditional create found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +172,7 @@ impl RemoteStore {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("tz-fleet")
+            .on_thread_start(signals::hold_broken_pipe_signal_for_this_thread)
             .enable_all()
             .build()
             .map_err(|e| Error::io("start the fleet store's runtime", e))?;
@@ -178,8 +180,10 @@ impl RemoteStore {
     }
 
     /// Runs requests (a future made of this store's async operations) to
-    /// their end on the store's runtime.
+    /// their end on the store's runtime. The calling thread drives them,
+    /// with a lost connection's `SIGPIPE` held back meanwhile.
     pub fn run<F: Future>(&self, requests: F) -> F::Output {
+        let _held = signals::hold_broken_pipe_signal();
         self.runtime.block_on(requests)
     }
 
@@ -410,7 +414,8 @@ impl StoreError {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{one_line, RemoteStore};
+    use crate::fleet::{Credentials, FleetConfig};
 
     fn generic(text: &str) -> object_store::Error {
         object_store::Error::Generic { store: "S3", source: text.to_string().into() }
@@ -429,5 +434,45 @@ mod tests {
         assert!(plain.contains("connection refused") && !plain.contains("credentials"), "{plain}");
         let metadata = one_line(&generic("Error performing PUT http://169.254.169.254/latest/api/token - 403 Forbidden"));
         assert!(metadata.contains("no credentials were given"), "{metadata}");
+    }
+
+    /// A vectored write (as the HTTP client makes) to a socket whose peer
+    /// is gone: fails with EPIPE and raises SIGPIPE on the writing thread.
+    fn write_to_a_dropped_connection() -> Option<i32> {
+        use std::io::{IoSlice, Write};
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(theirs);
+        ours.write_vectored(&[IoSlice::new(b"lost")]).unwrap_err().raw_os_error()
+    }
+
+    const CHILD: &str = "TEZZERET_TEST_SIGPIPE_CHILD";
+
+    /// A host that keeps SIGPIPE's default action (most C hosts do) is not
+    /// killed when a connection drops under a request, neither on the
+    /// host's thread driving the requests nor on the store's own threads.
+    /// The check runs in a child process of this test binary, so that
+    /// the default action can end only the child.
+    #[test]
+    fn a_dropped_connection_does_not_end_a_host_that_keeps_sigpipe_fatal() {
+        if std::env::var_os(CHILD).is_some() {
+            // SAFETY: sets the default action before any thread writes; this process is the test's child.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            let mut config = FleetConfig::new("bucket");
+            config.endpoint = Some("http://127.0.0.1:9".into());
+            config.credentials = Some(Credentials { access_key_id: "a".into(), secret_access_key: "b".into() });
+            let store = RemoteStore::connect(&config).unwrap();
+            assert_eq!(store.run(async { write_to_a_dropped_connection() }), Some(libc::EPIPE));
+            let on_a_store_thread = store.spawn(async { write_to_a_dropped_connection() });
+            assert_eq!(store.run(on_a_store_thread).unwrap(), Some(libc::EPIPE));
+            return;
+        }
+        let name = "fleet::remote::tests::a_dropped_connection_does_not_end_a_host_that_keeps_sigpipe_fatal";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains("1 passed"), "child: {:?}\n{stdout}", out.status);
     }
 }
