@@ -3,7 +3,7 @@
 //! change that touches more than one of them goes through here, in the
 //! order that keeps the rule true across a crash at any instant:
 //! artifact file, manifest, journal commit, guard slot.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use super::config::ForgeConfig;
 use crate::base::error::{Error, Result};
@@ -47,6 +47,11 @@ pub struct Ledger {
     /// With a bus: the prefix of this open's announcement ids (random, so
     /// that ids from different state directories and opens never collide).
     announcing: Option<String>,
+    /// Cache keys whose stored artifact a drain refused in this open
+    /// (damaged, or not signed by a trusted key): taken as holding none,
+    /// so that a fleet asks its bucket for them, until an artifact is
+    /// stored under the key again.
+    refused: HashSet<String>,
 }
 
 impl Ledger {
@@ -64,7 +69,15 @@ impl Ledger {
             }
             _ => None,
         };
-        Ok(Ledger { layout: layout.clone(), store, journal, guards, keys: config.keys.clone(), announcing })
+        Ok(Ledger {
+            layout: layout.clone(),
+            store,
+            journal,
+            guards,
+            keys: config.keys.clone(),
+            announcing,
+            refused: HashSet::new(),
+        })
     }
 
     /// The replayed journal state.
@@ -163,9 +176,28 @@ impl Ledger {
     }
 
     /// The stored manifest of the job's cache key, if it is of the job's
-    /// blueprint (unverified).
+    /// blueprint and was not refused (unverified).
     fn manifest_of(&self, job: &Job) -> Option<ArtifactRecord> {
+        if self.refused.contains(&job.cache_key) {
+            return None;
+        }
         self.store.manifest(&job.cache_key).filter(|record| record.blueprint_id == job.blueprint_id)
+    }
+
+    /// Checks once, before a drain schedules them, the stored artifacts
+    /// of queued jobs: each that does not verify is taken as absent from
+    /// now on, so that its job is scheduled as one with nothing stored
+    /// here (in a fleet: looked for in the bucket before compiling).
+    /// Returns those jobs with the reason.
+    pub fn set_aside_unusable<'q>(&mut self, jobs: &'q [Job]) -> Vec<(&'q Job, Error)> {
+        let mut refused = Vec::new();
+        for job in jobs {
+            if let Adoption::Refused(error) = self.adoption(job) {
+                self.refused.insert(job.cache_key.clone());
+                refused.push((job, error));
+            }
+        }
+        refused
     }
 
     /// Whether a durable artifact of the job's cache key can be adopted
@@ -230,6 +262,14 @@ impl Ledger {
         Ok(record)
     }
 
+    /// Stores a compiled artifact, its record complete (see
+    /// [`Self::complete_record`]), durably: file, then manifest.
+    pub fn store_compiled(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> Result<()> {
+        self.store.put(record, bytes)?;
+        self.refused.remove(&record.cache_key);
+        Ok(())
+    }
+
     /// A compiled artifact's complete record — checksum, file name, size,
     /// signature — as [`Self::store_artifact`] stores it.
     pub fn complete_record(&self, mut record: ArtifactRecord, bytes: &[u8]) -> ArtifactRecord {
@@ -245,6 +285,9 @@ impl Ledger {
     /// journal append.
     pub fn store_fetched(&mut self, fetched: &[(&ArtifactRecord, &[u8])]) -> Result<()> {
         self.store.put_all(fetched)?;
+        for (record, _) in fetched {
+            self.refused.remove(&record.cache_key);
+        }
         let records: Vec<&ArtifactRecord> = fetched.iter().map(|&(record, _)| record).collect();
         self.record_shared(&records)
     }

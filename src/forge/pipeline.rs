@@ -133,6 +133,9 @@ impl Forge {
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
+        for (job, error) in self.ledger.set_aside_unusable(&queue) {
+            self.log_not_adopted(job, &error);
+        }
         let ready = self.start_order(&queue);
         let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
@@ -374,6 +377,14 @@ impl Forge {
         in_flight.extend(adopting.drain(..));
     }
 
+    /// Says why the artifact stored here under a job's cache key is not
+    /// used, and what the job does instead.
+    fn log_not_adopted(&mut self, job: &Job, error: &Error) {
+        let instead = if self.fleet.is_some() { "asking the fleet's bucket, else compiling" } else { "compiling" };
+        let message = format!("{}: the durable artifact of its cache key is not adopted ({error}); {instead}", job.blueprint_id);
+        self.host.log(LogLevel::Warn, &message);
+    }
+
     /// Records durably that a job started (a crash from here on makes its
     /// next run a retry).
     fn record_start(&mut self, job: &Job) -> Result<()> {
@@ -393,10 +404,7 @@ impl Forge {
                 self.ledger.store().touch(&record.cache_key);
                 return Ok(Prepared::Adopted(*record));
             }
-            Adoption::Refused(error) => {
-                let message = format!("{}: the durable artifact of its cache key is not adopted ({error}); compiling", job.blueprint_id);
-                self.host.log(LogLevel::Warn, &message);
-            }
+            Adoption::Refused(error) => self.log_not_adopted(job, &error),
             Adoption::Nothing => {}
         }
         let compile_job = CompileJob {
@@ -573,7 +581,7 @@ impl Forge {
         let bytes = std::sync::Arc::new(artifact.bytes);
         let record = self.ledger.complete_record(record, &bytes);
         let publication = self.start_publish(&record, &bytes);
-        if let Err(error) = self.ledger.store().put(&record, &bytes) {
+        if let Err(error) = self.ledger.store_compiled(&record, &bytes) {
             // Not stored here: the upload ends before the lease is ended
             // (kept if the bucket now holds the artifact).
             return Err((error, self.finish_publish(&record, publication)));

@@ -2,7 +2,8 @@
 //! processes on a cold bucket compile each blueprint once between them; a
 //! tampered artifact, a manifest signed by an untrusted key and a
 //! truncated artifact are refused and compiled locally (and the bucket
-//! healed); the store killed mid-run and restarted (jobs complete
+//! healed); a local artifact that does not verify is taken from the
+//! bucket instead of compiled again; the store killed mid-run and restarted (jobs complete
 //! locally, publication catches up); a lease holder killed (another forge
 //! takes over once the lease expires); a forge that stops mid-run gives
 //! back the claims it sent ahead; a drain starts where no other host
@@ -358,6 +359,29 @@ fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
     let third = Member::open(&dir.path().join("c"), FIVE, &keys, fleet);
     assert!(third.run().values().all(|s| *s == JobStatus::Cached));
     assert_eq!(third.metrics().refused(), 0);
+}
+
+#[test]
+fn a_local_artifact_that_does_not_verify_is_taken_from_the_bucket_before_compiling() {
+    let FivePublished { server: _server, dir, keys, fleet, first } = five_published("local-damage");
+    let damaged = record_of(&first, "BP001");
+    drop(first);
+    let state = dir.path().join("a");
+    let path = state.join("artifacts").join(&damaged.artifact_file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+
+    let reopened = Member::open(&state, FIVE, &keys, fleet);
+    let statuses = reopened.run();
+    assert!(statuses.values().all(|s| *s == JobStatus::Cached), "nothing compiled: {statuses:?}");
+    let metrics = reopened.metrics();
+    assert_eq!((metrics.hits, metrics.misses, metrics.lost_races), (1, 0, 0), "{metrics:?}");
+    let logs = reopened.seen.lock().unwrap().logs.join("\n");
+    assert!(logs.contains("BP001: the durable artifact of its cache key is not adopted"), "{logs}");
+    assert!(logs.contains("asking the fleet's bucket"), "{logs}");
+    assert_eq!(tezzeret::state::artifact::checksum_of(&std::fs::read(&path).unwrap()), damaged.checksum, "repaired");
 }
 
 #[test]
@@ -1036,6 +1060,17 @@ fn a_read_only_member_fetches_but_never_claims_or_publishes() {
     let fleet = cold.service.with(|f| Ok(f.fleet().unwrap().survey().unwrap())).unwrap();
     assert_eq!((fleet.manifests, fleet.artifacts, fleet.leases.len()), (0, 0, 0), "no claim, no publication");
     assert_eq!(cold.unshared(), 0, "a reader has nothing to publish");
+    drop(cold);
+    // Its own compile is unsigned, so a later open does not adopt it: it
+    // asks the bucket again, and takes the signed copy published meanwhile.
+    Member::open(&dir.path().join("d"), &["BP001"], &keys, with_prefix(&server, "cold")).run();
+    let reopened = Member::open(&dir.path().join("c"), &["BP001"], &reader_keys, with_prefix_read_only(&server, "cold"));
+    assert_eq!(reopened.run()["BP001"], JobStatus::Cached);
+    assert_eq!(reopened.metrics().hits, 1);
+}
+
+fn with_prefix_read_only(server: &SeaweedServer, prefix: &str) -> FleetConfig {
+    FleetConfig { publish: false, ..with_prefix(server, prefix) }
 }
 
 #[test]
