@@ -35,5 +35,5 @@ pub use manifest::Refusal;
 pub use lookup::{Lookup, Watched};
 pub use member::Fleet;
 pub use publish::Publication;
-pub use survey::Survey;
+pub use survey::{ArtifactCheck, Survey};
 pub use stats::{FleetEvent, FleetMetrics};

@@ -29,7 +29,7 @@ use tezzeret::fleet::manifest::SharedManifest;
 use tezzeret::fleet::remote::{Create, Got, RemoteStore};
 use tezzeret::fleet::lease::LeaseState;
 use tezzeret::fleet::objects::ObjectNames;
-use tezzeret::fleet::{FleetConfig, FleetMetrics, Lookup, Refusal, Watched};
+use tezzeret::fleet::{ArtifactCheck, FleetConfig, FleetMetrics, Lookup, Refusal, Watched};
 use tezzeret::forge::{DevicePreference, ForgeConfig, ForgeService, Host, JobReport, JobStatus, LogLevel, Progress};
 use tezzeret::state::artifact::ArtifactRecord;
 use tezzeret::state::signing::{generate_keypair, keygen, KeyRing};
@@ -239,6 +239,17 @@ fn a_forge_run_that_cannot_use_its_store_says_why_and_counts_what_it_compiled() 
     assert_eq!(compiled, 42);
     assert_eq!(document["fleet"]["misses"], 42, "every compile is counted as compiled here");
     assert_eq!(document["fleet"]["unshared"], 42);
+    // The bucket, asked with the right secret, holds none of them.
+    let public = format!("{}.pub", key.display());
+    let status = |state: &Path| {
+        let args = &fleet_args(&server, "wrong-secret", &key)[2..8];
+        tezzeret().arg("fleet-status").args(args).args(["--trusted-key", &public, "--state"]).arg(state).output().unwrap()
+    };
+    let out = status(&dir.path().join("host"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("local catalog: 42 artifacts, 0 of their cache keys in the bucket (verified), 42 not; 42 not published"), "{text}");
+    let out = status(&dir.path().join("nowhere"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("holds no forge state"));
 
     // Store options without a bucket are a mistake, not a run without a fleet.
     let out = tezzeret().arg("forge").arg("--state").arg(dir.path().join("other")).args(["--s3-endpoint", &server.endpoint()]).output().unwrap();
@@ -304,7 +315,7 @@ fn three_hosts_compile_each_blueprint_once(server: &SeaweedServer, extra: &[Stri
         .arg("fleet-status")
         .args(&fleet_args(server, "cold", &key)[2..8])
         .args(extra)
-        .args(["--trusted-key", &format!("{}.pub", key.display()), "--json"])
+        .args(["--trusted-key", &format!("{}.pub", key.display()), "--json", "--download"])
         .arg("--state")
         .arg(dir.path().join("host0"))
         .output()
@@ -314,7 +325,8 @@ fn three_hosts_compile_each_blueprint_once(server: &SeaweedServer, extra: &[Stri
     assert_eq!(survey["verified"].as_array().unwrap().len(), 42);
     assert_eq!(survey["artifacts"], 42);
     assert_eq!(survey["leases"].as_array().unwrap().len(), 0, "every claim fulfilled");
-    assert_eq!(survey["local"]["shared"], 42);
+    assert_eq!(survey["checked"], "signature and artifact sha256");
+    assert_eq!((survey["local"]["in_bucket"].as_u64(), survey["local"]["unpublished"].as_u64()), (Some(42), Some(0)));
     survey
 }
 
@@ -337,6 +349,22 @@ fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
     let mut short = store.run(store.get(&names.artifact(&truncated.checksum), u64::MAX)).unwrap().bytes().unwrap();
     short.truncate(short.len() / 2);
     store.run(store.overwrite(&names.artifact(&truncated.checksum), short)).unwrap();
+
+    // A survey from a listing sees the truncated artifact; only one that
+    // downloads the artifacts sees the one changed in place.
+    let reader = Member::open(&dir.path().join("reader"), &[], &keys, FleetConfig { publish: false, ..fleet.clone() });
+    let survey = |check| reader.service.with(|f| Ok(f.fleet().unwrap().survey(check).unwrap())).unwrap();
+    let (listed, downloaded) = (survey(ArtifactCheck::Listed), survey(ArtifactCheck::Downloaded));
+    let refused_keys = |s: &tezzeret::fleet::Survey| s.refused_keys.iter().map(|(k, r, _)| (k.clone(), *r)).collect::<Vec<_>>();
+    let (untrusted_refusal, truncated_refusal) =
+        ((untrusted.cache_key.clone(), Refusal::UntrustedKey), (truncated.cache_key.clone(), Refusal::Truncated));
+    assert_eq!(listed.verified, ["BP001", "BP006", "BP011"]);
+    assert_eq!(refused_keys(&listed).len(), 2);
+    assert!(refused_keys(&listed).contains(&untrusted_refusal) && refused_keys(&listed).contains(&truncated_refusal));
+    assert_eq!(downloaded.verified, ["BP006", "BP011"]);
+    assert!(refused_keys(&downloaded).contains(&(tampered.cache_key.clone(), Refusal::ChecksumMismatch)), "{downloaded:?}");
+    assert_eq!(downloaded.refused.values().sum::<usize>(), 3);
+    drop(reader);
 
     let second = Member::open(&dir.path().join("b"), FIVE, &keys, fleet.clone());
     let statuses = second.run();
@@ -1057,7 +1085,7 @@ fn a_read_only_member_fetches_but_never_claims_or_publishes() {
     read_only.prefix = "cold".into();
     let cold = Member::open(&dir.path().join("c"), &["BP001"], &reader_keys, read_only);
     assert_eq!(cold.run()["BP001"], JobStatus::Ok);
-    let fleet = cold.service.with(|f| Ok(f.fleet().unwrap().survey().unwrap())).unwrap();
+    let fleet = cold.service.with(|f| Ok(f.fleet().unwrap().survey(ArtifactCheck::Listed).unwrap())).unwrap();
     assert_eq!((fleet.manifests, fleet.artifacts, fleet.leases.len()), (0, 0, 0), "no claim, no publication");
     assert_eq!(cold.unshared(), 0, "a reader has nothing to publish");
     drop(cold);
