@@ -139,10 +139,10 @@ impl FleetConfig {
             }
         }
         for (what, field, value, least) in [
-            ("lease TTL", "lease_ttl", self.lease_ttl, Duration::from_millis(100)),
-            ("lease wait", "lease_wait", self.lease_wait, Duration::ZERO),
-            ("request timeout", "request_timeout", self.request_timeout, Duration::from_millis(10)),
-            ("retry interval", "retry_interval", self.retry_interval, Duration::from_millis(10)),
+            ("lease TTL", "lease_ttl", self.lease_ttl, LEAST_LEASE_TTL),
+            ("lease wait", "lease_wait", self.lease_wait, LEAST_LEASE_WAIT),
+            ("request timeout", "request_timeout", self.request_timeout, LEAST_REQUEST_TIMEOUT),
+            ("retry interval", "retry_interval", self.retry_interval, LEAST_RETRY_INTERVAL),
         ] {
             if value < least || value > MAX_TIME {
                 let seconds = |d: Duration| d.as_secs_f64();
@@ -185,7 +185,15 @@ pub fn check_endpoint(endpoint: &str, what: &str) -> Result<()> {
 }
 
 /// The longest lease, wait or timeout accepted (a day).
-const MAX_TIME: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TIME: Duration = Duration::from_secs(24 * 3600);
+/// The shortest lease TTL accepted.
+pub const LEAST_LEASE_TTL: Duration = Duration::from_millis(100);
+/// The shortest lease wait accepted (none: compile at once).
+pub const LEAST_LEASE_WAIT: Duration = Duration::ZERO;
+/// The shortest request timeout accepted.
+pub const LEAST_REQUEST_TIMEOUT: Duration = Duration::from_millis(10);
+/// The shortest publication retry interval accepted.
+pub const LEAST_RETRY_INTERVAL: Duration = Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {

@@ -130,6 +130,28 @@ fn bad_bus_options_are_usage_errors_naming_the_problem() {
 }
 
 #[test]
+fn fleet_times_out_of_range_are_usage_errors_naming_the_flag_and_its_range() {
+    let dir = crate::TempDir::new("cli-fleet-times");
+    let state = dir.path().join("s");
+    let state = state.to_str().unwrap();
+    for (flag, value, range) in [
+        ("--lease-ttl", "0.05", "expected 0.1 to 86400 seconds"),
+        ("--lease-wait", "-1", "expected 0 to 86400 seconds"),
+        ("--s3-timeout", "100000", "expected 0.01 to 86400 seconds"),
+        ("--s3-retry", "nan", "expected 0.01 to 86400 seconds"),
+    ] {
+        let out = tezzeret(&["forge", "--state", state, "--s3-bucket", "fleet", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(range), "{flag} {value}: {stderr}");
+    }
+    // A lease wait of 0 (compile at once rather than wait) is a valid choice:
+    // the run goes on to the next check, the missing trusted keys.
+    let out = tezzeret(&["forge", "--state", state, "--s3-bucket", "fleet", "--lease-wait", "0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs trusted keys"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn bench_prints_one_row_object_per_measurement() {
     let out = tezzeret(&["bench", "--only", "wal", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -176,7 +176,7 @@ pub struct FleetStoreArgs {
     #[arg(long = "s3-region", value_name = "REGION", requires = "bucket")]
     pub region: Option<String>,
     /// The longest one request to the bucket may take, seconds.
-    #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_request_timeout, requires = "bucket", allow_negative_numbers = true)]
     pub timeout: Duration,
     /// Keep the fleet's leases in this Redis (redis://host:port/db, often
     /// the bus's) instead of the bucket, and announce publications there;
@@ -219,13 +219,13 @@ pub struct FleetArgs {
     #[arg(long = "fleet-read-only", requires = "bucket")]
     pub read_only: bool,
     /// How long a claim to compile a blueprint holds, seconds.
-    #[arg(long = "lease-ttl", value_name = "SECONDS", default_value = "30", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    #[arg(long = "lease-ttl", value_name = "SECONDS", default_value = "30", value_parser = parse_lease_ttl, requires = "bucket", allow_negative_numbers = true)]
     pub lease_ttl: Duration,
     /// How long to wait for another host's compile before compiling, seconds.
-    #[arg(long = "lease-wait", value_name = "SECONDS", default_value = "60", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    #[arg(long = "lease-wait", value_name = "SECONDS", default_value = "60", value_parser = parse_lease_wait, requires = "bucket", allow_negative_numbers = true)]
     pub lease_wait: Duration,
     /// How often publication is retried while the bucket is unreachable, seconds.
-    #[arg(long = "s3-retry", value_name = "SECONDS", default_value = "2", value_parser = parse_seconds, requires = "bucket", allow_negative_numbers = true)]
+    #[arg(long = "s3-retry", value_name = "SECONDS", default_value = "2", value_parser = parse_retry_interval, requires = "bucket", allow_negative_numbers = true)]
     pub retry: Duration,
     /// This host's index in its fleet (0, 1, 2…, e.g. a scheduler's rank):
     /// hosts starting together begin in evenly spread places (default:
@@ -257,6 +257,31 @@ pub fn keys(signing: Option<&Path>, trusted: &[PathBuf]) -> Result<KeyRing> {
 
 fn parse_strategy(value: &str) -> std::result::Result<Strategy, String> {
     value.parse().map_err(|e: Error| e.message().to_string())
+}
+
+/// Seconds from `least` to a day, the range the fleet accepts.
+fn fleet_seconds(value: &str, least: Duration) -> std::result::Result<Duration, String> {
+    use tezzeret::fleet::config::MAX_TIME;
+    match value.parse::<f64>().ok().filter(|s| *s >= 0.0).and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        Some(duration) if (least..=MAX_TIME).contains(&duration) => Ok(duration),
+        _ => Err(format!("expected {} to {} seconds, got {value:?}", least.as_secs_f64(), MAX_TIME.as_secs_f64())),
+    }
+}
+
+fn parse_request_timeout(value: &str) -> std::result::Result<Duration, String> {
+    fleet_seconds(value, tezzeret::fleet::config::LEAST_REQUEST_TIMEOUT)
+}
+
+fn parse_lease_ttl(value: &str) -> std::result::Result<Duration, String> {
+    fleet_seconds(value, tezzeret::fleet::config::LEAST_LEASE_TTL)
+}
+
+fn parse_lease_wait(value: &str) -> std::result::Result<Duration, String> {
+    fleet_seconds(value, tezzeret::fleet::config::LEAST_LEASE_WAIT)
+}
+
+fn parse_retry_interval(value: &str) -> std::result::Result<Duration, String> {
+    fleet_seconds(value, tezzeret::fleet::config::LEAST_RETRY_INTERVAL)
 }
 
 /// A positive number of seconds.
