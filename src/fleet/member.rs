@@ -130,8 +130,8 @@ impl Fleet {
     pub(super) fn pass_over(&self, error: Error) {
         self.count(FleetEvent::StoreError);
         if !self.passed_over_noted.swap(true, Ordering::Relaxed) {
-            let server = self.lease_redis().unwrap_or_default().to_string();
-            *self.passed_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.context(format!("fleet Redis {server}")));
+            // Its message names the server already.
+            *self.passed_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
         }
     }
 
