@@ -367,6 +367,12 @@ fn one_line(error: &object_store::Error) -> String {
         None => text.clone(),
     };
     line = line.replace(['\r', '\n'], " ");
+    // Codes that mean a configuration to fix, not an outage to wait out.
+    if ["SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"].iter().any(|code| line.contains(code)) {
+        line.push_str(" (check the fleet's credentials)");
+    } else if line.contains("NoSuchBucket") {
+        line.push_str(" (check the fleet's bucket name)");
+    }
     if text.contains("169.254.169.254") {
         line.push_str(
             " (no credentials were given — the fleet's, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY — \
@@ -428,8 +434,13 @@ mod tests {
              <Error><Code>SignatureDoesNotMatch</Code><Message>Check your key.</Message><Key>k</Key></Error>",
         );
         let line = one_line(&forbidden);
-        assert!(line.ends_with("403 Forbidden: SignatureDoesNotMatch: Check your key."), "{line}");
+        assert!(line.ends_with("403 Forbidden: SignatureDoesNotMatch: Check your key. (check the fleet's credentials)"), "{line}");
         assert!(!line.contains('\n') && !line.contains("<Key>"), "{line}");
+        let no_bucket = generic(
+            "Error performing GET http://h/b - Server returned non-2xx status code: 404 Not Found: \
+             <Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>",
+        );
+        assert!(one_line(&no_bucket).ends_with("NoSuchBucket: The specified bucket does not exist (check the fleet's bucket name)"));
         let plain = one_line(&generic("connection refused"));
         assert!(plain.contains("connection refused") && !plain.contains("credentials"), "{plain}");
         let metadata = one_line(&generic("Error performing PUT http://169.254.169.254/latest/api/token - 403 Forbidden"));

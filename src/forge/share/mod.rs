@@ -89,10 +89,11 @@ impl Forge {
     }
 
     /// Says that the bucket could not be asked (about `blueprint_id`, if
-    /// given) and that the work goes on locally.
+    /// given: unreachable, or refusing the credentials or the bucket's
+    /// name) and that the work goes on locally.
     pub(super) fn log_outage(&mut self, blueprint_id: &str, error: &crate::base::error::Error) {
         let about = if blueprint_id.is_empty() { String::new() } else { format!("{blueprint_id}: ") };
-        self.host.log(LogLevel::Warn, &format!("{about}fleet store unavailable, compiling locally: {error}"));
+        self.host.log(LogLevel::Warn, &format!("{about}could not use the fleet store, compiling locally: {error}"));
     }
 
     /// Logs the first failure of the fleet's Redis that was passed over

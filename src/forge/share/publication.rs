@@ -95,7 +95,7 @@ impl Forge {
         match outcome.failed {
             Some(error) => {
                 if self.fleet_retry_at.is_none() {
-                    self.host.log(LogLevel::Warn, &format!("fleet store unavailable; publication retried every {retry:?}: {error}"));
+                    self.host.log(LogLevel::Warn, &format!("could not use the fleet store; publication retried every {retry:?}: {error}"));
                 }
                 self.fleet_retry_at = Some(Instant::now() + retry);
             }
