@@ -61,7 +61,10 @@ impl Fleet {
             return Err(Error::invalid("a fleet store needs trusted keys: nothing from the shared bucket is used unverified"));
         }
         if config.publish && !keys.signs() {
-            return Err(Error::invalid("publishing to the fleet store needs a signing key (or turn publishing off to only read)"));
+            return Err(Error::invalid(
+                "publishing to the fleet store needs a signing key; to only read, turn publishing off \
+                 (the CLI's --fleet-read-only, TEZZERET_FLEET_READ_ONLY in C, read_only=True in Python)",
+            ));
         }
         let remote = RemoteStore::connect(&config)?;
         let names = ObjectNames::new(&config.bucket, &config.prefix);

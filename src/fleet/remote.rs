@@ -144,6 +144,9 @@ impl RemoteStore {
                 max_retries: 2,
                 retry_timeout: timeout,
             });
+        if config.credentials.is_none() {
+            check_environment_credentials()?;
+        }
         let mut endpoint = "aws".to_string();
         if config.endpoint.is_none() {
             // An endpoint from the environment must be as plain as a configured one.
@@ -380,6 +383,24 @@ fn one_line(error: &object_store::Error) -> String {
         );
     }
     line
+}
+
+/// Refuses half of a key pair in the environment (one variable set, the
+/// other unset or empty): requests would go out signed wrongly, or
+/// not at all, and fail for a reason far from the cause.
+fn check_environment_credentials() -> Result<()> {
+    let set = |variable: &str| std::env::var_os(variable).is_some_and(|value| !value.is_empty());
+    let (id, secret) = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY");
+    match (set(id), set(secret)) {
+        (true, false) | (false, true) => {
+            let (present, absent) = if set(id) { (id, secret) } else { (secret, id) };
+            Err(Error::invalid(format!(
+                "fleet credentials: {present} is set but {absent} is unset or empty (set both, or neither to use the \
+                 instance's role)"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A renewal's last write whose outcome is known: the ETag the store

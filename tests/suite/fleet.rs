@@ -251,6 +251,19 @@ fn a_forge_run_that_cannot_use_its_store_says_why_and_counts_what_it_compiled() 
     let out = status(&dir.path().join("nowhere"));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("holds no forge state"));
 
+    // Half a key pair in the environment is refused, naming both variables.
+    let out = tezzeret()
+        .env("AWS_ACCESS_KEY_ID", "")
+        .arg("forge")
+        .arg("--state")
+        .arg(dir.path().join("half"))
+        .args(fleet_args(&server, "wrong-secret", &key))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is unset or empty"), "{stderr}");
+
     // Store options without a bucket are a mistake, not a run without a fleet.
     let out = tezzeret().arg("forge").arg("--state").arg(dir.path().join("other")).args(["--s3-endpoint", &server.endpoint()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -1190,7 +1203,7 @@ fn a_fleet_needs_trusted_keys_and_a_signing_key_to_publish() {
     let (_, public) = generate_keypair().unwrap();
     let verify_only = KeyRing::new(None, &[public]).unwrap();
     let message = open(verify_only.clone(), fleet.clone()).expect("refused");
-    assert!(message.contains("signing key"), "{message}");
+    assert!(message.contains("signing key") && message.contains("--fleet-read-only"), "{message}");
     fleet.publish = false;
     assert_eq!(open(verify_only, fleet.clone()), None, "a read-only member needs no signing key");
     fleet.bucket = "Not_A_Bucket".into();
