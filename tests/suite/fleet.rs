@@ -296,7 +296,12 @@ fn three_hosts_compile_each_blueprint_once(server: &SeaweedServer, extra: &[Stri
     let mut compiled_by: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, host) in hosts.into_iter().enumerate() {
         let out = host.wait_with_output().unwrap();
-        assert!(out.status.success(), "host {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "host {i}: {stderr}");
+        // Progress counts finished jobs, wherever in the queue a host began.
+        let counts: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix('[')?.split(']').next()).collect();
+        let expected: Vec<String> = (1..=42).map(|n| format!("{n:>3}/42")).collect();
+        assert_eq!(counts, expected, "host {i}: {stderr}");
         let document: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let mut ready = 0;
         for artifact in document["artifacts"].as_array().unwrap() {

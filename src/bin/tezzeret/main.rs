@@ -461,6 +461,9 @@ fn print_table(reports: &[JobReport]) {
 struct ProgressView {
     bar: Option<ProgressBar>,
     trace: bool,
+    /// Jobs finished so far (a fleet member starts its queue part-way
+    /// through, so a job's queue position says nothing of progress).
+    finished: usize,
 }
 
 impl ProgressView {
@@ -471,7 +474,7 @@ impl ProgressView {
             bar.set_style(style.progress_chars("#>."));
             bar
         });
-        ProgressView { bar, trace }
+        ProgressView { bar, trace, finished: 0 }
     }
 
     fn show(&mut self, event: Progress<'_>) {
@@ -483,15 +486,18 @@ impl ProgressView {
             }
         }
         match (&self.bar, event) {
-            (Some(bar), Progress::Started(i, total, id)) => {
+            (Some(bar), Progress::Started(_, total, id)) => {
                 bar.set_length(total as u64);
-                bar.set_position(i as u64);
                 bar.set_message(id.to_string());
             }
-            (Some(bar), Progress::Finished(i, _, _)) => bar.set_position(i as u64 + 1),
-            (None, Progress::Finished(i, total, report)) => {
+            (Some(bar), Progress::Finished(..)) => {
+                self.finished += 1;
+                bar.set_position(self.finished as u64);
+            }
+            (None, Progress::Finished(_, total, report)) => {
+                self.finished += 1;
                 let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "[{:>3}/{}] {} {}", i + 1, total, report.blueprint_id, report.status.name());
+                let _ = writeln!(err, "[{:>3}/{}] {} {}", self.finished, total, report.blueprint_id, report.status.name());
             }
             _ => {}
         }
