@@ -254,16 +254,9 @@ impl Ledger {
         self.journal.state().revisions.get(blueprint_id).copied().unwrap_or(0) + 1
     }
 
-    /// Stores a compiled artifact durably — file, then signed manifest —
-    /// and returns its complete record (not yet current: see [`Self::commit_all`]).
-    pub fn store_artifact(&self, record: ArtifactRecord, bytes: &[u8]) -> Result<ArtifactRecord> {
-        let record = self.complete_record(record, bytes);
-        self.store.put(&record, bytes)?;
-        Ok(record)
-    }
-
     /// Stores a compiled artifact, its record complete (see
-    /// [`Self::complete_record`]), durably: file, then manifest.
+    /// [`Self::complete_record`]), durably: file, then signed manifest
+    /// (not yet current: see [`Self::commit_all`]).
     pub fn store_compiled(&mut self, record: &ArtifactRecord, bytes: &[u8]) -> Result<()> {
         self.store.put(record, bytes)?;
         self.refused.remove(&record.cache_key);
@@ -271,7 +264,7 @@ impl Ledger {
     }
 
     /// A compiled artifact's complete record — checksum, file name, size,
-    /// signature — as [`Self::store_artifact`] stores it.
+    /// signature — as [`Self::store_compiled`] stores it.
     pub fn complete_record(&self, mut record: ArtifactRecord, bytes: &[u8]) -> ArtifactRecord {
         record.describe_bytes(bytes);
         self.keys.sign_record(&mut record);
