@@ -126,6 +126,9 @@ impl FleetConfig {
                 self.prefix
             )));
         }
+        if let Some(region) = &self.region {
+            check_region(region, "fleet region")?;
+        }
         if let Some(url) = &self.lease_redis {
             if !(url.starts_with("redis://") || url.starts_with("unix://")) {
                 return Err(Error::invalid(format!("fleet lease Redis {:?} is not a redis:// or unix:// URL", redacted_url(url))));
@@ -137,6 +140,8 @@ impl FleetConfig {
             if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
                 return Err(Error::invalid("fleet credentials have an empty access key id or secret key"));
             }
+            check_credential(&c.access_key_id, "fleet access key id")?;
+            check_credential(&c.secret_access_key, "fleet secret key")?;
         }
         for (what, field, value, least) in [
             ("lease TTL", "lease_ttl", self.lease_ttl, LEAST_LEASE_TTL),
@@ -181,7 +186,31 @@ pub fn check_endpoint(endpoint: &str, what: &str) -> Result<()> {
             redacted_url(endpoint)
         )));
     }
-    Ok(())
+    match url::Url::parse(endpoint) {
+        Ok(parsed) if parsed.host_str().is_some_and(|host| !host.is_empty()) => Ok(()),
+        Ok(_) => Err(Error::invalid(format!("{what} {:?} names no host", redacted_url(endpoint)))),
+        Err(e) => Err(Error::invalid(format!("{what} {:?} is not a valid URL: {e}", redacted_url(endpoint)))),
+    }
+}
+
+/// Refuses a region that cannot name an S3 region: requests are signed
+/// for it, and without an endpoint it is part of the store's host name.
+pub fn check_region(region: &str, what: &str) -> Result<()> {
+    let ok = (1..=64).contains(&region.len()) && region.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        return Ok(());
+    }
+    Err(Error::invalid(format!("{what} {region:?} is not a region name (1 to 64 ASCII letters, digits, '-', '_' or '.')")))
+}
+
+/// Refuses a credential with a character that is not visible ASCII: it
+/// goes into request headers (or signs them), where a control character or
+/// a space cannot travel. The value itself is never shown.
+pub fn check_credential(value: &str, what: &str) -> Result<()> {
+    if value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
+    Err(Error::invalid(format!("{what} has a character that is not visible ASCII (a space, a control character or non-ASCII)")))
 }
 
 /// The longest lease, wait or timeout accepted (a day).
@@ -197,7 +226,7 @@ pub const LEAST_RETRY_INTERVAL: Duration = Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {
-    use super::FleetConfig;
+    use super::{Credentials, FleetConfig};
 
     #[test]
     fn bad_fields_are_named() {
@@ -208,6 +237,14 @@ mod tests {
             (FleetConfig { endpoint: Some("127.0.0.1:9000".into()), ..ok.clone() }, "endpoint"),
             (FleetConfig { endpoint: Some("http://127.0.0.1:9000/some/path".into()), ..ok.clone() }, "has a path"),
             (FleetConfig { endpoint: Some("http://127.0.0.1:9000?region=x".into()), ..ok.clone() }, "has a path"),
+            (FleetConfig { endpoint: Some("http://127.0.0.1:99999".into()), ..ok.clone() }, "is not a valid URL: invalid port number"),
+            (FleetConfig { endpoint: Some("http://:80".into()), ..ok.clone() }, "endpoint \"http://:80\""),
+            (FleetConfig { region: Some("not a region!".into()), ..ok.clone() }, "fleet region \"not a region!\""),
+            (FleetConfig { region: Some(String::new()), ..ok.clone() }, "fleet region"),
+            (
+                FleetConfig { credentials: Some(Credentials { access_key_id: "a\nb".into(), secret_access_key: "s".into() }), ..ok.clone() },
+                "fleet access key id has a character that is not visible ASCII",
+            ),
             (FleetConfig { prefix: "a//b".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "a/../b".into(), ..ok.clone() }, "prefix"),
             (FleetConfig { prefix: "run-é".into(), ..ok.clone() }, "prefix"),

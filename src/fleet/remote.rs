@@ -17,7 +17,7 @@ use object_store::{
 /// The largest manifest or lease object read (a manifest is a few KiB).
 pub const SMALL_OBJECT_LIMIT: u64 = 4 << 20;
 
-use super::config::{check_endpoint, FleetConfig};
+use super::config::{check_credential, check_endpoint, check_region, FleetConfig};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::redact::redacted_url;
 use crate::sys::signals;
@@ -166,7 +166,11 @@ impl RemoteStore {
             options = options.with_allow_http(true).with_no_system_certificates(true);
         }
         builder = builder.with_client_options(options);
-        let region = config.region.clone().or_else(|| std::env::var("AWS_REGION").ok()).unwrap_or_else(|| "us-east-1".into());
+        let from_environment = std::env::var("AWS_REGION").ok().filter(|region| !region.is_empty());
+        if let (None, Some(region)) = (&config.region, &from_environment) {
+            check_region(region, "AWS_REGION")?;
+        }
+        let region = config.region.clone().or(from_environment).unwrap_or_else(|| "us-east-1".into());
         builder = builder.with_region(region);
         if let Some(c) = &config.credentials {
             builder = builder.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
@@ -387,10 +391,16 @@ fn one_line(error: &object_store::Error) -> String {
 
 /// Refuses half of a key pair in the environment (one variable set, the
 /// other unset or empty): requests would go out signed wrongly, or
-/// not at all, and fail for a reason far from the cause.
+/// not at all, and fail for a reason far from the cause; and credentials
+/// that cannot travel in a request's headers.
 fn check_environment_credentials() -> Result<()> {
     let set = |variable: &str| std::env::var_os(variable).is_some_and(|value| !value.is_empty());
     let (id, secret) = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY");
+    for variable in [id, secret, "AWS_SESSION_TOKEN"] {
+        if let Some(value) = std::env::var_os(variable).filter(|value| !value.is_empty()) {
+            check_credential(&value.to_string_lossy(), variable)?;
+        }
+    }
     match (set(id), set(secret)) {
         (true, false) | (false, true) => {
             let (present, absent) = if set(id) { (id, secret) } else { (secret, id) };

@@ -152,6 +152,32 @@ fn fleet_times_out_of_range_are_usage_errors_naming_the_flag_and_its_range() {
 }
 
 #[test]
+fn fleet_settings_the_s3_client_cannot_use_are_refused_before_any_request() {
+    let dir = crate::TempDir::new("cli-fleet-settings");
+    let key = dir.path().join("k");
+    tezzeret::state::signing::keygen(&key).unwrap();
+    let public = format!("{}.pub", key.display());
+    let base = ["fleet-status", "--s3-bucket", "fleet", "--trusted-key", public.as_str()];
+    for (extra, env, expected) in [
+        (vec!["--s3-endpoint", "http://127.0.0.1:99999"], None, "is not a valid URL: invalid port number"),
+        (vec!["--s3-endpoint", "http://:80"], None, "is not a valid URL: empty host"),
+        (vec!["--s3-region", "not a region!"], None, "is not a region name"),
+        (vec![], Some(("AWS_REGION", "x y")), "AWS_REGION \"x y\" is not a region name"),
+        (vec![], Some(("AWS_ACCESS_KEY_ID", "a\nb")), "AWS_ACCESS_KEY_ID has a character that is not visible ASCII"),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tezzeret"));
+        command.args(base).args(&extra).env("AWS_ACCESS_KEY_ID", "id").env("AWS_SECRET_ACCESS_KEY", "secret");
+        if let Some((variable, value)) = env {
+            command.env(variable, value);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}: {stderr}");
+        assert!(stderr.contains(expected) && !stderr.contains("panicked"), "{extra:?} {env:?}: {stderr}");
+    }
+}
+
+#[test]
 fn bench_prints_one_row_object_per_measurement() {
     let out = tezzeret(&["bench", "--only", "wal", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
