@@ -74,6 +74,21 @@ pub(crate) fn out_arg<T>(ptr: *mut T, name: &str) -> Result<()> {
     }
 }
 
+/// Refuses a `struct_size` that no version of the struct has: every
+/// layout's size is a multiple of its alignment, and any other size would
+/// end inside a field (read or written half, from the caller's bytes and
+/// a default's).
+fn check_layout_size<T>(struct_size: usize, name: &str) -> Result<()> {
+    let align = std::mem::align_of::<T>();
+    if struct_size % align == 0 {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{name}.struct_size is {struct_size}, not the size of any of its layouts (each a multiple of {align} bytes); \
+         initialise it with its *_init function"
+    )))
+}
+
 /// Copies a caller's `struct_size`-prefixed struct into a defaulted one:
 /// fields beyond the caller's size keep their defaults, and nothing past
 /// the caller's size is read.
@@ -93,6 +108,7 @@ pub(crate) unsafe fn read_sized<T: Copy>(ptr: *const T, defaults: T, min_size: u
              initialise it with its *_init function"
         )));
     }
+    check_layout_size::<T>(caller_size, name)?;
     let mut value = defaults;
     let len = caller_size.min(std::mem::size_of::<T>());
     // SAFETY: the caller's struct has `caller_size >= len` readable bytes and
@@ -113,6 +129,7 @@ pub(crate) unsafe fn init_sized<T: Copy>(ptr: *mut T, defaults: T, struct_size: 
             "struct_size {struct_size} is smaller than the oldest {name} layout ({min_size} bytes)"
         )));
     }
+    check_layout_size::<T>(struct_size, name)?;
     let len = struct_size.min(std::mem::size_of::<T>());
     // SAFETY: the caller gives `struct_size >= len` writable bytes (checked
     // non-NULL above, at least min_size >= size_of::<usize>()); `defaults`

@@ -178,7 +178,12 @@ fn null_and_invalid_arguments_get_a_status_naming_them() {
 #[test]
 fn config_init_never_writes_past_the_callers_size() {
     let mut bytes = [0xAAu8; 128];
-    let small = offset_of!(tezzeret_config, strategy) + size_of::<u32>();
+    // The size of an older layout ending with `strategy` (its padding included).
+    let ending = offset_of!(tezzeret_config, strategy) + size_of::<u32>();
+    let small = ending.next_multiple_of(std::mem::align_of::<tezzeret_config>());
+    let (code, msg) = take(unsafe { tezzeret_config_init(bytes.as_mut_ptr() as *mut tezzeret_config, ending + 1) });
+    assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && msg.contains("not the size of any of its layouts"), "{msg}");
+    assert!(bytes.iter().all(|b| *b == 0xAA), "nothing written for a size no layout has");
     ok(unsafe { tezzeret_config_init(bytes.as_mut_ptr() as *mut tezzeret_config, small) });
     assert!(bytes[small..].iter().all(|b| *b == 0xAA), "wrote past struct_size");
     assert_eq!(usize::from_ne_bytes(bytes[..8].try_into().unwrap()), small);

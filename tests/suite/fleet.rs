@@ -1288,8 +1288,12 @@ fn a_c_host_joins_the_fleet_through_its_config() {
     let bad = CString::new("Bad_Bucket").unwrap();
     let not_url = CString::new("127.0.0.1:9000").unwrap();
     let not_redis = CString::new("http://:secret@127.0.0.1:6379").unwrap();
-    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 9] = [
+    let cases: [(&dyn Fn(&mut tezzeret_fleet_config), &str); 11] = [
         (&|f| f.bucket = std::ptr::null(), "config.fleet.bucket is NULL"),
+        // Sizes that end inside a field (half the endpoint pointer, half
+        // member_index): refused, never read.
+        (&|f| f.struct_size = 20, "config.fleet.struct_size is 20, not the size of any of its layouts"),
+        (&|f| f.struct_size = 100, "config.fleet.struct_size is 100, not the size of any of its layouts"),
         (&|f| f.member_index = -2, "config.fleet.member_index -2 is neither -1 nor an index"),
         (&|f| f.member_index = 1 << 32, "config.fleet.member_index 4294967296"),
         (&|f| f.bucket = bad.as_ptr(), "fleet bucket \"Bad_Bucket\""),
@@ -1304,4 +1308,10 @@ fn a_c_host_joins_the_fleet_through_its_config() {
         assert_eq!(code, TEZZERET_CODE_INVALID_ARGUMENT, "{expected}: {message}");
         assert!(message.contains(expected), "{message:?} should name {expected:?}");
     }
+    // init refuses such a size too, writing nothing.
+    let mut bytes = [0xa5u8; std::mem::size_of::<tezzeret_fleet_config>()];
+    // SAFETY: a buffer larger than the stated size.
+    let (code, message) = take(unsafe { tezzeret_fleet_config_init(bytes.as_mut_ptr().cast(), 100) });
+    assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && message.contains("struct_size is 100"), "{message}");
+    assert!(bytes.iter().all(|&b| b == 0xa5), "nothing written");
 }
