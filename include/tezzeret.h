@@ -57,7 +57,9 @@
 // Flag: compile quarantine-only (HIGH_RISK) blueprints instead of refusing them.
 #define TEZZERET_FLAG_ALLOW_QUARANTINE 1
 
-// Fleet flag: only fetch from the bucket, never publish (no signing key needed).
+// Fleet flag: only fetch from the bucket, never publish (no signing key
+// needed; without one, a job the bucket lacks fails rather than compile
+// an unsigned artifact the forge's trusted keys would refuse).
 #define TEZZERET_FLEET_READ_ONLY 1
 
 // Answer type of a prefetch: `KernelArtifactReady` bytes (Leyline

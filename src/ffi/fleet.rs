@@ -9,7 +9,9 @@ use super::status::{ffi_status, tezzeret_status};
 use crate::base::error::{Error, Result};
 use crate::fleet::{Credentials, FleetConfig};
 
-/// Fleet flag: only fetch from the bucket, never publish (no signing key needed).
+/// Fleet flag: only fetch from the bucket, never publish (no signing key
+/// needed; without one, a job the bucket lacks fails rather than compile
+/// an unsigned artifact the forge's trusted keys would refuse).
 pub const TEZZERET_FLEET_READ_ONLY: u32 = 1;
 const KNOWN_FLEET_FLAGS: u32 = TEZZERET_FLEET_READ_ONLY;
 

@@ -13,7 +13,7 @@ use super::ledger::{Adoption, Committing};
 use super::report::{JobReport, JobStatus, Progress};
 use super::share::{Admission, Admitted, Probed, Waiting};
 use super::telemetry::{self, events};
-use crate::base::error::{Error, ErrorCode, Result};
+use crate::base::error::{Error, ErrorCode, FailureReason, Result};
 use crate::base::hex;
 use crate::base::leyline::{self, TelemetryEvent, TelemetryLevel};
 use crate::base::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
@@ -377,6 +377,27 @@ impl Forge {
         in_flight.extend(adopting.drain(..));
     }
 
+    /// Why a job may not compile here, if it may not: a forge that accepts
+    /// only artifacts signed by a trusted key but has no signing key would
+    /// store an artifact it refuses itself (and announce a kernel it then
+    /// will not serve).
+    fn cannot_sign(&self, job: &Job) -> Option<Error> {
+        let keys = self.ledger.keys();
+        if !keys.verifies() || keys.signs() {
+            return None;
+        }
+        let what = if self.fleet.is_some() { "is not in the fleet's bucket, and this forge" } else { "is not compiled: this forge" };
+        Some(Error::failure(
+            ErrorCode::Unsupported,
+            FailureReason::SignatureInvalid,
+            format!(
+                "{} {what} accepts only artifacts signed by a trusted key but has no signing key to sign its own \
+                 (give it one whose public key it trusts)",
+                job.blueprint_id
+            ),
+        ))
+    }
+
     /// Says why the artifact stored here under a job's cache key is not
     /// used, and what the job does instead.
     fn log_not_adopted(&mut self, job: &Job, error: &Error) {
@@ -406,6 +427,9 @@ impl Forge {
             }
             Adoption::Refused(error) => self.log_not_adopted(job, &error),
             Adoption::Nothing => {}
+        }
+        if let Some(error) = self.cannot_sign(job) {
+            return Err(error);
         }
         let compile_job = CompileJob {
             descriptor: job.descriptor.clone(),

@@ -1099,24 +1099,31 @@ fn a_read_only_member_fetches_but_never_claims_or_publishes() {
     let reader = Member::open(&dir.path().join("b"), FIVE, &reader_keys, read_only.clone());
     assert!(reader.run().values().all(|s| *s == JobStatus::Cached));
     assert_eq!(reader.metrics().hits, 5);
-    // On a cold prefix a reader compiles for itself, leaving the bucket untouched.
+    // On a cold prefix a reader compiles for itself, leaving the bucket
+    // untouched — signing with a key of its own, which it trusts.
+    let (own_seed, own_public) = generate_keypair().unwrap();
+    let signing_reader_keys = KeyRing::new(Some(own_seed), &[public, own_public]).unwrap();
     read_only.prefix = "cold".into();
-    let cold = Member::open(&dir.path().join("c"), &["BP001"], &reader_keys, read_only);
+    let cold = Member::open(&dir.path().join("c"), &["BP001"], &signing_reader_keys, read_only.clone());
     assert_eq!(cold.run()["BP001"], JobStatus::Ok);
     let fleet = cold.service.with(|f| Ok(f.fleet().unwrap().survey(ArtifactCheck::Listed).unwrap())).unwrap();
     assert_eq!((fleet.manifests, fleet.artifacts, fleet.leases.len()), (0, 0, 0), "no claim, no publication");
     assert_eq!(cold.unshared(), 0, "a reader has nothing to publish");
-    drop(cold);
-    // Its own compile is unsigned, so a later open does not adopt it: it
-    // asks the bucket again, and takes the signed copy published meanwhile.
-    Member::open(&dir.path().join("d"), &["BP001"], &keys, with_prefix(&server, "cold")).run();
-    let reopened = Member::open(&dir.path().join("c"), &["BP001"], &reader_keys, with_prefix_read_only(&server, "cold"));
-    assert_eq!(reopened.run()["BP001"], JobStatus::Cached);
+    // Without a signing key it cannot use what it would compile: the job
+    // fails, naming why, instead of announcing a kernel it would refuse.
+    let unsigned = Member::open(&dir.path().join("d"), &["BP002"], &reader_keys, read_only.clone());
+    let report = unsigned.service.with(|f| Ok(f.run(&mut |_| {}))).unwrap().remove(0);
+    assert_eq!(report.status, JobStatus::Failed);
+    let error = report.error.expect("why it failed");
+    assert_eq!(error.reason_name(), "signature_invalid");
+    assert!(error.message().contains("BP002 is not in the fleet's bucket") && error.message().contains("no signing key"), "{error}");
+    assert!(unsigned.seen.lock().unwrap().updates.is_empty(), "nothing announced");
+    drop(unsigned);
+    // Once a member that signs has published it, the next run fetches it.
+    Member::open(&dir.path().join("e"), &["BP002"], &keys, with_prefix(&server, "cold")).run();
+    let reopened = Member::open(&dir.path().join("d"), &["BP002"], &reader_keys, read_only);
+    assert_eq!(reopened.run()["BP002"], JobStatus::Cached);
     assert_eq!(reopened.metrics().hits, 1);
-}
-
-fn with_prefix_read_only(server: &SeaweedServer, prefix: &str) -> FleetConfig {
-    FleetConfig { publish: false, ..with_prefix(server, prefix) }
 }
 
 #[test]

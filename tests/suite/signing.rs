@@ -100,6 +100,25 @@ impl tezzeret::forge::Host for Logs {
 }
 
 #[test]
+fn a_forge_that_verifies_but_cannot_sign_fails_a_compile_instead_of_storing_what_it_would_refuse() {
+    use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, JobStatus};
+    let work = TempDir::new("sign-verify-only");
+    let (_, public) = keygen(work.path(), "k.key");
+    let mut config = ForgeConfig::new(work.path().join("s"));
+    config.device = DevicePreference::Cpu;
+    config.strategy = tezzeret::build::compile::Strategy::Fast;
+    config.keys = KeyRing::new(None, &[read_key_file(&public).unwrap()]).unwrap();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut forge = Forge::open(config, Box::new(Logs(logs))).unwrap();
+    let report = forge.compile_one("BP002").unwrap();
+    assert_eq!(report.status, JobStatus::Failed);
+    let error = report.error.expect("why");
+    assert_eq!(error.reason_name(), "signature_invalid");
+    assert!(error.message().contains("BP002 is not compiled: this forge accepts only artifacts signed by a trusted key"), "{error}");
+    assert!(forge.artifacts().is_empty(), "nothing stored or made current");
+}
+
+#[test]
 fn a_durable_manifest_tampered_alone_is_refused_and_not_adopted() {
     use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, JobStatus};
     let work = TempDir::new("sign-adopt");

@@ -215,7 +215,8 @@ impl FleetStoreArgs {
 pub struct FleetArgs {
     #[command(flatten)]
     pub store: FleetStoreArgs,
-    /// Only fetch from the bucket, never publish (no signing key needed).
+    /// Only fetch from the bucket, never publish (no signing key needed;
+    /// without one, a blueprint the bucket lacks fails instead of compiling).
     #[arg(long = "fleet-read-only", requires = "bucket")]
     pub read_only: bool,
     /// How long a claim to compile a blueprint holds, seconds.
