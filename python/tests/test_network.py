@@ -133,11 +133,22 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
         (tezzeret.Fleet(bucket="fleet", lease_wait=float("inf")), "lease_wait"),
         (tezzeret.Fleet(bucket="fleet", lease_wait=float("nan")), "lease_wait"),
         (tezzeret.Fleet(bucket="fleet", request_timeout=1e30), "request_timeout"),
+        (tezzeret.Fleet(bucket="fleet", lease_wait=86401), r"lease_wait\) of 86401 s is outside 0 s to 86400 s"),
+        (tezzeret.Fleet(bucket="fleet", lease_wait=-1), "lease_wait"),
         (tezzeret.Fleet(bucket=123), "bucket"),
+        (tezzeret.Fleet(bucket="fleet\0typo"), "bucket contains a NUL"),
+        (tezzeret.Fleet(bucket="fleet", secret_access_key="s\0x", access_key_id="a"), "secret_access_key contains a NUL"),
+        (tezzeret.Fleet(bucket="fleet", read_only="no"), "read_only must be True or False"),
         (tezzeret.Fleet(bucket="fleet", endpoint="http://127.0.0.1:9000/some/path"), "has a path"),
     ]:
         with pytest.raises(tezzeret.InvalidArgumentError, match=named):
             tezzeret.Forge(state_dir, device="cpu", fleet=fleet, **keys)
+    with pytest.raises(tezzeret.InvalidArgumentError, match="fleet must be a tezzeret.Fleet"):
+        tezzeret.Forge(state_dir, device="cpu", fleet="fleet", **keys)
+    with pytest.raises(tezzeret.InvalidArgumentError, match="state_dir contains a NUL"):
+        tezzeret.Forge(str(state_dir) + "\0more", device="cpu")
+    # A lease wait of 0 (compile at once rather than wait) is a valid choice.
+    tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", lease_wait=0), **keys).close()
     with pytest.raises(tezzeret.InvalidArgumentError, match="trusted_keys"):
         tezzeret.Forge(state_dir, device="cpu", signing_key=secret, trusted_keys=public)
     stranger, _ = tezzeret.keygen()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import _native as n
+from ._args import c_text
 from ._closing import Closing
 from .errors import InvalidArgumentError, check
 from .guards import GuardTable
@@ -129,7 +130,7 @@ class Forge(Closing):
         config = n.Config()
         check(n.lib.tezzeret_config_init(ctypes.byref(config), ctypes.sizeof(n.Config)))
         self.state_dir = os.fspath(state_dir)
-        config.state_dir = self.state_dir.encode()
+        config.state_dir = c_text(self.state_dir, "state_dir")
         config.strategy = _choice(STRATEGIES, strategy, "strategy")
         config.device = _choice(DEVICES, device, "device")
         config.flags = 1 if allow_quarantine else 0
@@ -158,6 +159,10 @@ class Forge(Closing):
             keep.append(keys)
             config.trusted_keys = ctypes.cast(keys, n.c_uint8_p)
             config.trusted_key_count = len(trusted_keys)
+        if bus is not None and not isinstance(bus, Bus):
+            raise InvalidArgumentError(f"bus must be a tezzeret.Bus, got {bus!r}")
+        if fleet is not None and not isinstance(fleet, Fleet):
+            raise InvalidArgumentError(f"fleet must be a tezzeret.Fleet, got {fleet!r}")
         if bus is not None:
             bus_config = bus._to_native(keep)
             keep.append(bus_config)
@@ -261,7 +266,7 @@ class Forge(Closing):
         """Durably queues a blueprint's job (a queued one gets the new
         priority); returns its sequence number."""
         seq = ctypes.c_uint64()
-        check(n.lib.tezzeret_forge_submit(self._live(), blueprint_id.encode(), _choice(PRIORITIES, priority, "priority"), ctypes.byref(seq)))
+        check(n.lib.tezzeret_forge_submit(self._live(), c_text(blueprint_id, "blueprint_id"), _choice(PRIORITIES, priority, "priority"), ctypes.byref(seq)))
         return seq.value
 
     def drain(self) -> Tuple[int, int]:
@@ -274,9 +279,9 @@ class Forge(Closing):
         """Compiles a blueprint at once, ahead of the queue (cached: at once
         done); ``budget`` in seconds abandons it if it runs longer."""
         if budget is None:
-            check(n.lib.tezzeret_forge_compile_now(self._live(), blueprint_id.encode()))
+            check(n.lib.tezzeret_forge_compile_now(self._live(), c_text(blueprint_id, "blueprint_id")))
         else:
-            check(n.lib.tezzeret_forge_compile_now_within(self._live(), blueprint_id.encode(), max(_ms(budget, "budget"), 1)))
+            check(n.lib.tezzeret_forge_compile_now_within(self._live(), c_text(blueprint_id, "blueprint_id"), max(_ms(budget, "budget"), 1)))
 
     def refresh(self) -> Tuple[int, int]:
         """Enumerates the descriptors again; returns (queued, removed)."""
@@ -338,7 +343,7 @@ class Forge(Closing):
     def load_kernel(self, blueprint_id: str) -> Kernel:
         """Loads a blueprint's current artifact for running on tensors."""
         handle = ctypes.POINTER(n.KernelHandle)()
-        check(n.lib.tezzeret_forge_load_kernel(self._live(), blueprint_id.encode(), ctypes.byref(handle)))
+        check(n.lib.tezzeret_forge_load_kernel(self._live(), c_text(blueprint_id, "blueprint_id"), ctypes.byref(handle)))
         return Kernel(handle, blueprint_id)
 
 

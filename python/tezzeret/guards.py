@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from . import _native as n
+from ._args import c_text
 from ._closing import Closing
 from ._tensors import GuardScratch, Metas
 from .errors import InvalidArgumentError, check
@@ -81,7 +82,7 @@ class GuardTable(Closing):
             if path is None:
                 raise InvalidArgumentError("GuardTable needs the path of a guard table")
             _handle = ctypes.POINTER(n.GuardTableHandle)()
-            check(n.lib.tezzeret_guard_table_open(str(path).encode(), ctypes.byref(_handle)))
+            check(n.lib.tezzeret_guard_table_open(c_text(str(path), "path"), ctypes.byref(_handle)))
         self._handle = _handle
         self._address = ctypes.cast(_handle, ctypes.c_void_p).value
         self._local = threading.local()
@@ -102,7 +103,7 @@ class GuardTable(Closing):
         if encoded is None:
             if not isinstance(blueprint_id, str):
                 raise InvalidArgumentError(f"blueprint_id must be a str, not {type(blueprint_id).__name__}")
-            encoded = self._ids[blueprint_id] = blueprint_id.encode()
+            encoded = self._ids[blueprint_id] = c_text(blueprint_id, "blueprint_id")
         return encoded
 
     def _check(self, blueprint_id: str, tensors: Sequence[torch.Tensor], verdict: "Optional[n.GuardVerdict]") -> int:
@@ -125,7 +126,7 @@ class GuardTable(Closing):
         """The blueprint's slot; :class:`NotFoundError` if it has none."""
         entry = n.GuardEntry()
         entry.struct_size = ctypes.sizeof(n.GuardEntry)
-        check(n.lib.tezzeret_guard_table_lookup(self._live(), blueprint_id.encode(), ctypes.byref(entry)))
+        check(n.lib.tezzeret_guard_table_lookup(self._live(), c_text(blueprint_id, "blueprint_id"), ctypes.byref(entry)))
         inputs = tuple(
             GuardInputSpec(
                 _DTYPE_NAMES[i.dtype] if i.dtype < len(_DTYPE_NAMES) else str(i.dtype),

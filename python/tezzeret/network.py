@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from . import _native as n
+from ._args import c_text
 from .errors import InvalidArgumentError, check
 
 _BUS_NO_PREFETCH = 1
@@ -28,12 +29,26 @@ def _positive_ms(seconds: float, what: str) -> int:
     return max(1, int(round(seconds * 1000)))
 
 
+def _fleet_ms(seconds: float, what: str) -> int:
+    """A fleet time in ms; the library checks its range and names it."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise InvalidArgumentError(f"{what} must be a number of seconds, got {seconds!r}")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise InvalidArgumentError(f"{what} must be a finite, non-negative number of seconds, got {seconds}")
+    # Beyond any range the library takes, yet within its field.
+    return min(int(round(seconds * 1000)), 2**63)
+
+
+def _flag(value: bool, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
 def _text(value: Optional[str], keep: List[Any], what: str) -> Optional[bytes]:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise InvalidArgumentError(f"{what} must be a string, got {value!r}")
-    encoded = value.encode()
+    encoded = c_text(value, what)
     keep.append(encoded)
     return encoded
 
@@ -96,7 +111,8 @@ class Bus:
         config.freshness_ms = _positive_ms(self.freshness, "freshness")
         config.message_ttl_ms = _positive_ms(self.message_ttl, "message_ttl")
         config.claim_idle_ms = _positive_ms(self.claim_idle, "claim_idle")
-        config.flags = (0 if self.prefetch else _BUS_NO_PREFETCH) | (0 if self.publish else _BUS_NO_PUBLISH)
+        prefetch, publish = _flag(self.prefetch, "prefetch"), _flag(self.publish, "publish")
+        config.flags = (0 if prefetch else _BUS_NO_PREFETCH) | (0 if publish else _BUS_NO_PUBLISH)
         return config
 
     def __repr__(self) -> str:
@@ -119,7 +135,10 @@ class Fleet:
     keeps the fleet's leases in that Redis instead of the bucket: a claim
     then costs one Redis round trip, and publications are announced there,
     so that waiting hosts ask the bucket only for artifacts; every host of
-    the fleet must use the same one."""
+    the fleet must use the same one. Times are in seconds, each at most a
+    day: ``lease_ttl`` at least 0.1, ``request_timeout`` and
+    ``retry_interval`` at least 0.01, ``lease_wait`` at least 0 (compile
+    at once rather than wait for another host)."""
 
     bucket: str
     endpoint: Optional[str] = None
@@ -144,11 +163,11 @@ class Fleet:
         config.region = _text(self.region, keep, "region")
         config.access_key_id = _text(self.access_key_id, keep, "access_key_id")
         config.secret_access_key = _text(self.secret_access_key, keep, "secret_access_key")
-        config.lease_ttl_ms = _positive_ms(self.lease_ttl, "lease_ttl")
-        config.lease_wait_ms = _positive_ms(self.lease_wait, "lease_wait")
-        config.request_timeout_ms = _positive_ms(self.request_timeout, "request_timeout")
-        config.retry_interval_ms = _positive_ms(self.retry_interval, "retry_interval")
-        config.flags = _FLEET_READ_ONLY if self.read_only else 0
+        config.lease_ttl_ms = _fleet_ms(self.lease_ttl, "lease_ttl")
+        config.lease_wait_ms = _fleet_ms(self.lease_wait, "lease_wait")
+        config.request_timeout_ms = _fleet_ms(self.request_timeout, "request_timeout")
+        config.retry_interval_ms = _fleet_ms(self.retry_interval, "retry_interval")
+        config.flags = _FLEET_READ_ONLY if _flag(self.read_only, "read_only") else 0
         index = self.member_index
         if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 0xFFFF_FFFF):
             raise InvalidArgumentError(f"member_index must be an index from 0 to 4294967295, got {index!r}")
