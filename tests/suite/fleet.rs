@@ -479,6 +479,24 @@ fn a_store_outage_never_fails_a_job_and_publication_catches_up() {
 }
 
 #[test]
+fn a_store_down_from_the_start_is_said_once_per_job() {
+    let dir = TempDir::new("fleet-down");
+    // A port nothing listens on (just released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut fleet = FleetConfig::new("fleet");
+    fleet.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    fleet.credentials = Some(tezzeret::fleet::Credentials { access_key_id: ACCESS_KEY.into(), secret_access_key: SECRET_KEY.into() });
+    fleet.request_timeout = Duration::from_secs(2);
+    let member = Member::open(&dir.path().join("a"), FIVE, &fleet_keys(), fleet);
+    assert!(member.run().values().all(|s| *s == JobStatus::Ok), "every job compiles locally");
+    let logs = member.seen.lock().unwrap().logs.clone();
+    for id in FIVE {
+        let said = logs.iter().filter(|l| l.starts_with(&format!("{id}: could not use the fleet store"))).count();
+        assert!(said <= 1, "{id} said {said} times: {logs:#?}");
+    }
+}
+
+#[test]
 fn leases_on_an_unreachable_redis_never_fail_a_job() {
     let server = SeaweedServer::start("fleet");
     let dir = TempDir::new("fleet-no-redis");

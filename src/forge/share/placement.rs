@@ -108,10 +108,9 @@ impl Forge {
                     lost.push(position);
                     waiting.push(Waiting { position, since: None, generation, lease_read: None });
                 }
-                Err(error) => {
-                    self.log_outage(&job.blueprint_id, &error);
-                    break;
-                }
+                // The store cannot be asked: the queue starts where it is,
+                // and this job's admission, asking again, says so once.
+                Err(_) => break,
             }
         }
         band.retain(|(position, _)| !lost.contains(position));
