@@ -117,15 +117,27 @@ impl JobCounters {
     }
 }
 
+/// Metrics counted in units (`count`) that are levels, going down as well
+/// as up: every other `count` metric only grows while the forge is open.
+const LEVELS: &[&str] = &["tezzeret.queue.depth", "tezzeret.bus.outbox_depth", "tezzeret.fleet.unshared", "tezzeret.wal.transactions_total"];
+
+/// Whether a metric is a running total (a Prometheus counter, starting at
+/// 0 when the forge opens) rather than a level or a reading (a gauge).
+fn is_running_total(metric: &MetricPoint) -> bool {
+    (metric.unit == "count" && !LEVELS.contains(&metric.name.as_str())) || metric.name == "tezzeret.jobs.compile_ms_total"
+}
+
 /// Metrics in Prometheus text exposition format: names with `.` turned into
-/// `_`, one `# TYPE` line per name (gauge), labels kept and escaped.
+/// `_`, one `# TYPE` line per name (counter for running totals, else
+/// gauge), labels kept and escaped.
 pub fn prometheus(metrics: &[MetricPoint]) -> String {
     let mut out = String::new();
     let mut typed = std::collections::BTreeSet::new();
     for m in metrics {
         let name: String = m.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         if typed.insert(name.clone()) {
-            out.push_str(&format!("# TYPE {name} gauge\n"));
+            let kind = if is_running_total(m) { "counter" } else { "gauge" };
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
         }
         out.push_str(&name);
         if !m.attributes.is_empty() {

@@ -200,6 +200,18 @@ fn a_hung_blueprint_opens_the_timeout_breaker_and_conservative_mode_comes_and_go
     let text = forge.prometheus();
     assert!(text.contains("tezzeret_breaker_state{breaker=\"timeout\"} 2"), "{text}");
     assert!(text.contains("tezzeret_mode_conservative 1"), "{text}");
+    // Running totals are counters; levels and readings are gauges.
+    for (name, kind) in [
+        ("tezzeret_jobs_completed", "counter"),
+        ("tezzeret_breaker_open_total", "counter"),
+        ("tezzeret_jobs_compile_ms_total", "counter"),
+        ("tezzeret_queue_depth", "gauge"),
+        ("tezzeret_wal_transactions_total", "gauge"),
+        ("tezzeret_breaker_state", "gauge"),
+        ("tezzeret_mode_conservative", "gauge"),
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} {kind}\n")), "{name} is a {kind}: {text}");
+    }
     {
         let events = view.events.lock().unwrap();
         let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
