@@ -126,8 +126,9 @@ class Fleet:
     published, and each blueprint compiles once for the fleet (leases).
     The forge needs ``trusted_keys`` (and a ``signing_key`` unless
     ``read_only``; a read-only forge without one only fetches: a blueprint
-    the bucket lacks fails with ``signature_invalid``). Credentials left ``None`` come from the ``AWS_*``
-    environment variables; ``prefix`` holds ASCII letters, digits, ``-``,
+    the bucket lacks fails with ``signature_invalid``). Credentials left
+    ``None`` come from the ``AWS_*`` environment variables (both or
+    neither); ``prefix`` holds ASCII letters, digits, ``-``,
     ``_``, ``.`` and ``/`` only. ``member_index`` is this host's index in
     its fleet (0, 1, 2…, e.g. a scheduler's rank): hosts starting together
     then begin in evenly spread places; with ``None`` each starts at a
