@@ -89,7 +89,10 @@ def _metric(forge, name):
     return next(m.value for m in forge.metrics() if m.name == name)
 
 
-def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed):
+def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed, monkeypatch):
+    # A session token in the environment belongs to the environment's keys,
+    # not to the keys given here: it is not sent with them.
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "not\x01ours")
     secret, public = tezzeret.keygen()
     updates = []
     with _fleet_forge(tmp_path / "a", seaweed, secret, public) as first:
@@ -135,6 +138,7 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
         (tezzeret.Fleet(bucket="fleet", request_timeout=1e30), "request_timeout"),
         (tezzeret.Fleet(bucket="fleet", lease_wait=86401), r"lease_wait\) of 86401 s is outside 0 s to 86400 s"),
         (tezzeret.Fleet(bucket="fleet", lease_wait=-1), "lease_wait"),
+        (tezzeret.Fleet(bucket="fleet", lease_ttl=1e308), "lease_ttl"),
         (tezzeret.Fleet(bucket=123), "bucket"),
         (tezzeret.Fleet(bucket="fleet\0typo"), "bucket contains a NUL"),
         (tezzeret.Fleet(bucket="fleet", secret_access_key="s\0x", access_key_id="a"), "secret_access_key contains a NUL"),

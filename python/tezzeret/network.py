@@ -36,7 +36,7 @@ def _fleet_ms(seconds: float, what: str) -> int:
     if not (math.isfinite(seconds) and seconds >= 0):
         raise InvalidArgumentError(f"{what} must be a finite, non-negative number of seconds, got {seconds}")
     # Beyond any range the library takes, yet within its field.
-    return min(int(round(seconds * 1000)), 2**63)
+    return int(round(min(seconds, 2**53) * 1000))
 
 
 def _flag(value: bool, what: str) -> bool:

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
@@ -133,7 +133,8 @@ impl RemoteStore {
         config.validate()?;
         let timeout = config.request_timeout;
         let mut options = ClientOptions::new().with_timeout(timeout).with_connect_timeout(timeout);
-        let mut builder = AmazonS3Builder::from_env()
+        let explicit_credentials = config.credentials.is_some();
+        let mut builder = builder_from_environment(explicit_credentials)
             .with_bucket_name(&config.bucket)
             .with_virtual_hosted_style_request(false)
             .with_conditional_put(S3ConditionalPut::ETagMatch)
@@ -144,21 +145,17 @@ impl RemoteStore {
                 max_retries: 2,
                 retry_timeout: timeout,
             });
-        if config.credentials.is_none() {
+        if !explicit_credentials {
             check_environment_credentials()?;
         }
         let mut endpoint = "aws".to_string();
-        if config.endpoint.is_none() {
-            // An endpoint from the environment must be as plain as a configured one.
-            for variable in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
-                if let Some(url) = std::env::var(variable).ok().filter(|url| !url.is_empty()) {
-                    check_endpoint(&url, variable)?;
-                    endpoint = redacted_url(&url);
-                }
-            }
-        }
-        if let Some(url) = &config.endpoint {
-            builder = builder.with_endpoint(url);
+        let chosen = match &config.endpoint {
+            Some(url) => Some(url.clone()),
+            None => endpoint_from_environment()?,
+        };
+        if let Some(url) = &chosen {
+            // Set as the S3-specific endpoint too, which would otherwise win.
+            builder = builder.with_endpoint(url).with_config(AmazonS3ConfigKey::S3Endpoint, url);
             endpoint = redacted_url(url);
         }
         if endpoint.starts_with("http://") {
@@ -387,6 +384,41 @@ fn one_line(error: &object_store::Error) -> String {
         );
     }
     line
+}
+
+/// The variables that name the store's endpoint, the S3-specific first.
+const ENDPOINT_VARIABLES: [&str; 3] = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"];
+
+/// A builder with the `AWS_*` settings of the environment, as the S3
+/// client reads them, except the endpoint (chosen and checked by
+/// [`RemoteStore::connect`]) and, when the configuration gives its own
+/// key pair, the environment's credentials (a session token from there
+/// would be sent with keys it does not belong to).
+fn builder_from_environment(explicit_credentials: bool) -> AmazonS3Builder {
+    let mut builder = AmazonS3Builder::new();
+    for (key, value) in std::env::vars_os() {
+        let (Some(key), Some(value)) = (key.to_str(), value.to_str()) else { continue };
+        let credential = matches!(key, "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_SESSION_TOKEN");
+        if !key.starts_with("AWS_") || ENDPOINT_VARIABLES.contains(&key) || (explicit_credentials && credential) {
+            continue;
+        }
+        if let Ok(config_key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            builder = builder.with_config(config_key, value);
+        }
+    }
+    builder
+}
+
+/// The endpoint the environment names, if any, checked as a configured
+/// one is.
+fn endpoint_from_environment() -> Result<Option<String>> {
+    for variable in ENDPOINT_VARIABLES {
+        if let Some(url) = std::env::var(variable).ok().filter(|url| !url.is_empty()) {
+            check_endpoint(&url, variable)?;
+            return Ok(Some(url));
+        }
+    }
+    Ok(None)
 }
 
 /// Refuses half of a key pair in the environment (one variable set, the

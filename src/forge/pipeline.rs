@@ -134,7 +134,7 @@ impl Forge {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
         for (job, error) in self.ledger.set_aside_unusable(&queue) {
-            self.log_not_adopted(job, &error);
+            self.log_set_aside(job, &error);
         }
         let ready = self.start_order(&queue);
         let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
@@ -263,6 +263,9 @@ impl Forge {
     /// `budget` when given (else its strategy's).
     pub(super) fn execute(&mut self, job: &Job, budget: Option<Duration>) -> JobReport {
         // Urgent: the bucket is asked, but no other host's lease is waited for.
+        for (job, error) in self.ledger.set_aside_unusable(std::slice::from_ref(job)) {
+            self.log_set_aside(job, &error);
+        }
         self.fetch_from_fleet(std::slice::from_ref(job), 0..1);
         let prepared = self.record_start(job).and_then(|_| self.prepare(job, &mut |_| {})).map(|prepared| match (prepared, budget) {
             (Prepared::Compile(mut c), Some(budget)) => {
@@ -386,7 +389,7 @@ impl Forge {
         if !keys.verifies() || keys.signs() {
             return None;
         }
-        let what = if self.fleet.is_some() { "is not in the fleet's bucket, and this forge" } else { "is not compiled: this forge" };
+        let what = if self.fleet.is_some() { "has no usable copy from the fleet's bucket, and this forge" } else { "is not compiled: this forge" };
         Some(Error::failure(
             ErrorCode::Unsupported,
             FailureReason::SignatureInvalid,
@@ -399,9 +402,16 @@ impl Forge {
     }
 
     /// Says why the artifact stored here under a job's cache key is not
-    /// used, and what the job does instead.
-    fn log_not_adopted(&mut self, job: &Job, error: &Error) {
+    /// used, and that the job looks for it in the fleet's bucket (if any)
+    /// before compiling.
+    fn log_set_aside(&mut self, job: &Job, error: &Error) {
         let instead = if self.fleet.is_some() { "asking the fleet's bucket, else compiling" } else { "compiling" };
+        self.log_not_adopted(job, error, instead);
+    }
+
+    /// Says why the artifact stored here under a job's cache key is not
+    /// used, and what the job does `instead`.
+    fn log_not_adopted(&mut self, job: &Job, error: &Error, instead: &str) {
         let message = format!("{}: the durable artifact of its cache key is not adopted ({error}); {instead}", job.blueprint_id);
         self.host.log(LogLevel::Warn, &message);
     }
@@ -425,7 +435,7 @@ impl Forge {
                 self.ledger.store().touch(&record.cache_key);
                 return Ok(Prepared::Adopted(*record));
             }
-            Adoption::Refused(error) => self.log_not_adopted(job, &error),
+            Adoption::Refused(error) => self.log_not_adopted(job, &error, "compiling"),
             Adoption::Nothing => {}
         }
         if let Some(error) = self.cannot_sign(job) {

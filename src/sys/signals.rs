@@ -18,11 +18,24 @@ fn broken_pipe_set() -> libc::sigset_t {
     }
 }
 
-/// Whether a `SIGPIPE` waits for this thread (or for the process).
+/// Whether a `SIGPIPE` waits for this thread or for the process.
 fn broken_pipe_pending() -> bool {
     let mut pending = MaybeUninit::<libc::sigset_t>::uninit();
     // SAFETY: sigpending fills the set it is given; it is read only after success.
     unsafe { libc::sigpending(pending.as_mut_ptr()) == 0 && libc::sigismember(pending.as_ptr(), libc::SIGPIPE) == 1 }
+}
+
+/// Whether a `SIGPIPE` waits for this thread itself, as one raised by its
+/// own write does (one sent to the process is the host's business). The
+/// kernel tells the two apart only in `/proc`, read only when one waits;
+/// if it cannot be read, a waiting one is taken as this thread's.
+fn broken_pipe_pending_for_this_thread() -> bool {
+    if !broken_pipe_pending() {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else { return true };
+    let thread_pending = status.lines().find_map(|line| line.strip_prefix("SigPnd:")).and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok());
+    thread_pending.is_none_or(|mask| mask & (1 << (libc::SIGPIPE - 1)) != 0)
 }
 
 /// Holds `SIGPIPE` back on the calling thread for the rest of its life:
@@ -35,12 +48,14 @@ pub fn hold_broken_pipe_signal_for_this_thread() {
 
 /// `SIGPIPE` held back on the calling thread (a host's thread lent to the
 /// library) while this value lives. One that the library's writes raised
-/// meanwhile is discarded when it drops, and the thread's mask is restored.
+/// on this thread meanwhile is discarded when it drops (one sent to the
+/// process is left waiting), and the thread's mask is restored.
 #[must_use = "the signal is held back only while the value lives"]
 pub struct BrokenPipeSignalHeld {
     /// The thread's mask before, when it did not already hold the signal back.
     restore: Option<libc::sigset_t>,
-    /// Whether a `SIGPIPE` was already waiting (the host's own: left alone).
+    /// Whether a `SIGPIPE` already waited for this thread (the host's own:
+    /// left alone).
     pending_before: bool,
 }
 
@@ -54,15 +69,16 @@ pub fn hold_broken_pipe_signal() -> BrokenPipeSignalHeld {
     let restore = changed
         .then(|| unsafe { previous.assume_init() })
         .filter(|previous| unsafe { libc::sigismember(previous, libc::SIGPIPE) } == 0);
-    BrokenPipeSignalHeld { restore, pending_before: broken_pipe_pending() }
+    BrokenPipeSignalHeld { restore, pending_before: broken_pipe_pending_for_this_thread() }
 }
 
 impl Drop for BrokenPipeSignalHeld {
     fn drop(&mut self) {
-        if !self.pending_before && broken_pipe_pending() {
+        if !self.pending_before && broken_pipe_pending_for_this_thread() {
             let set = broken_pipe_set();
             let no_wait = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-            // SAFETY: takes the pending SIGPIPE (held back, so it waits) without blocking.
+            // SAFETY: takes the pending SIGPIPE without blocking; one waiting
+            // for this thread is taken before one waiting for the process.
             unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &no_wait) };
         }
         if let Some(previous) = &self.restore {
@@ -90,7 +106,7 @@ mod tests {
     fn a_held_signal_is_discarded_and_the_mask_restored() {
         let held = hold_broken_pipe_signal();
         assert_eq!(write_to_a_closed_peer().raw_os_error(), Some(libc::EPIPE));
-        assert!(broken_pipe_pending(), "the write raised the signal, held back");
+        assert!(broken_pipe_pending_for_this_thread(), "the write raised the signal on this thread, held back");
         drop(held);
         assert!(!broken_pipe_pending(), "discarded on release");
         let mut mask = MaybeUninit::<libc::sigset_t>::uninit();

@@ -163,6 +163,7 @@ fn fleet_settings_the_s3_client_cannot_use_are_refused_before_any_request() {
         (vec!["--s3-endpoint", "http://:80"], None, "is not a valid URL: empty host"),
         (vec!["--s3-region", "not a region!"], None, "is not a region name"),
         (vec![], Some(("AWS_REGION", "x y")), "AWS_REGION \"x y\" is not a region name"),
+        (vec![], Some(("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:99999")), "AWS_ENDPOINT_URL_S3 \"http://127.0.0.1:99999\" is not a valid URL"),
         (vec![], Some(("AWS_ACCESS_KEY_ID", "a\nb")), "AWS_ACCESS_KEY_ID has a character that is not visible ASCII"),
     ] {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tezzeret"));
