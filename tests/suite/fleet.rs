@@ -411,24 +411,33 @@ fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
 #[test]
 fn a_local_artifact_that_does_not_verify_is_taken_from_the_bucket_before_compiling() {
     let FivePublished { server: _server, dir, keys, fleet, first } = five_published("local-damage");
-    let damaged = record_of(&first, "BP001");
+    let damaged: Vec<ArtifactRecord> = ["BP001", "BP002"].iter().map(|id| record_of(&first, id)).collect();
     drop(first);
     let state = dir.path().join("a");
-    let path = state.join("artifacts").join(&damaged.artifact_file);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
+    let paths: Vec<PathBuf> = damaged.iter().map(|r| state.join("artifacts").join(&r.artifact_file)).collect();
+    for path in &paths {
+        let mut bytes = std::fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(path, bytes).unwrap();
+    }
 
     let reopened = Member::open(&state, FIVE, &keys, fleet);
+    // One compiled now, on the caller's watch; the other by a run.
+    let now = reopened.service.with(|f| f.compile_one("BP002")).unwrap();
+    assert_eq!(now.status, JobStatus::Cached, "{now:?}");
     let statuses = reopened.run();
     assert!(statuses.values().all(|s| *s == JobStatus::Cached), "nothing compiled: {statuses:?}");
     let metrics = reopened.metrics();
-    assert_eq!((metrics.hits, metrics.misses, metrics.lost_races), (1, 0, 0), "{metrics:?}");
+    assert_eq!((metrics.hits, metrics.misses, metrics.lost_races), (2, 0, 0), "{metrics:?}");
     let logs = reopened.seen.lock().unwrap().logs.join("\n");
-    assert!(logs.contains("BP001: the durable artifact of its cache key is not adopted"), "{logs}");
+    for id in ["BP001", "BP002"] {
+        assert!(logs.contains(&format!("{id}: the durable artifact of its cache key is not adopted")), "{logs}");
+    }
     assert!(logs.contains("asking the fleet's bucket"), "{logs}");
-    assert_eq!(tezzeret::state::artifact::checksum_of(&std::fs::read(&path).unwrap()), damaged.checksum, "repaired");
+    for (path, record) in paths.iter().zip(&damaged) {
+        assert_eq!(tezzeret::state::artifact::checksum_of(&std::fs::read(path).unwrap()), record.checksum, "repaired");
+    }
 }
 
 #[test]
