@@ -34,8 +34,10 @@ fn broken_pipe_pending_for_this_thread() -> bool {
         return false;
     }
     let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else { return true };
-    let thread_pending = status.lines().find_map(|line| line.strip_prefix("SigPnd:")).and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok());
-    thread_pending.is_none_or(|mask| mask & (1 << (libc::SIGPIPE - 1)) != 0)
+    // `SigPnd:` is the thread's own pending set (`ShdPnd:` the process's), in hex.
+    let thread_pending = status.lines().find_map(|line| line.strip_prefix("SigPnd:"));
+    let mask = thread_pending.and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok());
+    mask.is_none_or(|mask| mask & (1 << (libc::SIGPIPE - 1)) != 0)
 }
 
 /// Holds `SIGPIPE` back on the calling thread for the rest of its life:
