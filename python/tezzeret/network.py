@@ -21,9 +21,14 @@ _FLEET_READ_ONLY = 1
 _MAX_SECONDS = 365 * 24 * 3600
 
 
-def _positive_ms(seconds: float, what: str) -> int:
+def _seconds(seconds: float, what: str) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise InvalidArgumentError(f"{what} must be a number of seconds, got {seconds!r}")
+    return seconds
+
+
+def _positive_ms(seconds: float, what: str) -> int:
+    seconds = _seconds(seconds, what)
     if not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
         raise InvalidArgumentError(f"{what} must be more than 0 and at most {_MAX_SECONDS} seconds, got {seconds}")
     return max(1, int(round(seconds * 1000)))
@@ -31,8 +36,7 @@ def _positive_ms(seconds: float, what: str) -> int:
 
 def _fleet_ms(seconds: float, what: str) -> int:
     """A fleet time in ms; the library checks its range and names it."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise InvalidArgumentError(f"{what} must be a number of seconds, got {seconds!r}")
+    seconds = _seconds(seconds, what)
     if not (math.isfinite(seconds) and seconds >= 0):
         raise InvalidArgumentError(f"{what} must be a finite, non-negative number of seconds, got {seconds}")
     # Beyond any range the library takes, yet within its field.

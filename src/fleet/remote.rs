@@ -433,16 +433,15 @@ fn check_environment_credentials() -> Result<()> {
             check_credential(&value.to_string_lossy(), variable)?;
         }
     }
-    match (set(id), set(secret)) {
-        (true, false) | (false, true) => {
-            let (present, absent) = if set(id) { (id, secret) } else { (secret, id) };
-            Err(Error::invalid(format!(
-                "fleet credentials: {present} is set but {absent} is unset or empty (set both, or neither to use the \
-                 instance's role)"
-            )))
-        }
-        _ => Ok(()),
-    }
+    let (present, absent) = match (set(id), set(secret)) {
+        (true, false) => (id, secret),
+        (false, true) => (secret, id),
+        _ => return Ok(()),
+    };
+    Err(Error::invalid(format!(
+        "fleet credentials: {present} is set but {absent} is unset or empty (set both, or neither to use the \
+         instance's role)"
+    )))
 }
 
 /// A renewal's last write whose outcome is known: the ETag the store
@@ -485,6 +484,7 @@ impl StoreError {
 mod tests {
     use super::{one_line, RemoteStore};
     use crate::fleet::{Credentials, FleetConfig};
+    use crate::sys::signals::write_to_a_dropped_connection;
 
     fn generic(text: &str) -> object_store::Error {
         object_store::Error::Generic { store: "S3", source: text.to_string().into() }
@@ -508,15 +508,6 @@ mod tests {
         assert!(plain.contains("connection refused") && !plain.contains("credentials"), "{plain}");
         let metadata = one_line(&generic("Error performing PUT http://169.254.169.254/latest/api/token - 403 Forbidden"));
         assert!(metadata.contains("no credentials were given"), "{metadata}");
-    }
-
-    /// A vectored write (as the HTTP client makes) to a socket whose peer
-    /// is gone: fails with EPIPE and raises SIGPIPE on the writing thread.
-    fn write_to_a_dropped_connection() -> Option<i32> {
-        use std::io::{IoSlice, Write};
-        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        drop(theirs);
-        ours.write_vectored(&[IoSlice::new(b"lost")]).unwrap_err().raw_os_error()
     }
 
     const CHILD: &str = "TEZZERET_TEST_SIGPIPE_CHILD";

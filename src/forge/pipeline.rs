@@ -133,9 +133,7 @@ impl Forge {
     pub fn drain(&mut self, progress: &mut dyn FnMut(Progress<'_>)) -> Vec<JobReport> {
         let queue: Vec<Job> = self.ledger.state().queue().into_iter().cloned().collect();
         let total = queue.len();
-        for (job, error) in self.ledger.set_aside_unusable(&queue) {
-            self.log_set_aside(job, &error);
-        }
+        self.set_aside_unusable(&queue);
         let ready = self.start_order(&queue);
         let probed = self.fetch_from_fleet(&queue, ready.iter().map(|(position, _)| *position));
         let mut reports = Vec::with_capacity(total);
@@ -263,9 +261,7 @@ impl Forge {
     /// `budget` when given (else its strategy's).
     pub(super) fn execute(&mut self, job: &Job, budget: Option<Duration>) -> JobReport {
         // Urgent: the bucket is asked, but no other host's lease is waited for.
-        for (job, error) in self.ledger.set_aside_unusable(std::slice::from_ref(job)) {
-            self.log_set_aside(job, &error);
-        }
+        self.set_aside_unusable(std::slice::from_ref(job));
         self.fetch_from_fleet(std::slice::from_ref(job), 0..1);
         let prepared = self.record_start(job).and_then(|_| self.prepare(job, &mut |_| {})).map(|prepared| match (prepared, budget) {
             (Prepared::Compile(mut c), Some(budget)) => {
@@ -401,12 +397,14 @@ impl Forge {
         ))
     }
 
-    /// Says why the artifact stored here under a job's cache key is not
-    /// used, and that the job looks for it in the fleet's bucket (if any)
-    /// before compiling.
-    fn log_set_aside(&mut self, job: &Job, error: &Error) {
+    /// Sets aside the stored artifacts of `jobs` that do not verify (see
+    /// [`super::ledger::Ledger::set_aside_unusable`]), saying why for each, and that its
+    /// job looks in the fleet's bucket (if any) before compiling.
+    fn set_aside_unusable(&mut self, jobs: &[Job]) {
         let instead = if self.fleet.is_some() { "asking the fleet's bucket, else compiling" } else { "compiling" };
-        self.log_not_adopted(job, error, instead);
+        for (job, error) in self.ledger.set_aside_unusable(jobs) {
+            self.log_not_adopted(job, &error, instead);
+        }
     }
 
     /// Says why the artifact stored here under a job's cache key is not

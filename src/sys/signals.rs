@@ -90,24 +90,25 @@ impl Drop for BrokenPipeSignalHeld {
     }
 }
 
+/// A vectored write (as the HTTP client makes) to a socket whose peer is
+/// gone, for tests: fails with `EPIPE` (its OS error returned) and raises
+/// `SIGPIPE` on the writing thread.
+#[cfg(test)]
+pub(crate) fn write_to_a_dropped_connection() -> Option<i32> {
+    use std::io::{IoSlice, Write};
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(theirs);
+    ours.write_vectored(&[IoSlice::new(b"lost")]).unwrap_err().raw_os_error()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::IoSlice;
-    use std::os::unix::net::UnixStream;
-
-    /// A vectored write to a socket whose peer is gone: raises SIGPIPE.
-    fn write_to_a_closed_peer() -> std::io::Error {
-        use std::io::Write;
-        let (mut ours, theirs) = UnixStream::pair().unwrap();
-        drop(theirs);
-        ours.write_vectored(&[IoSlice::new(b"lost")]).unwrap_err()
-    }
 
     #[test]
     fn a_held_signal_is_discarded_and_the_mask_restored() {
         let held = hold_broken_pipe_signal();
-        assert_eq!(write_to_a_closed_peer().raw_os_error(), Some(libc::EPIPE));
+        assert_eq!(write_to_a_dropped_connection(), Some(libc::EPIPE));
         assert!(broken_pipe_pending_for_this_thread(), "the write raised the signal on this thread, held back");
         drop(held);
         assert!(!broken_pipe_pending(), "discarded on release");
