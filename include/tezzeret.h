@@ -229,7 +229,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 9
+#define TEZZERET_ABI_MINOR 10
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -301,8 +301,9 @@ typedef struct tezzeret_bus_config {
   uint32_t flags;
 } tezzeret_bus_config;
 
-// How a forge joins a fleet. Initialise with `tezzeret_fleet_config_init`,
-// set `bucket` (required) and point `tezzeret_config.fleet` at it; the
+// How a forge joins a fleet (and how `tezzeret_fleet_fetch_artifact`
+// reaches its store). Initialise with `tezzeret_fleet_config_init`,
+// set `bucket` (a forge requires it) and point `tezzeret_config.fleet` at it; the
 // forge's config must carry trusted keys (nothing from the bucket is used
 // unverified) and, to publish, a signing key. Every string is borrowed for
 // the `tezzeret_forge_open` call; NULL ones keep their defaults. Settings
@@ -605,6 +606,25 @@ struct tezzeret_status *tezzeret_config_init(struct tezzeret_config *config, siz
 // `sizeof(tezzeret_fleet_config)`); never writes past `struct_size`.
 struct tezzeret_status *tezzeret_fleet_config_init(struct tezzeret_fleet_config *config,
                                                    size_t struct_size);
+
+// Fetches the artifact an `s3://` reference names — as catalog updates and
+// prefetch answers carry once it is published — and writes it durably at
+// `path`, replacing any file there: for a consumer on any host (a Kasmina
+// process, a loader) with no forge of its own. Its bytes must hash to the
+// sha256 in the reference and, when `expected_sha256` is not NULL (the
+// announcement's `checksum`), to that too; nothing is written otherwise.
+// `config` says how to reach the store: its endpoint, region,
+// credentials and request timeout (its other fields are not used; NULL:
+// all from the `AWS_*` environment variables); its `bucket` may be NULL,
+// and otherwise must be the reference's. Errors: `INVALID_ARGUMENT` (a
+// malformed reference or checksum, another bucket), `NOT_FOUND` (the
+// bucket lacks it), `CORRUPT` (its bytes do not hash right),
+// `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the store or
+// the file system failed). Since ABI 0.10.
+struct tezzeret_status *tezzeret_fleet_fetch_artifact(const struct tezzeret_fleet_config *config,
+                                                      const char *artifact_ref,
+                                                      const char *expected_sha256,
+                                                      const char *path);
 
 // Opens a forge on `config->state_dir`: takes its exclusive lock (a
 // directory open in this or another process is refused with

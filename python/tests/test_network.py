@@ -1,6 +1,7 @@
 """The forge joining the fleet (a real SeaweedFS started here on free
 ports) and the bus, from Python."""
 import glob
+import hashlib
 import http.client
 import json
 import os
@@ -109,6 +110,28 @@ def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed, monk
         assert updates[-1].artifact_ref.startswith("s3://fleet/py/artifacts/")
         kernel = second.load_kernel("BP001")
         assert kernel is not None
+    # A consumer with no forge fetches the announced artifact by its reference.
+    update = updates[-1]
+    fleet = tezzeret.Fleet(bucket="fleet", endpoint=seaweed, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
+    tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "kernel.pt", fleet=fleet, expected_sha256=update.checksum)
+    with open(tmp_path / "kernel.pt", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == update.checksum
+    with pytest.raises(tezzeret.InvalidArgumentError, match="expected checksum"):
+        tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "other.pt", fleet=fleet, expected_sha256="0" * 64)
+    missing = update.artifact_ref.replace(update.checksum, "0" * 64)
+    with pytest.raises(tezzeret.NotFoundError, match="no such artifact"):
+        tezzeret.fetch_artifact(missing, tmp_path / "other.pt", fleet=fleet)
+    with pytest.raises(tezzeret.InvalidArgumentError, match="fleet must be a tezzeret.Fleet"):
+        tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "other.pt", fleet={"bucket": "fleet"})
+    assert not (tmp_path / "other.pt").exists()
+    # Without a Fleet, everything comes from the AWS_* variables.
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    for name, value in [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+                        ("AWS_ENDPOINT_URL", seaweed)]:
+        monkeypatch.setenv(name, value)
+    tezzeret.fetch_artifact(update.artifact_ref, str(tmp_path / "from-env.pt"))
+    with open(tmp_path / "from-env.pt", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == update.checksum
 
 
 def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):

@@ -34,7 +34,7 @@ from .errors import (
 from .forge import Forge, RunSummary, keygen, validate_descriptor
 from .guards import GuardEntry, GuardTable, GuardVerdict, guard_check
 from .kernel import Kernel
-from .network import Bus, Fleet
+from .network import Bus, Fleet, fetch_artifact
 from .leyline import (
     BlueprintDescriptor,
     KernelArtifactError,
@@ -55,6 +55,7 @@ __all__ = [
     "Forge",
     "Bus",
     "Fleet",
+    "fetch_artifact",
     "RunSummary",
     "Kernel",
     "GuardTable",

@@ -29,7 +29,7 @@ from ctypes import (
 import torch  # noqa: F401  (loads libtorch before libtezzeret)
 
 ABI_MAJOR = 0
-ABI_MINOR = 9
+ABI_MINOR = 10
 
 c_uint8_p = POINTER(c_uint8)
 c_int64_p = POINTER(c_int64)
@@ -259,6 +259,7 @@ _PROTOTYPES = {
     "tezzeret_config_init": (_S, [POINTER(Config), c_size_t]),
     "tezzeret_bus_config_init": (_S, [POINTER(BusConfig), c_size_t]),
     "tezzeret_fleet_config_init": (_S, [POINTER(FleetConfig), c_size_t]),
+    "tezzeret_fleet_fetch_artifact": (_S, [POINTER(FleetConfig), c_char_p, c_char_p, c_char_p]),
     "tezzeret_host_callbacks_init": (_S, [POINTER(HostCallbacks), c_size_t]),
     "tezzeret_descriptor_sink_push": (_S, [POINTER(DescriptorSink), c_void_p, c_size_t]),
     "tezzeret_descriptor_validate": (_S, [c_void_p, c_size_t]),

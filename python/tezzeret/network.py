@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from . import _native as n
 from ._args import c_text
@@ -182,3 +183,29 @@ class Fleet:
 
     def __repr__(self) -> str:
         return _repr(self, secrets=("secret_access_key",), urls=("endpoint", "lease_redis"))
+
+
+def fetch_artifact(reference: str, path: Union[str, "os.PathLike[str]"], *, fleet: Optional[Fleet] = None,
+                   expected_sha256: Optional[str] = None) -> None:
+    """Fetches the artifact an ``s3://`` reference names (as catalog updates
+    and prefetch answers carry once it is published) and writes it durably
+    at ``path``, replacing any file there: what a consumer on another host,
+    with no forge of its own, does. Its bytes must hash to the sha256 in
+    the reference and, when given, to ``expected_sha256`` (the
+    announcement's ``checksum``); nothing is written otherwise
+    (:class:`CorruptError`). ``fleet`` says how to reach the store
+    (endpoint, region, credentials, request timeout; its bucket must be the
+    reference's); ``None`` takes them all from the ``AWS_*`` environment
+    variables. Raises :class:`InvalidArgumentError` for a malformed
+    reference or checksum, :class:`NotFoundError` when the bucket lacks
+    it, :class:`BudgetExceededError` over 1 GiB and
+    :class:`TezzeretIOError` when the store or the file system fails."""
+    if fleet is not None and not isinstance(fleet, Fleet):
+        raise InvalidArgumentError(f"fleet must be a tezzeret.Fleet, got {fleet!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"path must be a str or os.PathLike, got {path!r}")
+    keep: List[Any] = []
+    config = None if fleet is None else ctypes.byref(fleet._to_native(keep))
+    checksum = None if expected_sha256 is None else c_text(expected_sha256, "expected_sha256")
+    check(n.lib.tezzeret_fleet_fetch_artifact(config, c_text(reference, "reference"), checksum,
+                                              c_text(os.fspath(path), "path")))

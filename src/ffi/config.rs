@@ -151,7 +151,7 @@ impl tezzeret_config {
         }
         if !raw.fleet.is_null() {
             // SAFETY: non-NULL: a readable fleet config valid for the call, by contract.
-            config.fleet = Some(unsafe { tezzeret_fleet_config::read(raw.fleet) }?);
+            config.fleet = Some(unsafe { tezzeret_fleet_config::read(raw.fleet, "config.fleet", None) }?);
         }
         Ok(config)
     }

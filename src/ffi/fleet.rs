@@ -1,13 +1,15 @@
 //! `tezzeret_fleet_config`: how a forge shares artifacts with its fleet
-//! through an S3-compatible bucket.
+//! through an S3-compatible bucket; and `tezzeret_fleet_fetch_artifact`,
+//! how a consumer without a forge fetches one by its reference.
 use std::ffi::c_char;
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::time::Duration;
 
 use super::args::{init_sized, read_sized, str_arg};
 use super::status::{ffi_status, tezzeret_status};
 use crate::base::error::{Error, Result};
-use crate::fleet::{Credentials, FleetConfig};
+use crate::fleet::{fetch_artifact, ArtifactReference, Credentials, FleetConfig};
 
 /// Fleet flag: only fetch from the bucket, never publish (no signing key
 /// needed; without one, a job the bucket lacks fails rather than compile
@@ -15,8 +17,9 @@ use crate::fleet::{Credentials, FleetConfig};
 pub const TEZZERET_FLEET_READ_ONLY: u32 = 1;
 const KNOWN_FLEET_FLAGS: u32 = TEZZERET_FLEET_READ_ONLY;
 
-/// How a forge joins a fleet. Initialise with `tezzeret_fleet_config_init`,
-/// set `bucket` (required) and point `tezzeret_config.fleet` at it; the
+/// How a forge joins a fleet (and how `tezzeret_fleet_fetch_artifact`
+/// reaches its store). Initialise with `tezzeret_fleet_config_init`,
+/// set `bucket` (a forge requires it) and point `tezzeret_config.fleet` at it; the
 /// forge's config must carry trusted keys (nothing from the bucket is used
 /// unverified) and, to publish, a signing key. Every string is borrowed for
 /// the `tezzeret_forge_open` call; NULL ones keep their defaults. Settings
@@ -92,22 +95,26 @@ impl tezzeret_fleet_config {
         }
     }
 
-    /// Reads a caller's fleet config (of any supported size).
+    /// Reads a caller's fleet config (of any supported size), named `name`
+    /// in errors; a NULL `bucket` is refused, or stands for
+    /// `bucket_if_null` when given.
     ///
     /// # Safety
     /// `ptr` is a readable fleet config of at least its `struct_size` bytes
     /// whose non-NULL strings are NUL-terminated.
-    pub(crate) unsafe fn read(ptr: *const tezzeret_fleet_config) -> Result<FleetConfig> {
+    pub(crate) unsafe fn read(ptr: *const tezzeret_fleet_config, name: &str, bucket_if_null: Option<&str>) -> Result<FleetConfig> {
         // SAFETY: a readable config of its struct_size, by contract.
-        let raw = unsafe { read_sized(ptr, Self::defaults(), MIN_FLEET_CONFIG_SIZE, "config.fleet") }?;
+        let raw = unsafe { read_sized(ptr, Self::defaults(), MIN_FLEET_CONFIG_SIZE, name) }?;
         let text = |ptr: *const c_char, field: &str| -> Result<Option<String>> {
             if ptr.is_null() {
                 return Ok(None);
             }
             // SAFETY: non-NULL: a NUL-terminated string valid for the call.
-            Ok(Some(unsafe { str_arg(ptr, &format!("config.fleet.{field}")) }?.to_string()))
+            Ok(Some(unsafe { str_arg(ptr, &format!("{name}.{field}")) }?.to_string()))
         };
-        let bucket = text(raw.bucket, "bucket")?.ok_or_else(|| Error::invalid("config.fleet.bucket is NULL"))?;
+        let bucket = text(raw.bucket, "bucket")?
+            .or_else(|| bucket_if_null.map(str::to_string))
+            .ok_or_else(|| Error::invalid(format!("{name}.bucket is NULL")))?;
         let mut config = FleetConfig::new(bucket);
         config.endpoint = text(raw.endpoint, "endpoint")?;
         config.prefix = text(raw.prefix, "prefix")?.unwrap_or_default();
@@ -115,10 +122,10 @@ impl tezzeret_fleet_config {
         config.credentials = match (text(raw.access_key_id, "access_key_id")?, text(raw.secret_access_key, "secret_access_key")?) {
             (Some(access_key_id), Some(secret_access_key)) => Some(Credentials { access_key_id, secret_access_key }),
             (None, None) => None,
-            _ => return Err(Error::invalid("config.fleet: set both access_key_id and secret_access_key, or neither")),
+            _ => return Err(Error::invalid(format!("{name}: set both access_key_id and secret_access_key, or neither"))),
         };
         if raw.flags & !KNOWN_FLEET_FLAGS != 0 {
-            return Err(Error::invalid(format!("config.fleet.flags has unknown bits {:#x}", raw.flags & !KNOWN_FLEET_FLAGS)));
+            return Err(Error::invalid(format!("{name}.flags has unknown bits {:#x}", raw.flags & !KNOWN_FLEET_FLAGS)));
         }
         config.publish = raw.flags & TEZZERET_FLEET_READ_ONLY == 0;
         config.lease_ttl = Duration::from_millis(raw.lease_ttl_ms);
@@ -128,11 +135,11 @@ impl tezzeret_fleet_config {
         config.member_index = match raw.member_index {
             -1 => None,
             index => Some(u32::try_from(index).map_err(|_| {
-                Error::invalid(format!("config.fleet.member_index {index} is neither -1 nor an index from 0 to {}", u32::MAX))
+                Error::invalid(format!("{name}.member_index {index} is neither -1 nor an index from 0 to {}", u32::MAX))
             })?),
         };
         config.lease_redis = text(raw.lease_redis_url, "lease_redis_url")?;
-        config.validate().map_err(|e| e.context("config.fleet"))?;
+        config.validate().map_err(|e| e.context(name))?;
         Ok(config)
     }
 }
@@ -144,5 +151,44 @@ pub unsafe extern "C" fn tezzeret_fleet_config_init(config: *mut tezzeret_fleet_
     // SAFETY: NULL or struct_size writable bytes, by contract.
     ffi_status(|| unsafe {
         init_sized(config, tezzeret_fleet_config::defaults(), struct_size, MIN_FLEET_CONFIG_SIZE, "tezzeret_fleet_config")
+    })
+}
+
+/// Fetches the artifact an `s3://` reference names — as catalog updates and
+/// prefetch answers carry once it is published — and writes it durably at
+/// `path`, replacing any file there: for a consumer on any host (a Kasmina
+/// process, a loader) with no forge of its own. Its bytes must hash to the
+/// sha256 in the reference and, when `expected_sha256` is not NULL (the
+/// announcement's `checksum`), to that too; nothing is written otherwise.
+/// `config` says how to reach the store: its endpoint, region,
+/// credentials and request timeout (its other fields are not used; NULL:
+/// all from the `AWS_*` environment variables); its `bucket` may be NULL,
+/// and otherwise must be the reference's. Errors: `INVALID_ARGUMENT` (a
+/// malformed reference or checksum, another bucket), `NOT_FOUND` (the
+/// bucket lacks it), `CORRUPT` (its bytes do not hash right),
+/// `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the store or
+/// the file system failed). Since ABI 0.10.
+#[no_mangle]
+pub unsafe extern "C" fn tezzeret_fleet_fetch_artifact(
+    config: *const tezzeret_fleet_config,
+    artifact_ref: *const c_char,
+    expected_sha256: *const c_char,
+    path: *const c_char,
+) -> *mut tezzeret_status {
+    ffi_status(|| {
+        // SAFETY: each a NUL-terminated string valid for the call, by contract.
+        let (reference, path) = unsafe { (str_arg(artifact_ref, "artifact_ref")?, str_arg(path, "path")?) };
+        let expected = match expected_sha256.is_null() {
+            true => None,
+            // SAFETY: non-NULL: a NUL-terminated string valid for the call.
+            false => Some(unsafe { str_arg(expected_sha256, "expected_sha256") }?),
+        };
+        let bucket = ArtifactReference::parse(reference)?.bucket;
+        let config = match config.is_null() {
+            true => FleetConfig::new(bucket),
+            // SAFETY: a readable fleet config, by contract.
+            false => unsafe { tezzeret_fleet_config::read(config, "config", Some(&bucket)) }?,
+        };
+        fetch_artifact(&config, reference, expected, Path::new(path)).map(|_| ())
     })
 }

@@ -10,7 +10,8 @@
 //! ([`redis_hash`]);
 //! [`remote`] is the bucket as plain operations, [`objects`] where each
 //! thing lives in it, [`stats`] what was counted, [`survey`] what the
-//! bucket holds, checked.
+//! bucket holds, checked, and [`reference`] how a consumer without a forge
+//! fetches an announced artifact by its `s3://` reference.
 //!
 //! The local state directory stays each host's source of truth: what comes
 //! from the bucket is written durably into it, journaled and announced like
@@ -25,6 +26,7 @@ pub mod member;
 pub mod objects;
 pub mod publish;
 pub mod redis_hash;
+pub mod reference;
 pub mod remote;
 pub mod stats;
 pub mod survey;
@@ -35,5 +37,6 @@ pub use manifest::Refusal;
 pub use lookup::{Lookup, Watched};
 pub use member::Fleet;
 pub use publish::Publication;
+pub use reference::{fetch_artifact, ArtifactReference, FetchedArtifact};
 pub use survey::{ArtifactCheck, Survey};
 pub use stats::{FleetEvent, FleetMetrics};

@@ -95,7 +95,7 @@ fn bad_arguments_are_refused_clearly() {
 
 #[test]
 fn every_subcommand_prints_its_help_and_exits_zero() {
-    for command in ["forge", "serve", "inspect", "wal", "verify", "keygen", "bench", "version"] {
+    for command in ["forge", "serve", "inspect", "wal", "verify", "fleet-status", "fetch", "keygen", "bench", "version"] {
         let out = tezzeret(&[command, "--help"]);
         assert_eq!(out.status.code(), Some(0), "{command} --help");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -176,6 +176,14 @@ fn fleet_settings_the_s3_client_cannot_use_are_refused_before_any_request() {
         assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}: {stderr}");
         assert!(stderr.contains(expected) && !stderr.contains("panicked"), "{extra:?} {env:?}: {stderr}");
     }
+    // A consumer's fetch is checked alike.
+    let reference = format!("s3://fleet/artifacts/{:0>64}.pt", "a");
+    let out = dir.path().join("a.pt");
+    let fetch = ["fetch", reference.as_str(), "--out", out.to_str().unwrap(), "--s3-endpoint", "http://127.0.0.1:99999"];
+    let output = Command::new(env!("CARGO_BIN_EXE_tezzeret")).args(fetch).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid port number") && !out.exists(), "{stderr}");
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! others claimed; a compiled job commits
 //! once its upload ends while the next jobs go on; waiting on several keys
 //! lists the bucket once (or, with a Redis, its announcements, and takes
-//! small artifacts from its relay); conditional create with one winner.
+//! small artifacts from its relay); conditional create with one winner; a
+//! consumer without a forge fetches an announced artifact by its reference.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1349,4 +1350,91 @@ fn a_c_host_joins_the_fleet_through_its_config() {
     let (code, message) = take(unsafe { tezzeret_fleet_config_init(bytes.as_mut_ptr().cast(), 100) });
     assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && message.contains("struct_size is 100"), "{message}");
     assert!(bytes.iter().all(|&b| b == 0xa5), "nothing written");
+}
+
+#[test]
+fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
+    use super::cabi::{ok, take};
+    use sha2::{Digest, Sha256};
+    use std::ffi::CString;
+    use tezzeret::ffi::*;
+    use tezzeret::fleet::fetch_artifact;
+    use tezzeret::ErrorCode;
+    let FivePublished { server, dir, fleet, first, .. } = five_published("consumer");
+    let updates = first.seen.lock().unwrap().updates.clone();
+    let update = updates.iter().find(|u| u.blueprint_id == "BP001").expect("BP001 announced").clone();
+    assert!(update.artifact_ref.starts_with("s3://fleet/consumer/artifacts/"), "{update:?}");
+    let sha_of = |path: &Path| tezzeret::base::hex::encode(&Sha256::digest(std::fs::read(path).unwrap()));
+    // The consumer knows the store's address and credentials, not the bucket.
+    let consumer = FleetConfig { bucket: String::new(), prefix: String::new(), ..fleet.clone() };
+
+    // From Rust, checked against the announcement's checksum too.
+    let out = dir.path().join("from-rust.pt");
+    let fetched = fetch_artifact(&consumer, &update.artifact_ref, Some(&update.checksum), &out).unwrap();
+    assert_eq!((fetched.sha256.as_str(), sha_of(&out)), (update.checksum.as_str(), update.checksum.clone()));
+    assert_eq!(fetched.size, std::fs::metadata(&out).unwrap().len());
+
+    // From C: the bucket may be left NULL, the reference names it.
+    let c = |s: &str| CString::new(s).unwrap();
+    let (endpoint, access, secret) = (c(&server.endpoint()), c(ACCESS_KEY), c(SECRET_KEY));
+    // SAFETY: a plain C struct; init fills it, and its strings outlive the calls.
+    let mut config: tezzeret_fleet_config = unsafe { std::mem::zeroed() };
+    ok(unsafe { tezzeret_fleet_config_init(&mut config, std::mem::size_of::<tezzeret_fleet_config>()) });
+    (config.endpoint, config.access_key_id, config.secret_access_key) = (endpoint.as_ptr(), access.as_ptr(), secret.as_ptr());
+    let c_fetch = |config: &tezzeret_fleet_config, reference: &str, checksum: Option<&str>, out: &Path| {
+        let (reference, out) = (c(reference), c(out.to_str().unwrap()));
+        let checksum = checksum.map(c);
+        let checksum_ptr = checksum.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        // SAFETY: NUL-terminated strings and an initialised config, all live for the call.
+        unsafe { tezzeret_fleet_fetch_artifact(config, reference.as_ptr(), checksum_ptr, out.as_ptr()) }
+    };
+    let out = dir.path().join("from-c.pt");
+    ok(c_fetch(&config, &update.artifact_ref, None, &out));
+    assert_eq!(sha_of(&out), update.checksum);
+
+    // From the CLI, credentials from the environment.
+    let out = dir.path().join("from-cli.pt");
+    let cli = |reference: &str, out: &Path| {
+        let args = ["fetch", reference, "--out", out.to_str().unwrap(), "--s3-endpoint", &server.endpoint()];
+        tezzeret().args(args).output().unwrap()
+    };
+    let done = cli(&update.artifact_ref, &out);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(sha_of(&out), update.checksum);
+
+    // Refused before any request: another checksum, another bucket, a local path.
+    let other_sha = format!("{:0>64}", "1");
+    let error = fetch_artifact(&consumer, &update.artifact_ref, Some(&other_sha), &out).unwrap_err();
+    assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("expected checksum"), "{error}");
+    let error = fetch_artifact(&fleet.clone(), &update.artifact_ref.replace("s3://fleet/", "s3://other/"), None, &out).unwrap_err();
+    assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("not in the configured bucket"), "{error}");
+    let no_path = c(&update.artifact_ref);
+    // SAFETY: a NUL-terminated reference; the NULL path is refused.
+    let (code, message) = take(unsafe { tezzeret_fleet_fetch_artifact(&config, no_path.as_ptr(), std::ptr::null(), std::ptr::null()) });
+    assert!(code == TEZZERET_CODE_NULL_ARGUMENT && message.contains("path is NULL"), "{message}");
+    let (code, message) = take(c_fetch(&config, "/var/lib/state/artifacts/x.pt", None, &out));
+    assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && message.contains("local path"), "{message}");
+    let error = fetch_artifact(&consumer, &update.artifact_ref, None, &dir.path().join("no-such-dir/a.pt")).unwrap_err();
+    assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("no directory"), "{error}");
+    // An artifact the bucket lacks.
+    let missing = update.artifact_ref.replace(&update.checksum, &other_sha);
+    let (code, message) = take(c_fetch(&config, &missing, None, &out));
+    assert!(code == TEZZERET_CODE_NOT_FOUND && message.contains("no such artifact"), "{message}");
+
+    // The bucket is untrusted: damaged bytes are refused and nothing is
+    // written, neither a new file nor over an old one.
+    let store = RemoteStore::connect(&fleet).unwrap();
+    let name = ObjectNames::new(&fleet.bucket, &fleet.prefix).artifact(&update.checksum);
+    let mut bytes = store.run(store.get(&name, u64::MAX)).unwrap().bytes().unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    store.run(store.overwrite(&name, bytes)).unwrap();
+    let error = fetch_artifact(&consumer, &update.artifact_ref, None, &dir.path().join("damaged.pt")).unwrap_err();
+    assert!(error.code() == ErrorCode::Corrupt && error.message().contains("damaged"), "{error}");
+    assert!(!dir.path().join("damaged.pt").exists());
+    let (code, message) = take(c_fetch(&config, &update.artifact_ref, None, &out));
+    assert!(code == TEZZERET_CODE_CORRUPT && message.contains("nothing was written"), "{message}");
+    assert_eq!(sha_of(&out), update.checksum, "the file fetched before is left as it was");
+    let refused = cli(&update.artifact_ref, &out);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("damaged"));
 }

@@ -24,6 +24,7 @@ use tezzeret::state::wal::journal::Record;
 use tezzeret::{Error, Result};
 
 mod bench;
+mod fetch;
 mod fleet_status;
 mod options;
 mod serve;
@@ -71,6 +72,9 @@ enum Command {
     /// leases (and, with --state, how much of a catalog it holds); exits 1
     /// when a manifest is refused.
     FleetStatus(fleet_status::FleetStatusArgs),
+    /// Fetch an announced artifact by its s3:// reference, check its
+    /// sha256 and write it durably (what a consumer on another host does).
+    Fetch(fetch::FetchArgs),
     /// Create an ed25519 key pair: FILE (secret, mode 0600) and FILE.pub.
     Keygen {
         /// Where the secret key goes.
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         Command::Wal { state } => wal(&state.dir),
         Command::Verify { state, trusted_keys } => verify(&state.dir, &trusted_keys),
         Command::FleetStatus(args) => fleet_status::fleet_status(args),
+        Command::Fetch(args) => fetch::fetch(args),
         Command::Keygen { out } => keygen_command(&out),
         Command::Bench { only, json } => bench_command(only.as_deref(), json),
         Command::Version => {

@@ -269,7 +269,7 @@ fn fleet_seconds(value: &str, least: Duration) -> std::result::Result<Duration, 
     }
 }
 
-fn parse_request_timeout(value: &str) -> std::result::Result<Duration, String> {
+pub fn parse_request_timeout(value: &str) -> std::result::Result<Duration, String> {
     fleet_seconds(value, tezzeret::fleet::config::LEAST_REQUEST_TIMEOUT)
 }
 

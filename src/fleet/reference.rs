@@ -1,0 +1,167 @@
+//! Fetching an announced artifact by its reference, for a consumer on any
+//! host (a Kasmina process, a loader) that has no forge of its own:
+//! `s3://<bucket>/<prefix>artifacts/<sha256>.pt` names the artifact by its
+//! content, so the bytes are checked against the sha256 in the name (and
+//! against the checksum the announcement carried, when given) before they
+//! are written, durably, where the caller asked.
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::config::FleetConfig;
+use super::objects::ObjectNames;
+use super::remote::{Got, RemoteStore};
+use crate::base::error::{Error, ErrorCode, Result};
+use crate::base::hex;
+use crate::sys::fs::durable_write;
+
+/// The largest artifact a fetch reads (1 GiB): the bucket is untrusted,
+/// and an object larger than this is refused without being read further.
+pub const FETCH_LIMIT: u64 = 1 << 30;
+
+/// An artifact reference taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactReference {
+    /// The bucket it lives in.
+    pub bucket: String,
+    /// Its object name in the bucket (`<prefix>artifacts/<sha256>.pt`).
+    pub object: String,
+    /// The sha256 (lowercase hex) its bytes must hash to.
+    pub sha256: String,
+}
+
+impl ArtifactReference {
+    /// Parses `s3://<bucket>/<prefix>artifacts/<sha256>.pt`, as catalog
+    /// updates and prefetch answers carry once an artifact is published.
+    pub fn parse(text: &str) -> Result<Self> {
+        let shape = "s3://<bucket>/<prefix>artifacts/<sha256>.pt";
+        let Some(rest) = text.strip_prefix("s3://") else {
+            let hint = if text.starts_with('/') {
+                ": a local path is readable only on the host whose forge wrote it (its forge announces an s3:// \
+                 reference once the artifact is published)"
+            } else {
+                ""
+            };
+            return Err(Error::invalid(format!("artifact reference {text:?} is not {shape}{hint}")));
+        };
+        let (bucket, object) = rest.split_once('/').unwrap_or((rest, ""));
+        let sha256 = object.rsplit_once("artifacts/").map(|(_, file)| file).and_then(|file| file.strip_suffix(".pt"));
+        let sha256 = match sha256 {
+            Some(sha) if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => sha,
+            _ => return Err(Error::invalid(format!("artifact reference {text:?} is not {shape} (sha256 in lowercase hex)"))),
+        };
+        let prefix = &object[..object.len() - "artifacts/".len() - sha256.len() - ".pt".len()];
+        // The same bucket and prefix rules a fleet's configuration follows.
+        let mut names = FleetConfig::new(bucket);
+        names.prefix = prefix.to_string();
+        names.validate().map_err(|e| e.context(format!("artifact reference {text:?}")))?;
+        if ObjectNames::new(bucket, prefix).artifact(sha256) != object {
+            return Err(Error::invalid(format!("artifact reference {text:?} is not {shape}: its prefix has a '/' too many")));
+        }
+        Ok(ArtifactReference { bucket: bucket.to_string(), object: object.to_string(), sha256: sha256.to_string() })
+    }
+}
+
+/// An artifact fetched and written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedArtifact {
+    /// Where it was written.
+    pub path: PathBuf,
+    /// Its sha256 (lowercase hex), checked.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Fetches the artifact `reference` names from its bucket and writes it
+/// durably at `path` (replacing any file there; nothing is written unless
+/// every check passes). Its bytes must hash to the sha256 the reference
+/// carries and, when `expected_sha256` is given (the `checksum` of the
+/// catalog update or prefetch answer that announced it), to that too.
+/// `config` says how to reach the store (endpoint, region, credentials,
+/// request timeout; its other settings are not used); its bucket may be
+/// left empty, and otherwise must be the reference's. Errors a caller can
+/// match: `InvalidArgument` (a malformed reference or checksum, another
+/// bucket), `NotFound` (the bucket lacks it), `Corrupt` (its bytes do not
+/// hash right), `BudgetExceeded` (larger than [`FETCH_LIMIT`]), `Io` (the
+/// store or the file system failed).
+pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Option<&str>, path: &Path) -> Result<FetchedArtifact> {
+    let parsed = ArtifactReference::parse(reference)?;
+    if let Some(expected) = expected_sha256 {
+        let expected = expected.to_ascii_lowercase();
+        hex::decode_array::<32>(&expected, "expected sha256")?;
+        if expected != parsed.sha256 {
+            return Err(Error::invalid(format!(
+                "artifact reference {reference:?} names sha256 {}, but the expected checksum is {expected}",
+                parsed.sha256
+            )));
+        }
+    }
+    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        _ if path.is_dir() => return Err(Error::invalid(format!("{} is a directory: name the artifact's file", path.display()))),
+        Some(dir) if !dir.is_dir() => return Err(Error::invalid(format!("{}: no directory {} to write it in", path.display(), dir.display()))),
+        _ => {}
+    }
+    let mut config = config.clone();
+    if config.bucket.is_empty() {
+        config.bucket = parsed.bucket.clone();
+    } else if config.bucket != parsed.bucket {
+        return Err(Error::invalid(format!(
+            "artifact reference {reference:?} is in bucket {:?}, not in the configured bucket {:?}",
+            parsed.bucket, config.bucket
+        )));
+    }
+    let store = RemoteStore::connect(&config)?;
+    let bytes = match store.run(store.get(&parsed.object, FETCH_LIMIT))? {
+        Got::Bytes(bytes) => bytes,
+        Got::Missing => {
+            return Err(Error::new(ErrorCode::NotFound, format!("{reference}: no such artifact at {}", store.endpoint())))
+        }
+        Got::TooLarge => {
+            return Err(Error::new(ErrorCode::BudgetExceeded, format!("{reference}: the bucket's object is over {FETCH_LIMIT} bytes")))
+        }
+    };
+    let sha256 = hex::encode(&Sha256::digest(&bytes));
+    if sha256 != parsed.sha256 {
+        return Err(Error::new(
+            ErrorCode::Corrupt,
+            format!("{reference}: the bucket's copy is damaged ({} bytes hashing to {sha256}); nothing was written", bytes.len()),
+        ));
+    }
+    durable_write(path, &bytes)?;
+    Ok(FetchedArtifact { path: path.to_path_buf(), sha256, size: bytes.len() as u64 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ArtifactReference;
+    use crate::base::error::ErrorCode;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn references_are_taken_apart_and_bad_ones_named() {
+        let parsed = ArtifactReference::parse(&format!("s3://fleet/runs/a/artifacts/{SHA}.pt")).unwrap();
+        assert_eq!(parsed.bucket, "fleet");
+        assert_eq!(parsed.object, format!("runs/a/artifacts/{SHA}.pt"));
+        assert_eq!(parsed.sha256, SHA);
+        assert_eq!(ArtifactReference::parse(&format!("s3://fleet/artifacts/{SHA}.pt")).unwrap().object, format!("artifacts/{SHA}.pt"));
+        for (bad, says) in [
+            (format!("/var/lib/tezzeret/artifacts/{SHA}.pt"), "a local path"),
+            (format!("http://fleet/artifacts/{SHA}.pt"), "is not s3://"),
+            (format!("s3://fleet/artifacts/{}.pt", SHA.to_uppercase()), "lowercase hex"),
+            (format!("s3://fleet/artifacts/{}.pt", &SHA[1..]), "lowercase hex"),
+            (format!("s3://fleet/manifests/{SHA}.json"), "lowercase hex"),
+            ("s3://fleet".to_string(), "lowercase hex"),
+            (format!("s3://Fleet!/artifacts/{SHA}.pt"), "not an S3 bucket name"),
+            (format!("s3://fleet/a b/artifacts/{SHA}.pt"), "has the character ' '"),
+            (format!("s3://fleet/a/./artifacts/{SHA}.pt"), "empty, '.' or '..' part"),
+            (format!("s3://fleet/a//artifacts/{SHA}.pt"), "a '/' too many"),
+            (format!("s3://fleet//artifacts/{SHA}.pt"), "a '/' too many"),
+        ] {
+            let error = ArtifactReference::parse(&bad).unwrap_err();
+            assert_eq!(error.code(), ErrorCode::InvalidArgument, "{bad}");
+            assert!(error.message().contains(says), "{bad}: {}", error.message());
+        }
+    }
+}
