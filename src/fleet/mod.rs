@@ -10,7 +10,7 @@
 //! ([`redis_hash`]);
 //! [`remote`] is the bucket as plain operations, [`objects`] where each
 //! thing lives in it, [`stats`] what was counted, [`survey`] what the
-//! bucket holds, checked, and [`reference`] how a consumer without a forge
+//! bucket holds, checked, and [`mod@reference`] how a consumer without a forge
 //! fetches an announced artifact by its `s3://` reference.
 //!
 //! The local state directory stays each host's source of truth: what comes
