@@ -6,7 +6,9 @@
 //! against three hosts each given a third with no bucket — alternating
 //! rounds, each measured side by side. The hosts are forges in this
 //! process, except in the rounds of host processes (leases on Redis),
-//! where each host, and the host alone, is a process of its own. Beside
+//! where each host, and the host alone, is a process of its own; and a
+//! consumer without a forge fetching the warm bucket's artifacts one by
+//! one by their references. Beside
 //! their wall times: their CPU, their requests, and how many of the
 //! machine's cores were busy (a round keeping every core busy is bound by
 //! CPU: its wall is its CPU over the cores).
@@ -19,7 +21,9 @@ use super::runtime::compilable;
 use super::seaweed_server::SeaweedServer;
 use super::{row, Row};
 use tezzeret::build::catalog::Catalog;
-use tezzeret::fleet::FleetConfig;
+use tezzeret::fleet::objects::ObjectNames;
+use tezzeret::fleet::remote::RemoteStore;
+use tezzeret::fleet::{fetch_artifact, FleetConfig};
 use tezzeret::forge::{DevicePreference, Forge, ForgeConfig, JobStatus};
 use tezzeret::state::signing::{generate_keypair, KeyRing};
 use tezzeret::{Error, Result};
@@ -110,6 +114,33 @@ fn three_on_cold_bucket(dir: PathBuf, keys: &KeyRing, config: FleetConfig, index
     })
 }
 
+/// A consumer with no forge fetching every artifact of the bucket under
+/// `config`'s prefix, one call per reference (each its own connection):
+/// the median over [`ROUNDS`] rounds of the time per artifact, s.
+fn consumer_fetches(config: &FleetConfig, dir: &Path) -> Result<f64> {
+    let names = ObjectNames::new(&config.bucket, &config.prefix);
+    let store = RemoteStore::connect(config)?;
+    let listed = store.run(store.list(&names.artifacts()))?;
+    let references: Vec<String> = listed
+        .iter()
+        .filter_map(|object| object.name.rsplit('/').next()?.strip_suffix(".pt").map(|sha| names.artifact_url(sha)))
+        .collect();
+    if references.is_empty() {
+        return Err(Error::invalid("the warm bucket holds no artifact to fetch"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let mut per_artifact = Vec::new();
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        for (i, reference) in references.iter().enumerate() {
+            fetch_artifact(config, reference, None, &dir.join(format!("{i}.pt")))?;
+        }
+        per_artifact.push(started.elapsed().as_secs_f64() / references.len() as f64);
+    }
+    Ok(median(per_artifact))
+}
+
 /// CPU time (user + system) a process has used so far, seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
@@ -183,6 +214,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         compiles.push(open_and_run(&work.join(format!("fleet-alone-{round}")), &keys, None)?.seconds);
     }
     let (join, alone) = (median(joins), median(compiles));
+    let per_reference = consumer_fetches(&fleet("warm".into()), &work.join("consumer"))?;
 
     // Three hosts on a cold bucket (a fresh prefix each round) against one
     // host alone, without a fleet and as a fleet of one (it publishes all).
@@ -283,6 +315,12 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             format!("fleet: new host joins a warm bucket, open → {n} artifacts fetched, verified, durable"),
             join * 1e3,
             Some(format!("compiling them here: {:.0} ms (goal ≤ 300 ms)", alone * 1e3)),
+            "ms",
+        ),
+        row(
+            "fleet: a consumer without a forge fetches one artifact by its s3:// reference (checked, durable)",
+            per_reference * 1e3,
+            Some(format!("a joining host, per artifact: {:.2} ms", join * 1e3 / n as f64)),
             "ms",
         ),
         row(
