@@ -614,11 +614,14 @@ struct tezzeret_status *tezzeret_fleet_config_init(struct tezzeret_fleet_config 
 // sha256 in the reference and, when `expected_sha256` is not NULL (the
 // announcement's `checksum`), to that too; nothing is written otherwise.
 // `config` says how to reach the store: its endpoint, region,
-// credentials and request timeout (its other fields are not used; NULL:
-// all from the `AWS_*` environment variables); its `bucket` may be NULL,
-// and otherwise must be the reference's. Errors: `INVALID_ARGUMENT` (a
-// malformed reference or checksum, another bucket), `NOT_FOUND` (the
-// bucket lacks it), `CORRUPT` (its bytes do not hash right),
+// credentials and request timeout (its other fields are checked as for a
+// forge, but not used; NULL: all from the `AWS_*` environment
+// variables); its `bucket` may be NULL, and otherwise must be the
+// reference's. `path` must be a regular file or not exist (a symbolic
+// link, device or FIFO there is refused, not replaced). Errors:
+// `INVALID_ARGUMENT` (a malformed reference or checksum, another bucket,
+// such a path), `NOT_FOUND` (the bucket lacks it), `CORRUPT` (its bytes
+// do not hash right),
 // `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the store or
 // the file system failed). Since ABI 0.10.
 struct tezzeret_status *tezzeret_fleet_fetch_artifact(const struct tezzeret_fleet_config *config,

@@ -123,6 +123,8 @@ def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed, monk
         tezzeret.fetch_artifact(missing, tmp_path / "other.pt", fleet=fleet)
     with pytest.raises(tezzeret.InvalidArgumentError, match="fleet must be a tezzeret.Fleet"):
         tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "other.pt", fleet={"bucket": "fleet"})
+    with pytest.raises(tezzeret.InvalidArgumentError, match="path is not valid UTF-8"):
+        tezzeret.fetch_artifact(update.artifact_ref, str(tmp_path / "\udcff.pt"), fleet=fleet)
     assert not (tmp_path / "other.pt").exists()
     # Without a Fleet, everything comes from the AWS_* variables.
     monkeypatch.delenv("AWS_SESSION_TOKEN")

@@ -11,4 +11,7 @@ def c_text(value: str, what: str) -> bytes:
         raise InvalidArgumentError(f"{what} must be a string, got {value!r}")
     if "\0" in value:
         raise InvalidArgumentError(f"{what} contains a NUL character")
-    return value.encode()
+    try:
+        return value.encode()
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"{what} is not valid UTF-8 ({e.reason} at {e.start})") from None

@@ -196,8 +196,10 @@ def fetch_artifact(reference: str, path: Union[str, "os.PathLike[str]"], *, flee
     (:class:`CorruptError`). ``fleet`` says how to reach the store
     (endpoint, region, credentials, request timeout; its bucket must be the
     reference's); ``None`` takes them all from the ``AWS_*`` environment
-    variables. Raises :class:`InvalidArgumentError` for a malformed
-    reference or checksum, :class:`NotFoundError` when the bucket lacks
+    variables. ``path`` must be a regular file or not exist (a symbolic
+    link, device or FIFO there is refused, not replaced). Raises
+    :class:`InvalidArgumentError` for a malformed reference or checksum or
+    such a path, :class:`NotFoundError` when the bucket lacks
     it, :class:`BudgetExceededError` over 1 GiB and
     :class:`TezzeretIOError` when the store or the file system fails."""
     if fleet is not None and not isinstance(fleet, Fleet):

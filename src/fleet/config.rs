@@ -105,11 +105,17 @@ impl FleetConfig {
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bucket = &self.bucket;
+        let alphanumeric = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         let bucket_ok = (3..=63).contains(&bucket.len())
-            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && alphanumeric(bucket.bytes().next())
+            && alphanumeric(bucket.bytes().last())
+            && !bucket.contains("..")
+            && bucket.parse::<std::net::Ipv4Addr>().is_err();
         if !bucket_ok {
             return Err(Error::invalid(format!(
-                "fleet bucket {bucket:?} is not an S3 bucket name (3 to 63 lowercase letters, digits, '-' or '.')"
+                "fleet bucket {bucket:?} is not an S3 bucket name (3 to 63 lowercase letters, digits, '-' or '.', \
+                 starting and ending with a letter or digit, no '..', not an IP address)"
             )));
         }
         if let Some(endpoint) = &self.endpoint {

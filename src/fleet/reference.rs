@@ -55,8 +55,11 @@ impl ArtifactReference {
         let mut names = FleetConfig::new(bucket);
         names.prefix = prefix.to_string();
         names.validate().map_err(|e| e.context(format!("artifact reference {text:?}")))?;
-        if ObjectNames::new(bucket, prefix).artifact(sha256) != object {
-            return Err(Error::invalid(format!("artifact reference {text:?} is not {shape}: its prefix has a '/' too many")));
+        let canonical = ObjectNames::new(bucket, prefix).artifact(sha256);
+        if canonical != object {
+            return Err(Error::invalid(format!(
+                "artifact reference {text:?} is not {shape}: its object name is not a fleet's ({canonical:?} would be)"
+            )));
         }
         Ok(ArtifactReference { bucket: bucket.to_string(), object: object.to_string(), sha256: sha256.to_string() })
     }
@@ -79,8 +82,10 @@ pub struct FetchedArtifact {
 /// carries and, when `expected_sha256` is given (the `checksum` of the
 /// catalog update or prefetch answer that announced it), to that too.
 /// `config` says how to reach the store (endpoint, region, credentials,
-/// request timeout; its other settings are not used); its bucket may be
-/// left empty, and otherwise must be the reference's. Errors a caller can
+/// request timeout; its other settings are checked as for a forge, but
+/// not used); its bucket may be left empty, and otherwise must be the
+/// reference's. The destination must be a regular file or not exist (a
+/// symbolic link, device or FIFO there is refused, not replaced). Errors a caller can
 /// match: `InvalidArgument` (a malformed reference or checksum, another
 /// bucket), `NotFound` (the bucket lacks it), `Corrupt` (its bytes do not
 /// hash right), `BudgetExceeded` (larger than [`FETCH_LIMIT`]), `Io` (the
@@ -88,8 +93,10 @@ pub struct FetchedArtifact {
 pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Option<&str>, path: &Path) -> Result<FetchedArtifact> {
     let parsed = ArtifactReference::parse(reference)?;
     if let Some(expected) = expected_sha256 {
+        if !(expected.len() == 64 && expected.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(Error::invalid(format!("expected sha256 {expected:?} is not 64 hexadecimal digits")));
+        }
         let expected = expected.to_ascii_lowercase();
-        hex::decode_array::<32>(&expected, "expected sha256")?;
         if expected != parsed.sha256 {
             return Err(Error::invalid(format!(
                 "artifact reference {reference:?} names sha256 {}, but the expected checksum is {expected}",
@@ -97,11 +104,7 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
             )));
         }
     }
-    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        _ if path.is_dir() => return Err(Error::invalid(format!("{} is a directory: name the artifact's file", path.display()))),
-        Some(dir) if !dir.is_dir() => return Err(Error::invalid(format!("{}: no directory {} to write it in", path.display(), dir.display()))),
-        _ => {}
-    }
+    check_destination(path)?;
     let mut config = config.clone();
     if config.bucket.is_empty() {
         config.bucket = parsed.bucket.clone();
@@ -115,7 +118,11 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
     let bytes = match store.run(store.get(&parsed.object, FETCH_LIMIT))? {
         Got::Bytes(bytes) => bytes,
         Got::Missing => {
-            return Err(Error::new(ErrorCode::NotFound, format!("{reference}: no such artifact at {}", store.endpoint())))
+            // A bucket that does not exist answers the same; a listing
+            // tells the two apart, and names the bucket if it is missing.
+            let folder = &parsed.object[..parsed.object.len() - parsed.sha256.len() - ".pt".len()];
+            store.run(store.list_up_to(folder, 1))?;
+            return Err(Error::new(ErrorCode::NotFound, format!("{reference}: no such artifact at {}", store.endpoint())));
         }
         Got::TooLarge => {
             return Err(Error::new(ErrorCode::BudgetExceeded, format!("{reference}: the bucket's object is over {FETCH_LIMIT} bytes")))
@@ -130,6 +137,27 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
     }
     durable_write(path, &bytes)?;
     Ok(FetchedArtifact { path: path.to_path_buf(), sha256, size: bytes.len() as u64 })
+}
+
+/// Refuses a destination the artifact cannot be written at as a regular
+/// file: a directory, something other than a regular file (a symbolic
+/// link, a device such as `/dev/null`, a FIFO: a rename would replace
+/// it), or a path whose directory does not exist.
+fn check_destination(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => return Err(Error::invalid(format!("{} is a directory: name the artifact's file", path.display()))),
+        Ok(meta) if !meta.file_type().is_file() => {
+            return Err(Error::invalid(format!(
+                "{} is not a regular file (a symbolic link, device, FIFO or socket): it would be replaced; name a file's path",
+                path.display()
+            )))
+        }
+        _ => {}
+    }
+    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(Error::invalid(format!("{}: no directory {} to write it in", path.display(), dir.display()))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -156,8 +184,12 @@ mod tests {
             (format!("s3://Fleet!/artifacts/{SHA}.pt"), "not an S3 bucket name"),
             (format!("s3://fleet/a b/artifacts/{SHA}.pt"), "has the character ' '"),
             (format!("s3://fleet/a/./artifacts/{SHA}.pt"), "empty, '.' or '..' part"),
-            (format!("s3://fleet/a//artifacts/{SHA}.pt"), "a '/' too many"),
-            (format!("s3://fleet//artifacts/{SHA}.pt"), "a '/' too many"),
+            (format!("s3://fleet/a//artifacts/{SHA}.pt"), "(\"a/artifacts/0123"),
+            (format!("s3://fleet//artifacts/{SHA}.pt"), "not a fleet's"),
+            (format!("s3://fleet/xartifacts/{SHA}.pt"), "(\"x/artifacts/0123"),
+            (format!("s3://-fleet/artifacts/{SHA}.pt"), "not an S3 bucket name"),
+            (format!("s3://fleet../artifacts/{SHA}.pt"), "not an S3 bucket name"),
+            (format!("s3://127.0.0.1/artifacts/{SHA}.pt"), "not an S3 bucket name"),
         ] {
             let error = ArtifactReference::parse(&bad).unwrap_err();
             assert_eq!(error.code(), ErrorCode::InvalidArgument, "{bad}");

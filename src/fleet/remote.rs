@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
+    BackoffConfig, ClientOptions, GetResult, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion,
 };
 
 /// The largest manifest or lease object read (a manifest is a few KiB).
@@ -132,7 +132,11 @@ impl RemoteStore {
     pub fn connect(config: &FleetConfig) -> Result<Self> {
         config.validate()?;
         let timeout = config.request_timeout;
-        let mut options = ClientOptions::new().with_timeout(timeout).with_connect_timeout(timeout);
+        // No cap on a whole request here: each operation bounds itself,
+        // with time for its bytes (see `bounded_for` and `get`); a stalled
+        // connection is caught by the read timeout.
+        let mut options =
+            ClientOptions::new().with_timeout_disabled().with_connect_timeout(timeout).with_read_timeout(timeout);
         let explicit_credentials = config.credentials.is_some();
         let mut builder = builder_from_environment(explicit_credentials)
             .with_bucket_name(&config.bucket)
@@ -225,7 +229,23 @@ impl RemoteStore {
         op: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T, StoreError> {
         self.operations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let timeout = self.timeout + Duration::from_secs(bytes >> 20);
+        self.within(what, name, self.timeout_for(bytes), op).await
+    }
+
+    /// The time allowed to move `bytes`: the request timeout plus a
+    /// second per MiB (at least 1 MiB/s is expected).
+    fn timeout_for(&self, bytes: u64) -> Duration {
+        self.timeout + Duration::from_secs(bytes >> 20)
+    }
+
+    /// Runs part of an operation within `timeout`, its outcome sorted.
+    async fn within<T>(
+        &self,
+        what: &str,
+        name: &str,
+        timeout: Duration,
+        op: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(timeout, op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound),
@@ -239,17 +259,22 @@ impl RemoteStore {
     }
 
     /// An object's bytes, `None` if it does not exist; an object larger
-    /// than `limit` bytes is not read past the limit (`Got::TooLarge`): the
-    /// bucket is untrusted and must not exhaust this host's memory. The
-    /// timeout grows with the limit (at least 1 MiB/s is expected).
+    /// than `limit` bytes is refused from its announced size, or else not
+    /// read past the limit (`Got::TooLarge`): the bucket is untrusted and
+    /// must not exhaust this host's memory. The answer's head must come
+    /// within the request timeout, its body within the request timeout
+    /// plus a second per MiB of its size.
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
         let location = Path::from(name);
-        let read = async { read_tagged(&self.store, &location, limit).await.map(|(got, _)| got) };
-        match self.bounded_for("get", name, limit, read).await {
-            Ok(got) => Ok(got),
-            Err(StoreError::NotFound) => Ok(Got::Missing),
-            Err(e) => Err(e.into_error("get", name)),
-        }
+        let head = self.bounded("get", name, self.store.get(&location));
+        let found = match head.await {
+            Ok(found) => found,
+            Err(StoreError::NotFound) => return Ok(Got::Missing),
+            Err(e) => return Err(e.into_error("get", name)),
+        };
+        let timeout = self.timeout_for(found.meta.size.min(limit));
+        let body = async { read_body(found, limit).await.map(|(got, _)| got) };
+        self.within("get", name, timeout, body).await.map_err(|e| e.into_error("get", name))
     }
 
     /// Renews an object every `every` on the store's runtime with the bytes
@@ -370,6 +395,16 @@ fn one_line(error: &object_store::Error) -> String {
         }
         None => text.clone(),
     };
+    // The cause underneath (a refused connection, a timeout), when the
+    // text does not already say it.
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let cause = cause.to_string();
+    if !text.contains(&cause) {
+        line = format!("{line} ({cause})");
+    }
     line = line.replace(['\r', '\n'], " ");
     // Codes that mean a configuration to fix, not an outage to wait out.
     if ["SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"].iter().any(|code| line.contains(code)) {
@@ -450,8 +485,16 @@ type LastWrite = (String, Vec<u8>);
 
 /// An object's bytes (up to `limit`, see [`RemoteStore::get`]) and its ETag.
 async fn read_tagged(store: &AmazonS3, location: &Path, limit: u64) -> object_store::Result<(Got, Option<String>)> {
-    let found = store.get(location).await?;
+    read_body(store.get(location).await?, limit).await
+}
+
+/// The body of an answer whose head arrived (up to `limit`; refused at
+/// once when its announced size is larger) and its ETag.
+async fn read_body(found: GetResult, limit: u64) -> object_store::Result<(Got, Option<String>)> {
     let e_tag = found.meta.e_tag.clone();
+    if found.meta.size > limit {
+        return Ok((Got::TooLarge, e_tag));
+    }
     let mut body = found.into_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = body.try_next().await? {

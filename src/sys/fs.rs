@@ -4,7 +4,9 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::failpoint;
 use crate::base::error::{Error, Result};
@@ -23,27 +25,22 @@ pub fn durable_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// fsynced first, then all are renamed, then each directory is fsynced
 /// once (the first directory fsync usually commits every rename). When it
 /// returns Ok, every file is durable under its name; on error no temp file
-/// is left and no target is partly written.
+/// is left and no target is partly written. Each temp file is new (created
+/// exclusively, never through a symbolic link) and named for this write
+/// alone, so concurrent writes to one name each land whole, the last
+/// rename winning.
 pub fn durable_write_all(files: &[(&Path, &[u8])]) -> Result<()> {
-    let mut temps = Vec::with_capacity(files.len());
+    let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
     let result = (|| {
         for (path, bytes) in files {
-            let dir = path.parent().ok_or_else(|| Error::invalid(format!("{} has no parent directory", path.display())))?;
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-            let temp = dir.join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&temp)
-                .map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
-            temps.push(temp.clone());
+            let (temp, mut file) = create_temp_beside(path)?;
+            temps.push(temp);
             failpoint::hit("store.write")
                 .and_then(|_| file.write_all(bytes))
-                .map_err(|e| Error::io(format!("write {}", temp.display()), e))?;
+                .map_err(|e| Error::io(format!("write {} (as a temp file)", path.display()), e))?;
             failpoint::hit("store.fsync")
                 .and_then(|_| file.sync_all())
-                .map_err(|e| Error::io(format!("fsync {}", temp.display()), e))?;
+                .map_err(|e| Error::io(format!("fsync {} (as a temp file)", path.display()), e))?;
         }
         for ((path, _), temp) in files.iter().zip(&temps) {
             failpoint::hit("store.rename")
@@ -52,7 +49,7 @@ pub fn durable_write_all(files: &[(&Path, &[u8])]) -> Result<()> {
         }
         let mut synced: Vec<&Path> = Vec::new();
         for (path, _) in files {
-            let dir = path.parent().expect("checked above");
+            let dir = directory_of(path);
             if !synced.contains(&dir) {
                 failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
                 sync_dir(dir)?;
@@ -67,6 +64,44 @@ pub fn durable_write_all(files: &[(&Path, &[u8])]) -> Result<()> {
         }
     }
     result
+}
+
+/// The directory a file's name is in (`.` for a bare name).
+fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// At most this many bytes of a target's name go into its temp file's
+/// name, which must stay within the file system's limit on a name.
+const TEMP_NAME_PART: usize = 64;
+
+/// Creates a new temp file in `path`'s directory for a durable write of
+/// `path`: `.tmp-<pid>-<n>-<name>`, `n` counting this process's temp
+/// files, created with `O_EXCL | O_NOFOLLOW` (a name already taken, even
+/// by a symbolic link, is passed over for the next).
+fn create_temp_beside(path: &Path) -> Result<(PathBuf, File)> {
+    static CREATED: AtomicU64 = AtomicU64::new(0);
+    let dir = directory_of(path);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let mut end = name.len().min(TEMP_NAME_PART);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut last_error = None;
+    for _ in 0..16 {
+        let n = CREATED.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(format!("{TEMP_PREFIX}{}-{n}-{}", std::process::id(), &name[..end]));
+        match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&temp) {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(e) => return Err(Error::io(format!("create a temp file for {} in {}", path.display(), dir.display()), e)),
+        }
+    }
+    let e = last_error.expect("16 tries, each failed");
+    Err(Error::io(format!("create a temp file for {} in {} (16 names taken)", path.display(), dir.display()), e))
 }
 
 /// fsyncs a directory so a create/rename inside it is durable.
@@ -110,4 +145,42 @@ pub fn remove_temp_files(dir: &Path) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{directory_of, durable_write, TEMP_PREFIX};
+    use std::path::Path;
+
+    #[test]
+    fn a_bare_name_is_in_the_current_directory() {
+        assert_eq!(directory_of(Path::new("a.pt")), Path::new("."));
+        assert_eq!(directory_of(Path::new("d/a.pt")), Path::new("d"));
+        assert_eq!(directory_of(Path::new("/a.pt")), Path::new("/"));
+    }
+
+    #[test]
+    fn concurrent_writes_of_one_name_each_land_whole_and_leave_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!("tezzeret-fs-concurrent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.pt", "n".repeat(250)));
+        std::thread::scope(|scope| {
+            for writer in 0..6u8 {
+                let path = &path;
+                scope.spawn(move || {
+                    for round in 0..20u8 {
+                        let fill = writer * 20 + round;
+                        durable_write(path, &vec![fill; 64 << 10]).unwrap();
+                        let read = std::fs::read(path).unwrap();
+                        assert!(read.len() == 64 << 10 && read.iter().all(|&b| b == read[0]), "a torn file");
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(!left[0].to_string_lossy().starts_with(TEMP_PREFIX));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1401,6 +1401,11 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     let done = cli(&update.artifact_ref, &out);
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     assert_eq!(sha_of(&out), update.checksum);
+    // A bare file name lands in the current directory.
+    let args = ["fetch", update.artifact_ref.as_str(), "--out", "bare.pt", "--s3-endpoint", &server.endpoint()];
+    let done = tezzeret().current_dir(dir.path()).args(args).output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(sha_of(&dir.path().join("bare.pt")), update.checksum);
 
     // Refused before any request: another checksum, another bucket, a local path.
     let other_sha = format!("{:0>64}", "1");
@@ -1414,12 +1419,23 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     assert!(code == TEZZERET_CODE_NULL_ARGUMENT && message.contains("path is NULL"), "{message}");
     let (code, message) = take(c_fetch(&config, "/var/lib/state/artifacts/x.pt", None, &out));
     assert!(code == TEZZERET_CODE_INVALID_ARGUMENT && message.contains("local path"), "{message}");
+    let error = fetch_artifact(&consumer, &update.artifact_ref, Some(&format!(" {}", &update.checksum[1..])), &out).unwrap_err();
+    assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("is not 64 hexadecimal digits"), "{error}");
     let error = fetch_artifact(&consumer, &update.artifact_ref, None, &dir.path().join("no-such-dir/a.pt")).unwrap_err();
     assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("no directory"), "{error}");
+    // Something other than a regular file at the destination is refused, not replaced.
+    let link = dir.path().join("link.pt");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();
+    let error = fetch_artifact(&consumer, &update.artifact_ref, None, &link).unwrap_err();
+    assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("not a regular file"), "{error}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink() && !dir.path().join("elsewhere").exists());
     // An artifact the bucket lacks.
     let missing = update.artifact_ref.replace(&update.checksum, &other_sha);
     let (code, message) = take(c_fetch(&config, &missing, None, &out));
     assert!(code == TEZZERET_CODE_NOT_FOUND && message.contains("no such artifact"), "{message}");
+    // A bucket that does not exist is not taken for a missing artifact.
+    let (code, message) = take(c_fetch(&config, &update.artifact_ref.replace("s3://fleet/", "s3://no-such-bucket/"), None, &out));
+    assert!(code == TEZZERET_CODE_IO && message.contains("NoSuchBucket"), "{message}");
 
     // The bucket is untrusted: damaged bytes are refused and nothing is
     // written, neither a new file nor over an old one.
