@@ -1452,5 +1452,7 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     assert!(code == TEZZERET_CODE_CORRUPT && message.contains("nothing was written"), "{message}");
     assert_eq!(sha_of(&out), update.checksum, "the file fetched before is left as it was");
     let refused = cli(&update.artifact_ref, &out);
-    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("damaged"));
+    assert!(refused.status.code() == Some(1) && String::from_utf8_lossy(&refused.stderr).contains("damaged"));
+    let refused = cli(&update.artifact_ref.replace(&update.checksum[..8], "x"), &out);
+    assert_eq!(refused.status.code(), Some(2), "a malformed reference is a usage error");
 }

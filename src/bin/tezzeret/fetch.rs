@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::options::parse_request_timeout;
 use tezzeret::fleet::{fetch_artifact, ArtifactReference, FleetConfig};
-use tezzeret::Result;
+use tezzeret::{ErrorCode, Result};
 
 #[derive(Args)]
 pub struct FetchArgs {
@@ -34,13 +34,24 @@ pub struct FetchArgs {
     timeout: Duration,
 }
 
-/// Fetches one artifact and says where it went.
+/// Fetches one artifact and says where it went. An artifact that could
+/// not be fetched (missing, damaged, too large, the store or the disk
+/// failing) ends in exit status 1; a bad reference, setting or
+/// destination is an error (exit status 2).
 pub fn fetch(args: FetchArgs) -> Result<bool> {
     let mut config = FleetConfig::new(ArtifactReference::parse(&args.reference)?.bucket);
     config.endpoint = args.endpoint;
     config.region = args.region;
     config.request_timeout = args.timeout;
-    let fetched = fetch_artifact(&config, &args.reference, args.checksum.as_deref(), &args.out)?;
-    println!("{} → {} ({} bytes, sha256 {}, checked)", args.reference, fetched.path.display(), fetched.size, fetched.sha256);
-    Ok(true)
+    match fetch_artifact(&config, &args.reference, args.checksum.as_deref(), &args.out) {
+        Ok(fetched) => {
+            println!("{} → {} ({} bytes, sha256 {}, checked)", args.reference, fetched.path.display(), fetched.size, fetched.sha256);
+            Ok(true)
+        }
+        Err(e) if matches!(e.code(), ErrorCode::InvalidArgument | ErrorCode::InvalidUtf8) => Err(e),
+        Err(e) => {
+            eprintln!("tezzeret: {e}");
+            Ok(false)
+        }
+    }
 }
