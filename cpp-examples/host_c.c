@@ -210,6 +210,9 @@ int main(void) {
   bad.strategy = 99;
   expect_code(tezzeret_forge_open(&bad, NULL, &second), TEZZERET_CODE_INVALID_ARGUMENT, "unknown strategy");
   expect_code(tezzeret_descriptor_validate(NULL, 5), TEZZERET_CODE_NULL_ARGUMENT, "NULL descriptor bytes");
+  /* A consumer's fetch refuses a local path before asking any store. */
+  expect_code(tezzeret_fleet_fetch_artifact(NULL, "/var/lib/forge/artifacts/a.pt", NULL, "a.pt"),
+              TEZZERET_CODE_INVALID_ARGUMENT, "fetch by a local path");
 
   printf("run:\n");
   tezzeret_run_summary summary = {sizeof summary, 0, 0, 0, 0, 0};
