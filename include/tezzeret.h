@@ -619,9 +619,11 @@ struct tezzeret_status *tezzeret_fleet_config_init(struct tezzeret_fleet_config 
 // variables); its `bucket` may be NULL, and otherwise must be the
 // reference's. `path` must be a regular file or not exist (a symbolic
 // link, device or FIFO there is refused, not replaced). Errors:
+// `NULL_ARGUMENT` (`artifact_ref` or `path`), `INVALID_UTF8`,
 // `INVALID_ARGUMENT` (a malformed reference or checksum, another bucket,
-// such a path), `NOT_FOUND` (the bucket lacks it), `CORRUPT` (its bytes
-// do not hash right),
+// such a path), `NOT_FOUND` (the bucket lacks it; a bucket that does not
+// exist is an `IO` error naming it), `CORRUPT` (its bytes do not hash
+// right),
 // `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the store or
 // the file system failed). Since ABI 0.10.
 struct tezzeret_status *tezzeret_fleet_fetch_artifact(const struct tezzeret_fleet_config *config,

@@ -13,7 +13,7 @@ use super::objects::ObjectNames;
 use super::remote::{Got, RemoteStore};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::hex;
-use crate::sys::fs::durable_write;
+use crate::sys::fs::{directory_of, durable_write};
 
 /// The largest artifact a fetch reads (1 GiB): the bucket is untrusted,
 /// and an object larger than this is refused without being read further.
@@ -118,11 +118,7 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
     let bytes = match store.run(store.get(&parsed.object, FETCH_LIMIT))? {
         Got::Bytes(bytes) => bytes,
         Got::Missing => {
-            // A bucket that does not exist answers the same; a listing
-            // tells the two apart, and names the bucket if it is missing.
-            let folder = &parsed.object[..parsed.object.len() - parsed.sha256.len() - ".pt".len()];
-            store.run(store.list_up_to(folder, 1))?;
-            return Err(Error::new(ErrorCode::NotFound, format!("{reference}: no such artifact at {}", store.endpoint())));
+            return Err(Error::new(ErrorCode::NotFound, format!("{reference}: no such artifact at {}", store.endpoint())))
         }
         Got::TooLarge => {
             return Err(Error::new(ErrorCode::BudgetExceeded, format!("{reference}: the bucket's object is over {FETCH_LIMIT} bytes")))
@@ -142,7 +138,8 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
 /// Refuses a destination the artifact cannot be written at as a regular
 /// file: a directory, something other than a regular file (a symbolic
 /// link, a device such as `/dev/null`, a FIFO: a rename would replace
-/// it), or a path whose directory does not exist.
+/// it), a path naming no file (empty, or ending in `/`), or a path whose
+/// directory does not exist.
 fn check_destination(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => return Err(Error::invalid(format!("{} is a directory: name the artifact's file", path.display()))),
@@ -154,10 +151,14 @@ fn check_destination(path: &Path) -> Result<()> {
         }
         _ => {}
     }
-    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        Some(dir) if !dir.is_dir() => Err(Error::invalid(format!("{}: no directory {} to write it in", path.display(), dir.display()))),
-        _ => Ok(()),
+    if path.file_name().is_none() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        return Err(Error::invalid(format!("{:?} names no file to write the artifact to", path.display().to_string())));
     }
+    let dir = directory_of(path);
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!("{}: no directory {} to write it in", path.display(), dir.display())));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

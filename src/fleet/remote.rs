@@ -132,11 +132,11 @@ impl RemoteStore {
     pub fn connect(config: &FleetConfig) -> Result<Self> {
         config.validate()?;
         let timeout = config.request_timeout;
-        // No cap on a whole request here: each operation bounds itself,
-        // with time for its bytes (see `bounded_for` and `get`); a stalled
-        // connection is caught by the read timeout.
-        let mut options =
-            ClientOptions::new().with_timeout_disabled().with_connect_timeout(timeout).with_read_timeout(timeout);
+        // No cap on a whole request here (nor on reads, whose timer runs
+        // from the request's start until the answer's head, uploads
+        // included): each operation bounds itself, with time for its bytes
+        // (see `bounded_for` and `get`).
+        let mut options = ClientOptions::new().with_timeout_disabled().with_connect_timeout(timeout);
         let explicit_credentials = config.credentials.is_some();
         let mut builder = builder_from_environment(explicit_credentials)
             .with_bucket_name(&config.bucket)
@@ -229,7 +229,7 @@ impl RemoteStore {
         op: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T, StoreError> {
         self.operations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.within(what, name, self.timeout_for(bytes), op).await
+        self.within(what, name, tokio::time::Instant::now(), self.timeout_for(bytes), op).await
     }
 
     /// The time allowed to move `bytes`: the request timeout plus a
@@ -238,22 +238,25 @@ impl RemoteStore {
         self.timeout + Duration::from_secs(bytes >> 20)
     }
 
-    /// Runs part of an operation within `timeout`, its outcome sorted.
+    /// Runs (part of) an operation begun at `started` until `allowed` has
+    /// passed since, its outcome sorted. A missing bucket is a failure to
+    /// report, not a missing object.
     async fn within<T>(
         &self,
         what: &str,
         name: &str,
-        timeout: Duration,
+        started: tokio::time::Instant,
+        allowed: Duration,
         op: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(timeout, op).await {
+        match tokio::time::timeout_at(started + allowed, op).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(object_store::Error::NotFound { .. })) => Err(StoreError::NotFound),
+            Ok(Err(e @ object_store::Error::NotFound { .. })) if !e.to_string().contains("NoSuchBucket") => Err(StoreError::NotFound),
             Ok(Err(object_store::Error::AlreadyExists { .. })) => Err(StoreError::Exists),
             Ok(Err(e)) => Err(StoreError::Failed(Error::new(ErrorCode::Io, format!("fleet store: {what} {name}: {}", one_line(&e))))),
             Err(_) => Err(StoreError::Failed(Error::new(
                 ErrorCode::Io,
-                format!("fleet store: {what} {name}: no answer from {} within {timeout:?}", self.endpoint),
+                format!("fleet store: {what} {name}: no complete answer from {} within {allowed:?}", self.endpoint),
             ))),
         }
     }
@@ -262,19 +265,20 @@ impl RemoteStore {
     /// than `limit` bytes is refused from its announced size, or else not
     /// read past the limit (`Got::TooLarge`): the bucket is untrusted and
     /// must not exhaust this host's memory. The answer's head must come
-    /// within the request timeout, its body within the request timeout
-    /// plus a second per MiB of its size.
+    /// within the request timeout and the whole object within the request
+    /// timeout plus a second per MiB of its size, both counted from the
+    /// request's start.
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
         let location = Path::from(name);
-        let head = self.bounded("get", name, self.store.get(&location));
-        let found = match head.await {
+        let started = tokio::time::Instant::now();
+        let found = match self.bounded("get", name, self.store.get(&location)).await {
             Ok(found) => found,
             Err(StoreError::NotFound) => return Ok(Got::Missing),
             Err(e) => return Err(e.into_error("get", name)),
         };
-        let timeout = self.timeout_for(found.meta.size.min(limit));
+        let allowed = self.timeout_for(found.meta.size.min(limit));
         let body = async { read_body(found, limit).await.map(|(got, _)| got) };
-        self.within("get", name, timeout, body).await.map_err(|e| e.into_error("get", name))
+        self.within("get", name, started, allowed, body).await.map_err(|e| e.into_error("get", name))
     }
 
     /// Renews an object every `every` on the store's runtime with the bytes
@@ -531,6 +535,29 @@ mod tests {
 
     fn generic(text: &str) -> object_store::Error {
         object_store::Error::Generic { store: "S3", source: text.to_string().into() }
+    }
+
+    #[test]
+    fn store_errors_end_with_the_cause_underneath_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|layer| layer as _)
+            }
+        }
+        let refused = Layer("error sending request", Some(Box::new(Layer("client error", Some(Box::new(Layer("Connection refused", None)))))));
+        let error = object_store::Error::Generic { store: "S3", source: Box::new(refused) };
+        assert_eq!(one_line(&error), "Generic S3 error: error sending request (Connection refused)");
+        // A cause the text already carries is not said twice.
+        let said = Layer("HTTP error: Connection refused", Some(Box::new(Layer("Connection refused", None))));
+        let error = object_store::Error::Generic { store: "S3", source: Box::new(said) };
+        assert_eq!(one_line(&error), "Generic S3 error: HTTP error: Connection refused");
     }
 
     #[test]

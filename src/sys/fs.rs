@@ -67,7 +67,7 @@ pub fn durable_write_all(files: &[(&Path, &[u8])]) -> Result<()> {
 }
 
 /// The directory a file's name is in (`.` for a bare name).
-fn directory_of(path: &Path) -> &Path {
+pub fn directory_of(path: &Path) -> &Path {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),

@@ -1423,6 +1423,8 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("is not 64 hexadecimal digits"), "{error}");
     let error = fetch_artifact(&consumer, &update.artifact_ref, None, &dir.path().join("no-such-dir/a.pt")).unwrap_err();
     assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("no directory"), "{error}");
+    let error = fetch_artifact(&consumer, &update.artifact_ref, None, Path::new(&format!("{}/new/", dir.path().display()))).unwrap_err();
+    assert!(error.code() == ErrorCode::InvalidArgument && error.message().contains("names no file"), "{error}");
     // Something other than a regular file at the destination is refused, not replaced.
     let link = dir.path().join("link.pt");
     std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();

@@ -28,8 +28,8 @@ pub struct FetchArgs {
     /// Region requests are signed for (default AWS_REGION or us-east-1).
     #[arg(long = "s3-region", value_name = "REGION")]
     region: Option<String>,
-    /// The longest the request may take, seconds (plus a second per MiB
-    /// of the largest artifact accepted).
+    /// How long the store may take to start its answer, seconds; the
+    /// whole artifact may take a second more per MiB of its size.
     #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_request_timeout, allow_negative_numbers = true)]
     timeout: Duration,
 }
