@@ -80,6 +80,13 @@ impl std::fmt::Debug for FleetConfig {
     }
 }
 
+/// Whether a bucket name has the form of an IPv4 address (four groups of
+/// digits), which S3 refuses as a name.
+fn looks_like_an_ip_address(name: &str) -> bool {
+    let groups: Vec<&str> = name.split('.').collect();
+    groups.len() == 4 && groups.iter().all(|g| !g.is_empty() && g.len() <= 3 && g.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl FleetConfig {
     /// Defaults for a bucket: AWS's endpoint and credentials from the
     /// environment, no prefix, publishing on, 30 s leases, waiting up to
@@ -111,11 +118,14 @@ impl FleetConfig {
             && alphanumeric(bucket.bytes().next())
             && alphanumeric(bucket.bytes().last())
             && !bucket.contains("..")
-            && bucket.parse::<std::net::Ipv4Addr>().is_err();
+            && !looks_like_an_ip_address(bucket)
+            && !["xn--", "sthree-"].iter().any(|reserved| bucket.starts_with(reserved))
+            && !["-s3alias", "--ol-s3"].iter().any(|reserved| bucket.ends_with(reserved));
         if !bucket_ok {
             return Err(Error::invalid(format!(
                 "fleet bucket {bucket:?} is not an S3 bucket name (3 to 63 lowercase letters, digits, '-' or '.', \
-                 starting and ending with a letter or digit, no '..', not an IP address)"
+                 starting and ending with a letter or digit, no '..', not an IP address, no prefix or suffix S3 \
+                 reserves)"
             )));
         }
         if let Some(endpoint) = &self.endpoint {
@@ -263,6 +273,13 @@ mod tests {
         for (config, field) in cases {
             let error = config.validate().unwrap_err();
             assert!(error.message().contains(field), "{field}: {error}");
+        }
+        for bad in ["-fleet", "fleet-", ".fleet", "a..b", "192.168.1.1", "192.168.01.1", "xn--fleet", "sthree-fleet", "fleet-s3alias", "f--ol-s3"] {
+            let error = FleetConfig { bucket: bad.into(), ..ok.clone() }.validate().unwrap_err();
+            assert!(error.message().contains("is not an S3 bucket name"), "{bad}: {error}");
+        }
+        for good in ["fleet.example.com", "a-b", "1.2.3", "192.168.1.1.5"] {
+            FleetConfig { bucket: good.into(), ..ok.clone() }.validate().unwrap();
         }
         FleetConfig { lease_redis: Some("redis://127.0.0.1:6379/2".into()), ..ok.clone() }.validate().unwrap();
         FleetConfig { prefix: "/runs/2026-12_07.a/".into(), endpoint: Some("https://s3.example:9000/".into()), ..ok }
