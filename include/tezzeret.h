@@ -302,9 +302,9 @@ typedef struct tezzeret_bus_config {
 } tezzeret_bus_config;
 
 // How a forge joins a fleet (and how `tezzeret_fleet_fetch_artifact`
-// reaches its store). Initialise with `tezzeret_fleet_config_init`,
-// set `bucket` (a forge requires it) and point `tezzeret_config.fleet` at it; the
-// forge's config must carry trusted keys (nothing from the bucket is used
+// reaches its store). Initialise with `tezzeret_fleet_config_init`, set
+// `bucket` (a forge requires it) and point `tezzeret_config.fleet` at it;
+// the forge's config must carry trusted keys (nothing from the bucket is used
 // unverified) and, to publish, a signing key. Every string is borrowed for
 // the `tezzeret_forge_open` call; NULL ones keep their defaults. Settings
 // left NULL are read from the usual `AWS_*` environment variables. While
@@ -623,9 +623,8 @@ struct tezzeret_status *tezzeret_fleet_config_init(struct tezzeret_fleet_config 
 // `INVALID_ARGUMENT` (a malformed reference or checksum, another bucket,
 // such a path), `NOT_FOUND` (the bucket lacks it; a bucket that does not
 // exist is an `IO` error naming it), `CORRUPT` (its bytes do not hash
-// right),
-// `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the store or
-// the file system failed). Since ABI 0.10.
+// right), `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the
+// store or the file system failed). Since ABI 0.10.
 struct tezzeret_status *tezzeret_fleet_fetch_artifact(const struct tezzeret_fleet_config *config,
                                                       const char *artifact_ref,
                                                       const char *expected_sha256,

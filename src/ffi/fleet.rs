@@ -18,9 +18,9 @@ pub const TEZZERET_FLEET_READ_ONLY: u32 = 1;
 const KNOWN_FLEET_FLAGS: u32 = TEZZERET_FLEET_READ_ONLY;
 
 /// How a forge joins a fleet (and how `tezzeret_fleet_fetch_artifact`
-/// reaches its store). Initialise with `tezzeret_fleet_config_init`,
-/// set `bucket` (a forge requires it) and point `tezzeret_config.fleet` at it; the
-/// forge's config must carry trusted keys (nothing from the bucket is used
+/// reaches its store). Initialise with `tezzeret_fleet_config_init`, set
+/// `bucket` (a forge requires it) and point `tezzeret_config.fleet` at it;
+/// the forge's config must carry trusted keys (nothing from the bucket is used
 /// unverified) and, to publish, a signing key. Every string is borrowed for
 /// the `tezzeret_forge_open` call; NULL ones keep their defaults. Settings
 /// left NULL are read from the usual `AWS_*` environment variables. While
@@ -170,9 +170,8 @@ pub unsafe extern "C" fn tezzeret_fleet_config_init(config: *mut tezzeret_fleet_
 /// `INVALID_ARGUMENT` (a malformed reference or checksum, another bucket,
 /// such a path), `NOT_FOUND` (the bucket lacks it; a bucket that does not
 /// exist is an `IO` error naming it), `CORRUPT` (its bytes do not hash
-/// right),
-/// `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the store or
-/// the file system failed). Since ABI 0.10.
+/// right), `BUDGET_EXCEEDED` (over 1 GiB, not read further), `IO` (the
+/// store or the file system failed). Since ABI 0.10.
 #[no_mangle]
 pub unsafe extern "C" fn tezzeret_fleet_fetch_artifact(
     config: *const tezzeret_fleet_config,

@@ -85,11 +85,12 @@ pub struct FetchedArtifact {
 /// request timeout; its other settings are checked as for a forge, but
 /// not used); its bucket may be left empty, and otherwise must be the
 /// reference's. The destination must be a regular file or not exist (a
-/// symbolic link, device or FIFO there is refused, not replaced). Errors a caller can
-/// match: `InvalidArgument` (a malformed reference or checksum, another
-/// bucket), `NotFound` (the bucket lacks it), `Corrupt` (its bytes do not
-/// hash right), `BudgetExceeded` (larger than [`FETCH_LIMIT`]), `Io` (the
-/// store or the file system failed).
+/// symbolic link, device or FIFO there is refused, not replaced). Errors
+/// a caller can match: `InvalidArgument` (a malformed reference or
+/// checksum, another bucket, such a destination), `NotFound` (the bucket
+/// lacks it), `Corrupt` (its bytes do not hash right), `BudgetExceeded`
+/// (larger than [`FETCH_LIMIT`]), `Io` (the store or the file system
+/// failed, or the bucket does not exist).
 pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Option<&str>, path: &Path) -> Result<FetchedArtifact> {
     let parsed = ArtifactReference::parse(reference)?;
     if let Some(expected) = expected_sha256 {
