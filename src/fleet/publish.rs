@@ -25,13 +25,17 @@ pub const RELAY_LIMIT: u64 = 256 << 10;
 pub const RELAY_TTL: Duration = Duration::from_secs(300);
 
 /// What publishing an artifact did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Publication {
     /// Artifact and manifest are ours.
     Published,
     /// Another forge's verified manifest was there first (our artifact is
     /// stored too, so its reference resolves).
     LostRace,
+    /// A manifest this forge refused was there (damaged, or signed by a
+    /// key it does not trust): ours replaced it. Hosts that trust its
+    /// signer but not this forge's key will refuse ours in turn.
+    Replaced(Refusal, String),
 }
 
 /// A publication under way (see [`Fleet::start_publish`]).
@@ -95,7 +99,7 @@ impl Fleet {
 
     fn count_publication(&self, published: &Result<Publication>) {
         match published {
-            Ok(Publication::Published) => self.count(FleetEvent::Published),
+            Ok(Publication::Published | Publication::Replaced(..)) => self.count(FleetEvent::Published),
             Ok(Publication::LostRace) => self.count(FleetEvent::LostRace),
             Err(_) => self.count(FleetEvent::StoreError),
         }
@@ -107,7 +111,7 @@ impl Fleet {
             .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "publishing to the fleet store needs a signing key"))?
             .encode();
         let published = self.publish_objects(record, bytes, &manifest).await?;
-        if published == Publication::Published {
+        if matches!(published, Publication::Published | Publication::Replaced(..)) {
             self.announce(record, bytes, manifest).await;
         }
         Ok(published)
@@ -168,10 +172,10 @@ impl Fleet {
         };
         match winner {
             Ok(()) => Ok(Publication::LostRace),
-            Err((refusal, _)) => {
+            Err((refusal, why)) => {
                 self.count(FleetEvent::Refused(refusal));
                 self.remote.overwrite(&name, manifest.to_vec()).await?;
-                Ok(Publication::Published)
+                Ok(Publication::Replaced(refusal, why))
             }
         }
     }

@@ -403,6 +403,10 @@ fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
     for reason in ["checksum_mismatch", "untrusted_key", "truncated"] {
         assert!(logs.contains(reason), "the refusal says why ({reason}): {logs}");
     }
+    // Replacing a manifest signed by a key this host does not trust says so,
+    // and what it means for a fleet whose hosts trust different keys.
+    let replaced = logs.lines().find(|l| l.starts_with("BP002: replaced the fleet store's manifest")).unwrap_or_default();
+    assert!(replaced.contains("untrusted_key") && replaced.contains("every host of a fleet must trust"), "{logs}");
     // Its own compiles replaced what was damaged: a third host takes everything.
     let third = Member::open(&dir.path().join("c"), FIVE, &keys, fleet);
     assert!(third.run().values().all(|s| *s == JobStatus::Cached));

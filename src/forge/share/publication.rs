@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::fleet::publish::PendingPublication;
-use crate::fleet::{Fleet, Publication};
+use crate::fleet::{Fleet, Publication, Refusal};
 use crate::forge::engine::Forge;
 use crate::forge::host::LogLevel;
 use crate::state::artifact::ArtifactRecord;
@@ -31,6 +31,10 @@ impl Forge {
         let outcome = pending.wait();
         self.log_passed_over();
         match outcome {
+            Ok(Publication::Replaced(refusal, why)) => {
+                self.log_replaced(&record.blueprint_id, refusal, &why);
+                true
+            }
             Ok(Publication::Published | Publication::LostRace) => true,
             Err(error) => {
                 let message = format!("{}: publishing to the fleet store failed (retried later): {error}", record.blueprint_id);
@@ -39,6 +43,22 @@ impl Forge {
                 false
             }
         }
+    }
+
+    /// Says that a publication replaced a manifest this forge refused: a
+    /// damaged one is healed, but one signed by a key this forge does not
+    /// trust means hosts of two trust sets share the bucket, and will
+    /// replace each other's manifests (each compiling what the other
+    /// published) until every host trusts every signer.
+    fn log_replaced(&mut self, blueprint_id: &str, refusal: Refusal, why: &str) {
+        let mut message = format!("{blueprint_id}: replaced the fleet store's manifest, which this forge refused ({}: {why})", refusal.as_str());
+        if refusal == Refusal::UntrustedKey {
+            message.push_str(
+                "; hosts that trust its signer but not this forge's key will refuse this one and may replace it back: \
+                 every host of a fleet must trust every host's signing key",
+            );
+        }
+        self.host.log(LogLevel::Warn, &message);
     }
 
     /// Publishes every current artifact the bucket does not hold yet (an
@@ -76,6 +96,9 @@ impl Forge {
         let retry = fleet.config().retry_interval;
         // The bucket holds them even if they stopped being current meanwhile
         // (answers only name the bucket's copy of current artifacts).
+        for (blueprint_id, refusal, why) in &outcome.replaced {
+            self.log_replaced(blueprint_id, *refusal, why);
+        }
         let published: Vec<&ArtifactRecord> = outcome.published.iter().collect();
         let shared = match self.ledger.record_shared(&published) {
             Ok(()) => {
@@ -115,6 +138,8 @@ pub struct PendingShares {
 /// What publishing [`PendingShares`] achieved.
 pub struct SharedOutcome {
     published: Vec<ArtifactRecord>,
+    /// Manifests this forge refused that its publications replaced.
+    replaced: Vec<(String, Refusal, String)>,
     failed: Option<crate::base::error::Error>,
 }
 
@@ -122,12 +147,15 @@ impl PendingShares {
     /// Publishes them in order, stopping at the first failure.
     pub fn publish(self) -> SharedOutcome {
         let mut published = Vec::new();
+        let mut replaced = Vec::new();
         for (record, bytes) in self.artifacts {
-            if let Err(error) = self.fleet.publish(&record, &bytes) {
-                return SharedOutcome { published, failed: Some(error) };
+            match self.fleet.publish(&record, &bytes) {
+                Err(error) => return SharedOutcome { published, replaced, failed: Some(error) },
+                Ok(Publication::Replaced(refusal, why)) => replaced.push((record.blueprint_id.clone(), refusal, why)),
+                Ok(_) => {}
             }
             published.push(record);
         }
-        SharedOutcome { published, failed: None }
+        SharedOutcome { published, replaced, failed: None }
     }
 }
