@@ -82,7 +82,11 @@ impl Forge {
     /// recovers the journal, verifies (or rebuilds) the guard table against
     /// the stored catalog, enumerates descriptors from the host and durably
     /// queues those not compiled yet.
-    pub fn open(config: ForgeConfig, mut host: Box<dyn Host>) -> Result<Forge> {
+    pub fn open(mut config: ForgeConfig, mut host: Box<dyn Host>) -> Result<Forge> {
+        // Absolute, so that the paths it announces mean the same to a
+        // consumer in another working directory.
+        config.state_dir = std::path::absolute(&config.state_dir)
+            .map_err(|e| Error::io(format!("resolve state directory {}", config.state_dir.display()), e))?;
         if config.batch < 1 {
             return Err(Error::invalid(format!("batch size must be >= 1, got {}", config.batch)));
         }

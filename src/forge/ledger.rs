@@ -288,17 +288,41 @@ impl Ledger {
     /// Durably records, in one journal append, that the fleet's bucket
     /// holds these stored artifacts.
     pub fn record_shared(&mut self, records: &[&ArtifactRecord]) -> Result<()> {
+        self.record_shared_and_announce(records, |_| None).map(drop)
+    }
+
+    /// Records that the bucket now holds these artifacts, as
+    /// [`Self::record_shared`] does, and announces again, in the same
+    /// transaction, each that is current under the reference `remote_ref`
+    /// gives it: they were announced with their local path, which a
+    /// consumer on another host cannot read. Returns the catalog updates
+    /// to send (with a bus, each with its outbox entry).
+    pub fn record_shared_and_announce(
+        &mut self,
+        records: &[&ArtifactRecord],
+        remote_ref: impl Fn(&ArtifactRecord) -> Option<String>,
+    ) -> Result<Vec<(KernelCatalogUpdate, Option<Announcement>)>> {
         let mut artifacts: Vec<SharedArtifact> = Vec::with_capacity(records.len());
-        for record in records.iter().filter(|r| !self.is_shared(r)) {
+        let mut announced = Vec::new();
+        let mut next_announcement = self.journal.state().next_announcement;
+        for &record in records.iter().filter(|r| !self.is_shared(r)) {
             let shared = SharedArtifact::of(record);
-            if !artifacts.contains(&shared) {
-                artifacts.push(shared);
+            if artifacts.contains(&shared) {
+                continue;
+            }
+            artifacts.push(shared);
+            let current = self.artifacts().get(&record.blueprint_id) == Some(record);
+            if let Some(reference) = remote_ref(record).filter(|_| current) {
+                announced.push(self.catalog_update(record, reference, &mut next_announcement));
             }
         }
         if artifacts.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        self.journal.append(vec![vec![Record::Shared { artifacts }]])
+        let mut transaction = vec![Record::Shared { artifacts }];
+        transaction.extend(announced.iter().filter_map(|(_, a)| a.clone()).map(|announcement| Record::Announce { announcement }));
+        self.journal.append(vec![transaction])?;
+        Ok(announced)
     }
 
     /// Whether the fleet's bucket holds this artifact (these bytes, under
@@ -339,19 +363,8 @@ impl Ledger {
         let mut next_announcement = self.journal.state().next_announcement;
         for commit in commits {
             let record = commit.record;
-            let update = KernelCatalogUpdate {
-                blueprint_id: record.blueprint_id.clone(),
-                artifact_ref: commit.remote_ref.clone().unwrap_or_else(|| self.store.artifact_path(record).display().to_string()),
-                checksum: record.checksum.clone(),
-                guard_digest: record.guard_digest.clone(),
-                compile_ms: record.compile_ms as f32,
-                prewarm_ms: record.prewarm_p50_ms as f32,
-            };
-            let announcement = self.announcing.as_ref().map(|prefix| {
-                let seq = next_announcement;
-                next_announcement += 1;
-                Announcement { seq, message_id: format!("{prefix}-{seq}"), update: update.clone() }
-            });
+            let artifact_ref = commit.remote_ref.clone().unwrap_or_else(|| self.store.artifact_path(record).display().to_string());
+            let (update, announcement) = self.catalog_update(record, artifact_ref, &mut next_announcement);
             let mut transaction = vec![Record::Commit { seq: commit.seq, artifact: record.clone() }];
             if commit.remote_ref.is_some() && !self.is_shared(record) {
                 transaction.push(Record::Shared { artifacts: vec![SharedArtifact::of(record)] });
@@ -366,6 +379,30 @@ impl Ledger {
         self.journal.append(transactions)?;
         self.guards.put_all(&entries)?;
         Ok(committed)
+    }
+
+    /// A current artifact's catalog update naming `artifact_ref`, and with
+    /// a bus its outbox entry (numbered from `next_announcement`).
+    fn catalog_update(
+        &self,
+        record: &ArtifactRecord,
+        artifact_ref: String,
+        next_announcement: &mut u64,
+    ) -> (KernelCatalogUpdate, Option<Announcement>) {
+        let update = KernelCatalogUpdate {
+            blueprint_id: record.blueprint_id.clone(),
+            artifact_ref,
+            checksum: record.checksum.clone(),
+            guard_digest: record.guard_digest.clone(),
+            compile_ms: record.compile_ms as f32,
+            prewarm_ms: record.prewarm_p50_ms as f32,
+        };
+        let announcement = self.announcing.as_ref().map(|prefix| {
+            let seq = *next_announcement;
+            *next_announcement += 1;
+            Announcement { seq, message_id: format!("{prefix}-{seq}"), update: update.clone() }
+        });
+        (update, announcement)
     }
 
     /// Durably takes published announcements out of the outbox.

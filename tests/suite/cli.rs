@@ -43,6 +43,14 @@ fn forge_json_reports_every_field_and_is_deterministic_across_processes() {
         let bytes = std::fs::read(a["artifacts"][i]["artifact_path"].as_str().unwrap()).unwrap();
         assert_eq!(bytes, std::fs::read(b["artifacts"][i]["artifact_path"].as_str().unwrap()).unwrap());
     }
+    // A relative state directory: the paths reported (and announced) are
+    // absolute, readable from any working directory.
+    let args = ["forge", "--state", "relative", "--catalog", catalog.to_str().unwrap(), "--device", "cpu", "--json"];
+    let out = Command::new(env!("CARGO_BIN_EXE_tezzeret")).current_dir(work.path()).args(args).output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    let path = doc["artifacts"][0]["artifact_path"].as_str().unwrap();
+    assert!(path.starts_with(work.path().join("relative").to_str().unwrap()), "{path}");
+    assert_eq!(std::fs::read(path).unwrap(), std::fs::read(a["artifacts"][0]["artifact_path"].as_str().unwrap()).unwrap());
     // Resuming the same directory reuses everything.
     let again = run("a");
     assert_eq!(again["artifacts"][0]["status"], "cached");

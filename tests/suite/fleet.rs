@@ -480,6 +480,16 @@ fn a_store_outage_never_fails_a_job_and_publication_catches_up() {
     }
     server.restart();
     wait_for("the background thread to publish what the outage left", || member.unshared() == 0);
+    {
+        // Each update that named the local file is sent again, naming the bucket's copy.
+        let seen = member.seen.lock().unwrap();
+        for local in seen.updates.iter().filter(|u| !u.artifact_ref.starts_with("s3://")) {
+            let again = seen.updates.iter().find(|u| u.blueprint_id == local.blueprint_id && u.artifact_ref.starts_with("s3://"));
+            let again = again.unwrap_or_else(|| panic!("{} is never announced with its reference: {:?}", local.blueprint_id, seen.updates));
+            assert!(again.artifact_ref.starts_with("s3://fleet/outage/artifacts/") && again.checksum == local.checksum, "{again:?}");
+        }
+        assert_eq!(seen.updates.len(), FIVE.len() + before, "{:?}", seen.updates);
+    }
     for id in FIVE {
         let reference = member.artifact_ref(id);
         assert!(reference.starts_with("s3://fleet/outage/artifacts/"), "{id}: {reference}");

@@ -100,10 +100,18 @@ impl Forge {
             self.log_replaced(blueprint_id, *refusal, why);
         }
         let published: Vec<&ArtifactRecord> = outcome.published.iter().collect();
-        let shared = match self.ledger.record_shared(&published) {
-            Ok(()) => {
+        // Current ones were announced with their local path: announced
+        // again, now with the bucket's reference.
+        let shared = match self.ledger.record_shared_and_announce(&published, |record| Some(fleet.artifact_url(record))) {
+            Ok(announced) => {
                 for &record in &published {
                     self.prefetcher.set_remote(record, fleet.artifact_url(record));
+                }
+                for (update, announcement) in announced {
+                    self.host.catalog_update(&crate::base::leyline::encode(&update));
+                    if let (Some(bus), Some(a)) = (&self.bus, &announcement) {
+                        bus.announce(a.seq, &a.message_id, &a.update);
+                    }
                 }
                 published.len()
             }
