@@ -102,6 +102,7 @@ impl Link {
             Role::Reader => "request reader",
         };
         *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("bus {role}: {error}"));
+        stats.note_link_down(&error.to_string());
         self.set_up(stats, false);
     }
 
@@ -111,6 +112,9 @@ impl Link {
             Role::Reader => &stats.reader_up,
         };
         flag.store(up, std::sync::atomic::Ordering::Relaxed);
+        if up {
+            stats.note_link_up();
+        }
     }
 }
 

@@ -39,13 +39,54 @@ pub struct BusStats {
     pub reader_up: AtomicBool,
     /// The last Redis error seen.
     pub last_error: Mutex<Option<String>>,
+    /// What the host's log should hear, taken by the forge (see
+    /// [`BusStats::take_notes`]): the first failure of each outage, the
+    /// return of Redis, and the first dropped request of each reason.
+    notes: Mutex<Vec<String>>,
+    /// Whether the current outage was noted.
+    outage_noted: AtomicBool,
+    /// The reasons (bits by index in `Refusal::ALL`) whose first drop was noted.
+    drops_noted: AtomicU64,
 }
 
 impl BusStats {
-    /// Counts a dropped request entry.
+    /// Counts a dropped request entry; the first of its reason is noted.
     pub fn drop_entry(&self, refusal: Refusal) {
         let index = Refusal::ALL.iter().position(|r| *r == refusal).expect("every refusal is listed");
         self.dropped[index].fetch_add(1, Ordering::Relaxed);
+        if self.drops_noted.fetch_or(1 << index, Ordering::Relaxed) & (1 << index) == 0 {
+            self.note(format!(
+                "bus: dropped a prefetch request unanswered ({}); later ones dropped for this reason are only counted \
+                 (tezzeret.bus.requests_dropped)",
+                refusal.as_str()
+            ));
+        }
+    }
+
+    /// Notes a connection failure, once per outage.
+    pub fn note_link_down(&self, error: &str) {
+        if !self.outage_noted.swap(true, Ordering::Relaxed) {
+            self.note(format!(
+                "bus: Redis cannot be reached ({error}); retrying: catalog updates wait in the durable outbox, and \
+                 prefetch requests wait in their stream"
+            ));
+        }
+    }
+
+    /// Notes that a connection is up again after a noted outage.
+    pub fn note_link_up(&self) {
+        if self.outage_noted.swap(false, Ordering::Relaxed) {
+            self.note("bus: Redis is reachable again".to_string());
+        }
+    }
+
+    fn note(&self, message: String) {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).push(message);
+    }
+
+    /// What happened worth a line in the host's log since the last call.
+    pub fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Dropped request entries of one reason.

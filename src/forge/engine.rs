@@ -356,12 +356,22 @@ impl Forge {
     /// Durably takes the catalog updates the bus has published out of the
     /// outbox (also done, for free, with every commit).
     pub fn record_published(&mut self) -> Result<()> {
+        self.log_bus_notes();
         match &self.bus {
             Some(bus) => {
                 let published = bus.take_published();
                 self.ledger.record_published(published.clone()).inspect_err(|_| bus.untake_published(published))
             }
             None => Ok(()),
+        }
+    }
+
+    /// Tells the host's log what the bus noted since (an outage, its end,
+    /// the first request dropped for each reason), as warnings.
+    pub(super) fn log_bus_notes(&mut self) {
+        let notes = self.bus.as_ref().map(|bus| bus.stats().take_notes()).unwrap_or_default();
+        for note in notes {
+            self.host.log(LogLevel::Warn, &note);
         }
     }
 

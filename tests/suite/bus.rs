@@ -686,3 +686,48 @@ fn requests_added_to_a_redis_that_lost_its_data_are_still_answered() {
     assert_eq!(answers[0].0, "after-restart");
     service.close();
 }
+
+/// A host that keeps its log lines.
+struct LoggingHost(Catalog, std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Host for LoggingHost {
+    fn enumerate(&mut self) -> tezzeret::Result<Option<Catalog>> {
+        Ok(Some(self.0.clone()))
+    }
+    fn log(&mut self, _level: tezzeret::forge::LogLevel, message: &str) {
+        self.1.lock().unwrap().push(message.to_string());
+    }
+}
+
+#[test]
+fn the_first_request_dropped_for_each_reason_and_each_outage_are_logged_once() {
+    let mut redis = RedisServer::start();
+    let state = TempDir::new("bus-notes");
+    let logs = std::sync::Arc::default();
+    let mut k = Kasmina::new(&redis, Some(SECRET));
+    let host = LoggingHost(tiny_catalog(&["BP001"]), std::sync::Arc::clone(&logs));
+    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, Some(SECRET))), Box::new(host)).unwrap();
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    wait_group(&mut k);
+    for id in ["unsigned-1", "unsigned-2"] {
+        k.add(&[("payload", &Kasmina::envelope(&Kasmina::fresh(id, "BP001")))]);
+    }
+    k.request(&Kasmina::fresh("last", "BP001"));
+    k.wait_answers("the signed request's answer", |a| a.iter().any(|(id, _)| id == "last"));
+    service.with(|f| f.record_published()).unwrap();
+    let said = |needle: &str| logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(said("bus: dropped a prefetch request unanswered (signature_missing)"), 1, "{:?}", logs.lock().unwrap());
+    // Redis goes away, then comes back: each is said once.
+    redis.kill();
+    wait_for("the outage to be said", || {
+        service.with(|f| f.record_published()).unwrap();
+        said("bus: Redis cannot be reached") == 1
+    });
+    redis.restart();
+    wait_for("the return to be said", || {
+        service.with(|f| f.record_published()).unwrap();
+        said("bus: Redis is reachable again") == 1
+    });
+    assert_eq!(said("bus: Redis cannot be reached"), 1, "{:?}", logs.lock().unwrap());
+    service.close();
+}

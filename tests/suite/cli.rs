@@ -207,3 +207,25 @@ fn bench_prints_one_row_object_per_measurement() {
     }
     assert!(rows.iter().any(|r| r["name"].as_str().unwrap().contains("recovery of a WAL of 10000")));
 }
+
+#[test]
+fn a_bus_secret_variable_named_but_unset_is_refused_and_an_unsigned_bus_is_warned_of() {
+    let work = TempDir::new("cli-secret");
+    let (state, catalog) = (work.path().join("state"), work.path().join("catalog.json"));
+    std::fs::write(&catalog, SMALL_CATALOG).unwrap();
+    let forge = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tezzeret"));
+        command.args(["forge", "--state", state.to_str().unwrap(), "--catalog", catalog.to_str().unwrap()]);
+        command.args(["--strategy", "emergency", "--device", "cpu", "--redis", "redis://127.0.0.1:1/"]).args(extra);
+        command.env_remove("ESPER_LEYLINE_SECRET").env_remove("ESPER_SECRT").output().unwrap()
+    };
+    let out = forge(&["--secret-env", "ESPER_SECRT"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--secret-env ESPER_SECRT: the variable is unset or empty"), "{stderr}");
+    assert!(!state.exists(), "refused before the forge opens");
+    let out = forge(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: bus entries are unsigned") && stderr.contains("ESPER_LEYLINE_SECRET is not set"), "{stderr}");
+}

@@ -112,9 +112,11 @@ pub struct BusArgs {
     /// This process's consumer name (default tezzeret-<host>-<pid>).
     #[arg(long, value_name = "NAME")]
     pub consumer: Option<String>,
-    /// Environment variable holding the shared secret entries are signed with.
-    #[arg(long = "secret-env", value_name = "VAR", default_value = SECRET_VARIABLE)]
-    pub secret_env: String,
+    /// Environment variable holding the shared secret entries are signed
+    /// with (default ESPER_LEYLINE_SECRET; unset: entries go unsigned, and
+    /// a warning says so). A variable named here must be set.
+    #[arg(long = "secret-env", value_name = "VAR")]
+    pub secret_env: Option<String>,
     /// Requests issued longer ago than this are dropped as stale, seconds.
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     pub freshness: Duration,
@@ -141,7 +143,13 @@ impl BusArgs {
         if let Some(consumer) = &self.consumer {
             config.consumer = consumer.clone();
         }
-        config.secret = std::env::var_os(&self.secret_env).filter(|v| !v.is_empty()).map(|v| v.into_encoded_bytes());
+        let variable = self.secret_env.as_deref().unwrap_or(SECRET_VARIABLE);
+        config.secret = std::env::var_os(variable).filter(|v| !v.is_empty()).map(|v| v.into_encoded_bytes());
+        match (&config.secret, &self.secret_env) {
+            (None, Some(named)) => return Err(Error::invalid(format!("--secret-env {named}: the variable is unset or empty"))),
+            (None, None) => eprintln!("tezzeret: warning: bus entries are unsigned and unsigned requests are answered ({variable} is not set)"),
+            _ => {}
+        }
         config.freshness = self.freshness;
         config.message_ttl = self.message_ttl;
         config.claim_idle = self.claim_idle;
