@@ -86,8 +86,15 @@ pub fn serve(args: ServeArgs) -> Result<bool> {
         signal
     });
     let reports = service.with(|forge| Ok(forge.run(&mut |_| {})))?;
-    let failed = reports.iter().filter(|r| r.status == tezzeret::forge::JobStatus::Failed).count();
-    eprintln!("tezzeret: serving: {} jobs run ({failed} failed) on the first pass", reports.len());
+    let count = |status| reports.iter().filter(|r| r.status == status).count();
+    use tezzeret::forge::JobStatus::{Cached, Failed, Ok as Compiled, Refused};
+    eprintln!(
+        "tezzeret: serving: first pass: {} compiled, {} already stored or fetched, {} refused (quarantine-only), {} failed",
+        count(Compiled),
+        count(Cached),
+        count(Refused),
+        count(Failed)
+    );
     if args.trace_events {
         trace_line("serving");
     }
