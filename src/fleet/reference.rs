@@ -10,13 +10,14 @@ use sha2::{Digest, Sha256};
 
 use super::config::FleetConfig;
 use super::objects::ObjectNames;
-use super::remote::{Got, RemoteStore};
+use super::remote::{RemoteStore, Streamed};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::hex;
-use crate::sys::fs::{directory_of, durable_write};
+use crate::sys::fs::{directory_of, DurableFile};
 
 /// The largest artifact a fetch reads (1 GiB): the bucket is untrusted,
-/// and an object larger than this is refused without being read further.
+/// and an object larger than this is refused without being read further
+/// (nor written: a fetch streams to disk, holding little in memory).
 pub const FETCH_LIMIT: u64 = 1 << 30;
 
 /// An artifact reference taken apart.
@@ -116,24 +117,33 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
         )));
     }
     let store = RemoteStore::connect(&config)?;
-    let bytes = match store.run(store.get(&parsed.object, FETCH_LIMIT))? {
-        Got::Bytes(bytes) => bytes,
-        Got::Missing => {
+    // Streamed to a temp file while hashed, so that memory stays flat
+    // whatever the artifact's size; it takes the path's name only once
+    // every check passed (dropped, it leaves nothing behind).
+    let mut file = DurableFile::create(path)?;
+    let mut hasher = Sha256::new();
+    let streamed = store.run(store.stream(&parsed.object, FETCH_LIMIT, &mut |chunk| {
+        hasher.update(chunk);
+        file.write(chunk)
+    }))?;
+    let size = match streamed {
+        Streamed::Done(size) => size,
+        Streamed::Missing => {
             return Err(Error::new(ErrorCode::NotFound, format!("{reference}: no such artifact at {}", store.endpoint())))
         }
-        Got::TooLarge => {
+        Streamed::TooLarge => {
             return Err(Error::new(ErrorCode::BudgetExceeded, format!("{reference}: the bucket's object is over {FETCH_LIMIT} bytes")))
         }
     };
-    let sha256 = hex::encode(&Sha256::digest(&bytes));
+    let sha256 = hex::encode(&hasher.finalize());
     if sha256 != parsed.sha256 {
         return Err(Error::new(
             ErrorCode::Corrupt,
-            format!("{reference}: the bucket's copy is damaged ({} bytes hashing to {sha256}); nothing was written", bytes.len()),
+            format!("{reference}: the bucket's copy is damaged ({size} bytes hashing to {sha256}); nothing was written"),
         ));
     }
-    durable_write(path, &bytes)?;
-    Ok(FetchedArtifact { path: path.to_path_buf(), sha256, size: bytes.len() as u64 })
+    file.commit()?;
+    Ok(FetchedArtifact { path: path.to_path_buf(), sha256, size })
 }
 
 /// Refuses a destination the artifact cannot be written at as a regular

@@ -100,6 +100,17 @@ impl Got {
     }
 }
 
+/// What streaming an object did (see [`RemoteStore::stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streamed {
+    /// Every byte went to the sink: this many.
+    Done(u64),
+    /// No such object.
+    Missing,
+    /// Larger than the caller's limit (nothing past it was read).
+    TooLarge,
+}
+
 /// One object of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
@@ -279,6 +290,45 @@ impl RemoteStore {
         let allowed = self.timeout_for(found.meta.size.min(limit));
         let body = async { read_body(found, limit).await.map(|(got, _)| got) };
         self.within("get", name, started, allowed, body).await.map_err(|e| e.into_error("get", name))
+    }
+
+    /// Streams an object's bytes to `sink` chunk by chunk, with the bounds
+    /// of [`Self::get`] (refused from its announced size when over `limit`,
+    /// never read past it), for objects too large to hold in memory. An
+    /// error of the sink ends the read and is returned as it is.
+    pub async fn stream(&self, name: &str, limit: u64, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<Streamed> {
+        let location = Path::from(name);
+        let started = tokio::time::Instant::now();
+        let found = match self.bounded("get", name, self.store.get(&location)).await {
+            Ok(found) => found,
+            Err(StoreError::NotFound) => return Ok(Streamed::Missing),
+            Err(e) => return Err(e.into_error("get", name)),
+        };
+        if found.meta.size > limit {
+            return Ok(Streamed::TooLarge);
+        }
+        let allowed = self.timeout_for(found.meta.size);
+        let mut refused_by_sink = None;
+        let body = async {
+            let mut chunks = found.into_stream();
+            let mut total = 0u64;
+            while let Some(chunk) = chunks.try_next().await? {
+                total += chunk.len() as u64;
+                if total > limit {
+                    return Ok(Streamed::TooLarge);
+                }
+                if let Err(error) = sink(&chunk) {
+                    refused_by_sink = Some(error);
+                    break;
+                }
+            }
+            Ok(Streamed::Done(total))
+        };
+        let streamed = self.within("get", name, started, allowed, body).await.map_err(|e| e.into_error("get", name))?;
+        match refused_by_sink {
+            Some(error) => Err(error),
+            None => Ok(streamed),
+        }
     }
 
     /// Renews an object every `every` on the store's runtime with the bytes

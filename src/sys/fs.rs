@@ -74,6 +74,58 @@ pub fn directory_of(path: &Path) -> &Path {
     }
 }
 
+/// A file written durably in pieces, for contents too large to hold in
+/// memory: written to a temp file of its own beside the target, which
+/// [`DurableFile::commit`] fsyncs and renames into place (then fsyncs the
+/// directory). Dropped uncommitted, it removes its temp file and leaves
+/// the target as it was.
+pub struct DurableFile {
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<File>,
+}
+
+impl DurableFile {
+    /// Starts writing `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let (temp, file) = create_temp_beside(path)?;
+        Ok(DurableFile { target: path.to_path_buf(), temp, file: Some(file) })
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let file = self.file.as_mut().expect("open until committed");
+        failpoint::hit("store.write")
+            .and_then(|_| file.write_all(bytes))
+            .map_err(|e| Error::io(format!("write {} (as a temp file)", self.target.display()), e))
+    }
+
+    /// Makes what was written durable under the target's name.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("open until committed");
+        failpoint::hit("store.fsync")
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(format!("fsync {} (as a temp file)", self.target.display()), e))?;
+        drop(file);
+        failpoint::hit("store.rename")
+            .and_then(|_| fs::rename(&self.temp, &self.target))
+            .map_err(|e| Error::io(format!("rename to {}", self.target.display()), e))?;
+        // Renamed: nothing left for drop to remove.
+        self.temp = PathBuf::new();
+        let dir = directory_of(&self.target);
+        failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
+        sync_dir(dir)
+    }
+}
+
+impl Drop for DurableFile {
+    fn drop(&mut self) {
+        if !self.temp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
 /// At most this many bytes of a target's name go into its temp file's
 /// name, which must stay within the file system's limit on a name.
 const TEMP_NAME_PART: usize = 64;
@@ -149,8 +201,29 @@ pub fn remove_temp_files(dir: &Path) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{directory_of, durable_write, TEMP_PREFIX};
+    use super::{directory_of, durable_write, DurableFile, TEMP_PREFIX};
     use std::path::Path;
+
+    #[test]
+    fn a_durable_file_lands_whole_when_committed_and_leaves_nothing_when_dropped() {
+        let dir = std::env::temp_dir().join(format!("tezzeret-fs-durable-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.pt");
+        std::fs::write(&path, b"old").unwrap();
+        let mut dropped = DurableFile::create(&path).unwrap();
+        dropped.write(b"half").unwrap();
+        drop(dropped);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old", "the target is left as it was");
+        let mut file = DurableFile::create(&path).unwrap();
+        file.write(b"new ").unwrap();
+        file.write(b"bytes").unwrap();
+        file.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new bytes");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["a.pt"], "no temp file left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_bare_name_is_in_the_current_directory() {
