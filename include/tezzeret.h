@@ -412,7 +412,8 @@ typedef void (*tezzeret_release_fn)(void *user_data);
 // The host's callbacks. Initialise with `tezzeret_host_callbacks_init`;
 // every callback is optional. Callbacks run on the thread that called
 // into the library or on the forge's background thread (when refresh or
-// telemetry intervals are set) — for one forge, one callback at a time.
+// telemetry intervals are set, or with a bus or a publishing fleet) — for
+// one forge, one callback at a time.
 // They must not throw or longjmp across the library.
 //
 // From inside a callback, a host may call every function that does not
@@ -432,7 +433,9 @@ typedef struct tezzeret_host_callbacks {
   void *user_data;
   // Descriptor enumeration; NULL = use the embedded default catalog.
   tezzeret_enumerate_fn enumerate;
-  // `KernelCatalogUpdate` after an artifact is durable.
+  // `KernelCatalogUpdate` after an artifact is durable; in a fleet, once
+  // more for an artifact first announced with its local path, when the
+  // bucket holds it (same checksum, its `s3://` reference).
   tezzeret_bytes_fn catalog_update;
   // `TelemetryPacket` bytes.
   tezzeret_bytes_fn telemetry;

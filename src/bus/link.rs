@@ -102,19 +102,13 @@ impl Link {
             Role::Reader => "request reader",
         };
         *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("bus {role}: {error}"));
-        stats.note_link_down(&error.to_string());
+        let connection_lost = error.is_io_error() || error.is_connection_refusal() || error.is_timeout() || error.is_connection_dropped();
+        stats.note_link_failure(&error.to_string(), connection_lost);
         self.set_up(stats, false);
     }
 
     fn set_up(&self, stats: &BusStats, up: bool) {
-        let flag = match self.role {
-            Role::Publisher => &stats.publisher_up,
-            Role::Reader => &stats.reader_up,
-        };
-        flag.store(up, std::sync::atomic::Ordering::Relaxed);
-        if up {
-            stats.note_link_up();
-        }
+        stats.link_state(matches!(self.role, Role::Reader), up);
     }
 }
 

@@ -5,6 +5,10 @@ use std::sync::Mutex;
 use super::envelope::Refusal;
 use crate::base::leyline::MetricPoint;
 
+/// The most notes kept until the forge takes them, and the most distinct
+/// server errors noted.
+const NOTES_KEPT: usize = 32;
+
 /// Counters and link state of a bus connection, shared by its threads.
 #[derive(Debug, Default)]
 pub struct BusStats {
@@ -45,6 +49,11 @@ pub struct BusStats {
     notes: Mutex<Vec<String>>,
     /// Whether the current outage was noted.
     outage_noted: AtomicBool,
+    /// Which links (publisher, request reader) have reported their state:
+    /// Redis is back once each of them is up.
+    reporting: [AtomicBool; 2],
+    /// Server errors (other than a lost connection) already noted.
+    errors_noted: Mutex<Vec<String>>,
     /// The reasons (bits by index in `Refusal::ALL`) whose first drop was noted.
     drops_noted: AtomicU64,
 }
@@ -63,25 +72,45 @@ impl BusStats {
         }
     }
 
-    /// Notes a connection failure, once per outage.
-    pub fn note_link_down(&self, error: &str) {
-        if !self.outage_noted.swap(true, Ordering::Relaxed) {
-            self.note(format!(
-                "bus: Redis cannot be reached ({error}); retrying: catalog updates wait in the durable outbox, and \
-                 prefetch requests wait in their stream"
-            ));
-        }
-    }
-
-    /// Notes that a connection is up again after a noted outage.
-    pub fn note_link_up(&self) {
-        if self.outage_noted.swap(false, Ordering::Relaxed) {
+    /// Records a link's state (`reader`: the request reader's, else the
+    /// publisher's) and notes Redis's return once every link that reported
+    /// is up after a noted outage.
+    pub fn link_state(&self, reader: bool, up: bool) {
+        let flags = [&self.publisher_up, &self.reader_up];
+        flags[usize::from(reader)].store(up, Ordering::Relaxed);
+        self.reporting[usize::from(reader)].store(true, Ordering::Relaxed);
+        let every_link_up = self.reporting.iter().zip(flags).all(|(reported, up)| !reported.load(Ordering::Relaxed) || up.load(Ordering::Relaxed));
+        if up && every_link_up && self.outage_noted.swap(false, Ordering::Relaxed) {
             self.note("bus: Redis is reachable again".to_string());
         }
     }
 
+    /// Notes a failed command or connection: a lost or refused connection
+    /// once per outage (until every link is up again), any other error
+    /// once per distinct message.
+    pub fn note_link_failure(&self, error: &str, connection_lost: bool) {
+        if connection_lost {
+            if !self.outage_noted.swap(true, Ordering::Relaxed) {
+                self.note(format!(
+                    "bus: Redis cannot be reached ({error}); retrying: catalog updates wait in the durable outbox, and \
+                     prefetch requests wait in their stream"
+                ));
+            }
+            return;
+        }
+        let mut noted = self.errors_noted.lock().unwrap_or_else(|p| p.into_inner());
+        if noted.len() < NOTES_KEPT && !noted.iter().any(|e| e == error) {
+            noted.push(error.to_string());
+            drop(noted);
+            self.note(format!("bus: Redis refused a command ({error}); retrying (said once per error)"));
+        }
+    }
+
     fn note(&self, message: String) {
-        self.notes.lock().unwrap_or_else(|p| p.into_inner()).push(message);
+        let mut notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        if notes.len() < NOTES_KEPT {
+            notes.push(message);
+        }
     }
 
     /// What happened worth a line in the host's log since the last call.

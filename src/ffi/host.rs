@@ -48,7 +48,8 @@ pub type tezzeret_release_fn = Option<unsafe extern "C" fn(user_data: *mut c_voi
 /// The host's callbacks. Initialise with `tezzeret_host_callbacks_init`;
 /// every callback is optional. Callbacks run on the thread that called
 /// into the library or on the forge's background thread (when refresh or
-/// telemetry intervals are set) — for one forge, one callback at a time.
+/// telemetry intervals are set, or with a bus or a publishing fleet) — for
+/// one forge, one callback at a time.
 /// They must not throw or longjmp across the library.
 ///
 /// From inside a callback, a host may call every function that does not
@@ -70,7 +71,9 @@ pub struct tezzeret_host_callbacks {
     pub user_data: *mut c_void,
     /// Descriptor enumeration; NULL = use the embedded default catalog.
     pub enumerate: tezzeret_enumerate_fn,
-    /// `KernelCatalogUpdate` after an artifact is durable.
+    /// `KernelCatalogUpdate` after an artifact is durable; in a fleet, once
+    /// more for an artifact first announced with its local path, when the
+    /// bucket holds it (same checksum, its `s3://` reference).
     pub catalog_update: tezzeret_bytes_fn,
     /// `TelemetryPacket` bytes.
     pub telemetry: tezzeret_bytes_fn,

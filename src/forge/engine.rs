@@ -380,7 +380,13 @@ impl Forge {
     /// the rest waits in it for the next open.
     pub fn close_bus(&mut self, flush: Duration) -> Result<()> {
         match self.bus.take() {
-            Some(mut bus) => self.ledger.record_published(bus.stop(flush)),
+            Some(mut bus) => {
+                let published = bus.stop(flush);
+                for note in bus.stats().take_notes() {
+                    self.host.log(LogLevel::Warn, &note);
+                }
+                self.ledger.record_published(published)
+            }
             None => Ok(()),
         }
     }

@@ -24,7 +24,9 @@ pub trait Host: Send {
     fn enumerate(&mut self) -> Result<Option<Catalog>> {
         Ok(None)
     }
-    /// Receives `KernelCatalogUpdate` bytes after an artifact is durable.
+    /// Receives `KernelCatalogUpdate` bytes after an artifact is durable;
+    /// in a fleet, once more for an artifact first announced with its local
+    /// path, when the bucket holds it (same checksum, its `s3://` reference).
     fn catalog_update(&mut self, _bytes: &[u8]) {}
     /// Receives `TelemetryPacket` bytes.
     fn telemetry(&mut self, _bytes: &[u8]) {}

@@ -310,10 +310,14 @@ impl Ledger {
             if artifacts.contains(&shared) {
                 continue;
             }
+            // Announced as the current record is (it may have been
+            // recommitted meanwhile, with the same bytes and cache key).
+            let current = self.artifacts().get(&record.blueprint_id).filter(|c| SharedArtifact::of(c) == shared).cloned();
             artifacts.push(shared);
-            let current = self.artifacts().get(&record.blueprint_id) == Some(record);
-            if let Some(reference) = remote_ref(record).filter(|_| current) {
-                announced.push(self.catalog_update(record, reference, &mut next_announcement));
+            if let Some(current) = current {
+                if let Some(reference) = remote_ref(&current) {
+                    announced.push(self.catalog_update(&current, reference, &mut next_announcement));
+                }
             }
         }
         if artifacts.is_empty() {

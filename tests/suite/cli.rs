@@ -49,7 +49,8 @@ fn forge_json_reports_every_field_and_is_deterministic_across_processes() {
     let out = Command::new(env!("CARGO_BIN_EXE_tezzeret")).current_dir(work.path()).args(args).output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     let path = doc["artifacts"][0]["artifact_path"].as_str().unwrap();
-    assert!(path.starts_with(work.path().join("relative").to_str().unwrap()), "{path}");
+    let expected = work.path().canonicalize().unwrap().join("relative");
+    assert!(std::path::Path::new(path).starts_with(&expected), "{path}");
     assert_eq!(std::fs::read(path).unwrap(), std::fs::read(a["artifacts"][0]["artifact_path"].as_str().unwrap()).unwrap());
     // Resuming the same directory reuses everything.
     let again = run("a");

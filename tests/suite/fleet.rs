@@ -1472,3 +1472,54 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     let refused = cli(&update.artifact_ref.replace(&update.checksum[..8], "x"), &out);
     assert_eq!(refused.status.code(), Some(2), "a malformed reference is a usage error");
 }
+
+#[test]
+fn an_update_announced_during_an_outage_goes_out_on_the_bus_again_with_the_reference() {
+    use tezzeret::base::leyline::BusEnvelope;
+    let mut server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let dir = TempDir::new("fleet-bus-again");
+    let mut fleet = with_prefix(&server, "again");
+    fleet.retry_interval = Duration::from_millis(100);
+    fleet.request_timeout = Duration::from_secs(2);
+    let mut config = ForgeConfig::new(dir.path().join("a"));
+    config.device = DevicePreference::Cpu;
+    config.telemetry_interval_ms = 0;
+    config.keys = fleet_keys();
+    config.fleet = Some(fleet);
+    config.bus = Some(tezzeret::bus::BusConfig::new(redis.url()));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let host = RecordingHost { catalog: catalog(&["BP001"]), seen: seen.clone() };
+    // The store is down from the start: the update names the local file.
+    server.kill();
+    let service = ForgeService::open(config, Box::new(host)).unwrap();
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    server.restart();
+    wait_for("the background thread to publish", || service.with(|f| Ok(f.unshared())).unwrap() == 0);
+    // Both updates reach the bus, each with its own message id, in order.
+    let mut redis_connection = redis.connection();
+    let mut ready = || -> Vec<(String, KernelCatalogUpdate)> {
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE").arg("oona.kernels.ready").arg("-").arg("+").query(&mut redis_connection).unwrap();
+        entries
+            .ids
+            .iter()
+            .map(|entry| {
+                let payload: Vec<u8> = entry.get("payload").unwrap();
+                let id: String = entry.get("message_id").unwrap_or_default();
+                let envelope: BusEnvelope = leyline::decode(&payload).unwrap();
+                (envelope.attributes.get("message_id").cloned().unwrap_or(id), leyline::decode(&envelope.payload).unwrap())
+            })
+            .collect()
+    };
+    let mut published = Vec::new();
+    wait_for("both updates on the bus", || {
+        published = ready();
+        published.len() == 2
+    });
+    let (first, again) = (&published[0], &published[1]);
+    assert!(!first.1.artifact_ref.starts_with("s3://") && again.1.artifact_ref.starts_with("s3://fleet/again/artifacts/"), "{published:?}");
+    assert_eq!((first.1.blueprint_id.as_str(), &first.1.checksum), (again.1.blueprint_id.as_str(), &again.1.checksum));
+    assert_ne!(first.0, again.0, "a message id of its own");
+    assert_eq!(seen.lock().unwrap().updates.len(), 2, "the host hears both too");
+    service.close();
+}

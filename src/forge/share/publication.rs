@@ -51,7 +51,8 @@ impl Forge {
     /// replace each other's manifests (each compiling what the other
     /// published) until every host trusts every signer.
     fn log_replaced(&mut self, blueprint_id: &str, refusal: Refusal, why: &str) {
-        let mut message = format!("{blueprint_id}: replaced the fleet store's manifest, which this forge refused ({}: {why})", refusal.as_str());
+        let detail = if why.is_empty() { String::new() } else { format!(": {why}") };
+        let mut message = format!("{blueprint_id}: replaced the fleet store's manifest, which this forge refused ({}{detail})", refusal.as_str());
         if refusal == Refusal::UntrustedKey {
             message.push_str(
                 "; hosts that trust its signer but not this forge's key will refuse this one and may replace it back: \
@@ -116,7 +117,17 @@ impl Forge {
                 published.len()
             }
             Err(error) => {
+                // The record may have become durable before the failure (a
+                // checkpoint): what it made true is acted on all the same.
                 self.log_error("recording a publication to the fleet", &error);
+                for &record in published.iter().filter(|r| self.ledger.is_shared(r)) {
+                    self.prefetcher.set_remote(record, fleet.artifact_url(record));
+                }
+                if let Some(bus) = &self.bus {
+                    for a in self.ledger.outbox() {
+                        bus.announce(a.seq, &a.message_id, &a.update);
+                    }
+                }
                 0
             }
         };

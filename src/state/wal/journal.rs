@@ -106,8 +106,10 @@ impl SharedArtifact {
 }
 
 /// A catalog update waiting in the outbox to be published on the bus: it
-/// enters in the same transaction as the commit it announces and leaves
-/// once the bus has it, so that a crash or an outage in between loses none.
+/// enters in the same transaction as the commit it announces (or, for an
+/// update naming the bucket's copy of an artifact announced earlier with
+/// its local path, as the record that the bucket holds it) and leaves once
+/// the bus has it, so that a crash or an outage in between loses none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
     /// Outbox sequence number (publication order).
