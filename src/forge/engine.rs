@@ -370,6 +370,10 @@ impl Forge {
     /// the first request dropped for each reason), as warnings.
     pub(super) fn log_bus_notes(&mut self) {
         let notes = self.bus.as_ref().map(|bus| bus.stats().take_notes()).unwrap_or_default();
+        self.warn_each(notes);
+    }
+
+    fn warn_each(&mut self, notes: Vec<String>) {
         for note in notes {
             self.host.log(LogLevel::Warn, &note);
         }
@@ -382,9 +386,7 @@ impl Forge {
         match self.bus.take() {
             Some(mut bus) => {
                 let published = bus.stop(flush);
-                for note in bus.stats().take_notes() {
-                    self.host.log(LogLevel::Warn, &note);
-                }
+                self.warn_each(bus.stats().take_notes());
                 self.ledger.record_published(published)
             }
             None => Ok(()),
