@@ -116,6 +116,10 @@ def test_a_second_forge_fetches_what_the_first_published(tmp_path, seaweed, monk
     tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "kernel.pt", fleet=fleet, expected_sha256=update.checksum)
     with open(tmp_path / "kernel.pt", "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == update.checksum
+    unnamed = tezzeret.Fleet(bucket=None, endpoint=seaweed, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
+    tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "unnamed.pt", fleet=unnamed)
+    with pytest.raises(tezzeret.InvalidArgumentError, match="bucket is NULL"):
+        tezzeret.Forge(tmp_path / "c", device="cpu", signing_key=secret, trusted_keys=[public], fleet=unnamed)
     with pytest.raises(tezzeret.InvalidArgumentError, match="expected checksum"):
         tezzeret.fetch_artifact(update.artifact_ref, tmp_path / "other.pt", fleet=fleet, expected_sha256="0" * 64)
     missing = update.artifact_ref.replace(update.checksum, "0" * 64)

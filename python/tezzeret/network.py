@@ -144,9 +144,10 @@ class Fleet:
     the fleet must use the same one. Times are in seconds, each at most a
     day: ``lease_ttl`` at least 0.1, ``request_timeout`` and
     ``retry_interval`` at least 0.01, ``lease_wait`` at least 0 (compile
-    at once rather than wait for another host)."""
+    at once rather than wait for another host). A forge needs ``bucket``;
+    :func:`fetch_artifact` takes the reference's when it is ``None``."""
 
-    bucket: str
+    bucket: Optional[str]
     endpoint: Optional[str] = None
     prefix: str = ""
     region: Optional[str] = None
