@@ -272,6 +272,18 @@ impl RemoteStore {
         }
     }
 
+    /// Asks for an object: its answer, once its head arrived (within the
+    /// request timeout), and when the request started; `None` if there is
+    /// no such object.
+    async fn answer_head(&self, name: &str) -> Result<Option<(GetResult, tokio::time::Instant)>> {
+        let started = tokio::time::Instant::now();
+        match self.bounded("get", name, self.store.get(&Path::from(name))).await {
+            Ok(found) => Ok(Some((found, started))),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e.into_error("get", name)),
+        }
+    }
+
     /// An object's bytes, `None` if it does not exist; an object larger
     /// than `limit` bytes is refused from its announced size, or else not
     /// read past the limit (`Got::TooLarge`): the bucket is untrusted and
@@ -280,13 +292,7 @@ impl RemoteStore {
     /// timeout plus a second per MiB of its size, both counted from the
     /// request's start.
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
-        let location = Path::from(name);
-        let started = tokio::time::Instant::now();
-        let found = match self.bounded("get", name, self.store.get(&location)).await {
-            Ok(found) => found,
-            Err(StoreError::NotFound) => return Ok(Got::Missing),
-            Err(e) => return Err(e.into_error("get", name)),
-        };
+        let Some((found, started)) = self.answer_head(name).await? else { return Ok(Got::Missing) };
         let allowed = self.timeout_for(found.meta.size.min(limit));
         let body = async { read_body(found, limit).await.map(|(got, _)| got) };
         self.within("get", name, started, allowed, body).await.map_err(|e| e.into_error("get", name))
@@ -297,13 +303,7 @@ impl RemoteStore {
     /// never read past it), for objects too large to hold in memory. An
     /// error of the sink ends the read and is returned as it is.
     pub async fn stream(&self, name: &str, limit: u64, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<Streamed> {
-        let location = Path::from(name);
-        let started = tokio::time::Instant::now();
-        let found = match self.bounded("get", name, self.store.get(&location)).await {
-            Ok(found) => found,
-            Err(StoreError::NotFound) => return Ok(Streamed::Missing),
-            Err(e) => return Err(e.into_error("get", name)),
-        };
+        let Some((found, started)) = self.answer_head(name).await? else { return Ok(Streamed::Missing) };
         if found.meta.size > limit {
             return Ok(Streamed::TooLarge);
         }
