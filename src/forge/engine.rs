@@ -19,7 +19,8 @@ use super::prefetch::{PrefetchAnswer, Prefetcher};
 use super::telemetry::{self, events, JobCounters};
 use crate::base::error::{Error, ErrorCode, FailureReason, Result};
 use crate::base::leyline::{
-    self, HealthStatus, KernelPrefetchRequest, MetricPoint, SystemHealth, TelemetryEvent, TelemetryLevel, TelemetryPacket,
+    self, HealthStatus, KernelCatalogUpdate, KernelPrefetchRequest, MetricPoint, SystemHealth, TelemetryEvent, TelemetryLevel,
+    TelemetryPacket,
 };
 use crate::base::version::LIBRARY_VERSION;
 use crate::build::blueprints::ResolvedParams;
@@ -31,7 +32,7 @@ use crate::state::artifact::ArtifactRecord;
 use crate::state::guard_table::GuardTable;
 use crate::state::layout::StateLayout;
 use crate::state::store::ArtifactStore;
-use crate::state::wal::journal::Journal;
+use crate::state::wal::journal::{Announcement, Journal};
 use crate::sys::lock::StateLock;
 use crate::sys::resources;
 
@@ -139,12 +140,9 @@ impl Forge {
         }
         let repaired = forge.ledger.sync_guard_table()?;
         if let Some(bus_config) = forge.config.bus.clone() {
-            let bus = Bus::start(bus_config, Arc::new(forge.prefetcher.clone()))?;
+            forge.bus = Some(Bus::start(bus_config, Arc::new(forge.prefetcher.clone()))?);
             // What a crash or an outage left unpublished goes first.
-            for announcement in forge.ledger.outbox() {
-                bus.announce(announcement.seq, &announcement.message_id, &announcement.update);
-            }
-            forge.bus = Some(bus);
+            forge.announce_outbox();
         }
         if let Some(fleet_config) = forge.config.fleet.clone() {
             let nonce = crate::sys::random::bytes::<4>().map_err(|e| Error::io("draw a fleet lease holder id", e))?;
@@ -363,6 +361,25 @@ impl Forge {
                 self.ledger.record_published(published.clone()).inspect_err(|_| bus.untake_published(published))
             }
             None => Ok(()),
+        }
+    }
+
+    /// Hands the bus every catalog update still in the outbox (one it
+    /// already has is not doubled).
+    pub(super) fn announce_outbox(&self) {
+        if let Some(bus) = &self.bus {
+            for a in self.ledger.outbox() {
+                bus.announce(a.seq, &a.message_id, &a.update);
+            }
+        }
+    }
+
+    /// Sends a catalog update to the host and, with its outbox entry, to
+    /// the bus.
+    pub(super) fn send_catalog_update(&mut self, update: &KernelCatalogUpdate, announcement: Option<&Announcement>) {
+        self.host.catalog_update(&leyline::encode(update));
+        if let (Some(bus), Some(a)) = (&self.bus, announcement) {
+            bus.announce(a.seq, &a.message_id, &a.update);
         }
     }
 

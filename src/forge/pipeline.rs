@@ -15,7 +15,7 @@ use super::share::{Admission, Admitted, Probed, Waiting};
 use super::telemetry::{self, events};
 use crate::base::error::{Error, ErrorCode, FailureReason, Result};
 use crate::base::hex;
-use crate::base::leyline::{self, TelemetryEvent, TelemetryLevel};
+use crate::base::leyline::{TelemetryEvent, TelemetryLevel};
 use crate::base::version::{ARTIFACT_FORMAT_VERSION, LIBRARY_VERSION, TORCH_VERSION};
 use crate::build::compile::{self, CompileJob, CompiledArtifact};
 use crate::fleet::lease::Lease;
@@ -662,20 +662,15 @@ impl Forge {
                 // slot, a checkpoint): whatever the outbox now holds goes out.
                 if let Some(bus) = &self.bus {
                     bus.untake_published(published);
-                    for a in self.ledger.outbox() {
-                        bus.announce(a.seq, &a.message_id, &a.update);
-                    }
                 }
+                self.announce_outbox();
                 return Err(error);
             }
         };
         for (commit, (update, announcement)) in committing.into_iter().zip(committed) {
             self.prefetcher.set_current(commit.record, commit.remote_ref);
             self.observer.counters.completed += 1;
-            self.host.catalog_update(&leyline::encode(&update));
-            if let (Some(bus), Some(a)) = (&self.bus, &announcement) {
-                bus.announce(a.seq, &a.message_id, &a.update);
-            }
+            self.send_catalog_update(&update, announcement.as_ref());
         }
         Ok(())
     }

@@ -109,10 +109,7 @@ impl Forge {
                     self.prefetcher.set_remote(record, fleet.artifact_url(record));
                 }
                 for (update, announcement) in announced {
-                    self.host.catalog_update(&crate::base::leyline::encode(&update));
-                    if let (Some(bus), Some(a)) = (&self.bus, &announcement) {
-                        bus.announce(a.seq, &a.message_id, &a.update);
-                    }
+                    self.send_catalog_update(&update, announcement.as_ref());
                 }
                 published.len()
             }
@@ -123,11 +120,7 @@ impl Forge {
                 for &record in published.iter().filter(|r| self.ledger.is_shared(r)) {
                     self.prefetcher.set_remote(record, fleet.artifact_url(record));
                 }
-                if let Some(bus) = &self.bus {
-                    for a in self.ledger.outbox() {
-                        bus.announce(a.seq, &a.message_id, &a.update);
-                    }
-                }
+                self.announce_outbox();
                 0
             }
         };
