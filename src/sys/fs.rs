@@ -30,40 +30,32 @@ pub fn durable_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// alone, so concurrent writes to one name each land whole, the last
 /// rename winning.
 pub fn durable_write_all(files: &[(&Path, &[u8])]) -> Result<()> {
-    let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
-    let result = (|| {
-        for (path, bytes) in files {
-            let (temp, mut file) = create_temp_beside(path)?;
-            temps.push(temp);
-            failpoint::hit("store.write")
-                .and_then(|_| file.write_all(bytes))
-                .map_err(|e| Error::io(format!("write {} (as a temp file)", path.display()), e))?;
-            failpoint::hit("store.fsync")
-                .and_then(|_| file.sync_all())
-                .map_err(|e| Error::io(format!("fsync {} (as a temp file)", path.display()), e))?;
-        }
-        for ((path, _), temp) in files.iter().zip(&temps) {
-            failpoint::hit("store.rename")
-                .and_then(|_| fs::rename(temp, path))
-                .map_err(|e| Error::io(format!("rename to {}", path.display()), e))?;
-        }
-        let mut synced: Vec<&Path> = Vec::new();
-        for (path, _) in files {
-            let dir = directory_of(path);
-            if !synced.contains(&dir) {
-                failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
-                sync_dir(dir)?;
-                synced.push(dir);
-            }
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        for temp in &temps {
-            let _ = fs::remove_file(temp);
+    // Dropped on an error, the files not yet renamed remove their temp files.
+    let mut written = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        let mut file = DurableFile::create(path)?;
+        file.write(bytes)?;
+        file.sync()?;
+        written.push(file);
+    }
+    for file in &mut written {
+        file.rename_into_place()?;
+    }
+    let mut synced: Vec<&Path> = Vec::new();
+    for (path, _) in files {
+        let dir = directory_of(path);
+        if !synced.contains(&dir) {
+            sync_dir_of_write(dir)?;
+            synced.push(dir);
         }
     }
-    result
+    Ok(())
+}
+
+/// fsyncs the directory of a durable write, after its rename.
+fn sync_dir_of_write(dir: &Path) -> Result<()> {
+    failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
+    sync_dir(dir)
 }
 
 /// The directory a file's name is in (`.` for a bare name).
@@ -94,7 +86,7 @@ impl DurableFile {
 
     /// Appends bytes.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().expect("open until committed");
+        let file = self.file.as_mut().expect("open until synced");
         failpoint::hit("store.write")
             .and_then(|_| file.write_all(bytes))
             .map_err(|e| Error::io(format!("write {} (as a temp file)", self.target.display()), e))
@@ -102,19 +94,27 @@ impl DurableFile {
 
     /// Makes what was written durable under the target's name.
     pub fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("open until committed");
+        self.sync()?;
+        self.rename_into_place()?;
+        sync_dir_of_write(directory_of(&self.target))
+    }
+
+    /// fsyncs what was written, and closes the temp file.
+    fn sync(&mut self) -> Result<()> {
+        let file = self.file.take().expect("synced once");
         failpoint::hit("store.fsync")
             .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(format!("fsync {} (as a temp file)", self.target.display()), e))?;
-        drop(file);
+            .map_err(|e| Error::io(format!("fsync {} (as a temp file)", self.target.display()), e))
+    }
+
+    /// Renames the (synced) temp file over the target.
+    fn rename_into_place(&mut self) -> Result<()> {
         failpoint::hit("store.rename")
             .and_then(|_| fs::rename(&self.temp, &self.target))
             .map_err(|e| Error::io(format!("rename to {}", self.target.display()), e))?;
         // Renamed: nothing left for drop to remove.
         self.temp = PathBuf::new();
-        let dir = directory_of(&self.target);
-        failpoint::hit("store.fsync_dir").map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))?;
-        sync_dir(dir)
+        Ok(())
     }
 }
 
