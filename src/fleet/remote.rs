@@ -3,6 +3,7 @@
 //! error naming the object. `object_store` is async; the store owns a small
 //! tokio runtime so that callers (the forge's threads, behind the C ABI)
 //! stay synchronous, and batches of requests run concurrently on it.
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -304,31 +305,12 @@ impl RemoteStore {
     /// error of the sink ends the read and is returned as it is.
     pub async fn stream(&self, name: &str, limit: u64, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<Streamed> {
         let Some((found, started)) = self.answer_head(name).await? else { return Ok(Streamed::Missing) };
-        if found.meta.size > limit {
-            return Ok(Streamed::TooLarge);
-        }
-        let allowed = self.timeout_for(found.meta.size);
-        let mut refused_by_sink = None;
-        let body = async {
-            let mut chunks = found.into_stream();
-            let mut total = 0u64;
-            while let Some(chunk) = chunks.try_next().await? {
-                total += chunk.len() as u64;
-                if total > limit {
-                    return Ok(Streamed::TooLarge);
-                }
-                if let Err(error) = sink(&chunk) {
-                    refused_by_sink = Some(error);
-                    break;
-                }
-            }
-            Ok(Streamed::Done(total))
-        };
-        let streamed = self.within("get", name, started, allowed, body).await.map_err(|e| e.into_error("get", name))?;
-        match refused_by_sink {
-            Some(error) => Err(error),
-            None => Ok(streamed),
-        }
+        let allowed = self.timeout_for(found.meta.size.min(limit));
+        let poured = self.within("get", name, started, allowed, pour(found, limit, sink)).await.map_err(|e| e.into_error("get", name))?;
+        Ok(match poured? {
+            Some(total) => Streamed::Done(total),
+            None => Streamed::TooLarge,
+        })
     }
 
     /// Renews an object every `every` on the store's runtime with the bytes
@@ -546,18 +528,40 @@ async fn read_tagged(store: &AmazonS3, location: &Path, limit: u64) -> object_st
 /// once when its announced size is larger) and its ETag.
 async fn read_body(found: GetResult, limit: u64) -> object_store::Result<(Got, Option<String>)> {
     let e_tag = found.meta.e_tag.clone();
-    if found.meta.size > limit {
-        return Ok((Got::TooLarge, e_tag));
-    }
-    let mut body = found.into_stream();
     let mut bytes = Vec::new();
-    while let Some(chunk) = body.try_next().await? {
-        if bytes.len() as u64 + chunk.len() as u64 > limit {
-            return Ok((Got::TooLarge, e_tag));
-        }
-        bytes.extend_from_slice(&chunk);
+    let Ok(poured) = pour(found, limit, |chunk| {
+        bytes.extend_from_slice(chunk);
+        Ok::<(), Infallible>(())
+    })
+    .await?;
+    Ok((if poured.is_some() { Got::Bytes(bytes) } else { Got::TooLarge }, e_tag))
+}
+
+/// Pours the body of an answer whose head arrived into `sink`, chunk by
+/// chunk: how many bytes it held, or `None` when it is larger than
+/// `limit` (refused at once from its announced size, and never read past
+/// the limit). The outer error is the store's, the inner the sink's (which
+/// ends the read).
+async fn pour<E>(
+    found: GetResult,
+    limit: u64,
+    mut sink: impl FnMut(&[u8]) -> std::result::Result<(), E>,
+) -> object_store::Result<std::result::Result<Option<u64>, E>> {
+    if found.meta.size > limit {
+        return Ok(Ok(None));
     }
-    Ok((Got::Bytes(bytes), e_tag))
+    let mut chunks = found.into_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = chunks.try_next().await? {
+        total += chunk.len() as u64;
+        if total > limit {
+            return Ok(Ok(None));
+        }
+        if let Err(error) = sink(&chunk) {
+            return Ok(Err(error));
+        }
+    }
+    Ok(Ok(Some(total)))
 }
 
 /// How one operation ended, before the caller decides what is an error.
