@@ -219,15 +219,13 @@ fn a_forge_run_that_cannot_use_its_store_says_why_and_counts_what_it_compiled() 
     let dir = TempDir::new("fleet-wrong-secret");
     let key = dir.path().join("fleet.key");
     keygen(&key).unwrap();
-    let out = tezzeret()
-        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-        .arg("forge")
-        .arg("--state")
-        .arg(dir.path().join("host"))
-        .args(fleet_args(&server, "wrong-secret", &key))
-        .arg("--json")
-        .output()
-        .unwrap();
+    // A forge run with one AWS_* variable set to `value`.
+    let forge_with = |variable: &str, value: &str, state: &str, extra: &[&str]| {
+        let mut command = tezzeret();
+        command.env(variable, value).arg("forge").arg("--state").arg(dir.path().join(state));
+        command.args(fleet_args(&server, "wrong-secret", &key)).args(extra).output().unwrap()
+    };
+    let out = forge_with("AWS_SECRET_ACCESS_KEY", "not-the-secret", "host", &["--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // The first warnings name the cause, on one line each; the rest are counted.
@@ -254,14 +252,7 @@ fn a_forge_run_that_cannot_use_its_store_says_why_and_counts_what_it_compiled() 
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("holds no forge state"));
 
     // Half a key pair in the environment is refused, naming both variables.
-    let out = tezzeret()
-        .env("AWS_ACCESS_KEY_ID", "")
-        .arg("forge")
-        .arg("--state")
-        .arg(dir.path().join("half"))
-        .args(fleet_args(&server, "wrong-secret", &key))
-        .output()
-        .unwrap();
+    let out = forge_with("AWS_ACCESS_KEY_ID", "", "half", &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is unset or empty"), "{stderr}");
