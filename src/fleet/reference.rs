@@ -13,12 +13,17 @@ use super::objects::ObjectNames;
 use super::remote::{RemoteStore, Streamed};
 use crate::base::error::{Error, ErrorCode, Result};
 use crate::base::hex;
-use crate::sys::fs::{directory_of, DurableFile};
+use crate::sys::fs::{directory_of, remove_stale_temp_files_of, DurableFile};
 
 /// The largest artifact a fetch reads (1 GiB): the bucket is untrusted,
 /// and an object larger than this is refused without being read further
 /// (nor written: a fetch streams to disk, holding little in memory).
 pub const FETCH_LIMIT: u64 = 1 << 30;
+
+/// How old a temp file beside the destination, left by a killed fetch of
+/// the same path, must be for a fetch to remove it: a fetch under way
+/// writes its own far more often.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// An artifact reference taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,8 +91,9 @@ pub struct FetchedArtifact {
 /// request timeout; its other settings are checked as for a forge, but
 /// not used); its bucket may be left empty, and otherwise must be the
 /// reference's. The destination must be a regular file or not exist (a
-/// symbolic link, device or FIFO there is refused, not replaced). Errors
-/// a caller can match: `InvalidArgument` (a malformed reference or
+/// symbolic link, device or FIFO there is refused, not replaced). A fetch
+/// killed midway leaves only its temp file beside `path`, which a later
+/// fetch to `path` removes once it is a day old. Errors a caller can match: `InvalidArgument` (a malformed reference or
 /// checksum, another bucket, such a destination), `NotFound` (the bucket
 /// lacks it), `Corrupt` (its bytes do not hash right), `BudgetExceeded`
 /// (larger than [`FETCH_LIMIT`]), `Io` (the store or the file system
@@ -120,6 +126,7 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
     // Streamed to a temp file while hashed, so that memory stays flat
     // whatever the artifact's size; it takes the path's name only once
     // every check passed (dropped, it leaves nothing behind).
+    remove_stale_temp_files_of(path, STALE_TEMP_AGE);
     let mut file = DurableFile::create(path)?;
     let mut hasher = Sha256::new();
     let streamed = store.run(store.stream(&parsed.object, FETCH_LIMIT, &mut |chunk| {

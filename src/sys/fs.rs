@@ -130,6 +130,16 @@ impl Drop for DurableFile {
 /// name, which must stay within the file system's limit on a name.
 const TEMP_NAME_PART: usize = 64;
 
+/// Where the part of a target's name that goes into its temp file's name
+/// ends (at most [`TEMP_NAME_PART`] bytes, on a character boundary).
+fn temp_name_part_end(name: &str) -> usize {
+    let mut end = name.len().min(TEMP_NAME_PART);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
 /// Creates a new temp file in `path`'s directory for a durable write of
 /// `path`: `.tmp-<pid>-<n>-<name>`, `n` counting this process's temp
 /// files, created with `O_EXCL | O_NOFOLLOW` (a name already taken, even
@@ -138,10 +148,7 @@ fn create_temp_beside(path: &Path) -> Result<(PathBuf, File)> {
     static CREATED: AtomicU64 = AtomicU64::new(0);
     let dir = directory_of(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let mut end = name.len().min(TEMP_NAME_PART);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = temp_name_part_end(name);
     let mut last_error = None;
     for _ in 0..16 {
         let n = CREATED.fetch_add(1, Ordering::Relaxed);
@@ -187,6 +194,40 @@ pub fn touch(path: &Path) {
     }
 }
 
+/// Removes the temp files interrupted durable writes of `path` left beside
+/// it (`.tmp-<pid>-<n>-<name>`, as [`DurableFile`] names them) whose last
+/// write is older than `age`: a writer that is still alive writes more
+/// often than that, so only a killed one's are removed. Best effort (for
+/// a directory no forge cleans at open); returns how many were removed.
+pub fn remove_stale_temp_files_of(path: &Path, age: std::time::Duration) -> usize {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return 0 };
+    let Ok(entries) = fs::read_dir(directory_of(path)) else { return 0 };
+    let name = &name[..temp_name_part_end(name)];
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else { continue };
+        // <pid>-<n>-<name>
+        let mut parts = rest.splitn(3, '-');
+        let numbered = |part: Option<&str>| part.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if !(numbered(parts.next()) && numbered(parts.next()) && parts.next() == Some(name)) {
+            continue;
+        }
+        // Not followed: only a regular file of its own is a temp file.
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|written| written.elapsed().ok())
+            .is_some_and(|since| since > age);
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Removes the temp files of interrupted durable writes in `dir`; returns how many.
 pub fn remove_temp_files(dir: &Path) -> Result<usize> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
@@ -201,8 +242,9 @@ pub fn remove_temp_files(dir: &Path) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{directory_of, durable_write, DurableFile, TEMP_PREFIX};
+    use super::{directory_of, durable_write, remove_stale_temp_files_of, DurableFile, TEMP_PREFIX};
     use std::path::Path;
+    use std::time::Duration;
 
     #[test]
     fn a_durable_file_lands_whole_when_committed_and_leaves_nothing_when_dropped() {
@@ -222,6 +264,38 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new bytes");
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(names, ["a.pt"], "no temp file left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_old_temp_files_of_the_same_target_are_removed_as_stale() {
+        let dir = std::env::temp_dir().join(format!("tezzeret-fs-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let long = format!("{}.pt", "é".repeat(40));
+        let make = |name: &str, old: bool| {
+            let file = std::fs::File::create(dir.join(name)).unwrap();
+            if old {
+                file.set_modified(hour_ago).unwrap();
+            }
+        };
+        // A killed write of a.pt, one still under way, another target's,
+        // names that only look alike, and a long name's (its name cut short).
+        make(".tmp-12-3-a.pt", true);
+        make(".tmp-12-4-a.pt", false);
+        make(".tmp-12-5-b.pt", true);
+        make(".tmp-x-5-a.pt", true);
+        make(".tmp-12-5-a.pt.bak", true);
+        make("a.pt", true);
+        let cut = &long[..super::temp_name_part_end(&long)];
+        make(&format!(".tmp-7-1-{cut}"), true);
+        std::os::unix::fs::symlink(dir.join("a.pt"), dir.join(".tmp-12-6-a.pt")).unwrap();
+        assert_eq!(remove_stale_temp_files_of(&dir.join("a.pt"), Duration::from_secs(600)), 1);
+        assert_eq!(remove_stale_temp_files_of(&dir.join(&long), Duration::from_secs(600)), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, [".tmp-12-4-a.pt", ".tmp-12-5-a.pt.bak", ".tmp-12-5-b.pt", ".tmp-12-6-a.pt", ".tmp-x-5-a.pt", "a.pt"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

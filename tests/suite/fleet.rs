@@ -1373,11 +1373,18 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     // The consumer knows the store's address and credentials, not the bucket.
     let consumer = FleetConfig { bucket: String::new(), prefix: String::new(), ..fleet.clone() };
 
-    // From Rust, checked against the announcement's checksum too.
+    // From Rust, checked against the announcement's checksum too; a temp
+    // file a killed fetch of the same path left a day ago goes, a recent
+    // one (a fetch that may still be under way) stays.
     let out = dir.path().join("from-rust.pt");
+    let (stale, recent) = (dir.path().join(".tmp-999999-1-from-rust.pt"), dir.path().join(".tmp-999999-2-from-rust.pt"));
+    std::fs::File::create(&stale).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(25 * 3600)).unwrap();
+    std::fs::File::create(&recent).unwrap();
     let fetched = fetch_artifact(&consumer, &update.artifact_ref, Some(&update.checksum), &out).unwrap();
     assert_eq!((fetched.sha256.as_str(), sha_of(&out)), (update.checksum.as_str(), update.checksum.clone()));
     assert_eq!(fetched.size, std::fs::metadata(&out).unwrap().len());
+    assert!(!stale.exists() && recent.exists(), "only the day-old temp file of the same path is removed");
+    std::fs::remove_file(&recent).unwrap();
 
     // From C: the bucket may be left NULL, the reference names it.
     let c = |s: &str| CString::new(s).unwrap();
