@@ -21,9 +21,10 @@ use crate::sys::fs::{directory_of, remove_stale_temp_files_of, DurableFile};
 pub const FETCH_LIMIT: u64 = 1 << 30;
 
 /// How old a temp file beside the destination, left by a killed fetch of
-/// the same path, must be for a fetch to remove it: a fetch under way
-/// writes its own far more often.
-const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// the same path, must be for a fetch to remove it: two days, longer than
+/// any fetch may last (a request timeout of at most a day, then a second
+/// per MiB of at most [`FETCH_LIMIT`]), so a fetch under way keeps its own.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(2 * 24 * 3600);
 
 /// An artifact reference taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +94,8 @@ pub struct FetchedArtifact {
 /// reference's. The destination must be a regular file or not exist (a
 /// symbolic link, device or FIFO there is refused, not replaced). A fetch
 /// killed midway leaves only its temp file beside `path`, which a later
-/// fetch to `path` removes once it is a day old. Errors a caller can match: `InvalidArgument` (a malformed reference or
+/// fetch to `path` removes once it is two days old. Errors a caller can
+/// match: `InvalidArgument` (a malformed reference or
 /// checksum, another bucket, such a destination), `NotFound` (the bucket
 /// lacks it), `Corrupt` (its bytes do not hash right), `BudgetExceeded`
 /// (larger than [`FETCH_LIMIT`]), `Io` (the store or the file system
@@ -123,10 +125,12 @@ pub fn fetch_artifact(config: &FleetConfig, reference: &str, expected_sha256: Op
         )));
     }
     let store = RemoteStore::connect(&config)?;
+    // Killed fetches of this path leave their temp files: no forge's
+    // state directory is there to clean them at open.
+    remove_stale_temp_files_of(path, STALE_TEMP_AGE);
     // Streamed to a temp file while hashed, so that memory stays flat
     // whatever the artifact's size; it takes the path's name only once
     // every check passed (dropped, it leaves nothing behind).
-    remove_stale_temp_files_of(path, STALE_TEMP_AGE);
     let mut file = DurableFile::create(path)?;
     let mut hasher = Sha256::new();
     let streamed = store.run(store.stream(&parsed.object, FETCH_LIMIT, &mut |chunk| {

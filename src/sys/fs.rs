@@ -196,9 +196,13 @@ pub fn touch(path: &Path) {
 
 /// Removes the temp files interrupted durable writes of `path` left beside
 /// it (`.tmp-<pid>-<n>-<name>`, as [`DurableFile`] names them) whose last
-/// write is older than `age`: a writer that is still alive writes more
-/// often than that, so only a killed one's are removed. Best effort (for
-/// a directory no forge cleans at open); returns how many were removed.
+/// write is older than `age`, which the caller chooses longer than any of
+/// its writes lasts, so that only a killed writer's are removed. A temp
+/// file's name keeps only the first 64 bytes of its target's, so targets
+/// that share those also share their temp files' names; a target whose
+/// name is not UTF-8 (its temp files say `file`) is left alone. Best
+/// effort (for a directory no forge cleans at open); returns how many
+/// were removed.
 pub fn remove_stale_temp_files_of(path: &Path, age: std::time::Duration) -> usize {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return 0 };
     let Ok(entries) = fs::read_dir(directory_of(path)) else { return 0 };
@@ -273,7 +277,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
-        let long = format!("{}.pt", "é".repeat(40));
+        // 1 + 2 × 40 bytes: the 64-byte cut falls inside an 'é'.
+        let long = format!("a{}.pt", "é".repeat(40));
         let make = |name: &str, old: bool| {
             let file = std::fs::File::create(dir.join(name)).unwrap();
             if old {
@@ -288,14 +293,28 @@ mod tests {
         make(".tmp-x-5-a.pt", true);
         make(".tmp-12-5-a.pt.bak", true);
         make("a.pt", true);
+        make(".tmp-12-8-my-model.pt", true);
         let cut = &long[..super::temp_name_part_end(&long)];
+        assert_eq!(cut.len(), 63);
         make(&format!(".tmp-7-1-{cut}"), true);
-        std::os::unix::fs::symlink(dir.join("a.pt"), dir.join(".tmp-12-6-a.pt")).unwrap();
+        // Old symbolic links and directories by a temp file's name are not temp files.
+        let link = dir.join(".tmp-12-6-a.pt");
+        std::os::unix::fs::symlink(dir.join("a.pt"), &link).unwrap();
+        std::fs::create_dir(dir.join(".tmp-12-9-a.pt")).unwrap();
+        for path in [link, dir.join(".tmp-12-9-a.pt")] {
+            let path = std::ffi::CString::new(path.into_os_string().into_encoded_bytes()).unwrap();
+            let old = libc::timespec { tv_sec: hour_ago.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as libc::time_t, tv_nsec: 0 };
+            // SAFETY: a NUL-terminated path and two timespecs (access, modification).
+            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), [old, old].as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+            assert_eq!(rc, 0);
+        }
         assert_eq!(remove_stale_temp_files_of(&dir.join("a.pt"), Duration::from_secs(600)), 1);
         assert_eq!(remove_stale_temp_files_of(&dir.join(&long), Duration::from_secs(600)), 1);
+        assert_eq!(remove_stale_temp_files_of(&dir.join("my-model.pt"), Duration::from_secs(600)), 1);
         let mut left: Vec<String> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left, [".tmp-12-4-a.pt", ".tmp-12-5-a.pt.bak", ".tmp-12-5-b.pt", ".tmp-12-6-a.pt", ".tmp-x-5-a.pt", "a.pt"]);
+        let expected = [".tmp-12-4-a.pt", ".tmp-12-5-a.pt.bak", ".tmp-12-5-b.pt", ".tmp-12-6-a.pt", ".tmp-12-9-a.pt", ".tmp-x-5-a.pt", "a.pt"];
+        assert_eq!(left, expected);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

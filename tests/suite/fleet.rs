@@ -1374,16 +1374,16 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     let consumer = FleetConfig { bucket: String::new(), prefix: String::new(), ..fleet.clone() };
 
     // From Rust, checked against the announcement's checksum too; a temp
-    // file a killed fetch of the same path left a day ago goes, a recent
-    // one (a fetch that may still be under way) stays.
+    // file a killed fetch of the same path left two days ago goes, a day-old
+    // one (a fetch with a day's request timeout may still be under way) stays.
     let out = dir.path().join("from-rust.pt");
     let (stale, recent) = (dir.path().join(".tmp-999999-1-from-rust.pt"), dir.path().join(".tmp-999999-2-from-rust.pt"));
-    std::fs::File::create(&stale).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(25 * 3600)).unwrap();
-    std::fs::File::create(&recent).unwrap();
+    std::fs::File::create(&stale).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(49 * 3600)).unwrap();
+    std::fs::File::create(&recent).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(25 * 3600)).unwrap();
     let fetched = fetch_artifact(&consumer, &update.artifact_ref, Some(&update.checksum), &out).unwrap();
     assert_eq!((fetched.sha256.as_str(), sha_of(&out)), (update.checksum.as_str(), update.checksum.clone()));
     assert_eq!(fetched.size, std::fs::metadata(&out).unwrap().len());
-    assert!(!stale.exists() && recent.exists(), "only the day-old temp file of the same path is removed");
+    assert!(!stale.exists() && recent.exists(), "only the two-day-old temp file of the same path is removed");
     std::fs::remove_file(&recent).unwrap();
 
     // From C: the bucket may be left NULL, the reference names it.
