@@ -435,7 +435,9 @@ typedef struct tezzeret_host_callbacks {
   tezzeret_enumerate_fn enumerate;
   // `KernelCatalogUpdate` after an artifact is durable; in a fleet, once
   // more for an artifact first announced with its local path, when the
-  // bucket holds it (same checksum, its `s3://` reference).
+  // bucket holds it (same checksum, its `s3://` reference). Not told
+  // again after a crash: a restarted host asks what is current (a
+  // prefetch, or its guard table).
   tezzeret_bytes_fn catalog_update;
   // `TelemetryPacket` bytes.
   tezzeret_bytes_fn telemetry;

@@ -127,7 +127,12 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
             continue;
         };
         let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        // One transaction: Redis out of memory refuses all of a batch or
+        // none of it, so a refused catalog update is never overtaken on the
+        // stream by a later one (for the same blueprint, say its s3://
+        // reference by its local path). Each entry still gets its own
+        // answer: a stream of the wrong type refuses only its own.
+        pipe.atomic().ignore_errors();
         for (_, sealed) in &updates {
             add_entry(&mut pipe, &config.streams.ready, &min_id, &fields(sealed));
         }
@@ -138,8 +143,8 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
             Ok(results) => {
                 let refused = settle(&shared, &updates, &telemetry, &results);
                 if refused {
-                    // Redis refused some (out of memory, a key of the wrong type):
-                    // the updates among them wait, and are tried again after a pause.
+                    // Redis refused some (a key of the wrong type): the
+                    // updates among them wait, and are tried again after a pause.
                     let queue = shared.lock();
                     if !queue.stop {
                         let _ = shared.wake.wait_timeout(queue, REFUSED_PAUSE);

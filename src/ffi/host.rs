@@ -73,7 +73,9 @@ pub struct tezzeret_host_callbacks {
     pub enumerate: tezzeret_enumerate_fn,
     /// `KernelCatalogUpdate` after an artifact is durable; in a fleet, once
     /// more for an artifact first announced with its local path, when the
-    /// bucket holds it (same checksum, its `s3://` reference).
+    /// bucket holds it (same checksum, its `s3://` reference). Not told
+    /// again after a crash: a restarted host asks what is current (a
+    /// prefetch, or its guard table).
     pub catalog_update: tezzeret_bytes_fn,
     /// `TelemetryPacket` bytes.
     pub telemetry: tezzeret_bytes_fn,

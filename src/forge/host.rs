@@ -27,6 +27,9 @@ pub trait Host: Send {
     /// Receives `KernelCatalogUpdate` bytes after an artifact is durable;
     /// in a fleet, once more for an artifact first announced with its local
     /// path, when the bucket holds it (same checksum, its `s3://` reference).
+    /// Told in this process only (the bus's outbox is what outlives a
+    /// crash): a host restarted after one asks what is current (a prefetch,
+    /// or its guard table).
     fn catalog_update(&mut self, _bytes: &[u8]) {}
     /// Receives `TelemetryPacket` bytes.
     fn telemetry(&mut self, _bytes: &[u8]) {}

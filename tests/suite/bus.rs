@@ -658,6 +658,39 @@ fn answers_and_packets_redis_refuses_are_retried_or_dropped_and_no_request_is_lo
 }
 
 #[test]
+fn catalog_updates_redis_refuses_for_want_of_memory_wait_and_go_out_in_their_order() {
+    let redis = RedisServer::start();
+    let state = TempDir::new("bus-oom");
+    let mut k = Kasmina::new(&redis, None);
+    let ids = ["BP001", "BP002", "BP003"];
+    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&ids)))).unwrap();
+    wait_group(&mut k);
+    // Over its memory limit and evicting nothing, Redis refuses every write.
+    for (setting, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        redis::cmd("CONFIG").arg("SET").arg(setting).arg(value).query::<()>(&mut k.con).unwrap();
+    }
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    wait_for("the refusal to show in health", || {
+        let health = service.with(|f| Ok(f.health())).unwrap();
+        health.indicators.get("bus.last_error").is_some_and(|e| e.contains("OOM"))
+    });
+    let ready = k.ready();
+    assert!(k.read(&ready).is_empty(), "nothing was added");
+    let waiting: Vec<(u64, String)> = service
+        .with(|f| Ok(f.journal().state().outbox.values().map(|a| (a.seq, a.update.blueprint_id.clone())).collect()))
+        .unwrap();
+    assert_eq!(waiting.len(), ids.len(), "every refused update waits in the outbox: {waiting:?}");
+    // Memory again: every update goes out once, in the order of the outbox.
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query::<()>(&mut k.con).unwrap();
+    let updates = k.wait_read(&ready, "the updates once Redis has memory", |m| m.len() >= ids.len());
+    let order: Vec<String> = updates.iter().map(|m| leyline::decode::<KernelCatalogUpdate>(&m.envelope.payload).unwrap().blueprint_id).collect();
+    let expected: Vec<String> = waiting.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(order, expected);
+    wait_for("the outbox to empty", || service.with(|f| Ok(f.journal().state().outbox.is_empty())).unwrap());
+    service.close();
+}
+
+#[test]
 fn a_forge_that_does_not_publish_keeps_no_outbox() {
     let redis = RedisServer::start();
     let state = TempDir::new("bus-nopublish");
