@@ -4,7 +4,9 @@
 //! truncated artifact are refused and compiled locally (and the bucket
 //! healed); a local artifact that does not verify is taken from the
 //! bucket instead of compiled again; the store killed mid-run and restarted (jobs complete
-//! locally, publication catches up); a lease holder killed (another forge
+//! locally, publication catches up; an update announced with its local
+//! path in an outage is announced with its reference once the bucket's
+//! copy is taken instead of a damaged local one); a lease holder killed (another forge
 //! takes over once the lease expires); a forge that stops mid-run gives
 //! back the claims it sent ahead; a drain starts where no other host
 //! claimed (or at its member index's own place) and sets aside what
@@ -492,6 +494,42 @@ fn a_store_outage_never_fails_a_job_and_publication_catches_up() {
     assert!(reopened.artifact_ref("BP011").starts_with("s3://fleet/outage/"));
     let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, fleet);
     assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "the bucket holds everything");
+}
+
+#[test]
+fn an_artifact_announced_in_an_outage_then_taken_from_the_bucket_is_announced_with_its_reference() {
+    let mut server = SeaweedServer::start("fleet");
+    let dir = TempDir::new("fleet-taken-back");
+    let keys = fleet_keys();
+    let mut fleet = with_prefix(&server, "taken-back");
+    fleet.retry_interval = Duration::from_millis(100);
+    fleet.request_timeout = Duration::from_secs(2);
+    // Compiled while the store is down: announced with its local path.
+    server.kill();
+    let state = dir.path().join("a");
+    let member = Member::open(&state, &["BP001"], &keys, fleet.clone());
+    assert_eq!(member.run()["BP001"], JobStatus::Ok);
+    assert_eq!(member.unshared(), 1);
+    let record = record_of(&member, "BP001");
+    member.service.close();
+    // Meanwhile another host published the same bytes; then the local copy
+    // is damaged, so it cannot be published from here and the bucket's is taken.
+    server.restart();
+    let path = state.join("artifacts").join(&record.artifact_file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let other = tezzeret::fleet::Fleet::connect(fleet.clone(), keys.clone(), "other-host".into()).unwrap();
+    other.publish(&record, &bytes).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let reopened = Member::open(&state, &["BP001"], &keys, fleet);
+    assert_eq!(reopened.run()["BP001"], JobStatus::Cached);
+    assert_eq!(reopened.unshared(), 0);
+    let seen = reopened.seen.lock().unwrap();
+    let last = seen.updates.iter().rev().find(|u| u.blueprint_id == "BP001");
+    let last = last.unwrap_or_else(|| panic!("BP001 is not announced again: {:?} {:?}", seen.updates, seen.logs));
+    assert!(last.artifact_ref.starts_with("s3://fleet/taken-back/artifacts/"), "{last:?}");
+    assert_eq!(last.checksum, record.checksum);
 }
 
 #[test]
