@@ -62,6 +62,12 @@
 // an unsigned artifact the forge's trusted keys would refuse).
 #define TEZZERET_FLEET_READ_ONLY 1
 
+// Fleet flag: keep the leases (and announcements) on the forge's bus's
+// Redis, as `lease_redis_url` would with its URL, for a fleet whose hosts
+// all share that bus; needs `tezzeret_config.bus`, not with
+// `lease_redis_url`. Since ABI 0.11.
+#define TEZZERET_FLEET_LEASES_ON_BUS 2
+
 // Answer type of a prefetch: `KernelArtifactReady` bytes (Leyline
 // `BusMessageType` KERNEL_PREFETCH_READY).
 #define TEZZERET_PREFETCH_READY 7
@@ -229,7 +235,7 @@
 #define TEZZERET_ABI_MAJOR 0
 
 // The C ABI minor this header speaks; must not exceed the library's.
-#define TEZZERET_ABI_MINOR 10
+#define TEZZERET_ABI_MINOR 11
 
 // Bytes owned by the library (e.g. a JSON document); read them with
 // `tezzeret_buffer_data`/`tezzeret_buffer_len`, free with `tezzeret_buffer_free`.
@@ -347,7 +353,8 @@ typedef struct tezzeret_fleet_config {
   // the bucket, and publications are announced there, so that waiting
   // hosts ask the bucket only for artifacts. Every host of the fleet
   // must use the same one. NULL (the default): leases live in the
-  // bucket. Since ABI 0.9.
+  // bucket, or with `TEZZERET_FLEET_LEASES_ON_BUS` on the bus's Redis.
+  // Since ABI 0.9.
   const char *lease_redis_url;
 } tezzeret_fleet_config;
 

@@ -172,6 +172,10 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
         (tezzeret.Fleet(bucket="fleet\0typo"), "bucket contains a NUL"),
         (tezzeret.Fleet(bucket="fleet", secret_access_key="s\0x", access_key_id="a"), "secret_access_key contains a NUL"),
         (tezzeret.Fleet(bucket="fleet", read_only="no"), "read_only must be True or False"),
+        (tezzeret.Fleet(bucket="fleet", leases_on_bus=1), "leases_on_bus must be True or False"),
+        (tezzeret.Fleet(bucket="fleet", leases_on_bus=True, lease_redis="redis://127.0.0.1:6379/0"),
+         "leases_on_bus and a lease Redis are both set"),
+        (tezzeret.Fleet(bucket="fleet", leases_on_bus=True), "leases_on_bus needs a bus"),
         (tezzeret.Fleet(bucket="fleet", endpoint="http://127.0.0.1:9000/some/path"), "has a path"),
     ]:
         with pytest.raises(tezzeret.InvalidArgumentError, match=named):
@@ -180,6 +184,10 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
         tezzeret.Forge(state_dir, device="cpu", fleet="fleet", **keys)
     with pytest.raises(tezzeret.InvalidArgumentError, match="state_dir contains a NUL"):
         tezzeret.Forge(str(state_dir) + "\0more", device="cpu")
+    # Each flag lands in the C config's flags.
+    keep = []
+    assert tezzeret.Fleet(bucket="fleet", leases_on_bus=True)._to_native(keep).flags == 2
+    assert tezzeret.Fleet(bucket="fleet", read_only=True, leases_on_bus=True)._to_native(keep).flags == 3
     # A lease wait of 0 (compile at once rather than wait) is a valid choice.
     tezzeret.Forge(state_dir, device="cpu", fleet=tezzeret.Fleet(bucket="fleet", lease_wait=0), **keys).close()
     with pytest.raises(tezzeret.InvalidArgumentError, match="trusted_keys"):

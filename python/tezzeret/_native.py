@@ -29,7 +29,7 @@ from ctypes import (
 import torch  # noqa: F401  (loads libtorch before libtezzeret)
 
 ABI_MAJOR = 0
-ABI_MINOR = 10
+ABI_MINOR = 11
 
 c_uint8_p = POINTER(c_uint8)
 c_int64_p = POINTER(c_int64)

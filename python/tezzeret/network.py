@@ -16,6 +16,7 @@ from .errors import InvalidArgumentError, check
 _BUS_NO_PREFETCH = 1
 _BUS_NO_PUBLISH = 2
 _FLEET_READ_ONLY = 1
+_FLEET_LEASES_ON_BUS = 2
 
 
 # The longest time given in seconds (a year): larger ones are mistakes.
@@ -137,11 +138,13 @@ class Fleet:
     ``_``, ``.`` and ``/`` only. ``member_index`` is this host's index in
     its fleet (0, 1, 2…, e.g. a scheduler's rank): hosts starting together
     then begin in evenly spread places; with ``None`` each starts at a
-    random place. ``lease_redis`` (``redis://host:port/db``, often the bus's)
-    keeps the fleet's leases in that Redis instead of the bucket: a claim
-    then costs one Redis round trip, and publications are announced there,
-    so that waiting hosts ask the bucket only for artifacts; every host of
-    the fleet must use the same one. Times are in seconds, each at most a
+    random place. ``lease_redis`` (``redis://host:port/db`` or
+    ``unix://path``) keeps the fleet's leases in that Redis instead of the
+    bucket: a claim then costs one Redis round trip, and publications are
+    announced there, so that waiting hosts ask the bucket only for
+    artifacts; every host of the fleet must use the same one.
+    ``leases_on_bus=True`` does the same with the forge's bus's Redis (the
+    forge needs a ``bus``; not with ``lease_redis``). Times are in seconds, each at most a
     day: ``lease_ttl`` at least 0.1, ``request_timeout`` and
     ``retry_interval`` at least 0.01, ``lease_wait`` at least 0 (compile
     at once rather than wait for another host). A forge needs ``bucket``;
@@ -160,6 +163,7 @@ class Fleet:
     retry_interval: float = 2.0
     member_index: Optional[int] = None
     lease_redis: Optional[str] = None
+    leases_on_bus: bool = False
 
     def _to_native(self, keep: List[Any]) -> n.FleetConfig:
         config = n.FleetConfig()
@@ -174,7 +178,8 @@ class Fleet:
         config.lease_wait_ms = _fleet_ms(self.lease_wait, "lease_wait")
         config.request_timeout_ms = _fleet_ms(self.request_timeout, "request_timeout")
         config.retry_interval_ms = _fleet_ms(self.retry_interval, "retry_interval")
-        config.flags = _FLEET_READ_ONLY if _flag(self.read_only, "read_only") else 0
+        config.flags = (_FLEET_READ_ONLY if _flag(self.read_only, "read_only") else 0) | (
+            _FLEET_LEASES_ON_BUS if _flag(self.leases_on_bus, "leases_on_bus") else 0)
         index = self.member_index
         if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 0xFFFF_FFFF):
             raise InvalidArgumentError(f"member_index must be an index from 0 to 4294967295, got {index!r}")

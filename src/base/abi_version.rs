@@ -4,4 +4,4 @@
 /// Major version of the C ABI; the shared library's SONAME carries it.
 pub const ABI_MAJOR: u32 = 0;
 /// Minor version of the C ABI: additions that keep old callers working.
-pub const ABI_MINOR: u32 = 10;
+pub const ABI_MINOR: u32 = 11;

@@ -15,7 +15,12 @@ use crate::fleet::{fetch_artifact, ArtifactReference, Credentials, FleetConfig};
 /// needed; without one, a job the bucket lacks fails rather than compile
 /// an unsigned artifact the forge's trusted keys would refuse).
 pub const TEZZERET_FLEET_READ_ONLY: u32 = 1;
-const KNOWN_FLEET_FLAGS: u32 = TEZZERET_FLEET_READ_ONLY;
+/// Fleet flag: keep the leases (and announcements) on the forge's bus's
+/// Redis, as `lease_redis_url` would with its URL, for a fleet whose hosts
+/// all share that bus; needs `tezzeret_config.bus`, not with
+/// `lease_redis_url`. Since ABI 0.11.
+pub const TEZZERET_FLEET_LEASES_ON_BUS: u32 = 2;
+const KNOWN_FLEET_FLAGS: u32 = TEZZERET_FLEET_READ_ONLY | TEZZERET_FLEET_LEASES_ON_BUS;
 
 /// How a forge joins a fleet (and how `tezzeret_fleet_fetch_artifact`
 /// reaches its store). Initialise with `tezzeret_fleet_config_init`, set
@@ -65,7 +70,8 @@ pub struct tezzeret_fleet_config {
     /// the bucket, and publications are announced there, so that waiting
     /// hosts ask the bucket only for artifacts. Every host of the fleet
     /// must use the same one. NULL (the default): leases live in the
-    /// bucket. Since ABI 0.9.
+    /// bucket, or with `TEZZERET_FLEET_LEASES_ON_BUS` on the bus's Redis.
+    /// Since ABI 0.9.
     pub lease_redis_url: *const c_char,
 }
 
@@ -128,6 +134,7 @@ impl tezzeret_fleet_config {
             return Err(Error::invalid(format!("{name}.flags has unknown bits {:#x}", raw.flags & !KNOWN_FLEET_FLAGS)));
         }
         config.publish = raw.flags & TEZZERET_FLEET_READ_ONLY == 0;
+        config.leases_on_bus = raw.flags & TEZZERET_FLEET_LEASES_ON_BUS != 0;
         config.lease_ttl = Duration::from_millis(raw.lease_ttl_ms);
         config.lease_wait = Duration::from_millis(raw.lease_wait_ms);
         config.request_timeout = Duration::from_millis(raw.request_timeout_ms);

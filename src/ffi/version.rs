@@ -7,7 +7,7 @@ use crate::base::version;
 /// The C ABI major this header speaks; must equal the library's.
 pub const TEZZERET_ABI_MAJOR: u32 = 0;
 /// The C ABI minor this header speaks; must not exceed the library's.
-pub const TEZZERET_ABI_MINOR: u32 = 10;
+pub const TEZZERET_ABI_MINOR: u32 = 11;
 
 const _: () = assert!(TEZZERET_ABI_MAJOR == version::ABI_MAJOR && TEZZERET_ABI_MINOR == version::ABI_MINOR);
 

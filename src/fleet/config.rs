@@ -58,8 +58,14 @@ pub struct FleetConfig {
     /// then costs one Redis round trip instead of a conditional create in
     /// the bucket — and announces its publications, so that waiting hosts
     /// ask the bucket only for artifacts. Every host of the fleet must use
-    /// the same one. `None` (the default): leases live in the bucket.
+    /// the same one. `None` (the default): leases live in the bucket, unless
+    /// [`Self::leases_on_bus`].
     pub lease_redis: Option<String>,
+    /// Keep the leases (and announcements) on the forge's bus's Redis, as
+    /// [`Self::lease_redis`] would with its URL, without naming it twice:
+    /// for a fleet whose hosts all share that bus. Needs a bus; not with
+    /// [`Self::lease_redis`]. Off by default.
+    pub leases_on_bus: bool,
 }
 
 impl std::fmt::Debug for FleetConfig {
@@ -76,8 +82,14 @@ impl std::fmt::Debug for FleetConfig {
             .field("lease_wait", &self.lease_wait)
             .field("member_index", &self.member_index)
             .field("lease_redis", &self.lease_redis.as_deref().map(redacted_url))
+            .field("leases_on_bus", &self.leases_on_bus)
             .finish_non_exhaustive()
     }
+}
+
+/// The error of a fleet told to keep its leases in two places.
+fn two_lease_places() -> Error {
+    Error::invalid("fleet leases_on_bus and a lease Redis are both set: choose one place for the leases")
 }
 
 /// Whether a bucket name has the form of an IPv4 address (four groups of
@@ -106,6 +118,28 @@ impl FleetConfig {
             retry_interval: Duration::from_secs(2),
             member_index: None,
             lease_redis: None,
+            leases_on_bus: false,
+        }
+    }
+
+    /// The Redis that keeps the fleet's leases for a forge whose bus, if it
+    /// has one, is at `bus_redis`: the bus's with [`Self::leases_on_bus`]
+    /// (an error without a bus), else [`Self::lease_redis`] (none: the
+    /// bucket).
+    pub fn lease_redis_beside(&self, bus_redis: Option<&str>) -> Result<Option<String>> {
+        if !self.leases_on_bus {
+            return Ok(self.lease_redis.clone());
+        }
+        if self.lease_redis.is_some() {
+            return Err(two_lease_places());
+        }
+        match bus_redis {
+            Some(url) if url.starts_with("redis://") || url.starts_with("unix://") => Ok(Some(url.to_string())),
+            Some(url) => Err(Error::invalid(format!(
+                "fleet leases_on_bus: the bus's Redis {:?} cannot keep the fleet's leases (a redis:// or unix:// one can)",
+                redacted_url(url)
+            ))),
+            None => Err(Error::invalid("fleet leases_on_bus needs a bus, whose Redis keeps the leases")),
         }
     }
 
@@ -144,6 +178,9 @@ impl FleetConfig {
         }
         if let Some(region) = &self.region {
             check_region(region, "fleet region")?;
+        }
+        if self.leases_on_bus && self.lease_redis.is_some() {
+            return Err(two_lease_places());
         }
         if let Some(url) = &self.lease_redis {
             if !(url.starts_with("redis://") || url.starts_with("unix://")) {
@@ -285,6 +322,24 @@ mod tests {
         FleetConfig { prefix: "/runs/2026-12_07.a/".into(), endpoint: Some("https://s3.example:9000/".into()), ..ok }
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn leases_go_to_the_given_redis_or_when_asked_to_the_buss() {
+        let fleet = FleetConfig::new("fleet-bucket");
+        let bus = Some("redis://bus:6379/0");
+        assert_eq!(fleet.lease_redis_beside(bus).unwrap(), None, "by default the bucket, bus or not");
+        let own = FleetConfig { lease_redis: Some("redis://leases:6379/1".into()), ..fleet.clone() };
+        assert_eq!(own.lease_redis_beside(bus).unwrap().as_deref(), Some("redis://leases:6379/1"));
+        let on_bus = FleetConfig { leases_on_bus: true, ..fleet.clone() };
+        assert_eq!(on_bus.lease_redis_beside(bus).unwrap().as_deref(), bus);
+        assert_eq!(on_bus.lease_redis_beside(Some("unix:///run/redis.sock")).unwrap().as_deref(), Some("unix:///run/redis.sock"));
+        assert!(on_bus.lease_redis_beside(None).unwrap_err().message().contains("needs a bus"));
+        let secure = on_bus.lease_redis_beside(Some("rediss://:hunter2@bus:6380")).unwrap_err();
+        assert!(secure.message().contains("cannot keep the fleet's leases") && !secure.message().contains("hunter2"), "{secure}");
+        let both = FleetConfig { leases_on_bus: true, ..own };
+        assert!(both.validate().unwrap_err().message().contains("both set"));
+        assert!(both.lease_redis_beside(bus).unwrap_err().message().contains("both set"));
     }
 
     #[test]

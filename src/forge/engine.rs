@@ -94,6 +94,13 @@ impl Forge {
         if config.max_concurrency < 1 {
             return Err(Error::invalid("max_concurrency must be >= 1"));
         }
+        let bus_redis = config.bus.as_ref().map(|bus| bus.redis_url.clone());
+        if let Some(fleet) = config.fleet.as_mut() {
+            // Leases on the bus's Redis when asked to: from here on, its URL
+            // is the fleet's lease Redis.
+            fleet.lease_redis = fleet.lease_redis_beside(bus_redis.as_deref())?;
+            fleet.leases_on_bus = false;
+        }
         let device = config.device.resolve()?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| Error::io(format!("create state directory {}", config.state_dir.display()), e))?;

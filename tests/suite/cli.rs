@@ -158,6 +158,11 @@ fn fleet_times_out_of_range_are_usage_errors_naming_the_flag_and_its_range() {
     // the run goes on to the next check, the missing trusted keys.
     let out = tezzeret(&["forge", "--state", state, "--s3-bucket", "fleet", "--lease-wait", "0"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs trusted keys"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Leases go to one place: the bus's Redis or a Redis of their own.
+    let both = ["--fleet-leases-on-bus", "--fleet-lease-redis", "redis://127.0.0.1:1/0"];
+    let out = tezzeret(&[&["forge", "--state", state, "--s3-bucket", "fleet"][..], &both[..]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && stderr.contains("cannot be used with"), "{stderr}");
 }
 
 #[test]

@@ -503,7 +503,9 @@ fn an_artifact_announced_in_an_outage_then_taken_from_the_bucket_is_announced_wi
     let keys = fleet_keys();
     let mut fleet = with_prefix(&server, "taken-back");
     fleet.retry_interval = Duration::from_millis(100);
-    fleet.request_timeout = Duration::from_secs(2);
+    // A killed store refuses connections at once; a live one on a busy
+    // machine may be slow, and must not be taken for an outage here.
+    fleet.request_timeout = Duration::from_secs(60);
     // Compiled while the store is down: announced with its local path.
     server.kill();
     let state = dir.path().join("a");
@@ -1507,6 +1509,47 @@ fn a_consumer_without_a_forge_fetches_an_announced_artifact_by_its_reference() {
     assert!(refused.status.code() == Some(1) && String::from_utf8_lossy(&refused.stderr).contains("damaged"));
     let refused = cli(&update.artifact_ref.replace(&update.checksum[..8], "x"), &out);
     assert_eq!(refused.status.code(), Some(2), "a malformed reference is a usage error");
+}
+
+#[test]
+fn a_forge_with_a_bus_keeps_the_fleets_leases_in_the_bucket_unless_told_to_use_the_buss_redis() {
+    let server = SeaweedServer::start("fleet");
+    let redis = RedisServer::start();
+    let dir = TempDir::new("fleet-bus-leases");
+    let mut redis_connection = redis.connection();
+    let config_for = |prefix: &str, on_bus: bool, bus: bool| {
+        let mut fleet = with_prefix(&server, prefix);
+        fleet.leases_on_bus = on_bus;
+        // A slow answer on a busy machine must not be taken for an outage.
+        fleet.request_timeout = Duration::from_secs(60);
+        let mut config = ForgeConfig::new(dir.path().join(prefix));
+        config.device = DevicePreference::Cpu;
+        config.telemetry_interval_ms = 0;
+        config.keys = fleet_keys();
+        config.fleet = Some(fleet);
+        config.bus = bus.then(|| tezzeret::bus::BusConfig::new(redis.url()));
+        config
+    };
+    for (prefix, on_bus) in [("in-bucket", false), ("on-bus", true)] {
+        let config = config_for(prefix, on_bus, true);
+        let fleet = config.fleet.clone().unwrap();
+        let host = RecordingHost { catalog: catalog(&["BP001"]), seen: Arc::default() };
+        let service = ForgeService::open(config, Box::new(host)).unwrap();
+        let place = service.with(|f| Ok(f.fleet().unwrap().lease_redis().map(str::to_string))).unwrap();
+        assert_eq!(place.is_some(), on_bus, "{prefix}: {place:?}");
+        assert!(service.with(|f| Ok(f.run(&mut |_| {}))).unwrap().iter().all(|r| r.status == JobStatus::Ok));
+        service.close();
+        // Where the claim of BP001 was made: the bucket or the bus's Redis.
+        let names = ObjectNames::new(&fleet.bucket, &fleet.prefix);
+        let store = RemoteStore::connect(&fleet).unwrap();
+        let in_the_bucket = store.run(store.list(&names.leases())).unwrap().len();
+        let hash: usize = redis::cmd("HLEN").arg(format!("tezzeret:fleet:{}", names.root())).query(&mut redis_connection).unwrap();
+        let leases_in_redis = if on_bus { hash.saturating_sub(1) } else { hash }; // on the bus: its announcement too
+        assert_eq!((in_the_bucket, leases_in_redis), if on_bus { (0, 1) } else { (1, 0) }, "{prefix}: bucket, Redis");
+    }
+    // Without a bus there is no Redis to keep them on.
+    let error = ForgeService::open(config_for("no-bus", true, false), Box::new(tezzeret::forge::DefaultHost)).err().unwrap();
+    assert!(error.message().contains("leases_on_bus needs a bus"), "{error}");
 }
 
 #[test]

@@ -241,6 +241,11 @@ pub struct FleetArgs {
     /// none, each starts at a random place).
     #[arg(long = "fleet-index", value_name = "N", requires = "bucket", allow_negative_numbers = true)]
     pub member_index: Option<u32>,
+    /// Keep the fleet's leases on the bus's Redis (--redis), as
+    /// --fleet-lease-redis with its URL would, for a fleet whose hosts all
+    /// share that bus.
+    #[arg(long = "fleet-leases-on-bus", requires = "bucket", conflicts_with = "lease_redis")]
+    pub leases_on_bus: bool,
 }
 
 impl FleetArgs {
@@ -252,6 +257,7 @@ impl FleetArgs {
         config.lease_wait = self.lease_wait;
         config.retry_interval = self.retry;
         config.member_index = self.member_index;
+        config.leases_on_bus = self.leases_on_bus;
         config.validate()?;
         Ok(Some(config))
     }
