@@ -144,10 +144,11 @@ class Fleet:
     announced there, so that waiting hosts ask the bucket only for
     artifacts; every host of the fleet must use the same one.
     ``leases_on_bus=True`` does the same with the forge's bus's Redis (the
-    forge needs a ``bus``; not with ``lease_redis``). Times are in seconds, each at most a
-    day: ``lease_ttl`` at least 0.1, ``request_timeout`` and
-    ``retry_interval`` at least 0.01, ``lease_wait`` at least 0 (compile
-    at once rather than wait for another host). A forge needs ``bucket``;
+    forge needs a ``bus``; not with ``lease_redis``). Times are in
+    seconds, each at most a day: ``lease_ttl`` at least 0.1,
+    ``request_timeout`` and ``retry_interval`` at least 0.01,
+    ``lease_wait`` at least 0 (compile at once rather than wait for
+    another host). A forge needs ``bucket``;
     :func:`fetch_artifact` takes the reference's when it is ``None``."""
 
     bucket: Optional[str]
