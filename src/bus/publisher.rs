@@ -1,7 +1,7 @@
 //! The publisher: a thread that adds what the forge hands it — catalog
 //! updates from the outbox and telemetry packets — to their streams, in
-//! pipelined batches, and reports which outbox entries Redis has so the
-//! forge can take them out of its outbox durably.
+//! batches (each one transaction), and reports which outbox entries Redis
+//! has so the forge can take them out of its outbox durably.
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

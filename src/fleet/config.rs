@@ -89,7 +89,10 @@ impl std::fmt::Debug for FleetConfig {
 
 /// The error of a fleet told to keep its leases in two places.
 fn two_lease_places() -> Error {
-    Error::invalid("fleet leases_on_bus and a lease Redis are both set: choose one place for the leases")
+    Error::invalid(
+        "fleet leases_on_bus (the CLI's --fleet-leases-on-bus, TEZZERET_FLEET_LEASES_ON_BUS in C) and a lease Redis \
+         are both set: choose one place for the leases",
+    )
 }
 
 /// Whether a bucket name has the form of an IPv4 address (four groups of
@@ -139,7 +142,10 @@ impl FleetConfig {
                 "fleet leases_on_bus: the bus's Redis {:?} cannot keep the fleet's leases (a redis:// or unix:// one can)",
                 redacted_url(url)
             ))),
-            None => Err(Error::invalid("fleet leases_on_bus needs a bus, whose Redis keeps the leases")),
+            None => Err(Error::invalid(
+                "fleet leases_on_bus (the CLI's --fleet-leases-on-bus, TEZZERET_FLEET_LEASES_ON_BUS in C) needs a bus, \
+                 whose Redis keeps the leases",
+            )),
         }
     }
 

@@ -57,6 +57,14 @@ impl Fleet {
     /// this forge in its leases.
     pub fn connect(config: FleetConfig, keys: KeyRing, holder: String) -> Result<Fleet> {
         config.validate()?;
+        if config.leases_on_bus {
+            // Only a forge knows its bus: connected alone, the leases would
+            // silently stay in the bucket while the fleet's are on Redis.
+            return Err(Error::invalid(
+                "fleet leases_on_bus is resolved by a forge with a bus (FleetConfig::lease_redis_beside); \
+                 a fleet connected on its own names its lease Redis",
+            ));
+        }
         if !keys.verifies() {
             return Err(Error::invalid("a fleet store needs trusted keys: nothing from the shared bucket is used unverified"));
         }

@@ -1549,7 +1549,11 @@ fn a_forge_with_a_bus_keeps_the_fleets_leases_in_the_bucket_unless_told_to_use_t
     }
     // Without a bus there is no Redis to keep them on.
     let error = ForgeService::open(config_for("no-bus", true, false), Box::new(tezzeret::forge::DefaultHost)).err().unwrap();
-    assert!(error.message().contains("leases_on_bus needs a bus"), "{error}");
+    assert!(error.message().contains("leases_on_bus") && error.message().contains("needs a bus"), "{error}");
+    // A fleet connected without a forge has no bus to take the Redis of.
+    let alone = FleetConfig { leases_on_bus: true, ..with_prefix(&server, "alone") };
+    let error = tezzeret::fleet::Fleet::connect(alone, fleet_keys(), "alone".into()).err().unwrap();
+    assert!(error.message().contains("resolved by a forge with a bus"), "{error}");
 }
 
 #[test]
