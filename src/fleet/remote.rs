@@ -293,17 +293,25 @@ impl RemoteStore {
     /// timeout plus a second per MiB of its size, both counted from the
     /// request's start.
     pub async fn get(&self, name: &str, limit: u64) -> Result<Got> {
-        let Some((found, started)) = self.answer_head(name).await? else { return Ok(Got::Missing) };
-        let allowed = self.timeout_for(found.meta.size.min(limit));
-        let body = async { read_body(found, limit).await.map(|(got, _)| got) };
-        self.within("get", name, started, allowed, body).await.map_err(|e| e.into_error("get", name))
+        let mut bytes = Vec::new();
+        let streamed = self
+            .stream(name, limit, &mut |chunk| {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        Ok(match streamed {
+            Streamed::Done(_) => Got::Bytes(bytes),
+            Streamed::Missing => Got::Missing,
+            Streamed::TooLarge => Got::TooLarge,
+        })
     }
 
     /// Streams an object's bytes to `sink` chunk by chunk, with the bounds
     /// of [`Self::get`] (refused from its announced size when over `limit`,
     /// never read past it), for objects too large to hold in memory. An
     /// error of the sink ends the read and is returned as it is.
-    pub async fn stream(&self, name: &str, limit: u64, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<Streamed> {
+    pub async fn stream(&self, name: &str, limit: u64, sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send)) -> Result<Streamed> {
         let Some((found, started)) = self.answer_head(name).await? else { return Ok(Streamed::Missing) };
         let allowed = self.timeout_for(found.meta.size.min(limit));
         let poured = self.within("get", name, started, allowed, pour(found, limit, sink)).await.map_err(|e| e.into_error("get", name))?;

@@ -130,14 +130,14 @@ impl Drop for DurableFile {
 /// name, which must stay within the file system's limit on a name.
 const TEMP_NAME_PART: usize = 64;
 
-/// Where the part of a target's name that goes into its temp file's name
-/// ends (at most [`TEMP_NAME_PART`] bytes, on a character boundary).
-fn temp_name_part_end(name: &str) -> usize {
+/// The part of a target's name that goes into its temp file's name (at
+/// most [`TEMP_NAME_PART`] bytes, cut on a character boundary).
+fn temp_name_part(name: &str) -> &str {
     let mut end = name.len().min(TEMP_NAME_PART);
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    end
+    &name[..end]
 }
 
 /// Creates a new temp file in `path`'s directory for a durable write of
@@ -147,12 +147,11 @@ fn temp_name_part_end(name: &str) -> usize {
 fn create_temp_beside(path: &Path) -> Result<(PathBuf, File)> {
     static CREATED: AtomicU64 = AtomicU64::new(0);
     let dir = directory_of(path);
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let end = temp_name_part_end(name);
+    let name = temp_name_part(path.file_name().and_then(|n| n.to_str()).unwrap_or("file"));
     let mut last_error = None;
     for _ in 0..16 {
         let n = CREATED.fetch_add(1, Ordering::Relaxed);
-        let temp = dir.join(format!("{TEMP_PREFIX}{}-{n}-{}", std::process::id(), &name[..end]));
+        let temp = dir.join(format!("{TEMP_PREFIX}{}-{n}-{name}", std::process::id()));
         match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&temp) {
             Ok(file) => return Ok((temp, file)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
@@ -204,9 +203,8 @@ pub fn touch(path: &Path) {
 /// effort (for a directory no forge cleans at open); returns how many
 /// were removed.
 pub fn remove_stale_temp_files_of(path: &Path, age: std::time::Duration) -> usize {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return 0 };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()).map(temp_name_part) else { return 0 };
     let Ok(entries) = fs::read_dir(directory_of(path)) else { return 0 };
-    let name = &name[..temp_name_part_end(name)];
     let mut removed = 0;
     for entry in entries.flatten() {
         let file_name = entry.file_name();
@@ -294,7 +292,7 @@ mod tests {
         make(".tmp-12-5-a.pt.bak", true);
         make("a.pt", true);
         make(".tmp-12-8-my-model.pt", true);
-        let cut = &long[..super::temp_name_part_end(&long)];
+        let cut = super::temp_name_part(&long);
         assert_eq!(cut.len(), 63);
         make(&format!(".tmp-7-1-{cut}"), true);
         // Old symbolic links and directories by a temp file's name are not temp files.
