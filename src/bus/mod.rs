@@ -56,11 +56,17 @@ impl Shared {
         self.lock().stop
     }
 
-    /// Sleeps up to `duration`, waking early when the bus stops.
+    /// Sleeps for `duration`, waking early only when the bus stops (not
+    /// for new work).
     fn sleep(&self, duration: Duration) {
-        let queue = self.lock();
-        if !queue.stop {
-            let _ = self.wake.wait_timeout(queue, duration);
+        let until = Instant::now() + duration;
+        let mut queue = self.lock();
+        while !queue.stop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            queue = self.wake.wait_timeout(queue, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }

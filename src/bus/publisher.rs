@@ -139,19 +139,30 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
         for (stream, sealed) in &telemetry {
             add_entry(&mut pipe, stream, &min_id, &fields(sealed));
         }
-        match pipe.query::<Vec<redis::RedisResult<redis::Value>>>(connection) {
-            Ok(results) => {
-                let refused = settle(&shared, &updates, &telemetry, &results);
-                if refused {
-                    // Redis refused some (a key of the wrong type): the
-                    // updates among them wait, and are tried again after a pause.
-                    let queue = shared.lock();
-                    if !queue.stop {
-                        let _ = shared.wake.wait_timeout(queue, REFUSED_PAUSE);
-                    }
+        let refused = match pipe.query::<Vec<redis::RedisResult<redis::Value>>>(connection) {
+            Ok(results) => settle(&shared, &updates, &telemetry, &|i| match results.get(i) {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(error)) => Err(error.to_string()),
+                None => Err("no answer to this entry".to_string()),
+            }),
+            Err(error) => match refused_for_want_of_memory(&error) {
+                // Redis answers but refused the whole transaction: every entry.
+                Some(why) => settle(&shared, &updates, &telemetry, &|_| Err(why.clone())),
+                None => {
+                    link.failed(&shared.stats, &error);
+                    false
                 }
+            },
+        };
+        if refused {
+            // Redis refused some (out of memory, a key of the wrong type):
+            // the updates among them wait, and are tried again after a
+            // pause that new work does not cut short; closing does not
+            // insist (the outbox keeps them).
+            if shared.stopping() {
+                return;
             }
-            Err(error) => link.failed(&shared.stats, &error),
+            shared.sleep(REFUSED_PAUSE);
         }
     }
 }
@@ -159,25 +170,50 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
 /// How long the publisher waits before trying again entries Redis refused.
 const REFUSED_PAUSE: Duration = Duration::from_millis(500);
 
+/// Redis's answer, when it refused a whole transaction for want of
+/// memory (each of its commands was refused with `OOM` as it was queued,
+/// so `EXEC` aborted): Redis answers, so the connection is kept and the
+/// batch waits. None for any other error (`EXEC` itself refused for
+/// memory, which Redis may do when the queued commands crossed the limit,
+/// reads as an unexpected answer: the connection is dropped, which is
+/// safe, and health says the bus is unreachable until it is back).
+fn refused_for_want_of_memory(error: &redis::RedisError) -> Option<String> {
+    use redis::{ErrorKind, ServerErrorKind};
+    if error.kind() != ErrorKind::Server(ServerErrorKind::ExecAbort) {
+        return None;
+    }
+    let refused = error.clone().into_server_errors()?;
+    let all_for_memory = !refused.is_empty() && refused.iter().all(|(_, e)| e.code() == "OOM");
+    all_for_memory.then(|| format!("OOM {}", refused[0].1.details().unwrap_or("")).trim_end().to_string())
+}
+
 /// Takes what Redis accepted out of the queue (updates into `published`),
-/// drops refused telemetry (counted) and keeps refused updates; returns
-/// whether anything was refused.
+/// drops refused telemetry (counted) and keeps refused updates, recording
+/// why Redis refused them (for health) or that it took them all; returns
+/// whether anything was refused. `outcome` gives the answer to the batch's
+/// entry of that index: the updates first, then the telemetry.
 fn settle(
     shared: &Shared,
     updates: &[(u64, Sealed)],
     telemetry: &[(String, Sealed)],
-    results: &[redis::RedisResult<redis::Value>],
+    outcome: &dyn Fn(usize) -> Result<(), String>,
 ) -> bool {
-    let accepted = |i: usize| results.get(i).is_some_and(|r| r.is_ok());
+    let accepted = |i: usize| outcome(i).is_ok();
     let mut queue = shared.lock();
     let mut refused = 0u64;
     let mut published = Vec::new();
+    let mut why_refused = None;
     for (i, (seq, _)) in updates.iter().enumerate() {
-        if accepted(i) {
-            published.push(*seq);
-        } else {
-            refused += 1;
+        match outcome(i) {
+            Ok(()) => published.push(*seq),
+            Err(why) => {
+                refused += 1;
+                why_refused.get_or_insert(why);
+            }
         }
+    }
+    if !updates.is_empty() {
+        shared.stats.refusing_updates(why_refused);
     }
     queue.updates.retain(|(seq, _)| !published.contains(seq));
     queue.published.extend(&published);

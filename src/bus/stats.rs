@@ -43,6 +43,11 @@ pub struct BusStats {
     pub reader_up: AtomicBool,
     /// The last Redis error seen.
     pub last_error: Mutex<Option<String>>,
+    /// Why Redis refused the catalog updates of the publisher's last batch
+    /// that had any (out of memory, a stream of the wrong type): they wait
+    /// in the outbox while Redis answers. Cleared once a batch's updates
+    /// all went in.
+    pub updates_refused: Mutex<Option<String>>,
     /// What the host's log should hear, taken by the forge (see
     /// [`BusStats::take_notes`]): the first failure of each outage, the
     /// return of Redis, and the first dropped request of each reason.
@@ -127,6 +132,23 @@ impl BusStats {
     /// Whether every connection the configuration needs is up.
     pub fn connected(&self, publishes: bool, serves: bool) -> bool {
         (!publishes || self.publisher_up.load(Ordering::Relaxed)) && (!serves || self.reader_up.load(Ordering::Relaxed))
+    }
+
+    /// Why Redis refuses catalog updates, while it does (see
+    /// [`BusStats::updates_refused`]).
+    pub fn updates_refused(&self) -> Option<String> {
+        self.updates_refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records Redis's answer refusing catalog updates (None: it took a
+    /// batch's updates all), noting each distinct answer once in the
+    /// host's log.
+    pub fn refusing_updates(&self, why: Option<String>) {
+        if let Some(why) = &why {
+            self.note_link_failure(why, false);
+        }
+        let why = why.map(|why| format!("bus publisher: Redis refused catalog updates: {why}"));
+        *self.updates_refused.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     /// The last Redis error, if any.

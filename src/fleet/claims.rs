@@ -25,14 +25,18 @@ impl Fleet {
     /// The cache keys any forge claimed and did not give back (lease
     /// objects of theirs exist: held, kept by a holder that published,
     /// expired or taken over), from one listing, when there are at most
-    /// `limit` lease objects (None when more). Only a hint for where to
-    /// claim next.
+    /// `limit` (see [`super::lease_objects::LeaseObjects::claimed_keys`];
+    /// None when more). Only a hint for where to claim next: a store that
+    /// keeps emptied folders also lists a key whose lease was given back
+    /// (its compile or publication failed, or its holder gave up a claim
+    /// sent ahead or stopped), and a host that set that key aside finds
+    /// the lease gone when it next reads it while waiting, and claims it.
     pub fn claimed_keys(&self, limit: usize) -> Result<Option<HashSet<String>>> {
-        let listed = self.remote.run(self.lease_objects().list_up_to(&self.names.leases(), limit));
+        let listed = self.remote.run(self.lease_objects().claimed_keys(&self.names, limit));
         if listed.is_err() {
             self.count(FleetEvent::StoreError);
         }
-        Ok(listed?.map(|leases| leases.iter().filter_map(|l| self.names.lease_key(&l.name)).map(str::to_string).collect()))
+        listed
     }
 
     /// Tries to claim a cache key for this forge's compile.

@@ -3,6 +3,7 @@
 //! given one. Either way a lease object is created with exactly one
 //! winner, read, rewritten, removed and listed under the same name, so the
 //! lease logic ([`super::lease`]) is one.
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::lease::renewable;
@@ -56,6 +57,24 @@ impl LeaseObjects<'_> {
             LeaseObjects::Bucket(remote) => remote.list_up_to(folder, limit).await,
             LeaseObjects::Redis(redis) => redis.list_up_to(folder, limit).await,
         }
+    }
+
+    /// The cache keys that have lease objects, from one listing, if there
+    /// are at most `limit` (None when more): in the bucket one level of
+    /// its `leases/` folder (the key folders, not the objects in each,
+    /// which would make the store read every folder), in Redis the lease
+    /// objects' names (where `limit` bounds the objects, one or more a key).
+    pub async fn claimed_keys(&self, names: &ObjectNames, limit: usize) -> Result<Option<HashSet<String>>> {
+        Ok(match self {
+            LeaseObjects::Bucket(remote) => remote
+                .list_folders_up_to(&names.leases(), limit)
+                .await?
+                .map(|folders| folders.iter().filter_map(|folder| names.lease_folder_key(folder)).map(str::to_string).collect()),
+            LeaseObjects::Redis(redis) => redis
+                .list_up_to(&names.leases(), limit)
+                .await?
+                .map(|leases| leases.iter().filter_map(|lease| names.lease_key(&lease.name)).map(str::to_string).collect()),
+        })
     }
 
     /// The generations of a cache key's lease objects, if there are at

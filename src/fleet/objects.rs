@@ -79,6 +79,14 @@ impl ObjectNames {
         Self::lease_generation(generation).map(|_| key)
     }
 
+    /// The cache key a lease folder's name (under these names' prefix,
+    /// ending in `/`, as [`Self::lease_folder`] gives it) carries, if it
+    /// is one.
+    pub fn lease_folder_key<'a>(&self, folder: &'a str) -> Option<&'a str> {
+        let key = folder.strip_prefix(&self.leases())?.strip_suffix('/')?;
+        (!key.is_empty() && !key.contains('/')).then_some(key)
+    }
+
     /// The cache key a manifest object's name carries, if it is one.
     pub fn manifest_key(name: &str) -> Option<&str> {
         name.rsplit('/').next()?.strip_suffix(".json")
@@ -109,6 +117,10 @@ mod tests {
         assert_eq!(ObjectNames::lease_generation(&names.lease("k", 12)), Some(12));
         assert_eq!(names.lease_key(&names.lease("k", 12)), Some("k"));
         assert_eq!(names.lease_key(&names.manifest("k")), None);
+        assert_eq!(names.lease_folder_key(&names.lease_folder("k")), Some("k"));
+        assert_eq!(names.lease_folder_key("runs/a/leases/"), None);
+        assert_eq!(names.lease_folder_key("runs/a/leases/k/deeper/"), None);
+        assert_eq!(names.lease_folder_key("runs/ab/leases/k/"), None);
         assert_eq!(ObjectNames::manifest_key(&names.manifest("kk")), Some("kk"));
         assert_eq!(names.artifact_url("ab"), "s3://fleet/runs/a/artifacts/ab.pt");
         assert_eq!(ObjectNames::new("fleet", "").artifact("ab"), "artifacts/ab.pt");

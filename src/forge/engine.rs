@@ -338,16 +338,30 @@ impl Forge {
         let mut health = self.observer.health(&mut self.governor, situation);
         if let Some(bus) = &self.bus {
             let connected = bus.connected();
-            health.indicators.insert("bus".into(), if connected { "connected" } else { "unreachable" }.into());
+            // Redis answers but refuses catalog updates (out of memory, say).
+            let refused = bus.stats().updates_refused().filter(|_| connected);
+            let state = match (connected, &refused) {
+                (false, _) => "unreachable",
+                (true, Some(_)) => "refusing",
+                (true, None) => "connected",
+            };
+            health.indicators.insert("bus".into(), state.into());
             health.indicators.insert("bus.outbox".into(), self.ledger.state().outbox.len().to_string());
-            if !connected {
-                if let Some(error) = bus.stats().last_error() {
-                    health.indicators.insert("bus.last_error".into(), error);
+            let error = if connected { refused } else { bus.stats().last_error() };
+            if let Some(error) = error {
+                health.indicators.insert("bus.last_error".into(), error);
+            }
+            let summary = match state {
+                "unreachable" => "bus unreachable: compiling and serving the host go on; catalog updates wait in the outbox",
+                "refusing" => {
+                    "Redis refuses the bus's catalog updates: compiling and serving the host go on; the updates wait in the \
+                     outbox and are sent again every half second"
                 }
-                if health.status == HealthStatus::Healthy as i32 {
-                    health.status = HealthStatus::Degraded as i32;
-                    health.summary = "bus unreachable: compiling and serving the host go on; catalog updates wait in the outbox".into();
-                }
+                _ => "",
+            };
+            if !summary.is_empty() && health.status == HealthStatus::Healthy as i32 {
+                health.status = HealthStatus::Degraded as i32;
+                health.summary = summary.into();
             }
         }
         health

@@ -670,10 +670,17 @@ fn catalog_updates_redis_refuses_for_want_of_memory_wait_and_go_out_in_their_ord
         redis::cmd("CONFIG").arg("SET").arg(setting).arg(value).query::<()>(&mut k.con).unwrap();
     }
     service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
-    wait_for("the refusal to show in health", || {
+    // Health says Redis refuses (it answers: the connection is kept).
+    let bus_health = || {
         let health = service.with(|f| Ok(f.health())).unwrap();
-        health.indicators.get("bus.last_error").is_some_and(|e| e.contains("OOM"))
+        let indicator = |name: &str| health.indicators.get(name).cloned();
+        (indicator("bus"), indicator("bus.last_error"), health.status)
+    };
+    wait_for("the refusal to show in health", || {
+        let (state, error, status) = bus_health();
+        state.as_deref() == Some("refusing") && error.is_some_and(|e| e.contains("OOM")) && status == tezzeret::base::leyline::HealthStatus::Degraded as i32
     });
+    assert_eq!(metric(&service, "tezzeret.bus.link_failures", ("", "")), 0.0, "no connection was dropped");
     let ready = k.ready();
     assert!(k.read(&ready).is_empty(), "nothing was added");
     let waiting: Vec<(u64, String)> = service
@@ -687,7 +694,46 @@ fn catalog_updates_redis_refuses_for_want_of_memory_wait_and_go_out_in_their_ord
     let expected: Vec<String> = waiting.into_iter().map(|(_, id)| id).collect();
     assert_eq!(order, expected);
     wait_for("the outbox to empty", || service.with(|f| Ok(f.journal().state().outbox.is_empty())).unwrap());
+    let (state, error, _) = bus_health();
+    assert_eq!((state.as_deref(), error), (Some("connected"), None), "health is clear once Redis took them");
+    assert_eq!(metric(&service, "tezzeret.bus.link_failures", ("", "")), 0.0);
     service.close();
+}
+
+/// XADD commands Redis refused before running them (out of memory, say).
+fn rejected_xadds(connection: &mut redis::Connection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(connection).unwrap();
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_xadd:")).unwrap_or("");
+    let field = line.split(',').find_map(|f| f.strip_prefix("rejected_calls="));
+    field.map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn closing_while_redis_refuses_for_want_of_memory_leaves_the_updates_in_the_outbox_at_once() {
+    let redis = RedisServer::start();
+    let state = TempDir::new("bus-oom-close");
+    let mut k = Kasmina::new(&redis, None);
+    let ids = ["BP001", "BP002", "BP003"];
+    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&ids)))).unwrap();
+    wait_group(&mut k);
+    for (setting, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        redis::cmd("CONFIG").arg("SET").arg(setting).arg(value).query::<()>(&mut k.con).unwrap();
+    }
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    wait_for("a refused batch", || rejected_xadds(&mut k.con) >= ids.len() as u64);
+    let before = rejected_xadds(&mut k.con);
+    service.close();
+    // At most the batch under way when it closed (its updates and some
+    // telemetry), not a batch sent again and again until the close's
+    // flush time is over.
+    let during_close = rejected_xadds(&mut k.con) - before;
+    assert!(during_close <= 64, "{during_close} XADDs sent while closing");
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query::<()>(&mut k.con).unwrap();
+    let reopened = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&ids)))).unwrap();
+    let ready = k.ready();
+    let updates = k.wait_read(&ready, "the updates the outbox kept, at the next open", |m| m.len() >= ids.len());
+    assert_eq!(updates.len(), ids.len());
+    reopened.close();
 }
 
 #[test]

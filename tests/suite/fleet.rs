@@ -753,6 +753,32 @@ fn leases_and_announcements_on_redis_are_listed_by_prefix_and_up_to_a_bound() {
 }
 
 #[test]
+fn claims_in_the_bucket_are_listed_by_key_folder_by_prefix_and_up_to_a_bound() {
+    use futures::StreamExt;
+    let server = SeaweedServer::start("fleet");
+    let config = with_prefix(&server, "run1");
+    // A neighbour whose prefix starts with this one's is none of its claims.
+    let fleet = tezzeret::fleet::Fleet::connect(config.clone(), fleet_keys(), "lister".into()).unwrap();
+    let neighbour = tezzeret::fleet::Fleet::connect(with_prefix(&server, "run1x"), fleet_keys(), "neighbour".into()).unwrap();
+    assert!(matches!(neighbour.claim_unclaimed("elsewhere").unwrap(), tezzeret::fleet::Claim::Won { .. }));
+    // More keys than a listing's page holds (1,000), two with a second
+    // generation (taken over), and an object right in the leases folder.
+    let names = ObjectNames::new(&server.bucket, "run1");
+    let keys: std::collections::HashSet<String> = (0..1003).map(|i| format!("key-{i:04}")).collect();
+    let mut objects: Vec<String> = keys.iter().map(|key| names.lease(key, 0)).collect();
+    objects.extend(["key-0000", "key-0001"].map(|key| names.lease(key, 1)));
+    objects.push(format!("{}stray.json", names.leases()));
+    let store = RemoteStore::connect(&config).unwrap();
+    let creates = futures::stream::iter(objects.iter().map(|name| store.create(name, b"{}".to_vec()))).buffer_unordered(16);
+    let created: Vec<_> = store.run(creates.collect());
+    assert!(created.iter().all(|c| matches!(c, Ok(Create::Created))), "{:?}", created.iter().find(|c| !matches!(c, Ok(Create::Created))));
+    assert_eq!(fleet.claimed_keys(1003).unwrap(), Some(keys.clone()), "each claimed key once, over two pages");
+    assert_eq!(fleet.claimed_keys(1002).unwrap(), None, "more keys than the bound: not listed");
+    let elsewhere = std::collections::HashSet::from(["elsewhere".to_string()]);
+    assert_eq!(neighbour.claimed_keys(10).unwrap(), Some(elsewhere));
+}
+
+#[test]
 fn a_claim_reads_at_most_256_lease_objects_of_a_key_in_the_bucket_or_on_redis() {
     let server = SeaweedServer::start("fleet");
     let redis = RedisServer::start();
