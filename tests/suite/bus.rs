@@ -657,19 +657,30 @@ fn answers_and_packets_redis_refuses_are_retried_or_dropped_and_no_request_is_lo
     service.close();
 }
 
+/// The blueprints whose catalog updates [`forge_on_a_redis_out_of_memory`] makes.
+const REFUSED_IDS: [&str; 3] = ["BP001", "BP002", "BP003"];
+
+/// A forge on `redis` (with `k` playing Kasmina) that compiled
+/// [`REFUSED_IDS`] after Redis went over its memory limit, evicting
+/// nothing: Redis refuses every write, so their catalog updates are refused.
+fn forge_on_a_redis_out_of_memory(redis: &RedisServer, state: &std::path::Path, k: &mut Kasmina) -> ForgeService {
+    let catalog = Box::new(FixedCatalog(tiny_catalog(&REFUSED_IDS)));
+    let service = ForgeService::open(forge_config(state, bus_config(redis, None)), catalog).unwrap();
+    wait_group(k);
+    for (setting, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        redis::cmd("CONFIG").arg("SET").arg(setting).arg(value).query::<()>(&mut k.con).unwrap();
+    }
+    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    service
+}
+
 #[test]
 fn catalog_updates_redis_refuses_for_want_of_memory_wait_and_go_out_in_their_order() {
     let redis = RedisServer::start();
     let state = TempDir::new("bus-oom");
     let mut k = Kasmina::new(&redis, None);
-    let ids = ["BP001", "BP002", "BP003"];
-    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&ids)))).unwrap();
-    wait_group(&mut k);
-    // Over its memory limit and evicting nothing, Redis refuses every write.
-    for (setting, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
-        redis::cmd("CONFIG").arg("SET").arg(setting).arg(value).query::<()>(&mut k.con).unwrap();
-    }
-    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    let ids = REFUSED_IDS;
+    let service = forge_on_a_redis_out_of_memory(&redis, state.path(), &mut k);
     // Health says Redis refuses (it answers: the connection is kept).
     let bus_health = || {
         let health = service.with(|f| Ok(f.health())).unwrap();
@@ -713,13 +724,8 @@ fn closing_while_redis_refuses_for_want_of_memory_leaves_the_updates_in_the_outb
     let redis = RedisServer::start();
     let state = TempDir::new("bus-oom-close");
     let mut k = Kasmina::new(&redis, None);
-    let ids = ["BP001", "BP002", "BP003"];
-    let service = ForgeService::open(forge_config(state.path(), bus_config(&redis, None)), Box::new(FixedCatalog(tiny_catalog(&ids)))).unwrap();
-    wait_group(&mut k);
-    for (setting, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
-        redis::cmd("CONFIG").arg("SET").arg(setting).arg(value).query::<()>(&mut k.con).unwrap();
-    }
-    service.with(|f| Ok(f.run(&mut |_| {}))).unwrap();
+    let ids = REFUSED_IDS;
+    let service = forge_on_a_redis_out_of_memory(&redis, state.path(), &mut k);
     wait_for("a refused batch", || rejected_xadds(&mut k.con) >= ids.len() as u64);
     let before = rejected_xadds(&mut k.con);
     service.close();
