@@ -95,6 +95,12 @@ fn two_lease_places() -> Error {
     )
 }
 
+/// Whether a Redis URL is one the fleet's Redis client can keep leases
+/// on (`redis://` or `unix://`).
+fn can_keep_leases(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("unix://")
+}
+
 /// Whether a bucket name has the form of an IPv4 address (four groups of
 /// digits), which S3 refuses as a name.
 fn looks_like_an_ip_address(name: &str) -> bool {
@@ -137,7 +143,7 @@ impl FleetConfig {
             return Err(two_lease_places());
         }
         match bus_redis {
-            Some(url) if url.starts_with("redis://") || url.starts_with("unix://") => Ok(Some(url.to_string())),
+            Some(url) if can_keep_leases(url) => Ok(Some(url.to_string())),
             Some(url) => Err(Error::invalid(format!(
                 "fleet leases_on_bus: the bus's Redis {:?} cannot keep the fleet's leases (a redis:// or unix:// one can)",
                 redacted_url(url)
@@ -189,7 +195,7 @@ impl FleetConfig {
             return Err(two_lease_places());
         }
         if let Some(url) = &self.lease_redis {
-            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+            if !can_keep_leases(url) {
                 return Err(Error::invalid(format!("fleet lease Redis {:?} is not a redis:// or unix:// URL", redacted_url(url))));
             }
             redis::Client::open(url.as_str())

@@ -340,10 +340,16 @@ impl Forge {
             let connected = bus.connected();
             // Redis answers but refuses catalog updates (out of memory, say).
             let refused = bus.stats().updates_refused().filter(|_| connected);
-            let state = match (connected, &refused) {
-                (false, _) => "unreachable",
-                (true, Some(_)) => "refusing",
-                (true, None) => "connected",
+            let (state, summary) = match (connected, &refused) {
+                (false, _) => ("unreachable", Some("bus unreachable: compiling and serving the host go on; catalog updates wait in the outbox")),
+                (true, Some(_)) => (
+                    "refusing",
+                    Some(
+                        "Redis refuses the bus's catalog updates: compiling and serving the host go on; the updates wait in \
+                         the outbox and are sent again every half second",
+                    ),
+                ),
+                (true, None) => ("connected", None),
             };
             health.indicators.insert("bus".into(), state.into());
             health.indicators.insert("bus.outbox".into(), self.ledger.state().outbox.len().to_string());
@@ -351,15 +357,7 @@ impl Forge {
             if let Some(error) = error {
                 health.indicators.insert("bus.last_error".into(), error);
             }
-            let summary = match state {
-                "unreachable" => "bus unreachable: compiling and serving the host go on; catalog updates wait in the outbox",
-                "refusing" => {
-                    "Redis refuses the bus's catalog updates: compiling and serving the host go on; the updates wait in the \
-                     outbox and are sent again every half second"
-                }
-                _ => "",
-            };
-            if !summary.is_empty() && health.status == HealthStatus::Healthy as i32 {
+            if let Some(summary) = summary.filter(|_| health.status == HealthStatus::Healthy as i32) {
                 health.status = HealthStatus::Degraded as i32;
                 health.summary = summary.into();
             }
