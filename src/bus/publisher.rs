@@ -132,27 +132,27 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
         // stream by a later one (for the same blueprint, say its s3://
         // reference by its local path). Each entry still gets its own
         // answer: a stream of the wrong type refuses only its own.
-        pipe.atomic().ignore_errors();
+        pipe.atomic();
         for (_, sealed) in &updates {
             add_entry(&mut pipe, &config.streams.ready, &min_id, &fields(sealed));
         }
         for (stream, sealed) in &telemetry {
             add_entry(&mut pipe, stream, &min_id, &fields(sealed));
         }
-        let refused = match pipe.query::<Vec<redis::RedisResult<redis::Value>>>(connection) {
-            Ok(results) => settle(&shared, &updates, &telemetry, &|i| match results.get(i) {
-                Some(Ok(_)) => Ok(()),
-                Some(Err(error)) => Err(error.to_string()),
-                None => Err("no answer to this entry".to_string()),
+        // Sent as packed commands so that the answer to `EXEC` itself is
+        // seen as Redis gave it (the pipeline's own parsing reads a refused
+        // `EXEC` as an answer it does not understand).
+        let answer = redis::ConnectionLike::req_packed_commands(connection, &pipe.get_packed_pipeline(), pipe.len() + 1, 1);
+        let refused = match batch_answer(answer) {
+            BatchAnswer::Entries(entries) => settle(&shared, &updates, &telemetry, &|i| {
+                entries.get(i).cloned().unwrap_or_else(|| Err("no answer to this entry".to_string()))
             }),
-            Err(error) => match refused_for_want_of_memory(&error) {
-                // Redis answers but refused the whole transaction: every entry.
-                Some(why) => settle(&shared, &updates, &telemetry, &|_| Err(why.clone())),
-                None => {
-                    link.failed(&shared.stats, &error);
-                    false
-                }
-            },
+            // Redis answers but refused the whole transaction: every entry.
+            BatchAnswer::OutOfMemory(why) => settle(&shared, &updates, &telemetry, &|_| Err(why.clone())),
+            BatchAnswer::Failed(error) => {
+                link.failed(&shared.stats, &error);
+                false
+            }
         };
         if refused {
             // Redis refused some (out of memory, a key of the wrong type):
@@ -170,21 +170,69 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
 /// How long the publisher waits before trying again entries Redis refused.
 const REFUSED_PAUSE: Duration = Duration::from_millis(500);
 
-/// Redis's answer, when it refused a whole transaction for want of
-/// memory (each of its commands was refused with `OOM` as it was queued,
-/// so `EXEC` aborted): Redis answers, so the connection is kept and the
-/// batch waits. None for any other error (`EXEC` itself refused for
-/// memory, which Redis may do when the queued commands crossed the limit,
-/// reads as an unexpected answer: the connection is dropped, which is
-/// safe, and health says the bus is unreachable until it is back).
-fn refused_for_want_of_memory(error: &redis::RedisError) -> Option<String> {
-    use redis::{ErrorKind, ServerErrorKind};
-    if error.kind() != ErrorKind::Server(ServerErrorKind::ExecAbort) {
-        return None;
+/// What Redis made of one batch's transaction.
+#[derive(Debug)]
+enum BatchAnswer {
+    /// Each entry's answer, in the order they were added: taken, or
+    /// refused with Redis's reason.
+    Entries(Vec<Result<(), String>>),
+    /// The whole transaction refused for want of memory, with Redis's
+    /// reason: Redis answers, so the connection is kept and the batch waits.
+    OutOfMemory(String),
+    /// No answer the batch can be settled by: the connection is dropped
+    /// (and made again after a backoff).
+    Failed(redis::RedisError),
+}
+
+/// Reads Redis's answer to a batch's `MULTI` … `EXEC` (the answer to
+/// `EXEC`, or the error the connection gave). Redis refuses a transaction
+/// for want of memory in one of two ways: each command as it is queued
+/// (`EXEC` then aborts, listing them), or `EXEC` itself when the queued
+/// commands crossed the limit; both are [`BatchAnswer::OutOfMemory`].
+fn batch_answer(answer: redis::RedisResult<Vec<redis::Value>>) -> BatchAnswer {
+    use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+    match answer {
+        Ok(mut values) => match values.pop() {
+            Some(Value::Array(entries)) => BatchAnswer::Entries(
+                entries
+                    .into_iter()
+                    .map(|entry| match entry {
+                        Value::ServerError(error) => Err(error.to_string()),
+                        _ => Ok(()),
+                    })
+                    .collect(),
+            ),
+            Some(Value::ServerError(error)) => match exec_refused_for_want_of_memory(&error) {
+                Some(why) => BatchAnswer::OutOfMemory(why),
+                None => BatchAnswer::Failed(error.into()),
+            },
+            other => BatchAnswer::Failed(RedisError::from((
+                ErrorKind::UnexpectedReturnType,
+                "unexpected answer to a batch's EXEC",
+                format!("{other:?}"),
+            ))),
+        },
+        Err(error) => {
+            let refused = (error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort))
+                .then(|| error.clone().into_server_errors())
+                .flatten()
+                .unwrap_or_default();
+            let all_for_memory = !refused.is_empty() && refused.iter().all(|(_, e)| e.code() == "OOM");
+            if all_for_memory {
+                BatchAnswer::OutOfMemory(format!("OOM {}", refused[0].1.details().unwrap_or("")).trim_end().to_string())
+            } else {
+                BatchAnswer::Failed(error)
+            }
+        }
     }
-    let refused = error.clone().into_server_errors()?;
-    let all_for_memory = !refused.is_empty() && refused.iter().all(|(_, e)| e.code() == "OOM");
-    all_for_memory.then(|| format!("OOM {}", refused[0].1.details().unwrap_or("")).trim_end().to_string())
+}
+
+/// Redis's reason when it refused `EXEC` itself for want of memory
+/// (`EXECABORT Transaction discarded because of: OOM …`), from `OOM` on.
+fn exec_refused_for_want_of_memory(error: &redis::ServerError) -> Option<String> {
+    let details = error.details()?;
+    let at = details.find("OOM ")?;
+    (error.code() == "EXECABORT").then(|| details[at..].trim_end().to_string())
 }
 
 /// Takes what Redis accepted out of the queue (updates into `published`),
@@ -252,4 +300,47 @@ fn check_idle(shared: &Shared, link: &mut Link) {
 /// Starts a publisher's link (no connection until the first batch).
 pub fn link(shared: &Shared) -> Link {
     Link::new(shared.client.clone(), Role::Publisher, Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{batch_answer, BatchAnswer};
+
+    /// Redis's answer to a batch's transaction, as it sent it.
+    fn answer(reply: &[u8]) -> BatchAnswer {
+        batch_answer(Ok(vec![redis::parse_redis_value(reply).expect("a well-formed reply")]))
+    }
+
+    #[test]
+    fn exec_refused_for_want_of_memory_refuses_the_batch_and_keeps_the_link() {
+        // What Redis 7 answers to `EXEC` when the queued commands took it
+        // over its memory limit.
+        let reply = b"-EXECABORT Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'.\r\n";
+        match answer(reply) {
+            BatchAnswer::OutOfMemory(why) => assert_eq!(why, "OOM command not allowed when used memory > 'maxmemory'."),
+            other => panic!("read as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_refused_for_another_reason_drops_the_link() {
+        let reply = b"-EXECABORT Transaction discarded because of: READONLY You can't write against a read only replica.\r\n";
+        assert!(matches!(answer(reply), BatchAnswer::Failed(_)));
+        // A transaction aborted by a watched key (never sent: no WATCH).
+        assert!(matches!(answer(b"*-1\r\n"), BatchAnswer::Failed(_)));
+        assert!(matches!(answer(b"+OK\r\n"), BatchAnswer::Failed(_)));
+    }
+
+    #[test]
+    fn each_entry_has_its_own_answer() {
+        let reply = b"*3\r\n$15\r\n1700000000000-0\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n$15\r\n1700000000000-1\r\n";
+        match answer(reply) {
+            BatchAnswer::Entries(entries) => {
+                assert_eq!(entries.len(), 3);
+                assert!(entries[0].is_ok() && entries[2].is_ok());
+                assert!(entries[1].as_ref().unwrap_err().contains("WRONGTYPE"), "{entries:?}");
+            }
+            other => panic!("read as {other:?}"),
+        }
+    }
 }

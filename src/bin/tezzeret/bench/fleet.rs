@@ -219,7 +219,7 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
     // Three hosts on a cold bucket (a fresh prefix each round) against one
     // host alone, without a fleet and as a fleet of one (it publishes all).
     let (mut fleets, mut singles, mut total_compiles) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut splits, mut indexed) = (Vec::new(), Vec::new());
+    let (mut splits, mut split_cpu, mut indexed) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lone_members, mut fleet_requests, mut lone_requests) = (Vec::new(), Vec::new(), Vec::new());
     let (mut store_cpu, mut fleet_cpu, mut single_cpu) = (Vec::new(), Vec::new(), Vec::new());
     // How busy the whole machine kept its cores during each round.
@@ -252,8 +252,10 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
         // The same three hosts, each given a third to compile and no
         // bucket: what the round costs with nothing to coordinate.
         let (split_dir, keys_of_round) = (work.join(format!("fleet-split-{round}")), keys.clone());
+        let m0 = cpu_seconds(me);
         let (_, seconds) = three_hosts(move |host| open_and_run_share(&split_dir.join(host.to_string()), &keys_of_round, None, (host, 3)))?;
         splits.push(seconds);
+        split_cpu.push(cpu_seconds(me) - m0);
         // The three on a cold bucket again, each given its member index.
         let (runs, seconds) =
             three_on_cold_bucket(work.join(format!("fleet-indexed-{round}")), &keys, fleet(format!("indexed-{round}")), true)?;
@@ -409,9 +411,10 @@ pub fn rows(work: &Path) -> Result<Vec<Row>> {
             "fleet: CPU of the three hosts' round, forges + the store server on these cores",
             (fleet_cpu + store_cpu) * 1e3,
             Some(format!(
-                "store server {:.0} ms of it; one host alone {:.0} ms; the round's wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
+                "store server {:.0} ms of it; one host alone {:.0} ms; three given a third, no bucket {:.0} ms; the round's wall floor on {cores} cores: {:.0} ms ({:.2}× one host alone's wall)",
                 store_cpu * 1e3,
                 single_cpu * 1e3,
+                median(split_cpu) * 1e3,
                 floor(fleet_cpu + store_cpu) * 1e3,
                 floor(fleet_cpu + store_cpu) / single
             )),
