@@ -141,7 +141,10 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
         }
         // Sent as packed commands so that the answer to `EXEC` itself is
         // seen as Redis gave it (the pipeline's own parsing reads a refused
-        // `EXEC` as an answer it does not understand).
+        // `EXEC` as an answer it does not understand). The call is the one
+        // `Pipeline::query` makes for a transaction (the same bytes, the
+        // same count of answers skipped and read); redis-rs keeps it for
+        // its own use, so the bus suite's tests check it on each upgrade.
         let answer = redis::ConnectionLike::req_packed_commands(connection, &pipe.get_packed_pipeline(), pipe.len() + 1, 1);
         let refused = match batch_answer(answer) {
             BatchAnswer::Entries(entries) => settle(&shared, &updates, &telemetry, &|i| {
@@ -177,7 +180,8 @@ enum BatchAnswer {
     /// refused with Redis's reason.
     Entries(Vec<Result<(), String>>),
     /// The whole transaction refused for want of memory, with Redis's
-    /// reason: Redis answers, so the connection is kept and the batch waits.
+    /// reason: Redis answers, so the connection is kept; the batch's
+    /// catalog updates wait and its telemetry is dropped (counted).
     OutOfMemory(String),
     /// No answer the batch can be settled by: the connection is dropped
     /// (and made again after a backoff).
@@ -230,9 +234,8 @@ fn batch_answer(answer: redis::RedisResult<Vec<redis::Value>>) -> BatchAnswer {
 /// Redis's reason when it refused `EXEC` itself for want of memory
 /// (`EXECABORT Transaction discarded because of: OOM …`), from `OOM` on.
 fn exec_refused_for_want_of_memory(error: &redis::ServerError) -> Option<String> {
-    let details = error.details()?;
-    let at = details.find("OOM ")?;
-    (error.code() == "EXECABORT").then(|| details[at..].trim_end().to_string())
+    let why = error.details()?.strip_prefix("Transaction discarded because of: ")?;
+    (error.code() == "EXECABORT" && why.starts_with("OOM ")).then(|| why.trim_end().to_string())
 }
 
 /// Takes what Redis accepted out of the queue (updates into `published`),
@@ -329,6 +332,13 @@ mod tests {
         // A transaction aborted by a watched key (never sent: no WATCH).
         assert!(matches!(answer(b"*-1\r\n"), BatchAnswer::Failed(_)));
         assert!(matches!(answer(b"+OK\r\n"), BatchAnswer::Failed(_)));
+        // Aborted over queued commands' errors: those come as the error
+        // below, not as the answer to `EXEC`.
+        assert!(matches!(answer(b"-EXECABORT Transaction discarded because of previous errors.\r\n"), BatchAnswer::Failed(_)));
+        // A reason that only mentions memory further on is not a refusal for it.
+        assert!(matches!(answer(b"-EXECABORT Transaction discarded because of: ERR not OOM here\r\n"), BatchAnswer::Failed(_)));
+        let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        assert!(matches!(batch_answer(Err(lost.into())), BatchAnswer::Failed(_)));
     }
 
     #[test]
