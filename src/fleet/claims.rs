@@ -119,6 +119,16 @@ impl Fleet {
         state
     }
 
+    /// The generation of a cache key's lease that is live now, if any
+    /// (see [`lease::live_generation`]).
+    pub fn live_generation(&self, cache_key: &str) -> Result<Option<u64>> {
+        let live = self.remote.run(lease::live_generation(self.lease_objects(), &self.names, cache_key));
+        if live.is_err() {
+            self.count(FleetEvent::StoreError);
+        }
+        live
+    }
+
     /// Ends a lease in the background (see [`Self::settle`]): kept when
     /// the bucket holds its key (`published`), else given up — a failure
     /// to remove it is counted and only delays others until it expires.

@@ -45,8 +45,11 @@ pub struct LeaseBody {
 /// background (every third of the TTL), so a compile longer than the TTL
 /// keeps it; dropping it stops the renewal (release it to remove it).
 /// A renewal writes only over a live lease of the same holder: never after
-/// the release's delete, never over another holder's lease, never bringing
-/// back one that expired (another forge may have taken it over).
+/// the release's delete, never over another holder's lease, and never
+/// bringing back one that expired (another forge may have taken it over):
+/// it is sent only while the lease outlives the longest the write may take
+/// to reach the store (the request timeout, or a third of the TTL when
+/// that is shorter; see [`renewal_margin`]).
 #[derive(Debug)]
 pub struct Lease {
     /// The cache key it is for.
@@ -64,8 +67,19 @@ impl Lease {
     pub fn keep_renewed(&mut self, objects: LeaseObjects<'_>, names: &ObjectNames, holder: &str, ttl: Duration) {
         let holder = holder.to_string();
         let make = move || body_bytes(&holder, ttl);
-        self.renewal = Some(objects.renew_every(&names.lease(&self.cache_key, self.generation), ttl / 3, make));
+        let margin = renewal_margin(ttl, objects.request_timeout());
+        self.renewal = Some(objects.renew_every(&names.lease(&self.cache_key, self.generation), ttl / 3, margin, make));
     }
+}
+
+/// How long a lease must still live for a renewal to be sent: the longest
+/// the write may take to reach the store (`request_timeout`), so that it
+/// never lands after the lease expired, but at most a third of the TTL, so
+/// that a renewal every third of it still goes out after one that failed.
+/// (A request timeout over a third of the TTL leaves a slow write room to
+/// land late; keep it under that.)
+pub fn renewal_margin(ttl: Duration, request_timeout: Duration) -> Duration {
+    request_timeout.min(ttl / 3)
 }
 
 /// A lease object's bytes for `holder`, live for `ttl` from now.
@@ -75,12 +89,13 @@ fn body_bytes(holder: &str, ttl: Duration) -> Vec<u8> {
 }
 
 /// Whether a renewal writing the lease `new` may replace the lease
-/// `current` (both must be leases): only its own holder's, still live — an
-/// expired one may have been taken over (the next generation), and
-/// reviving it would make two holders.
-pub fn renewable(current: &[u8], new: &[u8]) -> bool {
+/// `current` (both must be leases): only its own holder's, still live
+/// `margin` from now (see [`renewal_margin`]) — an expired one may have
+/// been taken over (the next generation), and reviving it would make two
+/// holders.
+pub fn renewable(current: &[u8], new: &[u8], margin: Duration) -> bool {
     match (serde_json::from_slice::<LeaseBody>(current), serde_json::from_slice::<LeaseBody>(new)) {
-        (Ok(current), Ok(new)) => current.holder == new.holder && current.expires_at_ms > now_ms(),
+        (Ok(current), Ok(new)) => current.holder == new.holder && current.expires_at_ms > now_ms().saturating_add(margin.as_millis() as u64),
         _ => false,
     }
 }
@@ -142,6 +157,24 @@ pub async fn state(objects: LeaseObjects<'_>, names: &ObjectNames, cache_key: &s
         }
         _ => LeaseState::Expired,
     })
+}
+
+/// The generation of `cache_key`'s lease that is live now, if any:
+/// generation 0 when it is (one request), else, when it expired, the
+/// newest generation when that one is (a takeover's).
+pub async fn live_generation(objects: LeaseObjects<'_>, names: &ObjectNames, cache_key: &str) -> Result<Option<u64>> {
+    match state(objects, names, cache_key, 0).await? {
+        LeaseState::Live { .. } => return Ok(Some(0)),
+        LeaseState::Gone => return Ok(None),
+        LeaseState::Expired => {}
+    }
+    let Some(newest) = objects.generations(names, cache_key, MAX_GENERATIONS).await?.and_then(|g| g.into_iter().max()) else {
+        return Ok(None);
+    };
+    if newest == 0 {
+        return Ok(None);
+    }
+    Ok(matches!(state(objects, names, cache_key, newest).await?, LeaseState::Live { .. }).then_some(newest))
 }
 
 /// Tries to claim `cache_key` for `holder` for `ttl`: one request when the
@@ -242,13 +275,43 @@ pub async fn keep(mut lease: Lease) {
 /// Removes a lease (and the expired generations it replaced) when the
 /// bucket does not hold its key after all (the compile failed, or its
 /// publication did), so that another forge may claim it; its renewal stops.
+/// A lease another forge took over meanwhile (a newer generation exists:
+/// this holder stalled past its expiry) is left as it is: its objects are
+/// the newer holder's record that the key is claimed, and removing
+/// generation 0 would let a third forge claim the key as never claimed.
 pub async fn release(objects: LeaseObjects<'_>, names: &ObjectNames, mut lease: Lease) -> Result<()> {
     if let Some(renewal) = lease.renewal.take() {
         renewal.stop().await;
+    }
+    let taken_over = match objects.generations(names, &lease.cache_key, MAX_GENERATIONS).await? {
+        Some(generations) => generations.iter().any(|&g| g > lease.generation),
+        None => true,
+    };
+    if taken_over {
+        return Ok(());
     }
     objects.delete(&names.lease(&lease.cache_key, lease.generation)).await?;
     for &generation in &lease.stale {
         objects.delete(&names.lease(&lease.cache_key, generation)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewal_goes_out_only_while_its_lease_outlives_the_margin() {
+        let lease = |holder: &str, live_ms: u64| {
+            serde_json::to_vec(&LeaseBody { holder: holder.into(), expires_at_ms: now_ms() + live_ms }).unwrap()
+        };
+        let (renewal, margin) = (lease("a", 30_000), Duration::from_secs(5));
+        assert!(renewable(&lease("a", 20_000), &renewal, margin));
+        assert!(!renewable(&lease("a", 2_000), &renewal, margin), "live now, expired before the write could land");
+        assert!(!renewable(&lease("b", 20_000), &renewal, margin), "another holder's");
+        assert!(!renewable(b"{}", &renewal, Duration::ZERO), "not a lease");
+        assert_eq!(renewal_margin(Duration::from_secs(30), Duration::from_secs(5)), Duration::from_secs(5));
+        assert_eq!(renewal_margin(Duration::from_millis(900), Duration::from_secs(60)), Duration::from_millis(300));
+    }
 }

@@ -100,10 +100,27 @@ impl LeaseObjects<'_> {
     /// renewal reaching the store late never brings back a released or
     /// expired lease nor overwrites another holder's (in the bucket each
     /// write is conditional on the object's ETag, on Redis a script checks).
-    pub fn renew_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Rewrites {
+    /// A renewal is sent only while the lease lives `margin` longer.
+    pub fn renew_every(
+        &self,
+        name: &str,
+        every: Duration,
+        margin: Duration,
+        make: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+    ) -> Rewrites {
         match self {
-            LeaseObjects::Bucket(remote) => remote.renew_every(name, every, make, renewable),
-            LeaseObjects::Redis(redis) => redis.renew_every(name, every, make),
+            LeaseObjects::Bucket(remote) => {
+                remote.renew_every(name, every, make, move |current, new| renewable(current, new, margin))
+            }
+            LeaseObjects::Redis(redis) => redis.renew_every(name, every, margin, make),
+        }
+    }
+
+    /// The longest one request may take.
+    pub fn request_timeout(&self) -> Duration {
+        match self {
+            LeaseObjects::Bucket(remote) => remote.request_timeout(),
+            LeaseObjects::Redis(redis) => redis.request_timeout(),
         }
     }
 }

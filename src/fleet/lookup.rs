@@ -179,11 +179,11 @@ impl Fleet {
     /// comes from the relay when it is there, else from the bucket.
     async fn lookup_in(&self, cache_key: &str, sources: Sources) -> Lookup {
         let found = self.find(cache_key, sources).await;
+        // A copy found counts as a hit once the forge adopted it.
         match &found {
-            Lookup::Found(..) => self.count(FleetEvent::Hit),
             Lookup::Refused(refusal, _) => self.count(FleetEvent::Refused(*refusal)),
             Lookup::Unavailable(_) => self.count(FleetEvent::StoreError),
-            Lookup::Missing => {}
+            Lookup::Found(..) | Lookup::Missing => {}
         }
         found
     }

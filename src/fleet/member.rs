@@ -125,6 +125,14 @@ impl Fleet {
         &self.remote
     }
 
+    /// Which store and place in it this fleet shares through: the
+    /// endpoint (`aws` for AWS itself), the bucket and the prefix. A state
+    /// directory records what it published under this, so that reopened on
+    /// another bucket or prefix it publishes there again.
+    pub fn root(&self) -> String {
+        format!("{} s3://{}", self.remote.endpoint(), self.names.root())
+    }
+
     /// The reference a remote consumer fetches a published artifact by.
     pub fn artifact_url(&self, record: &ArtifactRecord) -> String {
         self.names.artifact_url(&record.checksum)

@@ -162,6 +162,10 @@ impl Fleet {
             }
         };
         let winner = match there {
+            // Of another blueprint (sharing the cache key): no use to ours.
+            Ok(winner) if winner.blueprint_id != record.blueprint_id => {
+                Err((Refusal::WrongManifest, format!("the bucket's manifest is of {}", winner.blueprint_id)))
+            }
             Ok(winner) if winner.checksum == record.checksum => Ok(()),
             Ok(winner) => match self.remote.get(&self.names.artifact(&winner.checksum), winner.size_bytes).await? {
                 Got::Bytes(bytes) => check_artifact(&winner, &bytes),

@@ -52,9 +52,9 @@ const LEASE_GENERATIONS: &str = "local out = {} \
 
 /// A lease's renewal: writes `ARGV[2]` to the field `ARGV[1]` only if it
 /// still holds a lease of the same holder, live at `ARGV[3]` (ms since the
-/// Unix epoch, by the renewing host's clock), so that a renewal arriving
-/// late never brings back a released or expired lease nor overwrites
-/// another holder's.
+/// Unix epoch, by the renewing host's clock: when it was sent plus the
+/// longest it may take to arrive), so that a renewal arriving late never
+/// brings back a released or expired lease nor overwrites another holder's.
 const RENEW: &str = "local current = redis.call('HGET', KEYS[1], ARGV[1]) \
     if not current then return 0 end \
     local ok_old, old = pcall(cjson.decode, current) \
@@ -250,16 +250,23 @@ impl FleetRedis {
         Ok((!generations.contains(&(max as u64))).then_some(generations))
     }
 
+    /// The longest one command may take.
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Renews a lease object every `every` with the body `make` returns
     /// (see [`Rewrites`]) — only while it still holds a live lease of the
     /// same holder (the `RENEW` script): a renewal that arrives after the
     /// lease was released, expired or taken by another holder writes nothing.
-    pub fn renew_every(&self, name: &str, every: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
+    /// The lease must live `margin` past the renewal's sending.
+    pub fn renew_every(&self, name: &str, every: Duration, margin: Duration, make: impl Fn() -> Vec<u8> + Send + 'static) -> Rewrites {
         let (connection, hash, field, timeout) = (self.connection.clone(), self.hash.clone(), name.to_string(), self.timeout);
         Rewrites::start(&self.runtime, every, move || {
             let mut connection = connection.clone();
             let mut command = redis::cmd("EVAL");
-            command.arg(RENEW).arg(1).arg(&hash).arg(&field).arg(make()).arg(super::lease::now_ms());
+            let live_until = super::lease::now_ms().saturating_add(margin.as_millis() as u64);
+            command.arg(RENEW).arg(1).arg(&hash).arg(&field).arg(make()).arg(live_until);
             async move {
                 let _ = tokio::time::timeout(timeout, command.query_async::<i64>(&mut connection)).await;
             }

@@ -217,6 +217,11 @@ impl RemoteStore {
         self.runtime.spawn(requests)
     }
 
+    /// The longest one request may take.
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The endpoint requests go to (for messages).
     pub fn endpoint(&self) -> &str {
         &self.endpoint

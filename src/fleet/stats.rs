@@ -21,7 +21,8 @@ pub struct FleetStats {
 /// A snapshot of [`FleetStats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FleetMetrics {
-    /// Artifacts fetched from the store, verified and adopted.
+    /// Artifacts fetched from the store, verified and stored durably here
+    /// (their jobs adopt them).
     pub hits: u64,
     /// Jobs compiled locally because no artifact could be had from the
     /// store: none there, the one there refused, or the store unreachable.

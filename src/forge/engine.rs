@@ -59,6 +59,10 @@ pub struct Forge {
     /// While the bucket is unreachable: when unpublished artifacts are
     /// offered to it again.
     pub(super) fleet_retry_at: Option<Instant>,
+    /// The blueprint whose publication failed last: the next attempt
+    /// starts after it, so that one the store keeps refusing holds back
+    /// none of the others.
+    pub(super) fleet_failed_last: Option<String>,
     /// Where this forge starts each run of equal priority in a fleet, and
     /// its seek's phase without a member index (random: hosts starting
     /// together begin at different blueprints).
@@ -132,6 +136,7 @@ impl Forge {
             bus: None,
             fleet: None,
             fleet_retry_at: None,
+            fleet_failed_last: None,
             fleet_offset: 0,
             _lock: lock,
         };
@@ -156,6 +161,7 @@ impl Forge {
             let holder = format!("{}-{}-{}", crate::sys::host::hostname(), std::process::id(), crate::base::hex::encode(&nonce));
             forge.fleet_offset = u32::from_le_bytes(nonce) as usize;
             let fleet = Fleet::connect(fleet_config, forge.config.keys.clone(), holder)?;
+            forge.ledger.set_fleet_root(fleet.root());
             // Answers name the bucket's copy of what it holds.
             for record in forge.ledger.artifacts().values().filter(|r| forge.ledger.is_shared(r)) {
                 forge.prefetcher.set_remote(record, fleet.artifact_url(record));

@@ -52,6 +52,9 @@ pub struct Ledger {
     /// so that a fleet asks its bucket for them, until an artifact is
     /// stored under the key again.
     refused: HashSet<String>,
+    /// The fleet store this open shares through ([`crate::fleet::Fleet::root`]),
+    /// if any: only what the journal recorded shared there counts as shared.
+    fleet_root: Option<String>,
 }
 
 impl Ledger {
@@ -76,6 +79,7 @@ impl Ledger {
             guards,
             keys: config.keys.clone(),
             announcing,
+            fleet_root: None,
             refused: HashSet::new(),
         })
     }
@@ -323,21 +327,39 @@ impl Ledger {
         if artifacts.is_empty() {
             return Ok(Vec::new());
         }
-        let mut transaction = vec![Record::Shared { artifacts }];
+        let mut transaction = vec![self.shared_record(artifacts)];
         transaction.extend(announced.iter().filter_map(|(_, a)| a.clone()).map(|announcement| Record::Announce { announcement }));
         self.journal.append(vec![transaction])?;
         Ok(announced)
     }
 
+    /// Sets the fleet store this open shares through (see
+    /// [`crate::fleet::Fleet::root`]): what the journal recorded shared in
+    /// another store or place counts as unshared here.
+    pub fn set_fleet_root(&mut self, root: String) {
+        self.fleet_root = Some(root);
+    }
+
     /// Whether the fleet's bucket holds this artifact (these bytes, under
     /// this cache key).
     pub fn is_shared(&self, record: &ArtifactRecord) -> bool {
-        self.journal.state().shared.contains(&SharedArtifact::of(record))
+        let Some(root) = &self.fleet_root else { return false };
+        self.journal.state().is_shared_at(root, &SharedArtifact::of(record))
     }
 
-    /// Current artifacts the fleet's bucket does not hold yet, at most `limit`.
-    pub fn unshared(&self, limit: usize) -> Vec<ArtifactRecord> {
-        self.artifacts().values().filter(|r| !self.is_shared(r)).take(limit).cloned().collect()
+    /// The record that the fleet's store holds these artifacts.
+    fn shared_record(&self, artifacts: Vec<SharedArtifact>) -> Record {
+        Record::Shared { artifacts, root: self.fleet_root.clone() }
+    }
+
+    /// Current artifacts the fleet's bucket does not hold yet, at most
+    /// `limit`, in blueprint order from the first after `after` round to
+    /// it (so that one whose publication keeps failing, tried last, holds
+    /// back none of the others).
+    pub fn unshared(&self, after: Option<&str>, limit: usize) -> Vec<ArtifactRecord> {
+        let unshared: Vec<&ArtifactRecord> = self.artifacts().values().filter(|r| !self.is_shared(r)).collect();
+        let start = after.map_or(0, |id| unshared.partition_point(|r| r.blueprint_id.as_str() <= id));
+        unshared[start..].iter().chain(&unshared[..start]).take(limit).map(|&r| r.clone()).collect()
     }
 
     /// How many current artifacts the fleet's bucket does not hold yet.
@@ -371,7 +393,7 @@ impl Ledger {
             let (update, announcement) = self.catalog_update(record, artifact_ref, &mut next_announcement);
             let mut transaction = vec![Record::Commit { seq: commit.seq, artifact: record.clone() }];
             if commit.remote_ref.is_some() && !self.is_shared(record) {
-                transaction.push(Record::Shared { artifacts: vec![SharedArtifact::of(record)] });
+                transaction.push(self.shared_record(vec![SharedArtifact::of(record)]));
             }
             if let Some(announcement) = &announcement {
                 transaction.push(Record::Announce { announcement: announcement.clone() });

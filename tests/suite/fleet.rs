@@ -252,6 +252,14 @@ fn a_forge_run_that_cannot_use_its_store_says_why_and_counts_what_it_compiled() 
     assert!(text.contains("local catalog: 42 artifacts, 0 of their cache keys in the bucket (verified), 42 not; 42 not published"), "{text}");
     let out = status(&dir.path().join("nowhere"));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("holds no forge state"));
+    // Text from the bucket is untrusted: a lease holder's name with control
+    // characters in it is shown escaped.
+    let store = RemoteStore::connect(&with_prefix(&server, "wrong-secret")).unwrap();
+    let lease = ObjectNames::new(&server.bucket, "wrong-secret").lease("planted", 0);
+    let body = format!(r#"{{"holder":"evil\u001b[2J","expires_at_ms":{}}}"#, u64::MAX / 2);
+    assert_eq!(store.run(store.create(&lease, body.into_bytes())).unwrap(), Create::Created);
+    let text = String::from_utf8_lossy(&status(&dir.path().join("host")).stdout).into_owned();
+    assert!(text.contains("planted: held by evil\\u{1b}[2J") && !text.contains('\x1b'), "{text}");
 
     // Half a key pair in the environment is refused, naming both variables.
     let out = forge_with("AWS_ACCESS_KEY_ID", "", "half", &[]);
@@ -378,22 +386,28 @@ fn tampered_untrusted_and_truncated_objects_are_refused_and_compiled_locally() {
     assert!(refused_keys(&downloaded).contains(&(tampered.cache_key.clone(), Refusal::ChecksumMismatch)), "{downloaded:?}");
     assert_eq!(downloaded.refused.values().sum::<usize>(), 3);
     drop(reader);
+    // A fourth entry verifies, but is another blueprint's (signed by a
+    // trusted key under BP006's cache key): of no use to BP006.
+    let mut other_blueprints = record_of(&first, "BP011");
+    other_blueprints.cache_key = record_of(&first, "BP006").cache_key;
+    keys.sign_record(&mut other_blueprints);
+    let misleading = SharedManifest::sign(&other_blueprints, &keys).unwrap().encode();
+    store.run(store.overwrite(&names.manifest(&other_blueprints.cache_key), misleading)).unwrap();
 
     let second = Member::open(&dir.path().join("b"), FIVE, &keys, fleet.clone());
     let statuses = second.run();
-    for id in ["BP001", "BP002", "BP005"] {
+    for id in ["BP001", "BP002", "BP005", "BP006"] {
         assert_eq!(statuses[id], JobStatus::Ok, "{id} is compiled locally");
     }
-    for id in ["BP006", "BP011"] {
-        assert_eq!(statuses[id], JobStatus::Cached, "{id} comes from the bucket");
-    }
+    assert_eq!(statuses["BP011"], JobStatus::Cached, "BP011 comes from the bucket");
     let metrics = second.metrics();
-    assert_eq!((metrics.hits, metrics.misses), (2, 3));
+    assert_eq!((metrics.hits, metrics.misses), (1, 4), "{metrics:?}");
     assert!(refused(&metrics, Refusal::ChecksumMismatch) >= 1, "{metrics:?}");
     assert!(refused(&metrics, Refusal::UntrustedKey) >= 1, "{metrics:?}");
     assert!(refused(&metrics, Refusal::Truncated) >= 1, "{metrics:?}");
+    assert!(refused(&metrics, Refusal::WrongManifest) >= 1, "{metrics:?}");
     let logs = second.seen.lock().unwrap().logs.join("\n");
-    for reason in ["checksum_mismatch", "untrusted_key", "truncated"] {
+    for reason in ["checksum_mismatch", "untrusted_key", "truncated", "wrong_manifest"] {
         assert!(logs.contains(reason), "the refusal says why ({reason}): {logs}");
     }
     // Replacing a manifest signed by a key this host does not trust says so,
@@ -436,6 +450,59 @@ fn a_local_artifact_that_does_not_verify_is_taken_from_the_bucket_before_compili
     for (path, record) in paths.iter().zip(&damaged) {
         assert_eq!(tezzeret::state::artifact::checksum_of(&std::fs::read(path).unwrap()), record.checksum, "repaired");
     }
+}
+
+#[test]
+fn a_state_directory_reopened_on_another_prefix_publishes_its_artifacts_there() {
+    let FivePublished { server, dir, keys, first, .. } = five_published("run-41");
+    wait_for("the first run's publications", || first.unshared() == 0);
+    first.service.close();
+    // Reopened on the next run's prefix: what run-41 holds is not taken
+    // for held there; it is published again, and named there.
+    let state = dir.path().join("a");
+    let reopened = Member::open(&state, FIVE, &keys, with_prefix(&server, "run-42"));
+    wait_for("publication under the new prefix", || reopened.unshared() == 0);
+    for id in FIVE {
+        let reference = reopened.artifact_ref(id);
+        assert!(reference.starts_with("s3://fleet/run-42/artifacts/"), "{id}: {reference}");
+    }
+    assert_eq!(reopened.metrics().published, FIVE.len() as u64);
+    let joiner = Member::open(&dir.path().join("b"), FIVE, &keys, with_prefix(&server, "run-42"));
+    assert!(joiner.run().values().all(|s| *s == JobStatus::Cached), "run-42 holds everything");
+    // And back on run-41, whose objects are still there: published again
+    // (each found already there), nothing compiled.
+    reopened.service.close();
+    let back = Member::open(&state, FIVE, &keys, with_prefix(&server, "run-41"));
+    wait_for("run-41 recorded again", || back.unshared() == 0);
+    assert!(back.artifact_ref("BP001").starts_with("s3://fleet/run-41/artifacts/"));
+}
+
+#[test]
+fn an_artifact_the_store_keeps_refusing_holds_back_none_of_the_others() {
+    let FivePublished { server, dir, keys, first, .. } = five_published("before");
+    wait_for("the first run's publications", || first.unshared() == 0);
+    let blocked = record_of(&first, FIVE[0]);
+    first.service.close();
+    // Reopened on another prefix, behind a proxy that never lets the first
+    // artifact's upload through: it times out at every attempt.
+    let hold: &'static str = Box::leak(format!("/after/artifacts/{}.pt", blocked.checksum).into_boxed_str());
+    let proxy = HoldingProxy::start(server.endpoint().trim_start_matches("http://"), hold);
+    let mut fleet = with_prefix(&server, "after");
+    fleet.endpoint = Some(proxy.endpoint());
+    fleet.retry_interval = Duration::from_millis(100);
+    fleet.request_timeout = Duration::from_secs(1);
+    let reopened = Member::open(&dir.path().join("a"), FIVE, &keys, fleet);
+    wait_for("every other artifact published", || reopened.unshared() <= 1);
+    assert_eq!(reopened.unshared(), 1, "{:?}", reopened.seen.lock().unwrap().logs);
+    assert!(proxy.held() >= 1);
+    for id in &FIVE[1..] {
+        assert!(reopened.artifact_ref(id).starts_with("s3://fleet/after/artifacts/"), "{id}");
+    }
+    assert!(!reopened.artifact_ref(FIVE[0]).starts_with("s3://"), "the refused one names its local file");
+    // Its failure is said once, not at every attempt.
+    wait_for("more attempts", || proxy.held() >= 3);
+    let logs = reopened.seen.lock().unwrap().logs.clone();
+    assert_eq!(logs.iter().filter(|l| l.contains("publication retried every")).count(), 1, "{logs:?}");
 }
 
 #[test]
@@ -667,7 +734,7 @@ fn a_renewal_writes_only_over_a_lease_of_its_holder(
 ) {
     config.lease_ttl = Duration::from_millis(900);
     let names = ObjectNames::new(&config.bucket, &config.prefix);
-    let fleet = tezzeret::fleet::Fleet::connect(config, fleet_keys(), "renewer".into()).unwrap();
+    let fleet = tezzeret::fleet::Fleet::connect(config.clone(), fleet_keys(), "renewer".into()).unwrap();
     let won = |key: &str| match fleet.claim(key).unwrap() {
         tezzeret::fleet::Claim::Won { lease, .. } => lease,
         held => panic!("{key}: {held:?}"),
@@ -701,6 +768,27 @@ fn a_renewal_writes_only_over_a_lease_of_its_holder(
     for lease in leases {
         fleet.release(lease).unwrap();
     }
+    // A holder that stalled past its lease's expiry and was taken over,
+    // then gives its lease back: the newer holder's record stays.
+    let stalled = won("stalled");
+    put(&names.lease("stalled", 0), expired);
+    let connect = |holder: &str| tezzeret::fleet::Fleet::connect(config.clone(), fleet_keys(), holder.into()).unwrap();
+    let (taker, third) = (connect("taker"), connect("third"));
+    let taken = match taker.claim("stalled").unwrap() {
+        tezzeret::fleet::Claim::Won { lease, took_over: true } if lease.generation == 1 => lease,
+        other => panic!("the expired lease is taken over: {other:?}"),
+    };
+    fleet.release(stalled).unwrap();
+    assert_eq!(read(&names.lease("stalled", 0)).as_deref(), Some(expired), "a lease taken over is not removed by its old holder");
+    assert!(read(&names.lease("stalled", 1)).is_some());
+    assert!(
+        matches!(third.claim_unclaimed("stalled").unwrap(), tezzeret::fleet::Claim::Held { .. }),
+        "generation 0 still says the key is claimed"
+    );
+    // The newer holder gives it back: both go, and the key is free again.
+    taker.release(taken).unwrap();
+    assert_eq!((read(&names.lease("stalled", 0)), read(&names.lease("stalled", 1))), (None, None));
+    assert!(matches!(third.claim_unclaimed("stalled").unwrap(), tezzeret::fleet::Claim::Won { .. }));
 }
 
 #[test]
@@ -1224,6 +1312,36 @@ fn a_read_only_member_fetches_but_never_claims_or_publishes() {
     let reopened = Member::open(&dir.path().join("d"), &["BP002"], &reader_keys, read_only);
     assert_eq!(reopened.run()["BP002"], JobStatus::Cached);
     assert_eq!(reopened.metrics().hits, 1);
+}
+
+#[test]
+fn a_reader_waits_for_the_holder_that_took_over_an_expired_lease() {
+    let FivePublished { server, dir, keys, first, .. } = five_published("published");
+    let cache_key = record_of(&first, "BP005").cache_key;
+    // On another prefix: generation 0 of the key expired (its holder died),
+    // generation 1 taken over and held live.
+    let holding = with_prefix(&server, "taken-over");
+    let store = RemoteStore::connect(&holding).unwrap();
+    let names = ObjectNames::new(&server.bucket, "taken-over");
+    let dead = br#"{"holder":"dead","expires_at_ms":1}"#.to_vec();
+    assert_eq!(store.run(store.create(&names.lease(&cache_key, 0), dead)).unwrap(), Create::Created);
+    let holder = tezzeret::fleet::Fleet::connect(holding.clone(), fleet_keys(), "holder".into()).unwrap();
+    let lease = match holder.claim(&cache_key).unwrap() {
+        tezzeret::fleet::Claim::Won { lease, took_over: true } if lease.generation == 1 => lease,
+        other => panic!("{other:?}"),
+    };
+    // A reader (it signs what it compiles for itself) waits for the live
+    // holder, up to its bound, instead of compiling at once.
+    let (own_seed, own_public) = generate_keypair().unwrap();
+    let reader_keys = KeyRing::new(Some(own_seed), &[own_public]).unwrap();
+    let mut read_only = holding;
+    read_only.publish = false;
+    read_only.lease_wait = Duration::from_secs(1);
+    let reader = Member::open(&dir.path().join("reader"), &["BP005"], &reader_keys, read_only);
+    assert_eq!(reader.run()["BP005"], JobStatus::Ok);
+    let metrics = reader.metrics();
+    assert_eq!((metrics.lease_waits, metrics.wait_timeouts), (1, 1), "{metrics:?}");
+    holder.release(lease).unwrap();
 }
 
 #[test]

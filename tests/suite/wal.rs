@@ -391,7 +391,7 @@ fn shared_cache_keys_survive_checkpoints_in_parts_and_leave_with_eviction() {
     {
         let mut journal = Journal::open(&path).unwrap();
         // More keys than one checkpoint part holds, then a checkpoint.
-        journal.append(vec![vec![Record::Shared { artifacts: (0..5000).map(entry).collect() }]]).unwrap();
+        journal.append(vec![vec![Record::Shared { artifacts: (0..5000).map(entry).collect(), root: Some("aws s3://fleet/".into()) }]]).unwrap();
         journal.append(vec![vec![Record::Evict { blueprint_id: None, cache_key: key(7) }]]).unwrap();
         journal.checkpoint().unwrap();
     }
@@ -402,4 +402,28 @@ fn shared_cache_keys_survive_checkpoints_in_parts_and_leave_with_eviction() {
     let first = &journal.recovery().transactions[0].records[0];
     let head: serde_json::Value = serde_json::from_slice(first).unwrap();
     assert_eq!(head["state"]["shared"].as_array().map(Vec::len), Some(0), "the keys came in parts");
+    let state = journal.state();
+    assert!(state.is_shared_at("aws s3://fleet/", &entry(1)), "the checkpoint kept the store they are shared in");
+    assert!(!state.is_shared_at("aws s3://fleet/other/", &entry(1)), "shared in one prefix is not shared in another");
+}
+
+#[test]
+fn artifacts_shared_in_another_store_replace_those_of_the_last() {
+    let dir = TempDir::new("wal-shared-root");
+    let path = dir.path().join("journal.wal");
+    use tezzeret::state::wal::journal::SharedArtifact;
+    let entry = |i: u64| SharedArtifact { cache_key: format!("{i:064x}"), checksum: "cd".repeat(32) };
+    let shared = |artifacts: Vec<SharedArtifact>, root: &str| vec![vec![Record::Shared { artifacts, root: Some(root.into()) }]];
+    let (first, second) = ("http://127.0.0.1:8333 s3://fleet/run-41/", "http://127.0.0.1:8333 s3://fleet/run-42/");
+    {
+        let mut journal = Journal::open(&path).unwrap();
+        journal.append(shared((0..3).map(entry).collect(), first)).unwrap();
+        journal.append(shared(vec![entry(0)], second)).unwrap();
+        journal.append(shared(vec![entry(9)], second)).unwrap();
+    }
+    let journal = Journal::open(&path).unwrap();
+    let state = journal.state();
+    assert_eq!(state.shared_root.as_deref(), Some(second));
+    assert_eq!(state.shared.iter().cloned().collect::<Vec<_>>(), vec![entry(0), entry(9)], "only what the second store holds");
+    assert!(!state.is_shared_at(first, &entry(1)));
 }

@@ -50,7 +50,8 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
             let (_, journal) = read_journal(dir)?;
             let current = journal.artifacts.values();
             let in_bucket = current.clone().filter(|r| survey.verified_artifacts.contains_key(&r.cache_key)).count();
-            let unpublished = current.filter(|r| !journal.shared.contains(&SharedArtifact::of(r))).count();
+            let root = fleet.root();
+            let unpublished = current.filter(|r| !journal.is_shared_at(&root, &SharedArtifact::of(r))).count();
             Some(LocalCatalog { current: journal.artifacts.len(), in_bucket, unpublished })
         }
         None => None,
@@ -84,8 +85,10 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
         for (refusal, n) in &survey.refused {
             println!("  refused {n}: {}", refusal.as_str());
         }
+        // What the bucket holds is untrusted: its text is printed with
+        // control characters escaped.
         for (key, refusal, why) in &survey.refused_keys {
-            println!("    {key}: {}: {why}", refusal.as_str());
+            println!("    {}: {}: {}", key.escape_debug(), refusal.as_str(), why.escape_debug());
         }
         println!("{} artifacts, {:.1} MiB", survey.artifacts, survey.artifact_bytes as f64 / f64::from(1 << 20));
         let live = survey.leases.iter().filter(|(_, _, left)| !left.is_zero()).count();
@@ -94,9 +97,9 @@ pub fn fleet_status(args: FleetStatusArgs) -> Result<bool> {
         println!("{pending} claims not published yet, leases in {place} ({live} live, {} expired)", pending - live);
         for (key, body, left) in &survey.leases {
             if left.is_zero() {
-                println!("  {key}: expired, was held by {}", body.holder);
+                println!("  {}: expired, was held by {}", key.escape_debug(), body.holder.escape_debug());
             } else {
-                println!("  {key}: held by {} for {:.1} s more", body.holder, left.as_secs_f64());
+                println!("  {}: held by {} for {:.1} s more", key.escape_debug(), body.holder.escape_debug(), left.as_secs_f64());
             }
         }
         if let Some(l) = local {

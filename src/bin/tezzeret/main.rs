@@ -372,7 +372,9 @@ fn describe_record(payload: &[u8]) -> String {
             state.outbox.len(),
             state.next_seq
         ),
-        Ok(Record::Shared { artifacts }) => format!("shared {} artifacts with the fleet", artifacts.len()),
+        Ok(Record::Shared { artifacts, root }) => {
+            format!("shared {} artifacts with the fleet at {}", artifacts.len(), root.as_deref().unwrap_or("(not recorded)"))
+        }
         Ok(Record::CheckpointPart { jobs, artifacts, announcements, shared }) => format!(
             "checkpoint part: {} jobs, {} artifacts, {} unpublished, {} shared",
             jobs.len(),

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{Admission, Admitted, Probed};
 use crate::fleet::claims::PendingClaim;
-use crate::fleet::lease::{Lease, LeaseState};
+use crate::fleet::lease::Lease;
 use crate::fleet::{Claim, FleetEvent, Lookup};
 use crate::forge::engine::Forge;
 use crate::state::wal::journal::Job;
@@ -37,7 +37,7 @@ impl Forge {
         }
         let publishes = fleet.config().publish;
         if !publishes && probed.is_none() {
-            match fleet.lookup(&job.cache_key) {
+            match self.for_job(job, fleet.lookup(&job.cache_key)) {
                 Lookup::Found(record, bytes) => {
                     self.keep_fetched(job, &record, &bytes);
                     return Admitted::Go(None);
@@ -54,10 +54,10 @@ impl Forge {
         if !publishes {
             // A reader never claims (it could not publish what it compiles):
             // it waits for a live holder, else compiles for itself.
-            return match fleet.lease_state(&job.cache_key, 0) {
-                Ok(LeaseState::Live { .. }) => {
+            return match fleet.live_generation(&job.cache_key) {
+                Ok(Some(generation)) => {
                     fleet.count(FleetEvent::LeaseWait);
-                    Admitted::Wait(0)
+                    Admitted::Wait(generation)
                 }
                 _ => {
                     fleet.count(FleetEvent::Miss);
@@ -132,8 +132,8 @@ impl Forge {
     /// artifact if it appeared meanwhile (the lease is kept, as its
     /// publisher's would be), else the lease to compile under.
     pub(super) fn under_lease(&mut self, job: &Job, lease: Lease) -> Option<Lease> {
-        let fleet = self.fleet.as_ref().expect("a fleet");
-        match fleet.lookup(&job.cache_key) {
+        let fleet = self.fleet.clone().expect("a fleet");
+        match self.for_job(job, fleet.lookup(&job.cache_key)) {
             Lookup::Found(record, bytes) => {
                 self.keep_fetched(job, &record, &bytes);
                 self.end_lease(lease, true);

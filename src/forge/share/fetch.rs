@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::{Probed, LISTING_LIMIT, LOOKUP_BATCH};
-use crate::fleet::{Fleet, Lookup};
+use crate::fleet::{Fleet, FleetEvent, Lookup, Refusal};
 use crate::forge::engine::Forge;
 use crate::state::artifact::ArtifactRecord;
 use crate::state::wal::journal::Job;
@@ -58,7 +58,7 @@ impl Forge {
         let keys: Vec<String> = batch.iter().map(|j| j.cache_key.clone()).collect();
         let mut found = Vec::new();
         for (job, lookup) in batch.iter().zip(fleet.lookup_many(&keys)) {
-            match lookup {
+            match self.for_job(job, lookup) {
                 Lookup::Found(record, bytes) => found.push((*job, *record, bytes)),
                 Lookup::Refused(refusal, why) => {
                     self.log_refusal(job, refusal.as_str(), &why);
@@ -78,6 +78,21 @@ impl Forge {
         Some(hits)
     }
 
+    /// A lookup's answer for `job`: a manifest that verifies but is of
+    /// another blueprint (two blueprints sharing a cache key) is refused,
+    /// as the wrong manifest, and counted.
+    pub(super) fn for_job(&self, job: &Job, lookup: Lookup) -> Lookup {
+        match lookup {
+            Lookup::Found(record, _) if record.blueprint_id != job.blueprint_id => {
+                if let Some(fleet) = &self.fleet {
+                    fleet.count(FleetEvent::Refused(Refusal::WrongManifest));
+                }
+                Lookup::Refused(Refusal::WrongManifest, format!("the bucket's artifact is of {}", record.blueprint_id))
+            }
+            other => other,
+        }
+    }
+
     /// Stores a verified artifact from the bucket durably here.
     pub(super) fn keep_fetched(&mut self, job: &Job, record: &ArtifactRecord, bytes: &[u8]) {
         self.keep_all_fetched(std::iter::once((job, record, bytes)));
@@ -86,20 +101,19 @@ impl Forge {
     /// Stores verified artifacts from the bucket durably here, all at once
     /// (each job then adopts its own; one whose storing failed compiles).
     pub(super) fn keep_all_fetched<'a>(&mut self, fetched: impl Iterator<Item = (&'a Job, &'a ArtifactRecord, &'a [u8])>) {
-        let mut kept = Vec::new();
-        for (job, record, bytes) in fetched {
-            if record.blueprint_id == job.blueprint_id {
-                kept.push((record, bytes));
-            } else {
-                self.log_refusal(job, "wrong_manifest", &format!("the bucket's artifact is of {}", record.blueprint_id));
-            }
-        }
+        let Some(fleet) = self.fleet.clone() else { return };
+        // Each was checked to be of its job's blueprint (see [`Self::for_job`]).
+        let kept: Vec<(&ArtifactRecord, &[u8])> = fetched.map(|(_, record, bytes)| (record, bytes)).collect();
         if kept.is_empty() {
             return;
         }
-        if let Err(error) = self.ledger.store_fetched(&kept) {
-            let ids: Vec<&str> = kept.iter().map(|(record, _)| record.blueprint_id.as_str()).collect();
-            self.log_error(&format!("storing the artifacts of {} from the fleet (compiling them instead)", ids.join(", ")), &error);
+        match self.ledger.store_fetched(&kept) {
+            Ok(()) => (0..kept.len()).for_each(|_| fleet.count(FleetEvent::Hit)),
+            Err(error) => {
+                let ids: Vec<&str> = kept.iter().map(|(record, _)| record.blueprint_id.as_str()).collect();
+                let context = format!("storing the artifacts of {} from the fleet (a job whose copy is not stored compiles it)", ids.join(", "));
+                self.log_error(&context, &error);
+            }
         }
     }
 }

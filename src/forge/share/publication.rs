@@ -65,7 +65,8 @@ impl Forge {
     /// Publishes every current artifact the bucket does not hold yet (an
     /// outage left them, or they were compiled before the fleet was
     /// configured); stops at the first failure and tries again after the
-    /// retry interval. Returns how many were published.
+    /// retry interval, starting after the one that failed. Returns how
+    /// many were published.
     pub fn share_pending(&mut self) -> usize {
         let Some(pending) = self.unshared_work() else { return 0 };
         let outcome = pending.publish();
@@ -81,7 +82,7 @@ impl Forge {
             return None;
         }
         let mut artifacts = Vec::new();
-        for record in self.ledger.unshared(SHARE_BATCH) {
+        for record in self.ledger.unshared(self.fleet_failed_last.as_deref(), SHARE_BATCH) {
             match self.ledger.store().read_verified(&record) {
                 Ok(bytes) => artifacts.push((record, bytes)),
                 Err(error) => self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error),
@@ -127,8 +128,9 @@ impl Forge {
         if shared > 0 {
             self.host.log(LogLevel::Info, &format!("published {shared} artifacts to the fleet store"));
         }
+        self.fleet_failed_last = outcome.failed.as_ref().map(|(blueprint_id, _)| blueprint_id.clone());
         match outcome.failed {
-            Some(error) => {
+            Some((_, error)) => {
                 if self.fleet_retry_at.is_none() {
                     self.host.log(LogLevel::Warn, &format!("could not use the fleet store; publication retried every {retry:?}: {error}"));
                 }
@@ -152,7 +154,8 @@ pub struct SharedOutcome {
     published: Vec<ArtifactRecord>,
     /// Manifests this forge refused that its publications replaced.
     replaced: Vec<(String, Refusal, String)>,
-    failed: Option<crate::base::error::Error>,
+    /// The blueprint whose publication failed, and why (the rest were not tried).
+    failed: Option<(String, crate::base::error::Error)>,
 }
 
 impl PendingShares {
@@ -162,7 +165,7 @@ impl PendingShares {
         let mut replaced = Vec::new();
         for (record, bytes) in self.artifacts {
             match self.fleet.publish(&record, &bytes) {
-                Err(error) => return SharedOutcome { published, replaced, failed: Some(error) },
+                Err(error) => return SharedOutcome { published, replaced, failed: Some((record.blueprint_id, error)) },
                 Ok(Publication::Replaced(refusal, why)) => replaced.push((record.blueprint_id.clone(), refusal, why)),
                 Ok(_) => {}
             }

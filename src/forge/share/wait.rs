@@ -52,6 +52,10 @@ impl Forge {
             for (mut w, watch) in std::mem::take(waiting).into_iter().zip(watched) {
                 let job = &queue[w.position];
                 let timed_out = w.since.get_or_insert(now).elapsed() >= wait_bound;
+                let watch = match watch {
+                    Watched::Lookup(lookup) => Watched::Lookup(self.for_job(job, lookup)),
+                    other => other,
+                };
                 let go = match watch {
                     Watched::Lookup(Lookup::Found(record, bytes)) => {
                         fetched.push((job, record, bytes));

@@ -224,6 +224,12 @@ pub enum Record {
     Shared {
         /// Their cache keys and checksums.
         artifacts: Vec<SharedArtifact>,
+        /// Which store and place in it holds them (see
+        /// [`JournalState::shared_root`]); a record naming another than the
+        /// state's replaces what the state held shared. `None` in journals
+        /// written before the root was recorded.
+        #[serde(default)]
+        root: Option<String>,
     },
     /// The whole state, replacing everything before it. Large states are
     /// split: the first record of a checkpoint transaction carries the
@@ -281,6 +287,11 @@ pub struct JournalState {
     /// Stored artifacts the fleet's bucket holds too.
     #[serde(default)]
     pub shared: BTreeSet<SharedArtifact>,
+    /// The fleet store `shared` is about (its endpoint, bucket and
+    /// prefix): a forge reopened on another bucket or prefix holds nothing
+    /// shared there.
+    #[serde(default)]
+    pub shared_root: Option<String>,
     /// Queued jobs by cache key (derived from `pending`; not stored).
     #[serde(skip)]
     queued_by_key: HashMap<String, u64>,
@@ -330,7 +341,13 @@ impl JournalState {
                 }
                 self.shared.retain(|s| s.cache_key != cache_key);
             }
-            Record::Shared { artifacts } => self.shared.extend(artifacts),
+            Record::Shared { artifacts, root } => {
+                if root != self.shared_root {
+                    self.shared.clear();
+                    self.shared_root = root;
+                }
+                self.shared.extend(artifacts);
+            }
             Record::Announce { announcement } => {
                 self.next_announcement = self.next_announcement.max(announcement.seq + 1);
                 self.outbox.insert(announcement.seq, announcement);
@@ -389,6 +406,11 @@ impl JournalState {
         let mut jobs: Vec<&Job> = self.pending.values().collect();
         jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority as i32), j.seq));
         jobs
+    }
+
+    /// Whether the fleet store at `root` holds this artifact.
+    pub fn is_shared_at(&self, root: &str, artifact: &SharedArtifact) -> bool {
+        self.shared_root.as_deref() == Some(root) && self.shared.contains(artifact)
     }
 
     /// Sequence numbers of pending jobs (for tests and dumps).
