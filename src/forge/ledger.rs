@@ -188,6 +188,13 @@ impl Ledger {
         self.store.manifest(&job.cache_key).filter(|record| record.blueprint_id == job.blueprint_id)
     }
 
+    /// Takes the stored artifact of a cache key as absent from now on (it
+    /// does not verify), until an artifact is stored under the key again:
+    /// not published, and its next job looks for it elsewhere.
+    pub fn set_aside(&mut self, cache_key: &str) {
+        self.refused.insert(cache_key.to_string());
+    }
+
     /// Checks once, before a drain schedules them, the stored artifacts
     /// of queued jobs: each that does not verify is taken as absent from
     /// now on, so that its job is scheduled as one with nothing stored
@@ -355,9 +362,11 @@ impl Ledger {
     /// Current artifacts the fleet's bucket does not hold yet, at most
     /// `limit`, in blueprint order from the first after `after` round to
     /// it (so that one whose publication keeps failing, tried last, holds
-    /// back none of the others).
+    /// back none of the others); those set aside as not verifying are left
+    /// out (see [`Self::set_aside`]).
     pub fn unshared(&self, after: Option<&str>, limit: usize) -> Vec<ArtifactRecord> {
-        let unshared: Vec<&ArtifactRecord> = self.artifacts().values().filter(|r| !self.is_shared(r)).collect();
+        let publishable = |r: &&ArtifactRecord| !self.is_shared(r) && !self.refused.contains(&r.cache_key);
+        let unshared: Vec<&ArtifactRecord> = self.artifacts().values().filter(publishable).collect();
         let start = after.map_or(0, |id| unshared.partition_point(|r| r.blueprint_id.as_str() <= id));
         unshared[start..].iter().chain(&unshared[..start]).take(limit).map(|&r| r.clone()).collect()
     }

@@ -85,7 +85,11 @@ impl Forge {
         for record in self.ledger.unshared(self.fleet_failed_last.as_deref(), SHARE_BATCH) {
             match self.ledger.store().read_verified(&record) {
                 Ok(bytes) => artifacts.push((record, bytes)),
-                Err(error) => self.log_error(&format!("reading {}'s artifact to publish it", record.blueprint_id), &error),
+                Err(error) => {
+                    // Set aside (not offered again; its next job repairs it).
+                    self.ledger.set_aside(&record.cache_key);
+                    self.log_error(&format!("reading {}'s artifact to publish it (left unpublished)", record.blueprint_id), &error);
+                }
             }
         }
         (!artifacts.is_empty()).then_some(PendingShares { fleet, artifacts })
