@@ -336,7 +336,8 @@ typedef struct tezzeret_fleet_config {
   uint64_t lease_ttl_ms;
   // How long to wait for another host's compile before compiling, ms; default 60000.
   uint64_t lease_wait_ms;
-  // The longest one request may take, ms; default 5000.
+  // The longest one request may take, ms; default 5000. Keep it under a
+  // third of `lease_ttl_ms` (a lease is renewed only while it outlives one request).
   uint64_t request_timeout_ms;
   // How often unpublished artifacts are offered again during an outage, ms; default 2000.
   uint64_t retry_interval_ms;

@@ -148,7 +148,9 @@ class Fleet:
     seconds, each at most a day: ``lease_ttl`` at least 0.1,
     ``request_timeout`` and ``retry_interval`` at least 0.01,
     ``lease_wait`` at least 0 (compile at once rather than wait for
-    another host). A forge needs ``bucket``;
+    another host); keep ``request_timeout`` under a third of
+    ``lease_ttl`` (a lease is renewed only while it outlives one
+    request). A forge needs ``bucket``;
     :func:`fetch_artifact` takes the reference's when it is ``None``."""
 
     bucket: Optional[str]

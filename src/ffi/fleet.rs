@@ -53,7 +53,8 @@ pub struct tezzeret_fleet_config {
     pub lease_ttl_ms: u64,
     /// How long to wait for another host's compile before compiling, ms; default 60000.
     pub lease_wait_ms: u64,
-    /// The longest one request may take, ms; default 5000.
+    /// The longest one request may take, ms; default 5000. Keep it under a
+    /// third of `lease_ttl_ms` (a lease is renewed only while it outlives one request).
     pub request_timeout_ms: u64,
     /// How often unpublished artifacts are offered again during an outage, ms; default 2000.
     pub retry_interval_ms: u64,

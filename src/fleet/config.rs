@@ -43,7 +43,9 @@ pub struct FleetConfig {
     /// of before compiling it itself.
     pub lease_wait: Duration,
     /// The longest one request to the store may take (an outage costs a
-    /// job no more than this before it compiles locally).
+    /// job no more than this before it compiles locally). Keep it under a
+    /// third of `lease_ttl`: a lease is renewed only while it outlives one
+    /// request.
     pub request_timeout: Duration,
     /// How often unpublished artifacts are offered to the store again
     /// while it is unreachable.

@@ -183,7 +183,8 @@ pub struct FleetStoreArgs {
     /// Region requests are signed for (default AWS_REGION or us-east-1).
     #[arg(long = "s3-region", value_name = "REGION", requires = "bucket")]
     pub region: Option<String>,
-    /// The longest one request to the bucket may take, seconds.
+    /// The longest one request to the bucket may take, seconds (keep it
+    /// under a third of the lease TTL).
     #[arg(long = "s3-timeout", value_name = "SECONDS", default_value = "5", value_parser = parse_request_timeout, requires = "bucket", allow_negative_numbers = true)]
     pub timeout: Duration,
     /// Keep the fleet's leases in this Redis (redis://host:port/db, often
