@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -129,6 +130,47 @@ def test_callback_exceptions_are_logged_never_raised(state_dir, caplog):
         forge.compile_now("BP001")
         assert isinstance(forge.prefetch("BP001"), tezzeret.KernelArtifactReady)
     assert any("catalog_update callback raised" in r.getMessage() for r in caplog.records)
+
+
+def test_close_from_inside_a_callback_is_refused_and_the_forge_closes_after(state_dir):
+    refused = []
+
+    def close_now(_update):
+        try:
+            forge.close()
+        except tezzeret.InvalidArgumentError as error:
+            refused.append(str(error))
+
+    forge = tezzeret.Forge(state_dir, strategy="fast", device="cpu", telemetry_interval=0, on_catalog_update=close_now)
+    forge.compile_now("BP001")
+    assert len(refused) == 1 and "inside one of its callbacks" in refused[0]
+    assert not forge.closed
+    assert isinstance(forge.prefetch("BP001"), tezzeret.KernelArtifactReady)
+    forge.close()
+    tezzeret.Forge(state_dir, device="cpu", telemetry_interval=0).close()
+
+
+def test_a_forge_collected_inside_its_own_callback_is_closed_once_it_returns(state_dir):
+    # The last reference goes in a telemetry callback, on the forge's own
+    # background thread: the forge cannot close there, and must not be
+    # freed under it either.
+    held = {}
+    dropped = threading.Event()
+
+    def drop(_packet):
+        if held.pop("forge", None) is not None:
+            dropped.set()
+
+    held["forge"] = tezzeret.Forge(state_dir, device="cpu", telemetry_interval=0.1, on_telemetry=drop)
+    assert dropped.wait(120)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            tezzeret.Forge(state_dir, device="cpu", telemetry_interval=0).close()
+            break
+        except tezzeret.StateLockedError:
+            assert time.monotonic() < deadline, "the collected forge was never closed"
+            time.sleep(0.01)
 
 
 def test_an_enumerate_callback_that_raises_fails_the_open_cleanly(state_dir):

@@ -127,6 +127,9 @@ class Forge(Closing):
         self._handle = ctypes.POINTER(n.ForgeHandle)()
         self._lock = threading.Lock()
         self._closed = False
+        # How deep each thread is in this forge's callbacks (a close from
+        # there cannot run: the call running the callback holds the forge).
+        self._inside = threading.local()
         config = n.Config()
         check(n.lib.tezzeret_config_init(ctypes.byref(config), ctypes.sizeof(n.Config)))
         self.state_dir = os.fspath(state_dir)
@@ -181,12 +184,18 @@ class Forge(Closing):
         callbacks = n.HostCallbacks()
         check(n.lib.tezzeret_host_callbacks_init(ctypes.byref(callbacks), ctypes.sizeof(n.HostCallbacks)))
 
+        inside = self._inside
+
         def guarded(name: str, body: Callable[[], Any], default: Any = None) -> Any:
+            depth = getattr(inside, "depth", 0)
+            inside.depth = depth + 1
             try:
                 return body()
             except BaseException:  # noqa: BLE001 - a host callback must never unwind into the library
                 log.exception("tezzeret: the %s callback raised; the forge goes on", name)
                 return default
+            finally:
+                inside.depth = depth
 
         if descriptors is not None:
             source = descriptors
@@ -230,10 +239,21 @@ class Forge(Closing):
             raise InvalidArgumentError(f"the forge on {self.state_dir} is closed")
         return self._handle
 
+    def _in_callback(self) -> bool:
+        inside = getattr(self, "_inside", None)
+        return inside is not None and getattr(inside, "depth", 0) > 0
+
     def close(self) -> None:
         """Closes the forge: abandons a running compile (queued jobs stay
         queued), publishes what the bus has queued, releases the state
-        directory. Idempotent; no callback runs after it returns."""
+        directory. Idempotent; no callback runs after it returns. Called
+        from inside one of this forge's callbacks it raises
+        :class:`InvalidArgumentError` and the forge stays open (the call
+        running the callback holds it): close it after that call returns."""
+        if self._in_callback():
+            raise InvalidArgumentError(
+                f"the forge on {self.state_dir} cannot be closed from inside one of its callbacks; close it after the call that runs the callback returns"
+            )
         with self._lock:
             if self._closed:
                 return
@@ -242,6 +262,16 @@ class Forge(Closing):
         if handle:
             n.lib.tezzeret_forge_close(handle)
         _OPEN.discard(self)
+
+    def __del__(self) -> None:
+        if self._in_callback():
+            # Collected inside one of its own callbacks (on the forge's
+            # background thread): another thread closes it, once the
+            # callback has returned, and keeps it (and the callbacks the
+            # library still calls) alive till then.
+            threading.Thread(target=self.close, name="tezzeret-close", daemon=True).start()
+            return
+        super().__del__()
 
     def _abandon(self) -> None:
         """In a forked child: forget the handle without closing it."""
