@@ -156,6 +156,16 @@ def test_bad_fleet_and_bus_options_are_refused_naming_them(state_dir):
                        fleet=tezzeret.Fleet(bucket="fleet", lease_redis="http://127.0.0.1:6379"))
     with pytest.raises(tezzeret.InvalidArgumentError, match="redis_url"):
         tezzeret.Forge(state_dir, device="cpu", bus=tezzeret.Bus(redis_url="http://127.0.0.1/"))
+    for bus, named in [
+        (tezzeret.Bus(redis_url="redis://127.0.0.1:9/0", claim_idle=0.001), "claim_idle must be at least 0.01"),
+        (tezzeret.Bus(redis_url="redis://127.0.0.1:9/0", secret=42), "secret must be bytes or str"),
+        (tezzeret.Bus(redis_url="rediss://127.0.0.1:9/0"), r"TLS \(rediss://\) is not built in"),
+    ]:
+        with pytest.raises(tezzeret.InvalidArgumentError, match=named):
+            tezzeret.Forge(state_dir, device="cpu", bus=bus)
+    # A secret as text (as the environment gives it) signs as its UTF-8 bytes.
+    keep = []
+    assert tezzeret.Bus(redis_url="redis://127.0.0.1:9/0", secret="hunter5")._to_native(keep).secret_len == 7
     # Wrong types and out-of-range numbers name the option, in Python's terms.
     keys = dict(signing_key=secret, trusted_keys=[public])
     for fleet, named in [

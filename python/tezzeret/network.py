@@ -29,11 +29,26 @@ def _seconds(seconds: float, what: str) -> float:
     return seconds
 
 
-def _positive_ms(seconds: float, what: str) -> int:
+# The shortest bus window the library takes (below it, live consumers
+# would take each other's requests).
+_MIN_WINDOW = 0.01
+
+
+def _window_ms(seconds: float, what: str) -> int:
     seconds = _seconds(seconds, what)
-    if not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
-        raise InvalidArgumentError(f"{what} must be more than 0 and at most {_MAX_SECONDS} seconds, got {seconds}")
-    return max(1, int(round(seconds * 1000)))
+    if not (math.isfinite(seconds) and _MIN_WINDOW <= seconds <= _MAX_SECONDS):
+        raise InvalidArgumentError(f"{what} must be at least {_MIN_WINDOW} and at most {_MAX_SECONDS} seconds, got {seconds}")
+    return int(round(seconds * 1000))
+
+
+def _secret(value: Any) -> bytes:
+    """The bus secret as bytes: bytes as they are, text as UTF-8 (the
+    shape of an environment variable)."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidArgumentError(f"secret must be bytes or str, got {type(value).__name__}")
 
 
 def _fleet_ms(seconds: float, what: str) -> int:
@@ -91,7 +106,10 @@ def _repr(config: Any, secrets: tuple = (), urls: tuple = ()) -> str:
 class Bus:
     """The Oona bus to join: prefetch requests answered from the forge's
     catalog, catalog updates and telemetry published. ``secret`` signs and
-    checks entries (HMAC-SHA256); ``None`` leaves them unsigned."""
+    checks entries (HMAC-SHA256; bytes, or text taken as UTF-8); ``None``
+    leaves them unsigned. ``freshness``, ``message_ttl`` and
+    ``claim_idle`` are in seconds, from 0.01 to a year. ``redis_url`` is
+    ``redis://…`` or ``unix://…`` (TLS is not built in)."""
 
     redis_url: str
     group: str = "tezzeret"
@@ -110,13 +128,14 @@ class Bus:
         config.group = _text(self.group, keep, "group")
         config.consumer = _text(self.consumer, keep, "consumer")
         if self.secret is not None:
-            secret = (ctypes.c_uint8 * len(self.secret)).from_buffer_copy(self.secret)
+            raw = _secret(self.secret)
+            secret = (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
             keep.append(secret)
             config.secret = ctypes.cast(secret, n.c_uint8_p)
-            config.secret_len = len(self.secret)
-        config.freshness_ms = _positive_ms(self.freshness, "freshness")
-        config.message_ttl_ms = _positive_ms(self.message_ttl, "message_ttl")
-        config.claim_idle_ms = _positive_ms(self.claim_idle, "claim_idle")
+            config.secret_len = len(raw)
+        config.freshness_ms = _window_ms(self.freshness, "freshness")
+        config.message_ttl_ms = _window_ms(self.message_ttl, "message_ttl")
+        config.claim_idle_ms = _window_ms(self.claim_idle, "claim_idle")
         prefetch, publish = _flag(self.prefetch, "prefetch"), _flag(self.publish, "publish")
         config.flags = (0 if prefetch else _BUS_NO_PREFETCH) | (0 if publish else _BUS_NO_PUBLISH)
         return config

@@ -114,8 +114,15 @@ impl BusConfig {
     /// Refuses configurations that cannot work, naming the field.
     pub fn validate(&self) -> Result<()> {
         let url = &self.redis_url;
-        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-            return Err(Error::invalid(format!("bus redis_url {:?} is not a redis://, rediss:// or unix:// URL", redacted_url(url))));
+        if url.starts_with("rediss://") {
+            return Err(Error::invalid(format!(
+                "bus redis_url {:?}: TLS (rediss://) is not built in; reach Redis by redis:// on a trusted network, \
+                 by unix://, or through a TLS tunnel",
+                redacted_url(url)
+            )));
+        }
+        if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+            return Err(Error::invalid(format!("bus redis_url {:?} is not a redis:// or unix:// URL", redacted_url(url))));
         }
         redis::Client::open(url.as_str()).map_err(|e| Error::invalid(format!("bus redis_url {:?}: {e}", redacted_url(url))))?;
         let s = &self.streams;
@@ -176,9 +183,17 @@ mod tests {
         let config = BusConfig::new("redis://:hunter2@10.0.0.5:6379/0");
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2") && shown.contains("redis://…@10.0.0.5:6379/0"), "{shown}");
-        for url in ["http://:hunter2@10.0.0.5", "redis://:hunter2@10.0.0.5:notaport"] {
+        for url in ["http://:hunter2@10.0.0.5", "redis://:hunter2@10.0.0.5:notaport", "rediss://:hunter2@10.0.0.5"] {
             let error = BusConfig::new(url).validate().unwrap_err().to_string();
             assert!(!error.contains("hunter2") && error.contains("redis_url"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_tls_redis_is_refused_saying_so() {
+        let error = BusConfig::new("rediss://cache.example:6380").validate().unwrap_err().to_string();
+        assert!(error.contains("TLS (rediss://) is not built in"), "{error}");
+        assert!(BusConfig::new("redis://cache.example:6379/0").validate().is_ok());
+        assert!(BusConfig::new("unix:///run/redis.sock").validate().is_ok());
     }
 }
