@@ -391,9 +391,19 @@ impl Forge {
 
     /// Hands the bus every catalog update still in the outbox (one it
     /// already has is not doubled).
-    pub(super) fn announce_outbox(&self) {
+    pub(super) fn announce_outbox(&mut self) {
+        if self.bus.is_none() {
+            return;
+        }
+        // Updates that no longer name their blueprint's current artifact
+        // (a newer one was committed without the bus, or it was evicted)
+        // would point consumers at a superseded artifact: they leave.
+        let superseded = self.ledger.superseded_announcements();
+        if let Err(error) = self.ledger.record_published(superseded) {
+            self.log_error("dropping superseded catalog updates from the outbox", &error);
+        }
         if let Some(bus) = &self.bus {
-            for a in self.ledger.outbox() {
+            for a in self.ledger.outbox().filter(|a| self.ledger.announces_current(a)) {
                 bus.announce(a.seq, &a.message_id, &a.update);
             }
         }

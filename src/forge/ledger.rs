@@ -448,6 +448,18 @@ impl Ledger {
         self.journal.append(vec![vec![Record::Published { seqs }]])
     }
 
+    /// Whether an outbox entry names its blueprint's current artifact.
+    pub fn announces_current(&self, announcement: &Announcement) -> bool {
+        let current = self.artifacts().get(&announcement.update.blueprint_id);
+        current.is_some_and(|record| record.checksum == announcement.update.checksum)
+    }
+
+    /// The outbox entries that no longer name their blueprint's current
+    /// artifact (see [`Self::announces_current`]).
+    pub fn superseded_announcements(&self) -> Vec<u64> {
+        self.outbox().filter(|a| !self.announces_current(a)).map(|a| a.seq).collect()
+    }
+
     /// Catalog updates not yet published on the bus, oldest first.
     pub fn outbox(&self) -> impl Iterator<Item = &Announcement> {
         self.journal.state().outbox.values()

@@ -544,6 +544,43 @@ fn without_redis_the_forge_compiles_and_publishes_once_redis_is_there() {
     assert!(tezzeret::state::verify::read_journal(&state).unwrap().1.outbox.is_empty());
 }
 
+#[test]
+fn an_update_superseded_while_the_bus_was_away_is_never_announced() {
+    let dir = TempDir::new("bus-superseded");
+    let state = dir.path().join("state");
+    // The blueprint as first described, and as described later: with a
+    // narrower parameter range (another default reduction, another block).
+    let first = tiny_catalog(&["BP016"]);
+    let mut narrower = first.get("BP016").unwrap().clone();
+    narrower.allowed_parameters.get_mut("reduction").unwrap().min = 8.0;
+    let later = Catalog::new(vec![narrower]).unwrap();
+    let open = |catalog: &Catalog, bus: Option<BusConfig>| {
+        let mut config = forge_config(&state, BusConfig::new("redis://127.0.0.1:1/"));
+        config.bus = bus;
+        ForgeService::open(config, Box::new(FixedCatalog(catalog.clone()))).unwrap()
+    };
+    // Compiled while its Redis is away: the update waits in the outbox.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let away = open(&first, Some(BusConfig::new(format!("redis://127.0.0.1:{port}/"))));
+    let superseded = away.with(|f| f.compile_one("BP016")).unwrap().record.unwrap().checksum;
+    away.close();
+    assert_eq!(tezzeret::state::verify::read_journal(&state).unwrap().1.outbox.len(), 1);
+    // Compiled again without a bus, as described later: a newer artifact.
+    let without = open(&later, None);
+    let current = without.with(|f| f.compile_one("BP016")).unwrap().record.unwrap().checksum;
+    without.close();
+    assert_ne!(superseded, current, "two different artifacts");
+    // Back on the bus: the superseded update is never sent, and leaves.
+    let redis = RedisServer::start();
+    let mut k = Kasmina::new(&redis, None);
+    let ready = k.ready();
+    open(&later, Some(bus_config(&redis, None))).close();
+    let sent: Vec<String> =
+        k.read(&ready).iter().map(|m| leyline::decode::<KernelCatalogUpdate>(&m.envelope.payload).unwrap().checksum).collect();
+    assert!(!sent.contains(&superseded), "{sent:?}");
+    assert!(tezzeret::state::verify::read_journal(&state).unwrap().1.outbox.is_empty());
+}
+
 /// A bus config through the C ABI, its strings kept alive by the caller.
 fn c_bus_config(url: &std::ffi::CString) -> tezzeret::ffi::tezzeret_bus_config {
     use tezzeret::ffi::*;
