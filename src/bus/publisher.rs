@@ -16,6 +16,8 @@ use crate::base::leyline::{self, BusMessageType, KernelCatalogUpdate, MessagePri
 pub const TELEMETRY_BACKLOG: usize = 1024;
 /// Most entries added in one round trip.
 const BATCH: usize = 256;
+/// The entries of a batch kept for telemetry when there is some waiting.
+const TELEMETRY_SHARE: usize = 32;
 
 /// What waits to be published.
 #[derive(Debug, Default)]
@@ -33,6 +35,20 @@ pub struct Queue {
     pub stop: bool,
     /// Until when a closing publisher still tries to empty the queue.
     pub flush_until: Option<Instant>,
+}
+
+impl Queue {
+    /// The next batch: catalog updates first, in order, then telemetry —
+    /// which keeps a share of every batch when some waits, so that updates
+    /// Redis keeps refusing (a ready stream of the wrong type) do not hold
+    /// back health and emergency packets.
+    fn next_batch(&self) -> (Vec<(u64, Sealed)>, Vec<(String, Sealed)>) {
+        let telemetry_share = TELEMETRY_SHARE.min(self.telemetry.len());
+        let updates: Vec<(u64, Sealed)> = self.updates.iter().take(BATCH - telemetry_share).cloned().collect();
+        let room = BATCH - updates.len();
+        let telemetry: Vec<(String, Sealed)> = self.telemetry.iter().take(room).cloned().collect();
+        (updates, telemetry)
+    }
 }
 
 /// The envelope attributes of a published message: ours, and its priority.
@@ -108,10 +124,7 @@ pub fn run(shared: Arc<Shared>, mut link: Link) {
             if queue.stop && (empty || flush_over) {
                 return;
             }
-            let updates: Vec<(u64, Sealed)> = queue.updates.iter().take(BATCH).cloned().collect();
-            let room = BATCH - updates.len();
-            let telemetry: Vec<(String, Sealed)> = queue.telemetry.iter().take(room).cloned().collect();
-            (updates, telemetry)
+            queue.next_batch()
         };
         if let Err(error) = crate::sys::failpoint::hit("bus.publish") {
             link.failed(&shared.stats, &redis::RedisError::from(error));
@@ -307,7 +320,27 @@ pub fn link(shared: &Shared) -> Link {
 
 #[cfg(test)]
 mod tests {
-    use super::{batch_answer, BatchAnswer};
+    use super::{batch_answer, BatchAnswer, Queue, BATCH, TELEMETRY_SHARE};
+    use crate::bus::envelope::Sealed;
+
+    #[test]
+    fn telemetry_keeps_a_share_of_batches_full_of_updates() {
+        let sealed = || Sealed { payload: vec![1], signature: None };
+        let mut queue = Queue::default();
+        queue.updates.extend((0..300).map(|seq| (seq, sealed())));
+        let (updates, telemetry) = queue.next_batch();
+        assert_eq!((updates.len(), telemetry.len()), (BATCH, 0), "without telemetry, updates fill the batch");
+        queue.telemetry.extend((0..5).map(|_| ("oona.telemetry".to_string(), sealed())));
+        let (updates, telemetry) = queue.next_batch();
+        assert_eq!((updates.len(), telemetry.len()), (BATCH - 5, 5));
+        assert_eq!(updates.first().map(|u| u.0), Some(0), "updates stay in order");
+        queue.telemetry.extend((0..100).map(|_| ("oona.telemetry".to_string(), sealed())));
+        let (updates, telemetry) = queue.next_batch();
+        assert_eq!((updates.len(), telemetry.len()), (BATCH - TELEMETRY_SHARE, TELEMETRY_SHARE));
+        queue.updates.truncate(10);
+        let (updates, telemetry) = queue.next_batch();
+        assert_eq!((updates.len(), telemetry.len()), (10, 105), "telemetry fills what updates leave");
+    }
 
     /// Redis's answer to a batch's transaction, as it sent it.
     fn answer(reply: &[u8]) -> BatchAnswer {
