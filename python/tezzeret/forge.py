@@ -100,7 +100,10 @@ class Forge(Closing):
     opening raises :class:`InvalidArgumentError`). The
     callbacks receive decoded messages and may be called on the forge's
     background thread; an exception raised in one is logged (logger
-    ``tezzeret``) and never reaches the forge.
+    ``tezzeret``) and never reaches the forge. Its methods may be called
+    from several threads; ``close()`` abandons a compile running on another
+    thread and waits for it, but must not race with a call another thread
+    is about to start (as in C): stop starting calls first.
     """
 
     def __init__(

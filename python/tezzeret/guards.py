@@ -75,7 +75,9 @@ class GuardEntry:
 
 class GuardTable(Closing):
     """A read-only view of a state directory's guard table (``guards.tbl``).
-    Thread-safe; close it (or use ``with``) when done."""
+    Its checks and lookups may run on many threads at once. Close it (or use
+    ``with``) once no thread uses it any more: as in C, a close racing a
+    check on another thread frees the mapping under it."""
 
     def __init__(self, path: str | None = None, *, _handle: "ctypes.POINTER(n.GuardTableHandle)" = None) -> None:
         if _handle is None:
@@ -87,6 +89,7 @@ class GuardTable(Closing):
         self._address = ctypes.cast(_handle, ctypes.c_void_p).value
         self._local = threading.local()
         self._ids: Dict[str, bytes] = {}
+        self._closing = threading.Lock()
 
     def _scratch(self) -> Tuple[GuardScratch, "n.GuardVerdict"]:
         local = self._local
@@ -159,11 +162,13 @@ class GuardTable(Closing):
         return self._check(blueprint_id, tensors, None) == MATCH
 
     def close(self) -> None:
-        """Releases the mapping (idempotent)."""
-        handle, self._handle = self._handle, None
-        self._address = None
-        if handle:
-            n.lib.tezzeret_guard_table_close(handle)
+        """Releases the mapping (idempotent, also when two threads close
+        it at once)."""
+        with self._closing:
+            handle, self._handle = self._handle, None
+            self._address = None
+            if handle:
+                n.lib.tezzeret_guard_table_close(handle)
 
 
 def guard_check(table: GuardTable, blueprint_id: str, tensors: Sequence[torch.Tensor]) -> GuardVerdict:

@@ -23,13 +23,16 @@ class Kernel(Closing):
     keys, signature-checked). ``run`` checks the inputs against the
     blueprint's guards and runs it; inputs are read in place and the result
     is a tensor that shares the library's memory (no copies either way).
-    A kernel may outlive its forge; close it (or use ``with``) when done."""
+    A kernel may outlive its forge and may run on many threads at once;
+    close it (or use ``with``) once no thread uses it any more: as in C, a
+    close racing a run on another thread frees the kernel under it."""
 
     def __init__(self, handle: "ctypes.POINTER(n.KernelHandle)", blueprint_id: str) -> None:
         self._handle = handle
         self._address = ctypes.cast(handle, ctypes.c_void_p).value or 0
         self.blueprint_id = blueprint_id
         self._local = threading.local()
+        self._closing = threading.Lock()
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Runs the kernel; a guard mismatch raises :class:`InvalidArgumentError`
@@ -56,8 +59,10 @@ class Kernel(Closing):
     __call__ = run
 
     def close(self) -> None:
-        """Frees the kernel (idempotent)."""
-        handle, self._handle = self._handle, None
-        self._address = 0
-        if handle:
-            n.lib.tezzeret_kernel_free(handle)
+        """Frees the kernel (idempotent, also when two threads close it at
+        once)."""
+        with self._closing:
+            handle, self._handle = self._handle, None
+            self._address = 0
+            if handle:
+                n.lib.tezzeret_kernel_free(handle)
