@@ -137,6 +137,9 @@ impl Reader {
             self.next_reclaim = Instant::now() + (config.claim_idle / 2).max(Duration::from_millis(50));
             self.answer_batch(claimed)?;
         }
+        if shared.stopping() {
+            return Ok(());
+        }
         let connection = self.link.connection(&shared.stats).expect("connected above");
         let reply: RedisResult<Value> = redis::cmd("XREADGROUP")
             .arg("GROUP")
@@ -297,6 +300,9 @@ fn reclaim(connection: &mut Connection, shared: &Shared, min_id: &str) -> RedisR
     let mut claimed = Vec::new();
     let mut cursor = "0-0".to_string();
     for _ in 0..16 {
+        if shared.stopping() {
+            break; // closing: what is claimed so far is answered, the rest waits
+        }
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(&config.streams.requests)
             .arg(&config.group)
