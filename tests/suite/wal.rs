@@ -110,6 +110,34 @@ fn every_header_bit_flip_is_dropped_at_the_tail_and_refused_mid_log() {
 }
 
 #[test]
+fn a_zeroed_header_with_later_synced_batches_is_refused_not_taken_for_the_end() {
+    let dir = TempDir::new("wal-zeroed");
+    let path = dir.path().join("wal.log");
+    write_log(&path, 6, 2);
+    let full = tezzeret::state::wal::log::read_only(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let copy = dir.path().join("zeroed.log");
+    // The first header of the second sync batch zeroed (a lost page): the
+    // third batch after it was synced, so this is damage, not the log's end.
+    let second = full.entries.iter().find(|e| e.header.batch > full.entries[0].header.batch).unwrap().offset as usize;
+    let mut damaged = bytes.clone();
+    damaged[second..second + HEADER_SIZE].fill(0);
+    std::fs::write(&copy, &damaged).unwrap();
+    let err = Wal::open(&copy).err().expect("a zeroed header before synced batches is refused");
+    assert_eq!(err.code(), ErrorCode::Corrupt, "{err}");
+    assert!(err.message().contains("zeroed header"), "{err}");
+    assert_eq!(std::fs::read(&copy).unwrap(), damaged, "nothing was wiped");
+    // The last batch's first header zeroed: nothing follows, the tail is torn.
+    let last_batch = full.entries.last().unwrap().header.batch;
+    let last = full.entries.iter().find(|e| e.header.batch == last_batch).unwrap().offset as usize;
+    let mut damaged = bytes.clone();
+    damaged[last..last + HEADER_SIZE].fill(0);
+    std::fs::write(&copy, &damaged).unwrap();
+    let (_, recovery) = Wal::open(&copy).unwrap();
+    assert_eq!(committed(&recovery), (0..4).map(tx).collect::<Vec<_>>());
+}
+
+#[test]
 fn damaged_payloads_and_huge_sizes_never_pass() {
     let dir = TempDir::new("wal-payload");
     let path = dir.path().join("wal.log");

@@ -108,7 +108,22 @@ impl Wal {
         if recovery.torn_bytes > 0 {
             wal.zero_range(recovery.end, recovery.end + recovery.torn_bytes)?;
         }
+        wal.sync_recovered(recovery.end)?;
         Ok((wal, recovery))
+    }
+
+    /// Makes the recovered entries durable before anything is appended
+    /// after them: a process killed between writing a batch and syncing
+    /// it leaves the batch in the page cache, where recovery reads it as
+    /// valid, and a batch acknowledged after it must not outlive it.
+    fn sync_recovered(&mut self, end: u64) -> Result<()> {
+        let Some(map) = &self.map else { return Ok(()) };
+        if end == 0 {
+            return Ok(());
+        }
+        failpoint::hit("wal.recovered_sync")
+            .and_then(|_| map.flush_range(0, end as usize))
+            .map_err(|e| io_err("msync the recovered WAL", e))
     }
 
     fn remap(&mut self) -> Result<()> {

@@ -114,6 +114,8 @@ pub fn scan(bytes: &[u8]) -> Result<Recovery> {
     let mut data_hash = Sha256::new();
     let mut last_was_batch_end = true;
     let mut offset = 0u64;
+    // Where the written bytes end (the rest is preallocated zeros).
+    let content_end = last_nonzero(bytes);
     loop {
         if offset as usize + HEADER_SIZE > bytes.len() {
             if bytes[offset as usize..].iter().any(|b| *b != 0) {
@@ -136,11 +138,17 @@ pub fn scan(bytes: &[u8]) -> Result<Recovery> {
                 recovery.entries.push(EntryInfo { offset, header, crc });
                 offset = next;
             }
-            Err(HeaderError::Zero) => break,
-            Err(HeaderError::Bad(why)) => {
-                // Later valid entries of a later sync batch mean synced data was damaged.
+            Err(error) => {
+                // Zeros end the log, unless something follows them; then, as
+                // after a garbled header, an entry of a later sync batch
+                // means synced data was damaged: an error, never skipped.
+                let (why, zeroed) = match error {
+                    HeaderError::Zero => (format!("zeroed header at offset {offset}"), true),
+                    HeaderError::Bad(why) => (why, false),
+                };
                 let torn_batch = if last_was_batch_end { recovery.last_batch + 1 } else { recovery.last_batch };
-                if let Some((later, batch)) = find_later_entry(bytes, offset + 8, cursor.salt, torn_batch) {
+                let rest = &bytes[..(content_end + HEADER_SIZE).min(bytes.len())];
+                if let Some((later, batch)) = find_later_entry(rest, offset + 8, cursor.salt, torn_batch) {
                     return Err(Error::new(
                         ErrorCode::Corrupt,
                         format!(
@@ -149,16 +157,22 @@ pub fn scan(bytes: &[u8]) -> Result<Recovery> {
                         ),
                     ));
                 }
-                recovery.torn_reason = Some(why);
+                if !zeroed {
+                    recovery.torn_reason = Some(why);
+                }
                 break;
             }
         }
     }
     recovery.end = offset;
     recovery.incomplete = usize::from(open.is_some());
-    let last_nonzero = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p as u64 + 1);
-    recovery.torn_bytes = last_nonzero.saturating_sub(offset);
+    recovery.torn_bytes = (content_end as u64).saturating_sub(offset);
     Ok(recovery)
+}
+
+/// The length of `bytes` without its trailing zeros.
+fn last_nonzero(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1)
 }
 
 /// The offset and batch of a structurally valid header (CRC, salt) of a
