@@ -25,6 +25,9 @@ impl ArtifactStore {
         for dir in [layout.artifacts_dir(), layout.manifests_dir()] {
             fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
             remove_temp_files(&dir)?;
+            // Renames a killed process made but never synced are made
+            // durable before anything is adopted from them.
+            sync_dir(&dir)?;
         }
         sync_dir(layout.root())?;
         Ok(ArtifactStore { layout: layout.clone() })
@@ -81,16 +84,13 @@ impl ArtifactStore {
             let manifest = serde_json::to_vec_pretty(record).expect("records serialise");
             planned.push(Planned { artifact_path: path, manifest_path, manifest, bytes, write_artifact: !intact });
         }
-        // Each artifact is renamed into place before its manifest: a
-        // manifest never names an artifact that is not there.
-        let mut files: Vec<(&Path, &[u8])> = Vec::with_capacity(2 * planned.len());
-        for p in &planned {
-            if p.write_artifact {
-                files.push((&p.artifact_path, p.bytes));
-            }
-            files.push((&p.manifest_path, &p.manifest));
-        }
-        durable_write_all(&files)
+        // The artifacts are durable (renamed, their directory synced)
+        // before any manifest is written: a manifest never names an
+        // artifact that is not there, even after a power loss.
+        let artifacts: Vec<(&Path, &[u8])> = planned.iter().filter(|p| p.write_artifact).map(|p| (p.artifact_path.as_path(), p.bytes)).collect();
+        let manifests: Vec<(&Path, &[u8])> = planned.iter().map(|p| (p.manifest_path.as_path(), p.manifest.as_slice())).collect();
+        durable_write_all(&artifacts)?;
+        durable_write_all(&manifests)
     }
 
     /// The manifest stored for a cache key, if any (and readable).

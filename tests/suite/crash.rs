@@ -249,6 +249,24 @@ fn kill_minus_nine_at_random_instants_keeps_every_promise() {
 }
 
 #[test]
+fn no_manifest_is_written_before_its_artifact_is_durable() {
+    let work = TempDir::new("artifact-first");
+    let catalog = work.path().join("catalog.json");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    // Killed at the first directory sync of the first stored artifact: the
+    // artifact is renamed, its directory not yet synced, so no manifest
+    // may exist yet (not even as a temp file).
+    let state = work.path().join("state");
+    let run = spawn_forge(&state, &catalog, Some("store.fsync_dir=crash@1"), None);
+    assert!(run.exit.is_none(), "killed at the failpoint");
+    let fired = std::fs::read_to_string(fired_log(&state)).unwrap_or_default();
+    assert!(fired.contains("fired store.fsync_dir crash 1"), "{fired}");
+    let artifacts = std::fs::read_dir(state.join("artifacts")).unwrap().count();
+    let manifests: Vec<_> = std::fs::read_dir(state.join("manifests")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(artifacts >= 1 && manifests.is_empty(), "{artifacts} artifacts, manifests {manifests:?}");
+}
+
+#[test]
 fn failpoints_at_every_durable_write_error_and_crash() {
     let work = TempDir::new("failpoints");
     let catalog = work.path().join("catalog.json");
