@@ -74,6 +74,7 @@ impl Forge {
             self.host.log(LogLevel::Info, &format!("removed {debris_removed} files left by interrupted writes"));
         }
         let cache = self.maintain_cache()?;
+        self.log_checkpoint_failure();
         Ok(MaintenanceReport { cache, expired_jobs, debris_removed })
     }
 }

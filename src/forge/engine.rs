@@ -418,6 +418,14 @@ impl Forge {
         }
     }
 
+    /// Tells the host's log that the journal could not be checkpointed
+    /// (it keeps growing, and every commit stays durable, until one works).
+    pub(super) fn log_checkpoint_failure(&mut self) {
+        if let Some(error) = self.ledger.take_checkpoint_failure() {
+            self.host.log(LogLevel::Warn, &format!("checkpointing the journal failed (retried at the next commit): {error}"));
+        }
+    }
+
     /// Tells the host's log what the bus noted since (an outage, its end,
     /// the first request dropped for each reason), as warnings.
     pub(super) fn log_bus_notes(&mut self) {

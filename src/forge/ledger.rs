@@ -340,6 +340,12 @@ impl Ledger {
         Ok(announced)
     }
 
+    /// Why the journal's last checkpoint failed, if one did since the
+    /// last call (see [`Journal::take_checkpoint_failure`]).
+    pub fn take_checkpoint_failure(&mut self) -> Option<Error> {
+        self.journal.take_checkpoint_failure()
+    }
+
     /// Sets the fleet store this open shares through (see
     /// [`crate::fleet::Fleet::root`]): what the journal recorded shared in
     /// another store or place counts as unshared here.

@@ -644,6 +644,7 @@ impl Forge {
     /// catalog updates (to the host, and to the bus's outbox).
     fn make_current(&mut self, commits: &[(&Job, &ArtifactRecord)], shared: bool) -> Result<()> {
         self.log_bus_notes();
+        self.log_checkpoint_failure();
         let published = self.bus.as_ref().map(|b| b.take_published()).unwrap_or_default();
         let committing: Vec<Committing<'_>> = commits
             .iter()

@@ -52,6 +52,60 @@ fn in_child(test: &str, env: &[(&str, &str)]) {
 }
 
 #[test]
+fn a_failed_checkpoint_fails_no_append() {
+    if std::env::var_os("TEZZERET_PROMISE_CHILD").is_none() {
+        in_child("promises::a_failed_checkpoint_fails_no_append", &[("TEZZERET_FAILPOINTS", "wal.rename=error@1")]);
+        return;
+    }
+    use tezzeret::state::wal::journal::{Journal, Record};
+    let dir = TempDir::new("promise-checkpoint");
+    let path = dir.path().join("journal.wal");
+    let mut journal = Journal::open(&path).unwrap();
+    journal.set_checkpoint_every(1);
+    let published = |seq: u64| vec![vec![Record::Published { seqs: vec![seq] }]];
+    // The checkpoint after this append fails (its rename): the append's
+    // transaction is durable, so the append succeeds; the failure is kept.
+    journal.append(published(1)).expect("a durable append is not failed by its checkpoint");
+    let failure = journal.take_checkpoint_failure().expect("the checkpoint's failure is kept");
+    assert!(failure.message().contains("rename compacted WAL"), "{failure}");
+    assert!(journal.take_checkpoint_failure().is_none(), "said once");
+    // The next append checkpoints again, and that one works.
+    journal.append(published(2)).unwrap();
+    assert!(journal.take_checkpoint_failure().is_none());
+    drop(journal);
+    let reopened = Journal::open(&path).unwrap();
+    assert_eq!(reopened.state().transactions_since_checkpoint, 1, "the retried checkpoint replaced the log");
+    println!("child checks passed");
+}
+
+#[test]
+fn a_checkpoint_whose_rename_may_not_be_durable_takes_nothing_more_until_reopen() {
+    if std::env::var_os("TEZZERET_PROMISE_CHILD").is_none() {
+        let test = "promises::a_checkpoint_whose_rename_may_not_be_durable_takes_nothing_more_until_reopen";
+        in_child(test, &[("TEZZERET_FAILPOINTS", "wal.fsync_dir=error@1")]);
+        return;
+    }
+    use tezzeret::state::wal::journal::{Journal, Record};
+    let dir = TempDir::new("promise-checkpoint-rename");
+    let path = dir.path().join("journal.wal");
+    let mut journal = Journal::open(&path).unwrap();
+    journal.set_checkpoint_every(1);
+    let published = |seq: u64| vec![vec![Record::Published { seqs: vec![seq] }]];
+    // The checkpoint is renamed into place, but its directory's sync
+    // fails: a power loss could bring the old log back, so whatever came
+    // after would be lost with it. Nothing more is acknowledged.
+    journal.append(published(1)).unwrap();
+    assert!(journal.take_checkpoint_failure().is_some_and(|e| e.message().contains("fsync WAL directory")));
+    let refused = journal.append(published(2)).expect_err("nothing is acknowledged on a log whose name may not be durable");
+    assert!(refused.message().contains("poisoned"), "{refused}");
+    drop(journal);
+    // Reopened (which syncs the directory): it takes work again.
+    let mut journal = Journal::open(&path).unwrap();
+    journal.append(published(3)).unwrap();
+    println!("child checks passed");
+}
+
+#[test]
 fn a_reopened_log_syncs_what_it_recovered_before_taking_more() {
     if std::env::var_os("TEZZERET_PROMISE_CHILD").is_none() {
         in_child("promises::a_reopened_log_syncs_what_it_recovered_before_taking_more", &[("TEZZERET_FAILPOINTS", "wal.recovered_sync=error@1")]);

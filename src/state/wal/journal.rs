@@ -499,6 +499,9 @@ pub struct Journal {
     state: JournalState,
     recovery: Recovery,
     checkpoint_every: u64,
+    /// Why the last checkpoint failed, until taken (see
+    /// [`Journal::take_checkpoint_failure`]).
+    checkpoint_failure: Option<Error>,
 }
 
 impl Journal {
@@ -506,7 +509,7 @@ impl Journal {
     pub fn open(path: &Path) -> Result<Journal> {
         let (wal, recovery) = Wal::open(path)?;
         let state = replay(&recovery)?;
-        Ok(Journal { wal, state, recovery, checkpoint_every: CHECKPOINT_TRANSACTIONS })
+        Ok(Journal { wal, state, recovery, checkpoint_every: CHECKPOINT_TRANSACTIONS, checkpoint_failure: None })
     }
 
     /// Sets how many transactions trigger a checkpoint.
@@ -531,6 +534,9 @@ impl Journal {
 
     /// Durably appends transactions (each a list of records) in one sync
     /// batch, then applies them. Nothing is applied if the write fails.
+    /// A checkpoint due afterwards that fails does not fail the append
+    /// (its transactions are durable either way): it is kept for
+    /// [`Self::take_checkpoint_failure`] and tried again at the next append.
     pub fn append(&mut self, transactions: Vec<Vec<Record>>) -> Result<()> {
         let encoded: Vec<Vec<Vec<u8>>> = transactions
             .iter()
@@ -549,9 +555,17 @@ impl Journal {
         // bounded however large the state grows.
         let due = self.checkpoint_every.max(self.state.live_records() / 4);
         if self.state.transactions_since_checkpoint >= due {
-            self.checkpoint()?;
+            if let Err(error) = self.checkpoint() {
+                self.checkpoint_failure = Some(error);
+            }
         }
         Ok(())
+    }
+
+    /// Why the last checkpoint failed, if one did since the last call (the
+    /// log then keeps growing until one succeeds; a disk that is full, say).
+    pub fn take_checkpoint_failure(&mut self) -> Option<Error> {
+        self.checkpoint_failure.take()
     }
 
     /// Accepts jobs (assigning sequence numbers) in one durable batch;

@@ -255,20 +255,26 @@ impl Wal {
     pub fn rewrite(&mut self, transactions: &[Vec<Vec<u8>>]) -> Result<()> {
         let temp = replacement_of(&self.path);
         let _ = std::fs::remove_file(&temp);
-        {
-            let (mut fresh, _) = Wal::open(&temp)?;
-            fresh.epoch = self.epoch;
-            fresh.commit(transactions)?;
-        }
+        let (mut fresh, _) = Wal::open(&temp)?;
+        fresh.epoch = self.epoch;
+        fresh.commit(transactions)?;
         failpoint::hit("wal.rename").map_err(|e| io_err("rename compacted WAL", e))?;
         std::fs::rename(&temp, &self.path).map_err(|e| io_err(format!("rename compacted WAL to {}", self.path.display()), e))?;
-        if let Some(dir) = self.path.parent() {
-            failpoint::hit("wal.fsync_dir").map_err(|e| io_err("fsync WAL directory", e))?;
-            sync_dir(dir)?;
+        // Renamed: the fresh log is the log from now on, whatever follows
+        // (appends to the old file would be lost with its name).
+        fresh.path = self.path.clone();
+        let synced = match self.path.parent() {
+            Some(dir) => failpoint::hit("wal.fsync_dir").map_err(|e| io_err("fsync WAL directory", e)).and_then(|_| sync_dir(dir)),
+            None => Ok(()),
+        };
+        if let Err(error) = &synced {
+            // The rename may not be durable: the old log could come back
+            // after a power loss, so nothing more is acknowledged until a
+            // reopen (which syncs the directory again).
+            fresh.poisoned = Some(error.to_string());
         }
-        let (reopened, _) = Wal::open(&self.path)?;
-        *self = reopened;
-        Ok(())
+        *self = fresh;
+        synced
     }
 
     /// Bytes of the valid log.
