@@ -106,8 +106,13 @@ impl Forge {
             fleet.leases_on_bus = false;
         }
         let device = config.device.resolve()?;
-        std::fs::create_dir_all(&config.state_dir)
-            .map_err(|e| Error::io(format!("create state directory {}", config.state_dir.display()), e))?;
+        if !config.state_dir.is_dir() {
+            std::fs::create_dir_all(&config.state_dir)
+                .map_err(|e| Error::io(format!("create state directory {}", config.state_dir.display()), e))?;
+            // The new directory's name is durable before anything in it is
+            // acknowledged.
+            crate::sys::fs::sync_dir(crate::sys::fs::directory_of(&config.state_dir))?;
+        }
         let layout = StateLayout::new(&config.state_dir);
         let lock = StateLock::acquire(&layout.lock())?;
         let ledger = Ledger::open(&layout, &config)?;

@@ -161,12 +161,15 @@ pub fn keygen(path: &Path) -> Result<[u8; 32]> {
         .open(path)
         .map_err(|e| Error::io(format!("create key file {}", path.display()), e))?;
     writeln!(file, "{}", hex(&seed)).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    // Durable before it is used: a key lost to a power loss would leave
+    // artifacts signed by a key nobody holds.
+    file.sync_all().map_err(|e| Error::io(format!("fsync {}", path.display()), e))?;
     let public = *key.verifying_key().as_bytes();
     let pub_path = path.with_extension(match path.extension() {
         Some(ext) => format!("{}.pub", ext.to_string_lossy()),
         None => "pub".to_string(),
     });
-    std::fs::write(&pub_path, format!("{}\n", hex(&public))).map_err(|e| Error::io(format!("write {}", pub_path.display()), e))?;
+    crate::sys::fs::durable_write(&pub_path, format!("{}\n", hex(&public)).as_bytes())?;
     Ok(public)
 }
 
