@@ -149,12 +149,15 @@ impl Ledger {
     /// Makes the guard table agree with the journal's catalog; returns how
     /// many slots were rewritten or removed.
     pub fn sync_guard_table(&mut self) -> Result<usize> {
-        let (entries, damaged) = self.guards.entries();
+        let (mut entries, damaged) = self.guards.entries();
+        let expected = &self.journal.state().artifacts;
         if damaged > 0 {
-            self.guards.reset()?;
+            // Rebuilt whole before readers move to it.
+            let wanted = expected.values().map(guard_entry).collect::<Result<Vec<_>>>()?;
+            self.guards.reset_with(&wanted)?;
+            entries = wanted;
         }
         let mut repaired = damaged;
-        let expected = &self.journal.state().artifacts;
         for entry in &entries {
             if !expected.contains_key(&entry.blueprint_id) {
                 self.guards.remove(&entry.blueprint_id)?;

@@ -233,11 +233,13 @@ impl GuardTable {
         self.replace(Mapping::create(&replacement_of(&self.path), slots)?, &entries)
     }
 
-    /// Replaces the table by an empty one of the same size (its slots were
-    /// damaged; the caller rewrites what it must hold).
-    pub fn reset(&self) -> Result<()> {
-        let slots = self.own()?.slots();
-        self.replace(Mapping::create(&replacement_of(&self.path), slots)?, &[])
+    /// Replaces the table with a fresh one holding exactly `entries`
+    /// (repairing a damaged table): readers move to it whole, never to an
+    /// empty table being filled.
+    pub fn reset_with(&self, entries: &[GuardEntry]) -> Result<()> {
+        let needed = u32::try_from(entries.len() as u64 * 4 / 3 + 1).unwrap_or(u32::MAX);
+        let slots = self.own()?.slots().max(needed);
+        self.replace(Mapping::create(&replacement_of(&self.path), slots)?, entries)
     }
 
     /// Fills `fresh` with `entries`, renames it into place, then marks the
