@@ -1324,7 +1324,7 @@ fn a_read_only_member_fetches_but_never_claims_or_publishes() {
 
 #[test]
 fn a_reader_waits_for_the_holder_that_took_over_an_expired_lease() {
-    let FivePublished { server, dir, keys, first, .. } = five_published("published");
+    let FivePublished { server, dir, first, .. } = five_published("published");
     let cache_key = record_of(&first, "BP005").cache_key;
     // On another prefix: generation 0 of the key expired (its holder died),
     // generation 1 taken over and held live.

@@ -51,18 +51,27 @@ fn in_child(test: &str, env: &[(&str, &str)]) {
     assert!(out.status.success() && text.contains("child checks passed"), "{text}");
 }
 
+/// A journal in a fresh directory that checkpoints after every append.
+fn checkpointing_journal(name: &str) -> (TempDir, std::path::PathBuf, tezzeret::state::wal::journal::Journal) {
+    let dir = TempDir::new(name);
+    let path = dir.path().join("journal.wal");
+    let mut journal = tezzeret::state::wal::journal::Journal::open(&path).unwrap();
+    journal.set_checkpoint_every(1);
+    (dir, path, journal)
+}
+
+/// A one-record transaction to append.
+fn published(seq: u64) -> Vec<Vec<tezzeret::state::wal::journal::Record>> {
+    vec![vec![tezzeret::state::wal::journal::Record::Published { seqs: vec![seq] }]]
+}
+
 #[test]
 fn a_failed_checkpoint_fails_no_append() {
     if std::env::var_os("TEZZERET_PROMISE_CHILD").is_none() {
         in_child("promises::a_failed_checkpoint_fails_no_append", &[("TEZZERET_FAILPOINTS", "wal.rename=error@1")]);
         return;
     }
-    use tezzeret::state::wal::journal::{Journal, Record};
-    let dir = TempDir::new("promise-checkpoint");
-    let path = dir.path().join("journal.wal");
-    let mut journal = Journal::open(&path).unwrap();
-    journal.set_checkpoint_every(1);
-    let published = |seq: u64| vec![vec![Record::Published { seqs: vec![seq] }]];
+    let (_dir, path, mut journal) = checkpointing_journal("promise-checkpoint");
     // The checkpoint after this append fails (its rename): the append's
     // transaction is durable, so the append succeeds; the failure is kept.
     journal.append(published(1)).expect("a durable append is not failed by its checkpoint");
@@ -73,7 +82,7 @@ fn a_failed_checkpoint_fails_no_append() {
     journal.append(published(2)).unwrap();
     assert!(journal.take_checkpoint_failure().is_none());
     drop(journal);
-    let reopened = Journal::open(&path).unwrap();
+    let reopened = tezzeret::state::wal::journal::Journal::open(&path).unwrap();
     assert_eq!(reopened.state().transactions_since_checkpoint, 1, "the retried checkpoint replaced the log");
     println!("child checks passed");
 }
@@ -85,12 +94,7 @@ fn a_checkpoint_whose_rename_may_not_be_durable_takes_nothing_more_until_reopen(
         in_child(test, &[("TEZZERET_FAILPOINTS", "wal.fsync_dir=error@1")]);
         return;
     }
-    use tezzeret::state::wal::journal::{Journal, Record};
-    let dir = TempDir::new("promise-checkpoint-rename");
-    let path = dir.path().join("journal.wal");
-    let mut journal = Journal::open(&path).unwrap();
-    journal.set_checkpoint_every(1);
-    let published = |seq: u64| vec![vec![Record::Published { seqs: vec![seq] }]];
+    let (_dir, path, mut journal) = checkpointing_journal("promise-checkpoint-rename");
     // The checkpoint is renamed into place, but its directory's sync
     // fails: a power loss could bring the old log back, so whatever came
     // after would be lost with it. Nothing more is acknowledged.
@@ -100,7 +104,7 @@ fn a_checkpoint_whose_rename_may_not_be_durable_takes_nothing_more_until_reopen(
     assert!(refused.message().contains("poisoned"), "{refused}");
     drop(journal);
     // Reopened (which syncs the directory): it takes work again.
-    let mut journal = Journal::open(&path).unwrap();
+    let mut journal = tezzeret::state::wal::journal::Journal::open(&path).unwrap();
     journal.append(published(3)).unwrap();
     println!("child checks passed");
 }
