@@ -69,6 +69,13 @@ impl StateLayout {
     }
 }
 
+/// A second name a guard table keeps while it is being replaced
+/// (`guards.old`): a writer killed before marking it superseded leaves the
+/// name, and the next writer marks it then, so readers still on it move on.
+pub fn retired_of(path: &Path) -> PathBuf {
+    path.with_extension("old")
+}
+
 /// Where a file that replaces `path` by rename is written first: the WAL's
 /// checkpoint (`wal.compact`) and a new guard table (`guards.new`).
 pub fn replacement_of(path: &Path) -> PathBuf {

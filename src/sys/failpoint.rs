@@ -14,8 +14,9 @@ use std::sync::OnceLock;
 /// Every failpoint of a durable write, for tests that sweep them. Besides
 /// these, `sys.random` fails the OS random generator (keys, salts, ids),
 /// `bus.publish` a bus publication, `fleet.leased` fires as a fleet
-/// lease is won (to kill a lease holder), and `wal.recovered_sync` fails
-/// the sync of a reopened log's recovered entries.
+/// lease is won (to kill a lease holder), `wal.recovered_sync` fails
+/// the sync of a reopened log's recovered entries, and `guard.supersede`
+/// fires between a guard table's replacement and marking the old one.
 pub const ALL: &[&str] = &[
     "wal.fallocate",
     "wal.write",

@@ -169,6 +169,13 @@ fn guard_child() {
                 table.put(&b).unwrap();
             }
         }
+        "grower" => {
+            // Puts until its table grows (killed by a failpoint inside).
+            let table = GuardTable::open_writable(&path, 4).unwrap();
+            for i in 0..20 {
+                table.put(&entry(&format!("BP-grown-{i}"), 2)).unwrap();
+            }
+        }
         "reader" => {
             use std::io::Write;
             let table = GuardTable::open_read_only(&path).unwrap();
@@ -287,6 +294,26 @@ fn guard_reader_never_accepts_a_torn_slot() {
     assert!(counts[0] > 0 && counts[1] > 0, "the reader saw both versions: {text}");
     assert!(counts[2] > 0, "torn slots were met and refused: {text}");
     assert_eq!(torn_rounds, 6);
+}
+
+#[test]
+fn a_writer_killed_while_replacing_its_table_strands_no_reader() {
+    let dir = TempDir::new("guards-replace-killed");
+    let path = dir.path().join("guards.tbl");
+    GuardTable::create(&path, 4).unwrap().put(&entry("BP-first", 1)).unwrap();
+    let early = GuardTable::open_read_only(&path).unwrap();
+    // Killed after its grown table is in place, before the old one (the
+    // one `early` reads) is marked superseded.
+    let status = child("grower", &path, Some("guard.supersede=crash@1".into())).wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed inside the replacement");
+    // The next writer (a forge reopening) marks it: the early reader moves
+    // to the table in place and sees what is written there from now on.
+    let writer = GuardTable::open_writable(&path, 4).unwrap();
+    writer.put(&entry("BP-after", 3)).unwrap();
+    assert_eq!(early.lookup("BP-after").unwrap(), Lookup::Found(entry("BP-after", 3)));
+    assert_eq!(early.lookup("BP-first").unwrap(), Lookup::Found(entry("BP-first", 1)));
+    assert!(!path.with_extension("old").exists(), "the old table's second name is gone");
 }
 
 #[test]

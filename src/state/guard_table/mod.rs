@@ -38,7 +38,22 @@ pub use mapping::{Lookup, Mapping, Put};
 pub use slot::{GuardEntry, DEFAULT_SLOTS, HEADER_SIZE, LAYOUT_VERSION, MAGIC, MAX_ID_LEN, MAX_INPUTS, MAX_RANK, SLOT_SIZE};
 
 use crate::base::error::{Error, ErrorCode, Result};
-use crate::state::layout::replacement_of;
+use crate::state::layout::{replacement_of, retired_of};
+use crate::sys::failpoint;
+
+/// Marks superseded a table a writer was replacing when it died (still
+/// named `guards.old`), so that readers still on it move to the table in
+/// place, and removes the name.
+fn supersede_retired(path: &Path) -> Result<()> {
+    let retired = retired_of(path);
+    if !retired.exists() {
+        return Ok(());
+    }
+    if let Ok(old) = Mapping::open(&retired, true) {
+        old.mark_superseded()?;
+    }
+    std::fs::remove_file(&retired).map_err(|e| Error::io(format!("remove {}", retired.display()), e))
+}
 
 /// How many replacements a read follows before it reports the table unreadable.
 const FOLLOW_LIMIT: usize = 16;
@@ -87,16 +102,23 @@ impl GuardTable {
     /// Opens (creating with `slots` slots if missing or unreadable) the
     /// table for writing. Space is reserved with `fallocate` before mapping.
     pub fn open_writable(path: &Path, slots: u32) -> Result<Self> {
+        supersede_retired(path)?;
         match Mapping::open(path, true) {
             Ok(mapping) if !mapping.superseded() => Ok(Self::over(path, true, mapping)),
             _ => Self::create(path, slots),
         }
     }
 
-    /// Creates a fresh, empty table (replacing any file at `path`).
+    /// Creates a fresh, empty table (replacing any file at `path`, which is
+    /// marked superseded so that its readers move to the new one).
     pub fn create(path: &Path, slots: u32) -> Result<Self> {
+        supersede_retired(path)?;
+        let previous = Mapping::open(path, true).ok();
         let mut mapping = Mapping::create(&replacement_of(path), slots.max(1))?;
         mapping.publish(path)?;
+        if let Some(previous) = previous {
+            previous.mark_superseded()?;
+        }
         Ok(Self::over(path, true, mapping))
     }
 
@@ -250,13 +272,25 @@ impl GuardTable {
                 return Err(Error::new(ErrorCode::Internal, "a grown guard table cannot hold the old one's entries"));
             }
         }
+        // The old table keeps a name until it is marked superseded: if
+        // this process dies in between, the next writer marks it.
+        let retired = retired_of(&self.path);
+        let _ = std::fs::remove_file(&retired);
+        match std::fs::hard_link(&self.path, &retired) {
+            // Gone from under us (removed by hand): nothing to keep a name for.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.map_err(|e| Error::io(format!("link guard table as {}", retired.display()), e))?,
+        }
         fresh.publish(&self.path)?;
+        // In place: the fresh table is this writer's from now on.
         let old = self.current.load(Ordering::Acquire);
-        // SAFETY: `old` is the live current mapping.
-        unsafe { &*old }.mark_superseded()?;
         self.current.store(Box::into_raw(Box::new(fresh)), Ordering::Release);
         self.retired.lock().unwrap_or_else(|p| p.into_inner()).push(old);
         self.used.store(entries.len() as u32, Ordering::Relaxed);
+        failpoint::hit("guard.supersede").map_err(|e| Error::io("mark guard table superseded", e))?;
+        // SAFETY: `old` stays mapped (retired) until this table is dropped.
+        unsafe { &*old }.mark_superseded()?;
+        let _ = std::fs::remove_file(&retired);
         Ok(())
     }
 
