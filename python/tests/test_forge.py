@@ -224,6 +224,32 @@ print(forge.health().status)
     tezzeret.Forge(str(tmp_path), device="cpu", telemetry_interval=0).close()
 
 
+def test_a_forked_child_neither_keeps_a_killed_parents_directory_locked_nor_unlocks_it(tmp_path):
+    script = f"""
+import os, sys, time, tezzeret
+forge = tezzeret.Forge({str(tmp_path)!r}, device="cpu", telemetry_interval=0)
+pid = os.fork()
+if pid == 0:
+    time.sleep(300)        # outlives its parent
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(300)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        # While the parent lives, the directory is its own.
+        with pytest.raises(tezzeret.StateLockedError):
+            tezzeret.Forge(str(tmp_path), device="cpu", telemetry_interval=0)
+        parent.kill()
+        parent.wait()
+        # Killed: its child lives on, yet the directory is free.
+        tezzeret.Forge(str(tmp_path), device="cpu", telemetry_interval=0).close()
+    finally:
+        parent.kill()
+        os.kill(child, 9)
+
+
 def test_torch_works_on_its_own_before_and_after():
     before = torch.randn(4, 4) @ torch.eye(4)
     script = "import torch; a = torch.ones(3) * 2; import tezzeret; b = torch.ones(3) * 2; assert torch.equal(a, b); print(torch.__version__)"
