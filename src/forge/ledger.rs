@@ -149,20 +149,20 @@ impl Ledger {
     /// Makes the guard table agree with the journal's catalog; returns how
     /// many slots were rewritten or removed.
     pub fn sync_guard_table(&mut self) -> Result<usize> {
-        let (mut entries, damaged) = self.guards.entries();
+        let (entries, damaged) = self.guards.entries();
         let expected = &self.journal.state().artifacts;
+        let strays = || entries.iter().filter(|entry| !expected.contains_key(&entry.blueprint_id));
         if damaged > 0 {
-            // Rebuilt whole before readers move to it.
+            // Rebuilt whole before readers move to it: the damaged slots and
+            // the strays go, every expected entry is written again.
             let wanted = expected.values().map(guard_entry).collect::<Result<Vec<_>>>()?;
             self.guards.reset_with(&wanted)?;
-            entries = wanted;
+            return Ok(damaged + strays().count() + wanted.len());
         }
-        let mut repaired = damaged;
-        for entry in &entries {
-            if !expected.contains_key(&entry.blueprint_id) {
-                self.guards.remove(&entry.blueprint_id)?;
-                repaired += 1;
-            }
+        let mut repaired = 0;
+        for entry in strays() {
+            self.guards.remove(&entry.blueprint_id)?;
+            repaired += 1;
         }
         for record in expected.values() {
             let wanted = guard_entry(record)?;

@@ -116,7 +116,7 @@ impl Wal {
     /// after them: a process killed between writing a batch and syncing
     /// it leaves the batch in the page cache, where recovery reads it as
     /// valid, and a batch acknowledged after it must not outlive it.
-    fn sync_recovered(&mut self, end: u64) -> Result<()> {
+    fn sync_recovered(&self, end: u64) -> Result<()> {
         let Some(map) = &self.map else { return Ok(()) };
         if end == 0 {
             return Ok(());
